@@ -1,0 +1,13 @@
+"""Every prompt template selfevolve sends to a model, in one file so they can be read,
+compared with the papers, and overridden from config.
+"""
+
+# SCoRe (arXiv 2409.12917), the second-turn instruction, verbatim. Also the default revision
+# prompt of the loop when no critic is configured (intrinsic self-correction).
+SCORE_INSTRUCTION = (
+    "There might be an error in the solution above because of lack of understanding of the "
+    "question. Please correct the error, if any, and rewrite the solution."
+)
+
+# How a critic's text is turned into the next user message: the critique, then the request.
+REVISE_WITH_CRITIQUE = "{critique}\n\nPlease correct the error, if any, and rewrite the solution."

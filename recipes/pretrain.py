@@ -1,0 +1,206 @@
+"""pretrain — builds the bundled `tiny` model from nothing (DESIGN.md §5).
+
+    selfevolve run recipe=pretrain seed=0
+
+Not a paper recipe: it makes the small causal LM that every other recipe improves, so the
+whole project runs offline on 2 CPU cores. Objective: next-token cross-entropy on the
+final assistant turn of each conversation of a synthetic chat corpus,
+
+    L(θ) = − Σ_t log pθ(y_t | x, y_<t)      (x: everything before that turn).
+
+The loss covers the last assistant message only: in a transcript the model learns the
+second answer given a draft, not to write wrong drafts (its own first-turn errors come
+from its weakness, as a real model's do).
+
+The corpus (all built from `arith` *train* expressions; the test split is never seen):
+- single-turn answers in two styles, `direct` ("The answer is 73.") and `steps`
+  ("47 + 38 = 85. 85 - 12 = 73. The answer is 73."), mixed by `p_direct`;
+- two-turn transcripts (answer, SCoRe's correction instruction, second answer), so the
+  model can take a second turn as an instruct model can. First answers are drafts with
+  realistic slips (`p_draft_wrong`); second answers after a wrong draft are a step-by-step
+  correction (`p_fix`), the same wrong answer again, or another wrong guess; after a right
+  draft mostly the same answer (a few needless changes, `p_break`). This gives SCoRe both
+  failure modes of the paper (no change, harmful change) to learn away.
+
+The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
+with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
+Everything is seeded: the same seed and thread count give the same weights. After the run,
+copy `run_dir/model/*` to `selfevolve/tiny/` to replace the bundled model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+from pydantic import Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from selfevolve import arith
+from selfevolve.config import RecipeConfig
+from selfevolve.policies import HFPolicy
+from selfevolve.feedback.prompts import SCORE_INSTRUCTION
+from selfevolve.run import Run
+from selfevolve.training import encode_chat, pad_batch, sft_loss
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class PretrainConfig(RecipeConfig):
+    recipe: str = "pretrain"
+    data: str = "arith"
+    difficulties: list[int] = Field([1, 2, 2, 3], description="difficulty of each corpus problem, drawn uniformly from this list")
+    p_direct: float = Field(0.6, ge=0, le=1, description="share of single-turn answers in the direct style")
+    p_two_turn: float = Field(0.3, ge=0, le=1, description="share of two-turn correction transcripts")
+    p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
+    p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
+    p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
+    vocab_size: int = Field(384, ge=300)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 256
+    steps: int = Field(3000, ge=1)
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    log_every: int = Field(25, ge=1, description="steps between metrics lines")
+
+
+# --- corpus ------------------------------------------------------------------------------
+
+def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
+    d = rng.choice(cfg.difficulties)
+    while True:
+        nums, ops = arith.random_expression(rng, d)
+        if not arith._in_test(arith.render(nums, ops)):
+            break
+    q = arith.question(arith.render(nums, ops))
+    ans = arith.evaluate(nums, ops)
+
+    def any_solution() -> str:
+        return arith.direct_solution(nums, ops) if rng.random() < cfg.p_direct else arith.step_solution(nums, ops)
+
+    def wrong_solution() -> str:
+        if rng.random() < cfg.p_direct:
+            return arith.direct_solution(nums, ops, arith.wrong_answer(ans, rng))
+        return arith.step_solution(nums, ops, slip_at=rng.randrange(len(ops)), rng=rng)
+
+    if rng.random() >= cfg.p_two_turn:
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": any_solution()}]
+    if rng.random() < cfg.p_draft_wrong:
+        first = wrong_solution()
+        r = rng.random()
+        second = arith.step_solution(nums, ops) if r < cfg.p_fix else first if r < (1 + cfg.p_fix) / 2 else wrong_solution()
+    else:
+        first = any_solution()
+        second = wrong_solution() if rng.random() < cfg.p_break else first
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": first},
+            {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second}]
+
+
+def build_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerFast:
+    rng = random.Random(f"tokenizer:{cfg.seed}")
+    texts = [m["content"] for _ in range(3000) for m in corpus_example(rng, cfg)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+                                   model_max_length=cfg.n_positions)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(cfg: PretrainConfig, tokenizer) -> GPT2LMHeadModel:
+    torch.manual_seed(cfg.seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    return GPT2LMHeadModel(config)
+
+
+BUCKET = 4  # steps whose examples are drawn together and sorted by length (less padding)
+
+
+def corpus_batch(cfg: PretrainConfig, tokenizer, step: int) -> dict[str, torch.Tensor]:
+    """The batch of `step`, a pure function of (seed, step): resuming needs no data state.
+    Examples of BUCKET consecutive steps are drawn together and sorted by length, so short
+    answers are not padded to the length of two-turn transcripts."""
+    group, slot = divmod(step, BUCKET)
+    rng = random.Random(f"corpus:{cfg.seed}:{group}")
+    rows = [encode_chat(tokenizer, corpus_example(rng, cfg), train_on="last") for _ in range(cfg.batch_size * BUCKET)]
+    rows.sort(key=lambda r: len(r[0]))
+    order = list(range(BUCKET))
+    random.Random(f"order:{cfg.seed}:{group}").shuffle(order)
+    k = order[slot]
+    return pad_batch(rows[k * cfg.batch_size:(k + 1) * cfg.batch_size], tokenizer.pad_token_id)
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- the recipe --------------------------------------------------------------------------
+
+def main(cfg: PretrainConfig, run: Run) -> None:
+    torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    state = run.restore()
+    if state is None:
+        model.eval()
+        before = run.evaluate(HFPolicy(model, tokenizer=tokenizer), "before")
+        state = {"step": 0, "before": before}
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+
+    model.train()
+    with run.progress("pretrain", total=cfg.steps, completed=state["step"]) as bar:
+        for step in range(state["step"], cfg.steps):
+            t0 = time.perf_counter()
+            batch = corpus_batch(cfg, tokenizer, step)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            loss = sft_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            bar.advance()
+            if (step + 1) % cfg.log_every == 0:
+                run.log(step=step + 1, loss=round(loss.item(), 5), lr=lr_at(cfg, step),
+                        tokens=int(batch["attention_mask"].sum()), time_train=round(time.perf_counter() - t0, 4))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                run.checkpoint({**state, "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
+
+    model.eval()
+    out = run.dir / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    after = run.evaluate(HFPolicy(str(out), device="cpu", batch_size=cfg.batch_size), "after")
+    run.finish(before=state["before"], after=after)

@@ -1,0 +1,118 @@
+"""`arith`: the built-in, seeded task suite of the tiny world (DESIGN.md §5).
+
+A task is an integer expression of two-digit numbers joined by + and -, e.g.
+"What is 47 + 38 - 12?" with reference "73". `difficulty` is the number of operators
+(1 = "a + b", 2 = "a + b - c", ...). Train and test are disjoint whatever their sizes:
+an expression belongs to `test` iff a hash of its text falls in the test bucket, so no
+test expression can ever be drawn for `train` (or for the pretraining corpus).
+
+Solutions come in two styles, which gives recipes something to learn: `direct`
+("The answer is 73.") asks the model for mental arithmetic over all operands at once,
+which a small model gets wrong often; `steps` ("47 + 38 = 85. 85 - 12 = 73. The answer
+is 73.") reduces it to one operation per step, which it gets right far more often.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from .types import Task
+
+SPLITS = ("train", "test")
+TEST_FRACTION = 0.2
+
+
+def _in_test(expr: str) -> bool:
+    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big")
+    return h % 1000 < TEST_FRACTION * 1000
+
+
+def random_expression(rng: random.Random, difficulty: int) -> tuple[list[int], list[str]]:
+    nums = [rng.randint(10, 99) for _ in range(difficulty + 1)]
+    ops = [rng.choice("+-") for _ in range(difficulty)]
+    return nums, ops
+
+
+def render(nums: list[int], ops: list[str]) -> str:
+    out = str(nums[0])
+    for op, n in zip(ops, nums[1:]):
+        out += f" {op} {n}"
+    return out
+
+
+def evaluate(nums: list[int], ops: list[str]) -> int:
+    acc = nums[0]
+    for op, n in zip(ops, nums[1:]):
+        acc = acc + n if op == "+" else acc - n
+    return acc
+
+
+def question(expr: str) -> str:
+    return f"What is {expr}?"
+
+
+def sample_problems(seed: int, split: str, n: int, difficulty: int = 2) -> list[tuple[list[int], list[str]]]:
+    """`n` distinct problems of one split, drawn from a seeded stream."""
+    if split not in SPLITS:
+        raise ValueError(f"arith has splits {SPLITS}, not {split!r}")
+    rng = random.Random(f"arith:{seed}:{difficulty}")
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        nums, ops = random_expression(rng, difficulty)
+        expr = render(nums, ops)
+        if expr in seen or _in_test(expr) != (split == "test"):
+            continue
+        seen.add(expr)
+        out.append((nums, ops))
+    return out
+
+
+def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 2) -> list[Task]:
+    """The `arith` tasks of one split.
+
+    >>> t = tasks("test", n=2, seed=0)
+    >>> t[0].prompt.startswith("What is "), t[0].reference.lstrip("-").isdigit()
+    (True, True)
+    >>> {x.prompt for x in tasks("train", 300)} & {x.prompt for x in tasks("test", 300)}
+    set()
+    """
+    out = []
+    for i, (nums, ops) in enumerate(sample_problems(seed, split, n, difficulty)):
+        expr = render(nums, ops)
+        out.append(Task(id=f"arith-d{difficulty}-s{seed}-{split}-{i}", prompt=question(expr),
+                        reference=str(evaluate(nums, ops)),
+                        meta={"expression": expr, "difficulty": difficulty}))
+    return out
+
+
+# --- solutions (used by the pretraining corpus and by tests) ---------------------------
+
+def final_line(answer: int) -> str:
+    return f"The answer is {answer}."
+
+
+def direct_solution(nums: list[int], ops: list[str], answer: int | None = None) -> str:
+    return final_line(evaluate(nums, ops) if answer is None else answer)
+
+
+def step_solution(nums: list[int], ops: list[str], slip_at: int | None = None,
+                  rng: random.Random | None = None) -> str:
+    """One operation per sentence. `slip_at=k` makes step k wrong by a small amount (a
+    realistic draft error) and carries the wrong value forward."""
+    acc = nums[0]
+    parts = []
+    for k, (op, n) in enumerate(zip(ops, nums[1:])):
+        new = acc + n if op == "+" else acc - n
+        if k == slip_at:
+            new += (rng or random).choice([-10, -2, -1, 1, 2, 10])
+        parts.append(f"{acc} {op} {n} = {new}.")
+        acc = new
+    parts.append(final_line(acc))
+    return " ".join(parts)
+
+
+def wrong_answer(answer: int, rng: random.Random) -> int:
+    """A plausible wrong answer: off by a carry, a digit, or a sign-preserving slip."""
+    return answer + rng.choice([-20, -10, -2, -1, 1, 2, 10, 20])

@@ -1,0 +1,182 @@
+"""The `selfevolve` command.
+
+    selfevolve run recipe=NAME key=value ...     run a recipe into a run directory
+    selfevolve eval key=value ...                 evaluate a model on held-out tasks
+    selfevolve refine prompt="..." key=value ...  self-refine one prompt
+    selfevolve recipes                            list the recipes
+
+Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
+keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from pydantic import Field
+
+from .config import RecipeConfig, UserError, build, help_text, parse_overrides, resolve
+from .types import SamplingParams
+
+# recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
+RECIPES = {
+    "pretrain": ("selfevolve.recipes.pretrain", "PretrainConfig"),
+}
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+class EvalConfig(RecipeConfig):
+    recipe: str = "eval"
+    split: str = Field("test", description="split to evaluate")
+    limit: int = Field(500, ge=1, description="number of tasks")
+    adapter: str | None = Field(None, description="LoRA adapter directory to evaluate with")
+    out: str | None = Field(None, description="write the metrics as JSON to this file")
+
+
+class RefineConfig(RecipeConfig):
+    recipe: str = "refine"
+    prompt: str = Field(..., description="the prompt to answer and refine")
+    reference: str | None = Field(None, description="gold answer; enables the verifier and its stop rule")
+    max_turns: int = Field(3, ge=1, description="attempts at most")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    adapter: str | None = Field(None, description="LoRA adapter directory")
+    as_json: bool = Field(False, alias="json", description="print the whole trace as JSON")
+
+
+def _recipe(name: str):
+    if name not in RECIPES:
+        import difflib
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown recipe={name!r}{hint} (see `selfevolve recipes`)")
+    mod_name, cls_name = RECIPES[name]
+    mod = importlib.import_module(mod_name)
+    return mod, getattr(mod, cls_name)
+
+
+def _config_path(name: str) -> Path:
+    return Path(str(importlib.resources.files("selfevolve.recipes.configs") / f"{name}.yaml"))
+
+
+def cmd_run(overrides: dict, want_help: bool) -> int:
+    import torch
+
+    from .run import Run
+
+    name = overrides.pop("recipe", None)
+    if name is None:
+        raise UserError("run needs recipe=NAME (see `selfevolve recipes`)")
+    mod, cls = _recipe(str(name))
+    if want_help:
+        print(f"selfevolve run recipe={name} key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(cls)}")
+        return 0
+    cfg = resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg)
+    mod.main(cfg, run)
+    print(f"run directory: {run.dir}")
+    return 0
+
+
+def _policy(cfg):
+    from .policies import HFPolicy
+
+    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    if cfg.adapter:
+        policy.load_adapter(cfg.adapter, "adapter")
+    return policy
+
+
+def cmd_eval(overrides: dict, want_help: bool) -> int:
+    from .data import load_tasks
+    from .evaluate import evaluate
+    from .run import atomic_write, print_summary
+    from .verifiers import get_verifier
+
+    if want_help:
+        print(f"selfevolve eval key=value ...\n\nGreedy evaluation with SCoRe's metrics.\n\nkeys:\n{help_text(EvalConfig)}")
+        return 0
+    cfg = build(EvalConfig, overrides)
+    _threads(cfg)
+    tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
+                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    verifier = get_verifier(cfg.verifier)
+    if cfg.out:
+        _check_writable(cfg.out)
+    metrics, _ = evaluate(_policy(cfg), tasks, verifier, max_turns=cfg.max_turns,
+                          sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+    print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
+    if cfg.out:
+        atomic_write(Path(cfg.out), json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_refine(overrides: dict, want_help: bool) -> int:
+    from .loop import refine
+    from .types import Task
+    from .verifiers import get_verifier
+
+    if want_help:
+        print(f"selfevolve refine prompt=\"...\" key=value ...\n\nAnswer, then revise.\n\nkeys:\n{help_text(RefineConfig)}")
+        return 0
+    cfg = build(RefineConfig, overrides)
+    _threads(cfg)
+    task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
+    verifier = get_verifier(cfg.verifier) if cfg.reference is not None else None
+    trace = refine(task, _policy(cfg), verifier=verifier, max_turns=cfg.max_turns,
+                   sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    print(trace.model_dump_json(indent=2) if cfg.as_json else trace.final)
+    return 0
+
+
+def cmd_recipes(overrides: dict, want_help: bool) -> int:
+    for name in RECIPES:
+        mod, _ = _recipe(name)
+        first = mod.__doc__.strip().splitlines()[0]
+        print(f"{name:<12} {first.split('—', 1)[-1].strip()}")
+    return 0
+
+
+def _threads(cfg) -> None:
+    import torch
+    torch.set_num_threads(cfg.threads)
+
+
+def _check_writable(path: str) -> None:
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"out={path}: directory {parent} does not exist")
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(f"usage:\n{USAGE}\n\n`selfevolve COMMAND --help` lists a command's keys.")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    want_help = any(a in ("-h", "--help") for a in rest)
+    rest = [a for a in rest if a not in ("-h", "--help")]
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    try:
+        if cmd not in COMMANDS:
+            raise UserError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+        return COMMANDS[cmd](parse_overrides(rest), want_help)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"selfevolve {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

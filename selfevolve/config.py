@@ -1,0 +1,113 @@
+"""Configs: one pydantic class per recipe (the paper's defaults live there), a YAML file per
+recipe (`recipes/configs/NAME.yaml`, the tiny-world values), and `key=value` overrides
+from the command line, validated with one clear line per mistake.
+
+Precedence: class defaults < YAML < command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message as one line and exits 2."""
+
+
+class RecipeConfig(BaseModel):
+    """Keys every recipe shares. Same words in the CLI, YAML and code (DESIGN.md §9)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    recipe: str = Field("", description="recipe name")
+    model: str = Field("tiny", description="`tiny` (bundled) or a local HF model directory")
+    data: str = Field("arith", description="built-in task suite name or a dataset path")
+    prompt_field: str = Field("prompt", description="column holding the prompt in a user dataset")
+    answer_field: str = Field("answer", description="column holding the reference answer")
+    verifier: str = Field("numeric", description="short name or dotted import path of a Verifier")
+    run_dir: str | None = Field(None, description="output directory (default runs/<recipe>-<timestamp>)")
+    seed: int = Field(0, description="seeds data order, sampling and initialisation")
+    resume: bool = Field(False, description="continue a killed run in run_dir")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda")
+    threads: int = Field(2, ge=1, description="torch CPU threads (fixed, so runs reproduce)")
+    eval_split: str = Field("test", description="held-out split evaluated before and after")
+    eval_limit: int = Field(500, ge=1, description="held-out tasks per evaluation")
+    max_turns: int = Field(2, ge=1, description="attempts per task in evaluation")
+    max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
+    batch_size: int = Field(64, ge=1, description="prompts per generation batch")
+    debug: bool = Field(False, description="show tracebacks instead of one-line errors")
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "resume=true"]` -> {"lr": 1e-4, "resume": True}. Values are parsed as
+    YAML scalars/lists (so `difficulties=[1,2]` works) and typed by the config class."""
+    out: dict[str, Any] = {}
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise UserError(f"expected key=value, got {a!r}")
+        k, v = a.split("=", 1)
+        try:
+            out[k] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            out[k] = v
+    return out
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def build(cls: type[BaseModel], values: dict[str, Any], where: str = "command line") -> BaseModel:
+    """Validate `values` into `cls`, turning pydantic's report into one line."""
+    valid = [f.alias or name for name, f in cls.model_fields.items()]
+    for k in values:
+        if k not in valid:
+            raise UserError(f"unknown key {k!r} ({where}){_suggest(k, valid)}")
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"bad value for {key}={json.dumps(err.get('input'), default=str)} ({where}): {err['msg']}") from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of key: value")
+    return data
+
+
+def resolve(cls: type[RecipeConfig], yaml_path: Path | None, overrides: dict[str, Any]) -> RecipeConfig:
+    """Class defaults < YAML < overrides. A `config=PATH` override names another YAML."""
+    overrides = dict(overrides)
+    if "config" in overrides:
+        yaml_path = Path(str(overrides.pop("config")))
+    values = load_yaml(yaml_path) if yaml_path is not None else {}
+    for k in values:
+        if k not in cls.model_fields:
+            raise UserError(f"unknown key {k!r} in {yaml_path}{_suggest(k, list(cls.model_fields))}")
+    values.update(overrides)
+    return build(cls, values)
+
+
+def help_text(cls: type[BaseModel]) -> str:
+    """One line per key: name, default, description."""
+    lines = []
+    for name, f in cls.model_fields.items():
+        name = f.alias or name
+        default = f.default if f.default is not None else "null"
+        lines.append(f"  {name}={default!s:<14} {f.description or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Tasks from a built-in suite or from a user's file.
+
+`data=` is a built-in name (`arith`) or a path: .jsonl, .json, .csv, .parquet, or a
+directory saved with `datasets.save_to_disk`. `prompt_field` / `answer_field` map the
+user's columns to `Task.prompt` / `Task.reference`; `id_field` (optional) to `Task.id`.
+Every problem is reported as one line naming the file, the line (or row) and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import arith
+from .config import UserError
+from .types import Task
+
+BUILTIN = {"arith"}
+
+
+def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
+               prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
+               difficulty: int = 2) -> list[Task]:
+    """Load tasks. Built-in suites are generated (`limit` of them, default 500); files are
+    read in order and truncated to `limit`."""
+    if data == "arith":
+        return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
+    rows = list(_rows(data, split))
+    if not rows:
+        raise UserError(f"{data}: the dataset is empty")
+    tasks = []
+    for where, row in rows[: limit or None]:
+        if not isinstance(row, dict):
+            raise UserError(f"{data}:{where}: expected an object with fields, got {type(row).__name__}")
+        if prompt_field not in row or row[prompt_field] in (None, ""):
+            raise UserError(f"{data}:{where}: missing field {prompt_field!r} (set prompt_field=; fields here: {sorted(row)})")
+        ref = row.get(answer_field)
+        meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field, id_field)}
+        tasks.append(Task(id=str(row.get(id_field, f"{Path(data).stem}-{where.split(' ')[-1]}")),
+                          prompt=str(row[prompt_field]), reference=None if ref is None else str(ref),
+                          meta=json.loads(json.dumps(meta, default=str))))
+    return tasks
+
+
+def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:
+    path = Path(data).expanduser()
+    if not path.exists():
+        if "/" not in data and "." not in data:
+            raise UserError(f"data={data}: not a built-in suite ({sorted(BUILTIN)}) and no such path")
+        raise UserError(f"data={data}: no such file or directory")
+    if path.is_dir():
+        yield from _saved_dataset(path, split)
+        return
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"line {n}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{data}:line {n}: malformed JSON ({e.msg})") from None
+        elif suffix == ".json":
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{data}:line {e.lineno}: malformed JSON ({e.msg})") from None
+            if isinstance(obj, dict) and split in obj:
+                obj = obj[split]
+            if not isinstance(obj, list):
+                raise UserError(f"{data}: expected a JSON list of objects")
+            for n, row in enumerate(obj):
+                yield f"item {n}", row
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                for n, row in enumerate(csv.DictReader(f), 2):
+                    yield f"line {n}", row
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow raises several types for a corrupt file
+                raise UserError(f"{data}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            for n, row in enumerate(table.to_pylist()):
+                yield f"row {n}", row
+        else:
+            raise UserError(f"data={data}: unsupported format {suffix!r} (use .jsonl, .json, .csv, .parquet or a saved datasets directory)")
+    except UnicodeDecodeError:
+        raise UserError(f"{data}: not UTF-8 text") from None
+    except PermissionError:
+        raise UserError(f"{data}: permission denied") from None
+
+
+def _saved_dataset(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"data={path}: not a saved datasets directory ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise UserError(f"data={path}: no split {split!r} (splits: {sorted(ds)})")
+        ds = ds[split]
+    assert isinstance(ds, Dataset)
+    for n, row in enumerate(ds):
+        yield f"row {n}", row

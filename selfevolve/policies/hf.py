@@ -1,0 +1,183 @@
+"""HFPolicy: transformers + peft in process. The CPU default and the reference policy.
+
+Generation is batched across conversations (left padding, KV cache via `model.generate`),
+prompts are sorted by length so a batch pads little, and results come back in input order.
+Several LoRA adapters can be loaded at once and switched by name; `active_adapter=None`
+is the base model. The same `model` object is what a recipe trains, so a single machine
+serves the adapter it just trained without a copy.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from ..config import UserError
+from ..training import chat_ids, encode_chat, pad_batch, token_logprobs
+from ..types import Conversation, SamplingParams, Turn
+
+
+def resolve_model_path(model: str) -> Path:
+    """`tiny` -> the bundled model's directory; anything else must be a local HF model dir."""
+    path = Path(str(files("selfevolve.tiny"))) if model == "tiny" else Path(model).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model={model}: no such directory (use `tiny` or a local Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model={model}: not a model directory (no config.json in {path})")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+class HFPolicy:
+    """A local Hugging Face causal LM as a Policy.
+
+    >>> p = HFPolicy("tiny")                                          # doctest: +SKIP
+    >>> p.generate([[{"role": "user", "content": "What is 12 + 30?"}]], SamplingParams())  # doctest: +SKIP
+    """
+
+    def __init__(self, model="tiny", device: str = "auto", batch_size: int = 64,
+                 dtype: torch.dtype | None = None, tokenizer=None):
+        """`model` is `tiny`, a local model directory, or an in-memory PreTrainedModel (then
+        pass its `tokenizer`): a recipe serves the very model object it trains."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.batch_size = batch_size
+        if not isinstance(model, (str, Path)):
+            self.path = Path(getattr(model, "name_or_path", "") or "in-memory")
+            self.model, self.tokenizer = model, tokenizer
+            self.device = next(model.parameters()).device
+        else:
+            self.path = resolve_model_path(str(model))
+            self.device = resolve_device(device)
+            if dtype is None:
+                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+                self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+            except (OSError, ValueError) as e:
+                raise UserError(f"model={model}: cannot load ({str(e).splitlines()[0]})") from None
+        if self.tokenizer.chat_template is None:
+            raise UserError(f"model={model}: the tokenizer has no chat template")
+        self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", 4096)
+        self.adapters: dict[str, str] = {}
+        self._active: str | None = None
+
+    # --- adapters ----------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load a peft LoRA adapter from `path` under `name` and make it active. Loading an
+        existing name replaces its weights (a new version of the same adapter)."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        p = Path(path)
+        if not (p / "adapter_config.json").is_file():
+            raise UserError(f"adapter={path}: not a peft adapter directory (no adapter_config.json)")
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name).to(self.device)
+            elif name in self.model.peft_config:  # a new version of a loaded adapter
+                set_peft_model_state_dict(self.model, load_peft_weights(str(p), device=str(self.device)), adapter_name=name)
+            else:
+                self.model.load_adapter(str(p), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"adapter={path} does not fit model={self.path} ({str(e).splitlines()[0][:200]})") from None
+        self.model.eval()
+        self.adapters[name] = str(p)
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch to a loaded adapter by name, or to the base model with None."""
+        if name is not None:
+            if name not in self.adapters:
+                raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})")
+            self.model.set_adapter(name)
+        self._active = name
+
+    def _adapter_context(self):
+        from contextlib import nullcontext
+        if self._active is None and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    # --- generation --------------------------------------------------------------------
+
+    def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]:
+        return [chat_ids(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
+
+    @torch.no_grad()
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        """`sampling.n` Turns per conversation, in input order. Same seed, same output."""
+        sampling = sampling or SamplingParams()
+        prompts = self.encode_prompts(conversations)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[Turn]] = [[] for _ in prompts]
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with self._adapter_context():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start: start + self.batch_size]
+                for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling)):
+                    out[i] = turns
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Turn]]:
+        width = max(len(p) for p in prompts)
+        budget = min(sampling.max_new_tokens, self.max_positions - width)
+        if budget < 1:
+            raise UserError(f"prompt of {width} tokens leaves no room to generate (model context {self.max_positions})")
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=budget, num_return_sequences=sampling.n, pad_token_id=self.pad_id,
+                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
+                      output_logits=sampling.logprobs)
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        res = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        new = res.sequences[:, width:].tolist()
+        lps = None
+        if sampling.logprobs:
+            logits = torch.stack(res.logits, dim=1).float()  # (B*n, T, V)
+            lps = torch.gather(torch.log_softmax(logits, -1), 2, res.sequences[:, width:].unsqueeze(-1)).squeeze(-1).tolist()
+        turns: list[list[Turn]] = []
+        for r, toks in enumerate(new):
+            cut = next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks))
+            text = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+            turn = Turn(response=text.strip(), token_ids=toks[:cut], logprobs=lps[r][:cut] if lps else None)
+            if r % sampling.n == 0:
+                turns.append([])
+            turns[-1].append(turn)
+        return turns
+
+    # --- scoring -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, conversations: list[Conversation]) -> list[float]:
+        """Summed log-probability of each conversation's last assistant message under the
+        active adapter (the canary of verified sync compares these across policies)."""
+        rows = [encode_chat(self.tokenizer, c, train_on="last") for c in conversations]
+        with self._adapter_context():
+            lp, _ = token_logprobs(self.model, pad_batch(rows, self.pad_id, self.device))
+        return lp.sum(-1).tolist()

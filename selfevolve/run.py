@@ -1,0 +1,177 @@
+"""Run: the run directory and everything that makes a run resumable (DESIGN.md §8).
+
+    run_dir/config.yaml      the resolved config (a resume must match it)
+    run_dir/traces.sqlite    every trace of the run (TraceStore)
+    run_dir/metrics.jsonl    one JSON line per logged step / evaluation
+    run_dir/checkpoint/      state.pt: the recipe's state + RNG states + the lengths of
+                             metrics.jsonl and the trace store at that moment
+    run_dir/adapters/        LoRA adapters the recipe saved
+    run_dir/summary.json     `before` and `after` evaluation blocks
+
+Resume for free: a recipe calls `run.restore()` once (None on a fresh start) and
+`run.checkpoint(state)` at safe points. Restoring truncates metrics.jsonl and the trace
+store back to what they held at the checkpoint and restores the RNGs, so the work after it
+is redone exactly once and a resumed run ends with the same summary.json as an
+uninterrupted one. Every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import RecipeConfig, UserError
+from .progress import progress
+from .store import TraceStore
+
+# Keys that may change between a run and its resume without changing its result.
+RESUME_FREE_KEYS = {"resume", "debug", "run_dir"}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Run:
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.name = self.dir.name
+        self._claim_dir()
+        (self.dir / "adapters").mkdir(exist_ok=True)
+        (self.dir / "checkpoint").mkdir(exist_ok=True)
+        self.store = TraceStore(self.dir / "traces.sqlite")
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self._eval_tasks = None
+        self._verifier = None
+
+    def _claim_dir(self) -> None:
+        cfg_path = self.dir / "config.yaml"
+        mine = self.cfg.model_dump(exclude=RESUME_FREE_KEYS)
+        if cfg_path.exists():
+            if not self.cfg.resume:
+                raise UserError(f"run_dir={self.dir} already holds a run; pass resume=true to continue it or choose another run_dir")
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+            if old.get("recipe") != self.cfg.recipe:
+                raise UserError(f"run_dir={self.dir} holds a {old.get('recipe')!r} run, not {self.cfg.recipe!r}")
+            changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS and old.get(k) != mine.get(k))
+            if changed:
+                k = changed[0]
+                raise UserError(f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}")
+            return
+        if self.cfg.resume:
+            raise UserError(f"resume=true but run_dir={self.dir} holds no run (no config.yaml)")
+        if self.dir.exists() and any(self.dir.iterdir()):
+            raise UserError(f"run_dir={self.dir} exists and is not empty; choose another run_dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cfg_path, f"# selfevolve run recipe={self.cfg.recipe}\n" + yaml.safe_dump(
+            {**mine, "run_dir": str(self.dir)}, sort_keys=False))
+
+    # --- metrics -----------------------------------------------------------------------
+
+    def log(self, **metrics: Any) -> None:
+        """Append one JSON line to metrics.jsonl, durably."""
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def _metrics_lines(self) -> int:
+        return len(self.metrics())
+
+    # --- checkpoint / resume -----------------------------------------------------------
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Save the recipe's state atomically, with RNG states and the current lengths of
+        the metrics log and the trace store."""
+        full = {"recipe_state": state, "metrics_lines": self._metrics_lines(), "trace_seq": self.store.last_seq(),
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
+        path = self.dir / "checkpoint" / "state.pt"
+        tmp = path.with_name("state.pt.tmp")
+        torch.save(full, tmp)
+        os.replace(tmp, path)
+
+    def restore(self) -> dict[str, Any] | None:
+        """On resume, roll metrics and traces back to the last checkpoint and return the
+        recipe's state; on a fresh start (or a resume with no checkpoint yet), clear what a
+        killed attempt left and return None."""
+        path = self.dir / "checkpoint" / "state.pt"
+        if not (self.cfg.resume and path.exists()):
+            self._truncate_metrics(0)
+            self.store.truncate_after(0)
+            return None
+        full = torch.load(path, weights_only=False)
+        self._truncate_metrics(full["metrics_lines"])
+        self.store.truncate_after(full["trace_seq"])
+        torch.set_rng_state(full["rng_torch"])
+        random.setstate(full["rng_python"])
+        return full["recipe_state"]
+
+    def _truncate_metrics(self, n: int) -> None:
+        lines = self.metrics()[:n]
+        atomic_write(self.metrics_path, "".join(json.dumps(m) + "\n" for m in lines))
+
+    # --- evaluation and the end --------------------------------------------------------
+
+    def evaluate(self, policy, which: str, round: int = 0) -> dict[str, float]:
+        """Evaluate `policy` on the run's held-out tasks (greedy, `max_turns` attempts),
+        store the traces tagged meta.eval=`which`, log and return the metrics."""
+        from .data import load_tasks
+        from .evaluate import evaluate
+        from .types import SamplingParams
+        from .verifiers import get_verifier
+
+        c = self.cfg
+        if self._eval_tasks is None:
+            self._eval_tasks = load_tasks(c.data, split=c.eval_split, limit=c.eval_limit, seed=c.seed,
+                                          prompt_field=c.prompt_field, answer_field=c.answer_field)
+            self._verifier = get_verifier(c.verifier)
+        metrics, traces = evaluate(policy, self._eval_tasks, self._verifier, max_turns=c.max_turns,
+                                   sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
+                                   recipe=c.recipe, run=self.name, round=round, meta={"eval": which})
+        self.store.append(traces)
+        self.log(eval=which, round=round, **metrics)
+        return metrics
+
+    def finish(self, before: dict | None, after: dict, **extra: Any) -> dict[str, Any]:
+        summary = {"recipe": self.cfg.recipe, "before": before, "after": after, **extra}
+        atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print_summary(self.dir, before, after)
+        return summary
+
+    def progress(self, description: str, total: int | None, completed: int = 0):
+        return progress(description, total, completed)
+
+
+def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .metrics import KEYS
+
+    table = Table(title=f"{run_dir}")
+    table.add_column("metric")
+    if before:
+        table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for k in KEYS:
+        row = [k] + ([str(before.get(k))] if before else []) + [str(after.get(k))]
+        table.add_row(*row)
+    Console(stderr=False).print(table)

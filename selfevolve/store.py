@@ -1,0 +1,193 @@
+"""TraceStore: durable traces in SQLite (DESIGN.md §6).
+
+WAL mode with synchronous=FULL: an `append` is one transaction, so a process killed
+mid-write leaves a readable store that lost at most the batch it was writing; readers
+never block the writer. The full Trace is stored as JSON next to indexed columns (run,
+recipe, round, task, scores) used by queries. `seq` is the append order; recipes record
+it in their checkpoints, and a resumed run drops what was appended after its checkpoint
+(`truncate_after`), so no trace is lost or duplicated.
+
+The schema is versioned (`meta.schema_version`); opening a store written by a newer
+selfevolve fails with a clear message rather than misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import UserError
+from .types import Trace
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS traces (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    run TEXT, recipe TEXT, round INTEGER NOT NULL DEFAULT 0,
+    task_id TEXT NOT NULL, policy_version TEXT,
+    n_turns INTEGER NOT NULL, score_first REAL, score_last REAL,
+    created REAL NOT NULL, data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_run_round ON traces (run, round);
+CREATE INDEX IF NOT EXISTS traces_task ON traces (task_id);
+CREATE INDEX IF NOT EXISTS traces_score ON traces (score_last);
+"""
+
+
+class TraceStore:
+    """Append and query traces.
+
+    >>> import tempfile, os
+    >>> from selfevolve.types import Task, Turn, Feedback
+    >>> s = TraceStore(os.path.join(tempfile.mkdtemp(), "t.sqlite"))
+    >>> s.append([Trace(task=Task(id="a", prompt="p"), turns=[Turn(response="r", feedback=Feedback(score=1.0))])])
+    1
+    >>> [t.task.id for t in s.query(min_score=1.0)]
+    ['a']
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            version = self._version()
+            if version is None:
+                with self.db:
+                    self.db.executescript(SCHEMA)
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif version > SCHEMA_VERSION:
+                raise UserError(f"{self.path}: trace store schema v{version} is newer than this selfevolve (v{SCHEMA_VERSION})")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: not a readable trace store ({e})") from None
+        self.lock = threading.Lock()
+
+    def _version(self) -> int | None:
+        has_meta = self.db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return None
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- writing -----------------------------------------------------------------------
+
+    def append(self, traces: list[Trace]) -> int:
+        """Append a batch in one transaction (all or nothing). Returns how many."""
+        rows = [(t.id, t.run, t.recipe, t.round, t.task.id, t.policy_version, len(t.turns),
+                 t.turns[0].score if t.turns else None, t.turns[-1].score if t.turns else None,
+                 t.created, t.model_dump_json()) for t in traces]
+        with self.lock, self.db:
+            self.db.executemany(
+                "INSERT INTO traces (id, run, recipe, round, task_id, policy_version, n_turns,"
+                " score_first, score_last, created, data) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        return len(rows)
+
+    def last_seq(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM traces").fetchone()[0]
+
+    def truncate_after(self, seq: int) -> int:
+        """Delete traces appended after `seq` (a resumed run redoes that work)."""
+        with self.lock, self.db:
+            return self.db.execute("DELETE FROM traces WHERE seq > ?", (seq,)).rowcount
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _where(self, run=None, recipe=None, round=None, task_id=None, min_score=None, max_score=None,
+               meta: dict[str, Any] | None = None) -> tuple[str, list]:
+        clauses, args = [], []
+        for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id)):
+            if val is not None:
+                clauses.append(f"{col} = ?")
+                args.append(val)
+        if min_score is not None:
+            clauses.append("score_last >= ?")
+            args.append(min_score)
+        if max_score is not None:
+            clauses.append("score_last <= ?")
+            args.append(max_score)
+        for k, v in (meta or {}).items():
+            clauses.append("json_extract(data, ?) = json_extract(?, '$')")
+            args += [f"$.meta.{k}", json.dumps(v)]
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def iter(self, limit: int | None = None, **filters) -> Iterator[Trace]:
+        where, args = self._where(**filters)
+        sql = f"SELECT data FROM traces{where} ORDER BY seq" + (f" LIMIT {int(limit)}" if limit else "")
+        for (data,) in self.db.execute(sql, args):
+            yield Trace.model_validate_json(data)
+
+    def query(self, limit: int | None = None, **filters) -> list[Trace]:
+        """Traces matching all filters (run, recipe, round, task_id, min_score, max_score on
+        the last turn, meta={key: value}), in append order."""
+        return list(self.iter(limit=limit, **filters))
+
+    def count(self, **filters) -> int:
+        where, args = self._where(**filters)
+        return self.db.execute(f"SELECT COUNT(*) FROM traces{where}", args).fetchone()[0]
+
+    def get(self, trace_id: str) -> Trace | None:
+        row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id, trace_id + "%")).fetchone()
+        return Trace.model_validate_json(row[0]) if row else None
+
+    # --- export / import ---------------------------------------------------------------
+
+    def to_jsonl(self, path: str | Path, **filters) -> int:
+        """One full Trace JSON per line (round-trips through `import_jsonl`)."""
+        n = 0
+        with open(path, "w", encoding="utf-8") as f:
+            for t in self.iter(**filters):
+                f.write(t.model_dump_json() + "\n")
+                n += 1
+        return n
+
+    def import_jsonl(self, path: str | Path, batch: int = 500) -> int:
+        buf, n = [], 0
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    buf.append(Trace.model_validate_json(line))
+                except ValueError as e:
+                    raise UserError(f"{path}:line {i}: not a trace ({str(e).splitlines()[0]})") from None
+                if len(buf) >= batch:
+                    n += self.append(buf)
+                    buf = []
+        return n + (self.append(buf) if buf else 0)
+
+    def to_dataset(self, **filters):
+        """A `datasets.Dataset` with one flat row per trace (see `flat_row`)."""
+        from datasets import Dataset
+
+        rows = [flat_row(t) for t in self.iter(**filters)]
+        if not rows:
+            raise UserError(f"{self.path}: no traces match {filters or 'the query'}")
+        return Dataset.from_list(rows)
+
+    def to_parquet(self, path: str | Path, **filters) -> int:
+        ds = self.to_dataset(**filters)
+        ds.to_parquet(str(path))
+        return len(ds)
+
+
+def flat_row(t: Trace) -> dict[str, Any]:
+    """Columns for tabular export: ids, prompt, reference, per-turn responses/scores/
+    critiques as lists, and the full trace as JSON (so nothing is lost)."""
+    return {
+        "id": t.id, "run": t.run, "recipe": t.recipe, "round": t.round, "task_id": t.task.id,
+        "prompt": t.task.prompt, "reference": t.task.reference, "policy_version": t.policy_version,
+        "n_turns": len(t.turns), "responses": [x.response for x in t.turns],
+        "scores": [x.score for x in t.turns],
+        "critiques": [x.critique.text if x.critique else None for x in t.turns],
+        "meta": json.dumps(t.meta), "trace": t.model_dump_json(),
+    }

@@ -1,0 +1,92 @@
+"""Training building blocks shared by the recipes: chat encoding with assistant-only labels,
+batching, per-token log-probabilities, one SFT step. Small functions, no trainer class
+(DESIGN.md §10: recipes may repeat a few lines rather than inherit).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .types import Conversation
+
+IGNORE = -100
+
+
+def chat_ids(tokenizer, messages: Conversation, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation under the tokenizer's chat template (transformers 4 returns
+    a list, 5 a BatchEncoding; this returns the list either way)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if not isinstance(out, list):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation; labels are IGNORE except on the tokens the
+    model should learn to write: every assistant message (`train_on="assistant"`) or only
+    the last one (`"last"`).
+
+    The template is rendered as text for each prefix (cheap) to find where each assistant
+    message starts and ends; the full text is tokenized once and tokens are labelled by
+    their character offsets. Works for any chat template whose renderings of prefixes are
+    prefixes of the full rendering (the bundled model's and the common HF ones)."""
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+
+    text = render(messages)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and (train_on == "assistant" or i == last):
+            lo, hi = render(messages[:i], gen=True), render(messages[: i + 1])
+            if not (text.startswith(hi) and hi.startswith(lo)):
+                raise ValueError("chat template is not prefix-stable; cannot locate assistant tokens")
+            spans.append((len(lo), len(hi)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [t if any(lo <= start < hi for lo, hi in spans) else IGNORE
+              for t, (start, _) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) rows into tensors for teacher-forced training."""
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label token under `model`, and the mask of labelled tokens.
+    Shapes (B, T-1): position t scores token t+1."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    lp = torch.gather(F.log_softmax(logits, dim=-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask, mask
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens."""
+    lp, mask = token_logprobs(model, batch)
+    return -lp.sum() / mask.sum().clamp(min=1)
+
+
+def batches(items: list, batch_size: int, seed: int, epoch: int = 0) -> Iterable[list]:
+    """Seeded shuffle, then fixed-size chunks: the order depends only on (seed, epoch), so a
+    resumed run sees the same batches."""
+    order = list(range(len(items)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [items[j] for j in order[i: i + batch_size]]

@@ -1,0 +1,165 @@
+"""The one vocabulary of selfevolve (DESIGN.md §3): Task, Feedback, Turn, Trace, and the
+protocols Policy, Verifier, Critic.
+
+Everything that crosses a boundary (a file, the CLI, HTTP, the trace store) is one of these
+pydantic models, so malformed input fails at the edge with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field
+
+Message = dict[str, str]  # {"role": "user"|"assistant"|"system", "content": "..."}
+Conversation = list[Message]
+
+
+class Task(BaseModel):
+    """One problem. `reference` is the gold answer (or a full solution); code tasks carry
+    `tests` and `entry_point`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    prompt: str
+    reference: str | None = None
+    tests: list[str] | str | None = None
+    entry_point: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Feedback(BaseModel):
+    """One value for every kind of signal: a scalar `score`, a natural-language `text`, or
+    both. `source` says who produced it (`verifier`, `self`, `judge`, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: float | None = None
+    text: str | None = None
+    source: str = "verifier"
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Turn(BaseModel):
+    """One attempt. `feedback` is the verifier's judgement of `response` (the reward);
+    `critique` is the text a critic wrote about it, shown to the policy before the next
+    turn. Either may be absent (no verifier, no critic, or the last turn)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response: str
+    feedback: Feedback | None = None
+    critique: Feedback | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+
+    @property
+    def score(self) -> float | None:
+        return self.feedback.score if self.feedback else None
+
+
+class Trace(BaseModel):
+    """One episode: a task, its turns, and where it came from (policy version = adapter
+    id, recipe, round). `parent_id` links traces of a branching episode (best-of-N,
+    refinement trees); `graph()` gives the networkx view of one episode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    task: Task
+    turns: list[Turn] = Field(default_factory=list)
+    policy_version: str | None = None
+    recipe: str | None = None
+    run: str | None = None
+    round: int = 0
+    parent_id: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+    created: float = Field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def final(self) -> str:
+        """The last response (the answer the loop returns)."""
+        return self.turns[-1].response if self.turns else ""
+
+    def correct_at(self, k: int) -> bool:
+        """Was the answer standing after turn k (1-based) scored 1? A trace that stopped
+        early keeps its last answer, so later turns inherit it."""
+        if not self.turns:
+            return False
+        turn = self.turns[min(k, len(self.turns)) - 1]
+        return turn.score is not None and turn.score >= 1.0
+
+    def graph(self) -> nx.DiGraph:
+        """Directed graph of the episode: task -> turn 1 -> turn 2 -> ...; each turn node
+        holds its response, score and critique text."""
+        g = nx.DiGraph()
+        g.add_node("task", kind="task", prompt=self.task.prompt, task_id=self.task.id)
+        prev = "task"
+        for i, t in enumerate(self.turns, 1):
+            node = f"turn{i}"
+            g.add_node(node, kind="turn", index=i, response=t.response, score=t.score,
+                       critique=t.critique.text if t.critique else None)
+            g.add_edge(prev, node)
+            prev = node
+        return g
+
+
+def branching_graph(traces: list[Trace]) -> nx.DiGraph:
+    """Graph over several traces linked by `parent_id` (a refinement tree or best-of-N):
+    nodes are trace ids, edges go parent -> child."""
+    g = nx.DiGraph()
+    for t in traces:
+        g.add_node(t.id, final=t.final, score=t.turns[-1].score if t.turns else None)
+    for t in traces:
+        if t.parent_id is not None:
+            g.add_edge(t.parent_id, t.id)
+    return g
+
+
+class SamplingParams(BaseModel):
+    """Decoding settings shared by every Policy. temperature=0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    logprobs: bool = False
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that answers conversations. `generate` returns, per conversation, a list of
+    `sampling.n` Turns (response text, token ids and logprobs where available)."""
+
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams) -> list[list[Turn]]: ...
+
+    def load_adapter(self, path: str, name: str) -> None: ...
+
+    @property
+    def active_adapter(self) -> str | None: ...
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Deterministic, trusted scoring: Feedback with a score in [0, 1]."""
+
+    def verify(self, task: Task, response: str) -> Feedback: ...
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """Writes feedback (text) on the turns so far. `details["verdict"] == "correct"` means
+    the critic sees nothing to fix, which stops the loop."""
+
+    def critique(self, task: Task, turns: list[Turn]) -> Feedback: ...
+
+
+Source = Literal["verifier", "self", "judge"]

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+os.environ.setdefault("SELFEVOLVE_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The bundled tiny model as an HFPolicy, loaded once per test session."""
+    import torch
+
+    from selfevolve.policies import HFPolicy
+
+    torch.set_num_threads(2)
+    return HFPolicy("tiny", device="cpu")

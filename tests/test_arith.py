@@ -1,0 +1,38 @@
+import random
+
+import pytest
+
+from selfevolve import arith
+
+
+def test_deterministic_and_disjoint():
+    a = arith.tasks("test", n=600, seed=0)
+    assert [t.prompt for t in a] == [t.prompt for t in arith.tasks("test", n=600, seed=0)]
+    train = {t.prompt for t in arith.tasks("train", n=3000, seed=0)}
+    assert not train & {t.prompt for t in a}
+    assert len({t.prompt for t in a}) == 600
+
+
+def test_seed_changes_tasks_and_difficulty_changes_length():
+    assert arith.tasks("test", 5, seed=0)[0].prompt != arith.tasks("test", 5, seed=1)[0].prompt
+    for d in (1, 2, 4):
+        t = arith.tasks("test", 3, difficulty=d)[0]
+        assert t.meta["expression"].count(" ") == 2 * d
+
+
+def test_references_are_right():
+    for t in arith.tasks("test", 50):
+        assert int(t.reference) == eval(t.meta["expression"])
+
+
+def test_solution_styles_and_slips():
+    nums, ops = [47, 38, 12], ["+", "-"]
+    assert arith.step_solution(nums, ops) == "47 + 38 = 85. 85 - 12 = 73. The answer is 73."
+    assert arith.direct_solution(nums, ops) == "The answer is 73."
+    slipped = arith.step_solution(nums, ops, slip_at=0, rng=random.Random(0))
+    assert not slipped.endswith("The answer is 73.")
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="splits"):
+        arith.tasks("validation", 3)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from selfevolve.config import UserError
+from selfevolve.data import load_tasks
+
+ROWS = [{"question": "What is 2 + 2?", "gold": 4, "id": "a", "topic": "add"},
+        {"question": "What is 5 - 3?", "gold": "2", "id": "b", "topic": "sub"}]
+
+
+ARROW_ROWS = [{**r, "gold": str(r["gold"])} for r in ROWS]  # Arrow columns have one type
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def check(tasks):
+    assert [t.prompt for t in tasks] == ["What is 2 + 2?", "What is 5 - 3?"]
+    assert [t.reference for t in tasks] == ["4", "2"]
+    assert tasks[0].meta["topic"] == "add"
+
+
+def test_builtin():
+    t = load_tasks("arith", split="train", limit=7)
+    assert len(t) == 7 and t[0].reference is not None
+
+
+def test_jsonl_json_csv_parquet_and_saved_dataset(tmp_path):
+    kw = dict(prompt_field="question", answer_field="gold")
+    check(load_tasks(write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n"), **kw))
+    check(load_tasks(write(tmp_path, "d.json", json.dumps(ROWS)), **kw))
+    check(load_tasks(write(tmp_path, "d.csv", "question,gold,id,topic\nWhat is 2 + 2?,4,a,add\nWhat is 5 - 3?,2,b,sub\n"), **kw))
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(ARROW_ROWS).to_parquet(str(tmp_path / "d.parquet"))
+    check(load_tasks(str(tmp_path / "d.parquet"), **kw))
+    DatasetDict({"test": Dataset.from_list(ARROW_ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    check(load_tasks(str(tmp_path / "saved"), split="test", **kw))
+    assert [t.id for t in load_tasks(str(tmp_path / "d.parquet"), **kw)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("bad.jsonl", '{"prompt": "ok", "answer": 1}\n{"prompt": "broken"\n', r"bad.jsonl:line 2: malformed JSON"),
+    ("nofield.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', r"nofield.jsonl:line 2: missing field 'prompt'"),
+    ("empty.jsonl", "\n\n", "empty"),
+    ("list.jsonl", "[1, 2]\n", "line 1: expected an object"),
+    ("bad.json", '[{"prompt": "a"},\n {"prompt": }]', r"bad.json:line 2: malformed JSON"),
+    ("data.txt", "hello", "unsupported format '.txt'"),
+    ("bad.parquet", "not parquet", "not a readable Parquet file"),
+])
+def test_malformed_inputs_name_file_line_and_field(tmp_path, name, text, match):
+    with pytest.raises(UserError, match=match):
+        load_tasks(write(tmp_path, name, text))
+
+
+def test_missing_paths_and_unknown_names(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_tasks(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="not a built-in suite"):
+        load_tasks("gsm9k")
+
+
+def test_missing_split_in_saved_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ARROW_ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(UserError, match="no split 'test'"):
+        load_tasks(str(tmp_path / "saved"), prompt_field="question")
