@@ -58,7 +58,7 @@ class PretrainConfig(RecipeConfig):
     data: str = "arith"
     difficulties: list[int] = Field([1, 2, 2, 3], description="difficulty of each corpus problem, drawn uniformly from this list")
     p_direct: float = Field(0.6, ge=0, le=1, description="share of single-turn answers in the direct style")
-    p_two_turn: float = Field(0.3, ge=0, le=1, description="share of two-turn correction transcripts")
+    p_two_turn: float = Field(0.2, ge=0, le=1, description="share of two-turn correction transcripts")
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
     p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
     p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")

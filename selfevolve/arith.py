@@ -1,15 +1,16 @@
 """`arith`: the built-in, seeded task suite of the tiny world (DESIGN.md §5).
 
-A task is an integer expression of two-digit numbers joined by + and -, e.g.
-"What is 47 + 38 - 12?" with reference "73". `difficulty` is the number of operators
-(1 = "a + b", 2 = "a + b - c", ...). Train and test are disjoint whatever their sizes:
+A task is an integer expression of one-digit numbers joined by + and -, e.g.
+"What is 7 + 8 - 3?" with reference "12". `difficulty` is the number of operators
+(1 = "a + b", 2 = "a + b - c", ...; difficulty 2 has 583 test and 2,333 train expressions,
+difficulty 3 about 10,000 test expressions). Train and test are disjoint whatever their sizes:
 an expression belongs to `test` iff a hash of its text falls in the test bucket, so no
 test expression can ever be drawn for `train` (or for the pretraining corpus).
 
 Solutions come in two styles, which gives recipes something to learn: `direct`
-("The answer is 73.") asks the model for mental arithmetic over all operands at once,
-which a small model gets wrong often; `steps` ("47 + 38 = 85. 85 - 12 = 73. The answer
-is 73.") reduces it to one operation per step, which it gets right far more often.
+("The answer is 12.") asks the model for mental arithmetic over all operands at once,
+which a small model gets wrong often; `steps` ("7 + 8 = 15. 15 - 3 = 12. The answer
+is 12.") reduces it to one small operation per step, which it gets right more often.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _in_test(expr: str) -> bool:
 
 
 def random_expression(rng: random.Random, difficulty: int) -> tuple[list[int], list[str]]:
-    nums = [rng.randint(10, 99) for _ in range(difficulty + 1)]
+    nums = [rng.randint(1, 9) for _ in range(difficulty + 1)]
     ops = [rng.choice("+-") for _ in range(difficulty)]
     return nums, ops
 
@@ -57,6 +58,9 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 2) -> list[
     if split not in SPLITS:
         raise ValueError(f"arith has splits {SPLITS}, not {split!r}")
     rng = random.Random(f"arith:{seed}:{difficulty}")
+    available = 9 ** (difficulty + 1) * 2 ** difficulty
+    if n > available * TEST_FRACTION * 0.9 and split == "test" or n > available * (1 - TEST_FRACTION) * 0.95:
+        raise ValueError(f"arith difficulty={difficulty} has too few distinct {split} expressions for n={n}")
     seen: set[str] = set()
     out = []
     while len(out) < n:

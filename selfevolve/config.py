@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +46,34 @@ class RecipeConfig(BaseModel):
     debug: bool = Field(False, description="show tracebacks instead of one-line errors")
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["lr=1e-4", "resume=true"]` -> {"lr": 1e-4, "resume": True}. Values are parsed as
-    YAML scalars/lists (so `difficulties=[1,2]` works) and typed by the config class."""
-    out: dict[str, Any] = {}
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`["lr=1e-4", "resume=true"]` -> {"lr": "1e-4", "resume": "true"}. Values stay text
+    here; `build` parses each one for its field's type."""
+    out: dict[str, str] = {}
     for a in args:
         if "=" not in a or a.startswith("="):
             raise UserError(f"expected key=value, got {a!r}")
         k, v = a.split("=", 1)
-        try:
-            out[k] = yaml.safe_load(v) if v != "" else ""
-        except yaml.YAMLError:
-            out[k] = v
+        out[k] = v
     return out
+
+
+def _is_text(field) -> bool:
+    ann = field.annotation
+    return ann is str or (typing.get_origin(ann) in (typing.Union, types.UnionType) and str in typing.get_args(ann))
+
+
+def _coerce(field, value: Any) -> Any:
+    """Text from the command line is parsed as a YAML scalar/list (`[1,2]`, `true`, `1e-4`)
+    unless the field is text; YAML scalars given to a text field become text (`42`)."""
+    if _is_text(field):
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value) if value != "" else value
+        except yaml.YAMLError:
+            return value
+    return value
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -70,6 +87,8 @@ def build(cls: type[BaseModel], values: dict[str, Any], where: str = "command li
     for k in values:
         if k not in valid:
             raise UserError(f"unknown key {k!r} ({where}){_suggest(k, valid)}")
+    fields = {f.alias or n: f for n, f in cls.model_fields.items()}
+    values = {k: _coerce(fields[k], v) for k, v in values.items()}
     try:
         return cls(**values)
     except ValidationError as e:

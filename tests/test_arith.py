@@ -6,11 +6,11 @@ from selfevolve import arith
 
 
 def test_deterministic_and_disjoint():
-    a = arith.tasks("test", n=600, seed=0)
-    assert [t.prompt for t in a] == [t.prompt for t in arith.tasks("test", n=600, seed=0)]
-    train = {t.prompt for t in arith.tasks("train", n=3000, seed=0)}
+    a = arith.tasks("test", n=500, seed=0)
+    assert [t.prompt for t in a] == [t.prompt for t in arith.tasks("test", n=500, seed=0)]
+    train = {t.prompt for t in arith.tasks("train", n=2000, seed=0)}
     assert not train & {t.prompt for t in a}
-    assert len({t.prompt for t in a}) == 600
+    assert len({t.prompt for t in a}) == 500
 
 
 def test_seed_changes_tasks_and_difficulty_changes_length():
@@ -26,11 +26,16 @@ def test_references_are_right():
 
 
 def test_solution_styles_and_slips():
-    nums, ops = [47, 38, 12], ["+", "-"]
-    assert arith.step_solution(nums, ops) == "47 + 38 = 85. 85 - 12 = 73. The answer is 73."
-    assert arith.direct_solution(nums, ops) == "The answer is 73."
+    nums, ops = [7, 8, 3], ["+", "-"]
+    assert arith.step_solution(nums, ops) == "7 + 8 = 15. 15 - 3 = 12. The answer is 12."
+    assert arith.direct_solution(nums, ops) == "The answer is 12."
     slipped = arith.step_solution(nums, ops, slip_at=0, rng=random.Random(0))
-    assert not slipped.endswith("The answer is 73.")
+    assert not slipped.endswith("The answer is 12.")
+
+
+def test_too_many_tasks_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="too few distinct"):
+        arith.tasks("test", n=100, difficulty=1)
 
 
 def test_unknown_split():

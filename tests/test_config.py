@@ -14,6 +14,11 @@ def test_overrides_are_typed():
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.difficulties, cfg.model) == (3, 2e-4, True, [3, 4], "/a/b")
 
 
+def test_text_fields_stay_text():
+    cfg = build(Demo, parse_overrides(["model=42", "run_dir=2024", "seed=3"]))
+    assert (cfg.model, cfg.run_dir, cfg.seed) == ("42", "2024", 3)
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(UserError, match="unknown key 'stesp'.*did you mean 'steps'"):
         build(Demo, {"stesp": 3})

@@ -56,8 +56,8 @@ class HFPolicy:
             self.model, self.tokenizer = model, tokenizer
             self.device = next(model.parameters()).device
         else:
-            self.path = resolve_model_path(str(model))
             self.device = resolve_device(device)
+            self.path = resolve_model_path(str(model))
             if dtype is None:
                 dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             try:

@@ -1,0 +1,82 @@
+"""The real console entry point, in a subprocess, as a user runs it."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+EXE = shutil.which("selfevolve")
+
+
+def cli(*args, cwd=None):
+    assert EXE, "the selfevolve console script is not installed"
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp",
+                               **{k: v for k, v in __import__("os").environ.items() if k.startswith(("PYTHON", "VIRTUAL"))}})
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "recipe=pretrain", "--help"], ["eval", "--help"],
+                                  ["refine", "--help"], ["recipes"]])
+def test_help_everywhere(args):
+    r = cli(*args)
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_recipes_lists_pretrain():
+    assert "pretrain" in cli("recipes").stdout
+
+
+def test_eval_writes_metrics(tmp_path):
+    out = tmp_path / "m.json"
+    r = cli("eval", "model=tiny", "data=arith", "split=test", "limit=8", "max_turns=2", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n"} and m["n"] == 8
+    assert "acc_t1" in r.stdout
+
+
+def test_refine_prints_answer_and_json():
+    r = cli("refine", "prompt=What is 12 + 30?", "max_turns=2", "max_new_tokens=40")
+    assert r.returncode == 0 and r.stdout.strip()
+    r = cli("refine", "prompt=What is 12 + 30?", "reference=42", "json=true", "max_new_tokens=40")
+    trace = json.loads(r.stdout)
+    assert trace["task"]["reference"] == "42" and trace["turns"][0]["feedback"]["score"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["eval", "limt=3"], "did you mean 'limit'"),
+    (["eval", "limit=three"], "limit"),
+    (["eval", "model=/nonexistent/model"], "no such directory"),
+    (["eval", "data=/nonexistent.jsonl"], "no such file"),
+    (["eval", "verifier=nope"], "unknown verifier"),
+    (["run", "recipe=scoree"], "unknown recipe"),
+    (["run"], "recipe=NAME"),
+    (["frobnicate"], "unknown command"),
+    (["eval", "out=/nonexistent/dir/m.json", "limit=1"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, match):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_dataset_names_the_line(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"q": "What is 1 + 1?", "a": "2"}\n{"q": oops}\n')
+    r = cli("eval", f"data={p}", "prompt_field=q", "answer_field=a")
+    assert r.returncode == 2 and "mine.jsonl:line 2: malformed JSON" in r.stderr
+
+
+def test_user_dataset_with_renamed_fields(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text("".join(json.dumps({"q": f"What is {a} + 10?", "a": str(a + 10)}) + "\n" for a in range(10, 14)))
+    r = cli("eval", f"data={p}", "prompt_field=q", "answer_field=a", "max_turns=1", f"out={tmp_path / 'o.json'}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["n"] == 4
+
+
+def test_debug_shows_the_traceback():
+    r = cli("eval", "limt=3", "debug=true")
+    assert r.returncode != 0 and "Traceback" in r.stderr

@@ -1,0 +1,61 @@
+from selfevolve import arith
+from selfevolve.evaluate import evaluate
+from selfevolve.feedback.prompts import SCORE_INSTRUCTION
+from selfevolve.loop import conversation, refine, refine_batch
+from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn
+from selfevolve.verifiers import NumericVerifier
+
+S = SamplingParams(max_new_tokens=48)
+
+
+class LengthCritic:
+    """A deterministic critic: asks for a worked solution unless the answer shows steps."""
+
+    def critique(self, task, turns):
+        if "=" in turns[-1].response:
+            return Feedback(text="Looks right.", source="self", details={"verdict": "correct"})
+        return Feedback(text="Show each step.", source="self", details={"verdict": "revise"})
+
+
+def test_refine_a_prompt_string(tiny):
+    trace = refine("What is 12 + 30?", tiny, max_turns=2, sampling=S)
+    assert isinstance(trace, Trace) and len(trace.turns) == 2
+    assert trace.final == trace.turns[-1].response and trace.final
+    assert trace.task.prompt == "What is 12 + 30?" and trace.finished >= trace.created
+
+
+def test_conversation_follows_turns():
+    t = Trace(task=Task(id="x", prompt="Q"), turns=[Turn(response="A1"), Turn(response="A2", critique=Feedback(text="C"))])
+    msgs = conversation(t)
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"] == SCORE_INSTRUCTION and msgs[4]["content"].startswith("C\n")
+
+
+def test_stop_rules(tiny):
+    tasks = arith.tasks("test", n=24)
+    v = NumericVerifier()
+    oracle = refine_batch(tasks, tiny, verifier=v, max_turns=3, sampling=S)
+    for t in oracle:  # stops at the first correct turn, else runs the budget
+        first_ok = next((i for i, x in enumerate(t.turns) if x.score == 1.0), None)
+        assert len(t.turns) == (first_ok + 1 if first_ok is not None else 3)
+    full = refine_batch(tasks, tiny, verifier=v, max_turns=3, sampling=S, stop_when_correct=False)
+    assert all(len(t.turns) == 3 and all(x.feedback is not None for x in t.turns) for t in full)
+    critic = refine_batch(tasks, tiny, critic=LengthCritic(), max_turns=3, sampling=S)
+    for t in critic:
+        stops = [i for i, x in enumerate(t.turns) if x.critique and x.critique.details["verdict"] == "correct"]
+        assert len(t.turns) == (stops[0] + 1 if stops else 3)
+
+
+def test_batched_loop_matches_one_task_at_a_time(tiny):
+    tasks = arith.tasks("test", n=6)
+    v = NumericVerifier()
+    batched = refine_batch(tasks, tiny, verifier=v, max_turns=2, sampling=S, stop_when_correct=False)
+    single = [refine(t, tiny, verifier=v, max_turns=2, sampling=S, stop_when_correct=False) for t in tasks]
+    assert [[x.response for x in t.turns] for t in batched] == [[x.response for x in t.turns] for t in single]
+
+
+def test_evaluate_reports_every_metric(tiny):
+    m, traces = evaluate(tiny, arith.tasks("test", n=16), NumericVerifier(), max_turns=2, round=3, recipe="eval")
+    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n"}
+    assert m["n"] == 16 and abs(m["delta"] - (m["delta_i2c"] - m["delta_c2i"])) < 1e-3
+    assert all(t.round == 3 and t.recipe == "eval" for t in traces)
