@@ -3,6 +3,7 @@
     selfevolve run recipe=NAME key=value ...     run a recipe into a run directory
     selfevolve eval key=value ...                 evaluate a model on held-out tasks
     selfevolve refine prompt="..." key=value ...  self-refine one prompt
+    selfevolve check data=... verifier=...        run the verifier on every task's reference
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
@@ -133,6 +134,47 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     return 0
 
 
+class CheckConfig(RecipeConfig):
+    recipe: str = "check"
+    split: str = Field("test", description="split to check")
+    limit: int | None = Field(None, ge=1, description="check only the first N tasks")
+    workers: int = Field(2, ge=1, description="verifier worker processes")
+    timeout: float = Field(30.0, gt=0, description="seconds per task before it counts as failed")
+    out: str | None = Field(None, description='write {"passed": N, "total": M, "failures": [...]} to this file')
+
+
+def cmd_check(overrides: dict, want_help: bool) -> int:
+    """The sanity check before spending GPU hours on a new dataset: does the verifier
+    accept every task's own reference answer?"""
+    from .data import load_tasks
+    from .run import atomic_write
+    from .verifiers import VerifierPool, get_verifier
+
+    if want_help:
+        print(f"selfevolve check data=... verifier=...\n\n{cmd_check.__doc__}\n\nkeys:\n{help_text(CheckConfig)}")
+        return 0
+    cfg = build(CheckConfig, overrides)
+    tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
+                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    verifier = get_verifier(cfg.verifier)
+    missing = [t.id for t in tasks if t.reference is None]
+    if missing:
+        raise UserError(f"data={cfg.data}: {len(missing)} tasks have no reference ({missing[0]}, ...); set answer_field=")
+    if cfg.out:
+        _check_writable(cfg.out)
+    render = getattr(verifier, "reference_response", lambda t: f"The answer is {t.reference}.")
+    with VerifierPool(verifier, workers=cfg.workers, timeout=cfg.timeout) as pool:
+        feedback = pool.map(tasks, [render(t) for t in tasks])
+    failures = [{"task_id": t.id, "text": fb.text} for t, fb in zip(tasks, feedback) if (fb.score or 0) < 1.0]
+    result = {"passed": len(tasks) - len(failures), "total": len(tasks), "failures": failures}
+    for f in failures[:20]:
+        print(f"FAIL {f['task_id']}: {(f['text'] or '').splitlines()[0][:120]}")
+    print(f"{result['passed']}/{result['total']} references pass verifier={cfg.verifier}")
+    if cfg.out:
+        atomic_write(Path(cfg.out), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def cmd_recipes(overrides: dict, want_help: bool) -> int:
     for name in RECIPES:
         mod, _ = _recipe(name)
@@ -152,7 +194,7 @@ def _check_writable(path: str) -> None:
         raise UserError(f"out={path}: directory {parent} does not exist")
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "recipes": cmd_recipes}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:

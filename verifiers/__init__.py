@@ -1,16 +1,26 @@
 """Verifiers: trusted, deterministic scoring (installed as `selfevolve.verifiers`).
 
-`get_verifier(name)` takes a short name from VERIFIERS or a dotted import path
-(`package.module:Class` or `package.module.Class`) for anything else.
+Every verifier has `verify(task, response) -> Feedback` (score in [0, 1], a short `text`
+saying why, `details`) and `verify_batch(tasks, responses)`. `get_verifier(name)` takes a
+short name from VERIFIERS or a dotted import path (`package.module:Name` or
+`package.module.Name`) to a Verifier class, a Verifier instance, or a TRL-style reward
+function `f(prompts, completions, **kwargs) -> list[float]`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 
+from .code import CodeVerifier
+from .math import MathVerifier
 from .numeric import NumericVerifier
+from .pool import VerifierPool
+from .rewards import RewardFunctionVerifier, reward_function
+from .text import ChoiceVerifier, ExactVerifier, RegexVerifier
 
-VERIFIERS = {"numeric": NumericVerifier}
+VERIFIERS = {"numeric": NumericVerifier, "math": MathVerifier, "code": CodeVerifier, "exact": ExactVerifier,
+             "regex": RegexVerifier, "choice": ChoiceVerifier}
 
 
 def get_verifier(name: str):
@@ -25,7 +35,14 @@ def get_verifier(name: str):
         obj = getattr(importlib.import_module(mod), attr)
     except (ImportError, AttributeError) as e:
         raise UserError(f"verifier={name}: cannot import ({e})") from None
-    return obj() if isinstance(obj, type) else obj
+    if inspect.isclass(obj):
+        obj = obj()
+    if hasattr(obj, "verify"):
+        return obj
+    if callable(obj):
+        return RewardFunctionVerifier(obj, name=attr)
+    raise UserError(f"verifier={name}: not a Verifier or a reward function")
 
 
-__all__ = ["NumericVerifier", "VERIFIERS", "get_verifier"]
+__all__ = ["NumericVerifier", "MathVerifier", "CodeVerifier", "ExactVerifier", "RegexVerifier", "ChoiceVerifier",
+           "VerifierPool", "RewardFunctionVerifier", "reward_function", "VERIFIERS", "get_verifier"]
