@@ -14,8 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_generation  # noqa: E402
+import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation]
+BENCHES = [bench_generation, bench_verifiers]
 
 
 def machine() -> str:
@@ -28,10 +29,12 @@ def machine() -> str:
 
 
 def main() -> None:
+    """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation, verifiers)."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
+    chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
     out = ["# Benchmarks", "", f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}",
            "- command: `python bench/run.py`", ""]
-    for b in BENCHES:
+    for b in chosen:
         r = b.run()
         out += [f"## {r['title']}", "", r["doc"], "", "| what | throughput | detail |", "|---|---|---|"]
         out += [f"| {a} | {t} | {d} |" for a, t, d in r["rows"]]

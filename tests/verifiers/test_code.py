@@ -13,7 +13,8 @@ import pytest
 
 from selfevolve.types import Task
 from selfevolve.verifiers import CodeVerifier
-from selfevolve.verifiers.code import extract_code, namespaces_available
+from selfevolve.verifiers.code import extract_code
+from selfevolve.verifiers.sandbox import namespaces_available
 
 TIMEOUT = 2.0
 ISOLATED = namespaces_available()
@@ -194,3 +195,22 @@ def test_bad_tasks_are_errors_not_zero_scores(verifier):
         verifier.verify(Task(id="x", prompt="p"), "pass")
     with pytest.raises(ValueError, match="entry_point"):
         verifier.verify(Task(id="x", prompt="p", tests="def check(c): pass"), "pass")
+
+
+@needs_namespaces
+def test_nothing_leaks_from_one_program_to_the_next():
+    v = CodeVerifier(timeout=TIMEOUT)
+    plant = ("    import os, subprocess\n    open('planted', 'w').write('x')\n    open('../planted', 'w').write('x')\n"
+             "    subprocess.Popen(['sleep', '30'], start_new_session=True)\n    return 0\n")
+    assert v.verify(TASK, plant).score == 0.0
+    probe = ("    import os\n    pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+             "    clean = not os.path.exists('planted') and not os.path.exists('../planted') and len(pids) == 2\n"
+             "    return x + 41 if clean else 0\n")
+    assert v.verify(TASK, probe).score == 1.0
+
+
+def test_a_dead_sandbox_is_replaced():
+    v = CodeVerifier(timeout=TIMEOUT)
+    assert v.verify(TASK, "    return x + 41\n").score == 1.0
+    os.killpg(v.sandbox.proc.pid, 9)
+    assert v.verify(TASK, "    return x + 41\n").score == 1.0
