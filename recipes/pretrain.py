@@ -64,15 +64,15 @@ class PretrainConfig(RecipeConfig):
     p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
     vocab_size: int = Field(384, ge=300)
     n_layer: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     n_head: int = 4
     n_positions: int = 256
-    steps: int = Field(3000, ge=1)
-    batch_size: int = 64
-    lr: float = 3e-3
+    steps: int = Field(4000, ge=1)
+    batch_size: int = 32
+    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     log_every: int = Field(25, ge=1, description="steps between metrics lines")
 
 

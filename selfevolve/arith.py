@@ -1,9 +1,9 @@
 """`arith`: the built-in, seeded task suite of the tiny world (DESIGN.md §5).
 
 A task is an integer expression of one-digit numbers joined by + and -, e.g.
-"What is 7 + 8 - 3?" with reference "12". `difficulty` is the number of operators
-(1 = "a + b", 2 = "a + b - c", ...; difficulty 2 has 583 test and 2,333 train expressions,
-difficulty 3 about 10,000 test expressions). Train and test are disjoint whatever their sizes:
+"What is 7 + 8 - 3 + 4?" with reference "16". `difficulty` is the number of operators
+(1 = "a + b", 2 = "a + b - c", 3 = "a + b - c + d", the default; difficulty 2 has 583
+test expressions, difficulty 3 about 10,500). Train and test are disjoint whatever their sizes:
 an expression belongs to `test` iff a hash of its text falls in the test bucket, so no
 test expression can ever be drawn for `train` (or for the pretraining corpus).
 
@@ -53,7 +53,7 @@ def question(expr: str) -> str:
     return f"What is {expr}?"
 
 
-def sample_problems(seed: int, split: str, n: int, difficulty: int = 2) -> list[tuple[list[int], list[str]]]:
+def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[tuple[list[int], list[str]]]:
     """`n` distinct problems of one split, drawn from a seeded stream."""
     if split not in SPLITS:
         raise ValueError(f"arith has splits {SPLITS}, not {split!r}")
@@ -73,7 +73,7 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 2) -> list[
     return out
 
 
-def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 2) -> list[Task]:
+def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 3) -> list[Task]:
     """The `arith` tasks of one split.
 
     >>> t = tasks("test", n=2, seed=0)

@@ -104,8 +104,8 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     cfg = build(EvalConfig, overrides)
     _threads(cfg)
     tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
-                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
-    verifier = get_verifier(cfg.verifier)
+                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, difficulty=cfg.difficulty)
+    verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
     metrics, _ = evaluate(_policy(cfg), tasks, verifier, max_turns=cfg.max_turns,
@@ -136,9 +136,9 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
 
 class CheckConfig(RecipeConfig):
     recipe: str = "check"
+    verify_workers: int = Field(2, ge=1, description="verifier worker processes")
     split: str = Field("test", description="split to check")
     limit: int | None = Field(None, ge=1, description="check only the first N tasks")
-    workers: int = Field(2, ge=1, description="verifier worker processes")
     timeout: float = Field(30.0, gt=0, description="seconds per task before it counts as failed")
     out: str | None = Field(None, description='write {"passed": N, "total": M, "failures": [...]} to this file')
 
@@ -155,7 +155,7 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
         return 0
     cfg = build(CheckConfig, overrides)
     tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
-                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, difficulty=cfg.difficulty)
     verifier = get_verifier(cfg.verifier)
     missing = [t.id for t in tasks if t.reference is None]
     if missing:
@@ -163,7 +163,7 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
     if cfg.out:
         _check_writable(cfg.out)
     render = getattr(verifier, "reference_response", lambda t: f"The answer is {t.reference}.")
-    with VerifierPool(verifier, workers=cfg.workers, timeout=cfg.timeout) as pool:
+    with VerifierPool(verifier, workers=cfg.verify_workers, timeout=cfg.timeout) as pool:
         feedback = pool.map(tasks, [render(t) for t in tasks])
     failures = [{"task_id": t.id, "text": fb.text} for t, fb in zip(tasks, feedback) if (fb.score or 0) < 1.0]
     result = {"passed": len(tasks) - len(failures), "total": len(tasks), "failures": failures}

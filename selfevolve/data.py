@@ -34,7 +34,7 @@ def humaneval() -> list[Task]:
 
 def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
-               difficulty: int = 2) -> list[Task]:
+               difficulty: int = 3) -> list[Task]:
     """Load tasks. Built-in suites are generated (`limit` of them, default 500); files are
     read in order and truncated to `limit`."""
     if data == "arith":

@@ -25,8 +25,9 @@ class _Bar:
 
 @contextmanager
 def progress(description: str, total: int | None, completed: int = 0):
-    """`with progress("generate", total=8) as bar: ... bar.advance()`"""
-    if not enabled():
+    """`with progress("generate", total=8) as bar: ... bar.advance()`; total=None shows
+    nothing (work too short to need a bar)."""
+    if total is None or not enabled():
         yield _Bar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

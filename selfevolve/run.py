@@ -141,8 +141,8 @@ class Run:
         c = self.cfg
         if self._eval_tasks is None:
             self._eval_tasks = load_tasks(c.data, split=c.eval_split, limit=c.eval_limit, seed=c.seed,
-                                          prompt_field=c.prompt_field, answer_field=c.answer_field)
-            self._verifier = get_verifier(c.verifier)
+                                          prompt_field=c.prompt_field, answer_field=c.answer_field, difficulty=c.difficulty)
+            self._verifier = get_verifier(c.verifier, workers=c.verify_workers)
         metrics, traces = evaluate(policy, self._eval_tasks, self._verifier, max_turns=c.max_turns,
                                    sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
                                    recipe=c.recipe, run=self.name, round=round, meta={"eval": which})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field
@@ -161,5 +161,3 @@ class Critic(Protocol):
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback: ...
 
-
-Source = Literal["verifier", "self", "judge"]

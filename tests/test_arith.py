@@ -18,6 +18,7 @@ def test_seed_changes_tasks_and_difficulty_changes_length():
     for d in (1, 2, 4):
         t = arith.tasks("test", 3, difficulty=d)[0]
         assert t.meta["expression"].count(" ") == 2 * d
+    assert arith.tasks("test", 1)[0].meta["difficulty"] == 3  # the default
 
 
 def test_references_are_right():

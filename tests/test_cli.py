@@ -17,7 +17,7 @@ def cli(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "recipe=pretrain", "--help"], ["eval", "--help"],
-                                  ["refine", "--help"], ["recipes"]])
+                                  ["refine", "--help"], ["check", "--help"], ["recipes"]])
 def test_help_everywhere(args):
     r = cli(*args)
     assert r.returncode == 0 and r.stdout.strip()

@@ -23,7 +23,13 @@ VERIFIERS = {"numeric": NumericVerifier, "math": MathVerifier, "code": CodeVerif
              "regex": RegexVerifier, "choice": ChoiceVerifier}
 
 
-def get_verifier(name: str):
+def get_verifier(name: str, workers: int = 1):
+    """The verifier `name` names; with workers > 1, wrapped in a VerifierPool."""
+    verifier = _resolve(name)
+    return VerifierPool(verifier, workers=workers) if workers > 1 else verifier
+
+
+def _resolve(name: str):
     from selfevolve.config import UserError
 
     if name in VERIFIERS:

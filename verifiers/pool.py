@@ -6,6 +6,9 @@
 - crash isolation: a worker that dies (segfault, os._exit, out of memory) is reported on
   the item it was running, replaced, and the batch is not lost.
 
+A VerifierPool is itself a Verifier (`verify`, `verify_batch`), so the loop, evaluation
+and the recipes take it wherever they take a verifier (`verify_workers=N` on the CLI).
+
 Workers are processes, not threads, because math-verify's timeouts use signals (which only
 work in a process's main thread) and because a verifier may hold the GIL for long.
 Workers start with `spawn`, so a parent that loaded torch and its thread pools forks
@@ -93,6 +96,19 @@ class VerifierPool:
         p.join()
         conn.close()
         self.procs[slot] = self._spawn()
+
+    @property
+    def name(self) -> str:
+        return getattr(self.verifier, "name", type(self.verifier).__name__)
+
+    def verify(self, task: Task, response: str) -> Feedback:
+        return self.map([task], [response])[0]
+
+    def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[Feedback]:
+        return self.map(tasks, responses)
+
+    def reference_response(self, task: Task) -> str:
+        return getattr(self.verifier, "reference_response", lambda t: f"The answer is {t.reference}.")(task)
 
     def map(self, tasks: list[Task], responses: list[str]) -> list[Feedback]:
         if not self.procs:

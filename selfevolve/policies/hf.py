@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import UserError
+from ..progress import progress
 from ..training import chat_ids, encode_chat, pad_batch, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
 
@@ -131,11 +132,13 @@ class HFPolicy:
         out: list[list[Turn]] = [[] for _ in prompts]
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with self._adapter_context():
-            for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        with self._adapter_context(), progress("generate", total=len(starts) if len(starts) > 1 else None) as bar:
+            for start in starts:
                 idx = order[start: start + self.batch_size]
                 for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling)):
                     out[i] = turns
+                bar.advance()
         return out
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Turn]]:

@@ -73,3 +73,22 @@ def test_verify_batch_equals_verify():
     rs = [f"The answer is {i % 2}." for i in range(5)]
     v = NumericVerifier()
     assert v.verify_batch(ts, rs) == [v.verify(t, r) for t, r in zip(ts, rs)]
+
+
+def test_a_pool_is_a_verifier_the_loop_can_use():
+    from selfevolve.loop import refine_batch
+    from selfevolve.types import SamplingParams, Turn
+
+    class Echo:
+        """A policy that answers with the task's reference (to test the plumbing)."""
+        active_adapter = None
+
+        def generate(self, conversations, sampling):
+            return [[Turn(response=f"The answer is {c[0]['content'][1:]}.")] for c in conversations]
+
+    ts = [Task(id=str(i), prompt=f"p{i}", reference=str(i if i % 2 else -1)) for i in range(6)]
+    pool = get_verifier("numeric", workers=2)
+    assert isinstance(pool, VerifierPool)
+    with pool:
+        traces = refine_batch(ts, Echo(), verifier=pool, max_turns=1, sampling=SamplingParams())
+    assert [t.turns[0].score for t in traces] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
