@@ -113,9 +113,10 @@ def test_check_humaneval_all_pass(tmp_path):
 def test_check_reports_failures(tmp_path):
     p = tmp_path / "tasks.jsonl"
     p.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n"
-                 + json.dumps({"prompt": "What is 2 + 3?", "answer": "five"}) + "\n")
+                 + json.dumps({"prompt": "What is 2 + 3?", "answer": ""}) + "\n")
     out = tmp_path / "check.json"
     r = cli("check", f"data={p}", "verifier=math", f"out={out}")
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["passed"] == 1 and result["total"] == 2 and result["failures"][0]["task_id"].endswith("2")
+    assert "cannot parse the reference" in result["failures"][0]["text"]
