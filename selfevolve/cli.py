@@ -93,7 +93,7 @@ def _policy(cfg):
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
-    from .data import load_tasks
+    from .data import tasks_for
     from .evaluate import evaluate
     from .run import atomic_write, print_summary
     from .verifiers import get_verifier
@@ -103,8 +103,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
         return 0
     cfg = build(EvalConfig, overrides)
     _threads(cfg)
-    tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
-                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, difficulty=cfg.difficulty)
+    tasks = tasks_for(cfg, cfg.split, cfg.limit)
     verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
@@ -146,7 +145,7 @@ class CheckConfig(RecipeConfig):
 def cmd_check(overrides: dict, want_help: bool) -> int:
     """The sanity check before spending GPU hours on a new dataset: does the verifier
     accept every task's own reference answer?"""
-    from .data import load_tasks
+    from .data import tasks_for
     from .run import atomic_write
     from .verifiers import VerifierPool, get_verifier
 
@@ -154,8 +153,7 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
         print(f"selfevolve check data=... verifier=...\n\n{cmd_check.__doc__}\n\nkeys:\n{help_text(CheckConfig)}")
         return 0
     cfg = build(CheckConfig, overrides)
-    tasks = load_tasks(cfg.data, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
-                       prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, difficulty=cfg.difficulty)
+    tasks = tasks_for(cfg, cfg.split, cfg.limit)
     verifier = get_verifier(cfg.verifier)
     missing = [t.id for t in tasks if t.reference is None]
     if missing:

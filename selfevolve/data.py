@@ -58,6 +58,12 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     return tasks
 
 
+def tasks_for(cfg, split: str, limit: int | None) -> list[Task]:
+    """`load_tasks` with the data keys of a config (data, prompt/answer fields, seed, difficulty)."""
+    return load_tasks(cfg.data, split=split, limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field,
+                      answer_field=cfg.answer_field, difficulty=cfg.difficulty)
+
+
 def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:
     path = Path(data).expanduser()
     if not path.exists():

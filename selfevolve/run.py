@@ -133,15 +133,14 @@ class Run:
     def evaluate(self, policy, which: str, round: int = 0) -> dict[str, float]:
         """Evaluate `policy` on the run's held-out tasks (greedy, `max_turns` attempts),
         store the traces tagged meta.eval=`which`, log and return the metrics."""
-        from .data import load_tasks
+        from .data import tasks_for
         from .evaluate import evaluate
         from .types import SamplingParams
         from .verifiers import get_verifier
 
         c = self.cfg
         if self._eval_tasks is None:
-            self._eval_tasks = load_tasks(c.data, split=c.eval_split, limit=c.eval_limit, seed=c.seed,
-                                          prompt_field=c.prompt_field, answer_field=c.answer_field, difficulty=c.difficulty)
+            self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)
             self._verifier = get_verifier(c.verifier, workers=c.verify_workers)
         metrics, traces = evaluate(policy, self._eval_tasks, self._verifier, max_turns=c.max_turns,
                                    sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),

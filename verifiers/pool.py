@@ -1,6 +1,8 @@
 """VerifierPool: parallel verification in worker processes.
 
 - order-preserving: `map(tasks, responses)` returns one Feedback per item, in order;
+- work goes out in chunks (fewer round trips) but results come back one by one, so every
+  item still has its own timeout clock;
 - per-item timeout: an item that runs past `timeout` gets score 0 with the reason, its
   worker is killed and replaced, and the rest of the batch goes on (never hangs a run);
 - crash isolation: a worker that dies (segfault, os._exit, out of memory) is reported on
@@ -20,25 +22,26 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections import deque
 from multiprocessing.connection import wait
 
 from selfevolve.types import Feedback, Task
 
 
 def _worker(verifier, conn) -> None:
+    """Verify each item of each chunk received; send every result as soon as it exists."""
     while True:
         try:
-            item = conn.recv()
+            chunk = conn.recv()
         except EOFError:
             return
-        if item is None:
+        if chunk is None:
             return
-        i, task, response = item
-        try:
-            fb = verifier.verify(Task.model_validate(task), response)
-            conn.send((i, fb.model_dump(), None))
-        except Exception as e:  # reported on this item; the worker lives on
-            conn.send((i, None, f"{type(e).__name__}: {e}"))
+        for i, task, response in chunk:
+            try:
+                conn.send((i, verifier.verify(task, response), None))
+            except Exception as e:  # reported on this item; the worker lives on
+                conn.send((i, None, f"{type(e).__name__}: {e}"))
 
 
 class VerifierPool:
@@ -51,19 +54,20 @@ class VerifierPool:
     [1.0, 0.0]
     """
 
-    def __init__(self, verifier, workers: int | None = None, timeout: float = 30.0):
+    def __init__(self, verifier, workers: int | None = None, timeout: float = 30.0, chunk: int = 16):
         self.verifier = verifier
+        self.chunk = chunk
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.timeout = timeout
         self.ctx = mp.get_context("spawn")
-        self.procs: list = []
+        self.procs: list[_Worker] = []
 
-    def _spawn(self):
+    def _spawn(self) -> "_Worker":
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_worker, args=(self.verifier, child), daemon=True)
         p.start()
         child.close()
-        return [p, parent, None, 0.0]  # process, conn, current item index, deadline
+        return _Worker(p, parent)
 
     def start(self) -> "VerifierPool":
         while len(self.procs) < self.workers:
@@ -71,16 +75,16 @@ class VerifierPool:
         return self
 
     def close(self) -> None:
-        for p, conn, _, _ in self.procs:
+        for w in self.procs:
             try:
-                conn.send(None)
+                w.conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        for p, conn, _, _ in self.procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-            conn.close()
+        for w in self.procs:
+            w.proc.join(timeout=2)
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.conn.close()
         self.procs = []
 
     def __enter__(self):
@@ -90,11 +94,11 @@ class VerifierPool:
         self.close()
 
     def _replace(self, slot: int) -> None:
-        p, conn = self.procs[slot][0], self.procs[slot][1]
-        if p.is_alive():
-            p.kill()
-        p.join()
-        conn.close()
+        w = self.procs[slot]
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join()
+        w.conn.close()
         self.procs[slot] = self._spawn()
 
     @property
@@ -114,46 +118,49 @@ class VerifierPool:
         if not self.procs:
             self.start()
         results: list[Feedback | None] = [None] * len(tasks)
-        pending = list(range(len(tasks)))[::-1]
-        busy = 0
-        while pending or busy:
+        todo = deque(range(len(tasks)))
+        while todo or any(w.pending for w in self.procs):
+            for w in self.procs:
+                if not w.pending and todo:  # chunks amortise the IPC; small enough to balance
+                    size = max(1, min(self.chunk, len(todo) // (2 * len(self.procs))))
+                    w.pending = deque(todo.popleft() for _ in range(size))
+                    w.conn.send([(i, tasks[i], responses[i]) for i in w.pending])
+                    w.deadline = time.monotonic() + self.timeout
+            busy = [w for w in self.procs if w.pending]
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                         timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for slot, w in enumerate(self.procs):
-                if w[2] is None and pending:
-                    i = pending.pop()
-                    w[1].send((i, tasks[i].model_dump(), responses[i]))
-                    w[2], w[3] = i, time.monotonic() + self.timeout
-                    busy += 1
-            active = [w for w in self.procs if w[2] is not None]
-            next_deadline = min(w[3] for w in active)
-            ready = wait([w[1] for w in active] + [w[0].sentinel for w in active],
-                         timeout=max(0.0, next_deadline - time.monotonic()))
-            now = time.monotonic()
-            for slot, w in enumerate(self.procs):
-                i = w[2]
-                if i is None:
+                if not w.pending:
                     continue
                 got = None
-                if w[1] in ready:
+                if w.conn in ready:
                     try:
-                        got = w[1].recv()
+                        got = w.conn.recv()
                     except (EOFError, OSError):
                         got = None  # the worker died mid-item
                 if got is not None:
-                    _, fb, err = got
-                    results[i] = Feedback.model_validate(fb) if fb is not None else \
+                    i, fb, err = got
+                    results[w.pending.popleft()] = fb if fb is not None else \
                         Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
-                    w[2] = None
-                    busy -= 1
-                elif w[1] in ready or w[0].sentinel in ready or not w[0].is_alive():
-                    w[0].join(timeout=5)
-                    code = w[0].exitcode
-                    results[i] = Feedback(score=0.0, text=f"verifier worker crashed (exit code {code})",
-                                          details={"error": "crashed", "exitcode": code})
-                    self._replace(slot)
-                    busy -= 1
-                elif now >= w[3]:
-                    results[i] = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
-                                          details={"error": "timeout"})
-                    self._replace(slot)
-                    busy -= 1
+                    w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
+                    continue
+                if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
+                    w.proc.join(timeout=5)
+                    fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
+                                  details={"error": "crashed", "exitcode": w.proc.exitcode})
+                elif time.monotonic() >= w.deadline:
+                    fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
+                                  details={"error": "timeout"})
+                else:
+                    continue
+                results[w.pending.popleft()] = fb
+                todo.extendleft(reversed(w.pending))  # the rest of its chunk goes to others
+                self._replace(slot)
         return results  # type: ignore[return-value]
+
+
+class _Worker:
+    def __init__(self, proc, conn):
+        self.proc, self.conn = proc, conn
+        self.pending: deque[int] = deque()  # items sent, in order, not yet answered
+        self.deadline = 0.0
