@@ -5,9 +5,6 @@ batching, per-token log-probabilities, one SFT step. Small functions, no trainer
 
 from __future__ import annotations
 
-import random
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 
@@ -81,12 +78,3 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens."""
     lp, mask = token_logprobs(model, batch)
     return -lp.sum() / mask.sum().clamp(min=1)
-
-
-def batches(items: list, batch_size: int, seed: int, epoch: int = 0) -> Iterable[list]:
-    """Seeded shuffle, then fixed-size chunks: the order depends only on (seed, epoch), so a
-    resumed run sees the same batches."""
-    order = list(range(len(items)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    for i in range(0, len(order), batch_size):
-        yield [items[j] for j in order[i: i + batch_size]]
