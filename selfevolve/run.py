@@ -169,7 +169,7 @@ def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
     table.add_column("metric")
     if before:
         table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table.add_column("after" if before else "value", justify="right")
     for k in KEYS:
         row = [k] + ([str(before.get(k))] if before else []) + [str(after.get(k))]
         table.add_row(*row)
