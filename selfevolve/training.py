@@ -13,15 +13,6 @@ from .types import Conversation
 IGNORE = -100
 
 
-def chat_ids(tokenizer, messages: Conversation, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation under the tokenizer's chat template (transformers 4 returns
-    a list, 5 a BatchEncoding; this returns the list either way)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if not isinstance(out, list):
-        out = out["input_ids"]
-    return list(out)
-
-
 def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation; labels are IGNORE except on the tokens the
     model should learn to write: every assistant message (`train_on="assistant"`) or only

@@ -16,7 +16,7 @@ import torch
 
 from ..config import UserError
 from ..progress import progress
-from ..training import chat_ids, encode_chat, pad_batch, token_logprobs
+from ..training import encode_chat, pad_batch, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
 
 
@@ -121,7 +121,9 @@ class HFPolicy:
     # --- generation --------------------------------------------------------------------
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]:
-        return [chat_ids(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
+        """Render every chat template, then tokenize all prompts in one batched call."""
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
@@ -164,10 +166,10 @@ class HFPolicy:
         if sampling.logprobs:
             logits = torch.stack(res.logits, dim=1).float()  # (B*n, T, V)
             lps = torch.gather(torch.log_softmax(logits, -1), 2, res.sequences[:, width:].unsqueeze(-1)).squeeze(-1).tolist()
+        cuts = [next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks)) for toks in new]
+        texts = self.tokenizer.batch_decode([toks[:cut] for toks, cut in zip(new, cuts)], skip_special_tokens=True)
         turns: list[list[Turn]] = []
-        for r, toks in enumerate(new):
-            cut = next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks))
-            text = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+        for r, (toks, cut, text) in enumerate(zip(new, cuts, texts)):
             turn = Turn(response=text.strip(), token_ids=toks[:cut], logprobs=lps[r][:cut] if lps else None)
             if r % sampling.n == 0:
                 turns.append([])
