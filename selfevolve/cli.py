@@ -25,6 +25,7 @@ from .types import SamplingParams
 # recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
 RECIPES = {
     "pretrain": ("selfevolve.recipes.pretrain", "PretrainConfig"),
+    "rest_em": ("selfevolve.recipes.rest_em", "RestEMConfig"),
 }
 
 USAGE = __doc__.split("\n\n")[1]

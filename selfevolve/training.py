@@ -69,3 +69,51 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens."""
     lp, mask = token_logprobs(model, batch)
     return -lp.sum() / mask.sum().clamp(min=1)
+
+
+def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str | None = None, device="cpu"):
+    """A fresh LoRA adapter (peft) on the base weights at `path`: what "fine-tune from the
+    base model" means for a recipe that resets each iteration. `target_modules=None` lets
+    peft pick the attention/MLP projections it knows for the architecture, falling back to
+    all linear layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(path).to(device)
+    try:
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
+        return get_peft_model(base, cfg)
+    except ValueError:  # peft has no default modules for this architecture
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(base, cfg)
+
+
+def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
+        seed: int = 0, bar=None) -> dict[str, float]:
+    """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
+    seeded order, one optimizer step per batch). Returns mean loss and token count."""
+    import random
+
+    rows = [encode_chat(tokenizer, c, train_on="last") for c in conversations]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    model.train()
+    losses, tokens = [], 0
+    for epoch in range(epochs):
+        order = list(range(len(rows)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        for i in range(0, len(order), batch_size):
+            batch = pad_batch([rows[j] for j in order[i: i + batch_size]], pad, device)
+            loss = sft_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            tokens += int((batch["labels"] != IGNORE).sum())
+            if bar is not None:
+                bar.advance()
+    model.eval()
+    return {"sft_loss": sum(losses) / max(1, len(losses)), "sft_tokens": tokens, "sft_steps": len(losses)}

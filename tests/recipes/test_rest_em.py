@@ -1,0 +1,70 @@
+"""ReST-EM: the E-step filter on real samples, and the recipe end to end through the CLI."""
+
+import json
+import signal
+import subprocess
+import time
+
+from selfevolve import arith
+from selfevolve.store import TraceStore
+from tests.test_cli import EXE, cli
+
+SMALL = ["recipe=rest_em", "iterations=2", "train_tasks=24", "num_samples=3", "eval_limit=12", "epochs=1",
+         "max_new_tokens=32", "sft_batch_size=8"]
+
+
+def test_e_step_keeps_only_verified_distinct_answers_up_to_the_cap(tiny, tmp_path):
+    from selfevolve.config import build
+    from selfevolve.recipes.rest_em import RestEMConfig, e_step
+    from selfevolve.run import Run
+    from selfevolve.verifiers import NumericVerifier
+
+    cfg = build(RestEMConfig, {"recipe": "rest_em", "num_samples": 6, "max_per_task": 2, "run_dir": str(tmp_path / "r")})
+    run = Run(cfg)
+    tasks = arith.tasks("train", n=20)
+    kept = e_step(tiny, tasks, NumericVerifier(), cfg, 0, run)
+    stored = run.store.query(meta={"phase": "e_step"})
+    assert len(stored) == 20 * 6
+    assert all(t.turns[0].score == 1.0 for t in kept)
+    per_task = {}
+    for t in kept:
+        per_task.setdefault(t.task.id, []).append(t.turns[0].response)
+    assert all(len(v) <= 2 and len(set(v)) == len(v) for v in per_task.values())
+    assert run.store.count(meta={"kept": True}) == len(kept)
+    rejected = run.store.query(meta={"kept": False})
+    # every rejected sample was wrong, a duplicate, or over the cap
+    for t in rejected:
+        ok = t.turns[0].score == 1.0
+        assert not ok or t.turns[0].response in per_task.get(t.task.id, []) or len(per_task.get(t.task.id, [])) == 2
+
+
+def test_run_directory_adapters_and_summary(tmp_path):
+    d = tmp_path / "run"
+    r = cli("run", *SMALL, f"run_dir={d}")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["best_iteration"] in (0, 1) and [h["iteration"] for h in summary["iterations"]] == [0, 1]
+    assert (d / summary["best_adapter"] / "adapter_config.json").exists()
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    its = [m for m in lines if "kept" in m]
+    assert [m["iteration"] for m in its] == [0, 1] and all(m["kept"] + m["rejected"] == 24 * 3 for m in its)
+    store = TraceStore(d / "traces.sqlite")
+    assert store.count(meta={"phase": "e_step"}) == 2 * 24 * 3
+    # the second E-step sampled from the first update (synced into the policy)
+    assert {t.policy_version for t in store.query(round=1, meta={"phase": "e_step"})} == {"iter-0"}
+
+
+def test_killed_and_resumed_run_ends_the_same(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli("run", *SMALL, f"run_dir={whole}").returncode == 0
+    proc = subprocess.Popen([EXE, "run", *SMALL, f"run_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / "checkpoint" / "state.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+    r = cli("run", *SMALL, f"run_dir={cut}", "resume=true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert TraceStore(cut / "traces.sqlite").count() == TraceStore(whole / "traces.sqlite").count()
