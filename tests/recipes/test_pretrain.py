@@ -1,14 +1,12 @@
 """The pretrain recipe end to end through the CLI, on a model small enough for seconds."""
 
 import json
-import signal
-import subprocess
-import time
 
 import yaml
 
 from selfevolve.store import TraceStore
-from tests.test_cli import EXE, cli
+from tests.recipes.resume import check_kill_and_resume
+from tests.test_cli import cli
 
 SMALL = ["recipe=pretrain", "steps=12", "n_layer=1", "n_embd=32", "n_head=2", "batch_size=8", "warmup=2",
          "eval_limit=4", "max_new_tokens=8", "checkpoint_every=3", "log_every=2"]
@@ -36,19 +34,6 @@ def test_run_directory(tmp_path):
 
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli("run", *SMALL, f"run_dir={whole}").returncode == 0
-    proc = subprocess.Popen([EXE, "run", *SMALL, f"run_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (cut / "checkpoint" / "state.pt").exists():
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-    r = cli("run", *SMALL, f"run_dir={cut}", "resume=true")
-    assert r.returncode == 0, r.stderr
-    assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
-    assert TraceStore(cut / "traces.sqlite").count() == TraceStore(whole / "traces.sqlite").count()
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_train"} for x in p.read_text().splitlines()]
+    whole, cut = check_kill_and_resume(SMALL, tmp_path)
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_train"} for x in p.read_text().splitlines()]  # noqa: E731
     assert strip(cut / "metrics.jsonl") == strip(whole / "metrics.jsonl")

@@ -1,13 +1,11 @@
 """ReST-EM: the E-step filter on real samples, and the recipe end to end through the CLI."""
 
 import json
-import signal
-import subprocess
-import time
 
 from selfevolve import arith
 from selfevolve.store import TraceStore
-from tests.test_cli import EXE, cli
+from tests.recipes.resume import check_kill_and_resume
+from tests.test_cli import cli
 
 SMALL = ["recipe=rest_em", "iterations=2", "train_tasks=24", "num_samples=3", "eval_limit=12", "epochs=1",
          "max_new_tokens=32", "sft_batch_size=8"]
@@ -55,16 +53,4 @@ def test_run_directory_adapters_and_summary(tmp_path):
 
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli("run", *SMALL, f"run_dir={whole}").returncode == 0
-    proc = subprocess.Popen([EXE, "run", *SMALL, f"run_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (cut / "checkpoint" / "state.pt").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-    r = cli("run", *SMALL, f"run_dir={cut}", "resume=true")
-    assert r.returncode == 0, r.stderr
-    assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
-    assert TraceStore(cut / "traces.sqlite").count() == TraceStore(whole / "traces.sqlite").count()
+    check_kill_and_resume(SMALL, tmp_path)
