@@ -104,7 +104,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
         return 0
     cfg = build(EvalConfig, overrides)
     _threads(cfg)
-    tasks = tasks_for(cfg, cfg.split, cfg.limit)
+    tasks = tasks_for(cfg, cfg.split, cfg.limit, holdout=False)
     verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
@@ -154,7 +154,7 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
         print(f"selfevolve check data=... verifier=...\n\n{cmd_check.__doc__}\n\nkeys:\n{help_text(CheckConfig)}")
         return 0
     cfg = build(CheckConfig, overrides)
-    tasks = tasks_for(cfg, cfg.split, cfg.limit)
+    tasks = tasks_for(cfg, cfg.split, cfg.limit, holdout=False)
     verifier = get_verifier(cfg.verifier)
     missing = [t.id for t in tasks if t.reference is None]
     if missing:

@@ -9,6 +9,7 @@ Every problem is reported as one line naming the file, the line (or row) and the
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,9 +35,14 @@ def humaneval() -> list[Task]:
 
 def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
-               difficulty: int = 3) -> list[Task]:
+               difficulty: int = 3, holdout: float | None = None) -> list[Task]:
     """Load tasks. Built-in suites are generated (`limit` of them, default 500); files are
-    read in order and truncated to `limit`."""
+    read in order and truncated to `limit`.
+
+    A source with named splits (a saved DatasetDict, a JSON object keyed by split) gives
+    `split`. A flat file has no splits: with `holdout=f` a seeded fraction f of its tasks
+    (by a hash of seed and task id, so stable under reordering) is `test` and the rest
+    `train`; without it, `split` is ignored and every task is returned."""
     if data == "arith":
         return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
     if data == "humaneval":
@@ -44,6 +50,8 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     rows = list(_rows(data, split))
     if not rows:
         raise UserError(f"{data}: the dataset is empty")
+    if holdout is not None and not _has_split(data, split):
+        rows = [r for r in rows if _held_out(seed, _task_id(data, r, id_field), holdout) == (split != "train")]
     tasks = []
     for where, row in rows[: limit or None]:
         if not isinstance(row, dict):
@@ -52,16 +60,47 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
             raise UserError(f"{data}:{where}: missing field {prompt_field!r} (set prompt_field=; fields here: {sorted(row)})")
         ref = row.get(answer_field)
         meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field, id_field)}
-        tasks.append(Task(id=str(row.get(id_field, f"{Path(data).stem}-{where.split(' ')[-1]}")),
+        tasks.append(Task(id=_task_id(data, (where, row), id_field),
                           prompt=str(row[prompt_field]), reference=None if ref is None else str(ref),
                           meta=json.loads(json.dumps(meta, default=str))))
     return tasks
 
 
-def tasks_for(cfg, split: str, limit: int | None) -> list[Task]:
-    """`load_tasks` with the data keys of a config (data, prompt/answer fields, seed, difficulty)."""
-    return load_tasks(cfg.data, split=split, limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field,
-                      answer_field=cfg.answer_field, difficulty=cfg.difficulty)
+def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[Task]:
+    """`load_tasks` with the data keys of a config. For a recipe (`holdout=True`), held-out
+    tasks come from `eval_data` when set, else from the source's own split, else from a
+    seeded `eval_fraction` slice of a flat file (seed and fraction are in config.yaml), so
+    training never sees them. The `eval` and `check` commands read every task."""
+    kw = dict(limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+              id_field=cfg.id_field, difficulty=cfg.difficulty)
+    if holdout and getattr(cfg, "eval_data", None):
+        if split == cfg.eval_split:
+            return load_tasks(cfg.eval_data, split=split, **kw)
+        return load_tasks(cfg.data, split=split, **kw)
+    return load_tasks(cfg.data, split=split, holdout=cfg.eval_fraction if holdout else None, **kw)
+
+
+def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:
+    where, row = item
+    return str(row.get(id_field, f"{Path(data).stem}-{where.split(' ')[-1]}")) if isinstance(row, dict) else where
+
+
+def _held_out(seed: int, task_id: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{task_id}".encode()).digest()[:8], "big")
+    return h % 10_000 < fraction * 10_000
+
+
+def _has_split(data: str, split: str) -> bool:
+    """Does the source itself define `split` (a saved DatasetDict or a JSON object keyed by split)?"""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+        ds = load_from_disk(str(path))
+        return isinstance(ds, DatasetDict) and split in ds
+    if path.suffix.lower() == ".json":
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(obj, dict) and split in obj
+    return False
 
 
 def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:

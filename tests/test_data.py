@@ -70,3 +70,15 @@ def test_missing_split_in_saved_dataset(tmp_path):
     DatasetDict({"train": Dataset.from_list(ARROW_ROWS)}).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(UserError, match="no split 'test'"):
         load_tasks(str(tmp_path / "saved"), prompt_field="question")
+
+
+def test_flat_file_holdout_is_seeded_disjoint_and_stable_under_reordering(tmp_path):
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(200)]
+    a = write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    b = write(tmp_path, "b.jsonl", "".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    train = {t.id for t in load_tasks(a, "train", holdout=0.2)}
+    test = {t.id for t in load_tasks(a, "test", holdout=0.2)}
+    assert not train & test and len(train | test) == 200 and 20 < len(test) < 60
+    assert {t.id for t in load_tasks(b, "test", holdout=0.2)} == test
+    assert {t.id for t in load_tasks(a, "test", holdout=0.2, seed=1)} != test
+    assert len(load_tasks(a, "test")) == 200  # no holdout asked: every task

@@ -54,3 +54,32 @@ def test_run_directory_adapters_and_summary(tmp_path):
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     check_kill_and_resume(SMALL, tmp_path)
+
+
+def test_on_a_user_file_with_renamed_fields(tmp_path):
+    import yaml
+
+    data = tmp_path / "my_tasks.jsonl"
+    data.write_text("".join(json.dumps({"uid": t.id, "question": t.prompt, "gold": t.reference}) + "\n"
+                            for t in arith.tasks("train", n=60)))
+    d = tmp_path / "run"
+    r = cli("run", "recipe=rest_em", f"data={data}", "prompt_field=question", "answer_field=gold", "id_field=uid", "iterations=1",
+            "num_samples=2", "epochs=1", "max_new_tokens=32", f"run_dir={d}")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((d / "config.yaml").read_text())["eval_fraction"] == 0.2
+    store = TraceStore(d / "traces.sqlite")
+    trained = {t.task.id for t in store.query(meta={"phase": "e_step"})}
+    held_out = {t.task.id for t in store.query(meta={"eval": "before"})}
+    assert trained and held_out and not trained & held_out and len(trained | held_out) == 60
+    assert all(i.startswith("arith-") for i in trained)  # ids came from the uid column
+    assert json.loads((d / "summary.json").read_text())["after"]["n"] == len(held_out)
+
+    other = tmp_path / "held_out.jsonl"
+    other.write_text("".join(json.dumps({"question": t.prompt, "gold": t.reference}) + "\n"
+                             for t in arith.tasks("test", n=7)))
+    d2 = tmp_path / "run2"
+    r = cli("run", "recipe=rest_em", f"data={data}", f"eval_data={other}", "prompt_field=question",
+            "answer_field=gold", "iterations=1", "num_samples=1", "epochs=1", "max_new_tokens=32", f"run_dir={d2}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((d2 / "summary.json").read_text())["before"]["n"] == 7
+    assert len({t.task.id for t in TraceStore(d2 / "traces.sqlite").query(meta={"phase": "e_step"})}) == 60
