@@ -1,6 +1,6 @@
 """Run every benchmark and write BENCHMARKS.md (machine, date, command, figures).
 
-    python bench/run.py
+    pip install -e ".[bench]" && python bench/run.py
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_generation  # noqa: E402
+import bench_sft  # noqa: E402
 import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation, bench_verifiers]
+BENCHES = [bench_generation, bench_verifiers, bench_sft]
 
 
 def machine() -> str:
@@ -29,11 +30,11 @@ def machine() -> str:
 
 
 def main() -> None:
-    """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation, verifiers)."""
+    """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation, verifiers, sft)."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
     out = ["# Benchmarks", "", f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}",
-           "- command: `python bench/run.py`", ""]
+           "- command: `pip install -e \".[bench]\" && python bench/run.py`", ""]
     for b in chosen:
         r = b.run()
         out += [f"## {r['title']}", "", r["doc"], "", "| what | throughput | detail |", "|---|---|---|"]
