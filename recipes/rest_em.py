@@ -34,7 +34,6 @@ from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
 from selfevolve.training import lora_model, sft
 from selfevolve.types import SamplingParams, Trace
-from selfevolve.verifiers import get_verifier
 
 
 class RestEMConfig(RecipeConfig):
@@ -101,7 +100,7 @@ def serve(cfg: RestEMConfig, policy: HFPolicy, path: str, name: str) -> HFPolicy
 def main(cfg: RestEMConfig, run: Run) -> None:
     policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     base = policy.path
-    verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
+    verifier = run.verifier
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
 
     state = run.restore()

@@ -13,6 +13,7 @@ keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
 from __future__ import annotations
 
 import importlib
+from importlib.resources import files
 import json
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def _recipe(name: str):
 
 
 def _config_path(name: str) -> Path:
-    return Path(str(importlib.resources.files("selfevolve.recipes.configs") / f"{name}.yaml"))
+    return Path(str(files("selfevolve.recipes.configs") / f"{name}.yaml"))
 
 
 def cmd_run(overrides: dict, want_help: bool) -> int:

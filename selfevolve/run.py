@@ -57,6 +57,15 @@ class Run:
         self._eval_tasks = None
         self._verifier = None
 
+    @property
+    def verifier(self):
+        """The run's verifier (`verifier=`, pooled with verify_workers>1), built once and
+        shared by the recipe and every evaluation."""
+        if self._verifier is None:
+            from .verifiers import get_verifier
+            self._verifier = get_verifier(self.cfg.verifier, workers=self.cfg.verify_workers)
+        return self._verifier
+
     def _claim_dir(self) -> None:
         cfg_path = self.dir / "config.yaml"
         mine = self.cfg.model_dump(exclude=RESUME_FREE_KEYS)
@@ -136,13 +145,11 @@ class Run:
         from .data import tasks_for
         from .evaluate import evaluate
         from .types import SamplingParams
-        from .verifiers import get_verifier
 
         c = self.cfg
         if self._eval_tasks is None:
             self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)
-            self._verifier = get_verifier(c.verifier, workers=c.verify_workers)
-        metrics, traces = evaluate(policy, self._eval_tasks, self._verifier, max_turns=c.max_turns,
+        metrics, traces = evaluate(policy, self._eval_tasks, self.verifier, max_turns=c.max_turns,
                                    sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
                                    recipe=c.recipe, run=self.name, round=round, meta={"eval": which})
         self.store.append(traces)

@@ -88,6 +88,7 @@ class MathVerifier:
         self.last_number_fallback = last_number_fallback
         self.max_candidates = max_candidates
         self.timeout = timeout
+        self._pool = None
 
     def _equal(self, gold, answer: str) -> bool:
         from math_verify import parse, verify
@@ -124,7 +125,10 @@ class MathVerifier:
     def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[Feedback]:
         if threading.current_thread() is threading.main_thread():
             return [self.verify(t, r) for t, r in zip(tasks, responses)]
-        from .pool import VerifierPool
+        if self._pool is None:  # started once, reused by every later call from a thread
+            from .pool import VerifierPool
+            self._pool = VerifierPool(self, workers=2).start()
+        return self._pool.map(tasks, responses)
 
-        with VerifierPool(self, workers=2) as pool:
-            return pool.map(tasks, responses)
+    def __getstate__(self):  # a worker gets the settings, not the parent's pool
+        return {**self.__dict__, "_pool": None}
