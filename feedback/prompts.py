@@ -11,3 +11,7 @@ SCORE_INSTRUCTION = (
 
 # How a critic's text is turned into the next user message: the critique, then the request.
 REVISE_WITH_CRITIQUE = "{critique}\n\nPlease correct the error, if any, and rewrite the solution."
+
+# STaR (arXiv 2203.14465) rationalisation: the correct answer is given as a hint after the
+# question. The hint is never part of a training example (`recipes/star.py`).
+STAR_HINT = "{prompt} (Hint: the answer is {answer}.)"

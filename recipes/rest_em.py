@@ -23,7 +23,6 @@ number of SFT epochs rather than the paper's step budget.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from pydantic import Field
@@ -32,7 +31,8 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.training import lora_model, sft
+from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -74,29 +74,6 @@ def e_step(policy: HFPolicy, tasks, verifier, cfg: RestEMConfig, iteration: int,
     return [t for t in traces if t.meta["kept"]]
 
 
-def m_step_model(cfg: RestEMConfig, base, previous: str | None):
-    """The model the M-step trains: a fresh LoRA adapter on the base weights (the paper), or,
-    with reset_each_iteration=false, the previous update; all weights with lora=false."""
-    start_over = cfg.reset_each_iteration or previous is None
-    if not cfg.lora:
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(base if start_over else previous)
-    model = lora_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
-    if not start_over:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-        set_peft_model_state_dict(model, load_peft_weights(previous))
-    return model
-
-
-def serve(cfg: RestEMConfig, policy: HFPolicy, path: str, name: str) -> HFPolicy:
-    """Sync: the served policy answers with the update from now on."""
-    if cfg.lora:
-        policy.load_adapter(path, name)
-        return policy
-    return HFPolicy(path, device=cfg.device, batch_size=cfg.batch_size)
-
-
 def main(cfg: RestEMConfig, run: Run) -> None:
     policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     base = policy.path
@@ -107,14 +84,15 @@ def main(cfg: RestEMConfig, run: Run) -> None:
     if state is None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = serve(cfg, policy, state["adapter"], f"iter-{state['iteration'] - 1}")
+        policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()
         kept = e_step(policy, tasks, verifier, cfg, it, run)
         t_sample = time.perf_counter() - t0
 
-        model = m_step_model(cfg, base, state["adapter"])
+        continue_from = None if cfg.reset_each_iteration else state["adapter"]
+        model = trainable_model(base, cfg.lora, cfg.lora_r, cfg.lora_alpha, init_from=continue_from)
         convs = [[{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response}] for t in kept]
         t1 = time.perf_counter()
         steps = cfg.epochs * -(-len(convs) // cfg.sft_batch_size)
@@ -123,13 +101,9 @@ def main(cfg: RestEMConfig, run: Run) -> None:
                         batch_size=cfg.sft_batch_size, seed=cfg.seed + it, bar=bar) if convs else {}
         t_train = time.perf_counter() - t1
 
-        # Sync: save the update and serve it.
+        # Sync: save the update, serve it, verify the served policy is the learner.
         path = run.dir / "adapters" / f"iter-{it}"
-        shutil.rmtree(path, ignore_errors=True)
-        model.save_pretrained(path)
-        if not cfg.lora:
-            policy.tokenizer.save_pretrained(path)
-        policy = serve(cfg, policy, str(path), f"iter-{it}")
+        policy = publish(policy, model, policy.tokenizer, path, f"iter-{it}", lora=cfg.lora)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         kept_n = len(kept)

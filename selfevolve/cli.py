@@ -27,6 +27,7 @@ from .types import SamplingParams
 RECIPES = {
     "pretrain": ("selfevolve.recipes.pretrain", "PretrainConfig"),
     "rest_em": ("selfevolve.recipes.rest_em", "RestEMConfig"),
+    "star": ("selfevolve.recipes.star", "StarConfig"),
 }
 
 USAGE = __doc__.split("\n\n")[1]

@@ -1,0 +1,155 @@
+"""star — STaR: learn from your own correct rationales, and rationalise the failures.
+
+    selfevolve run recipe=star seed=0
+
+Zelikman et al., "STaR: Bootstrapping Reasoning With Reasoning" (arXiv 2203.14465). Each
+outer iteration n, with M_{n-1} the latest model and M_0 the base:
+
+    generate:     (r̂, ŷ) ~ M_{n-1}(x)                          for every training prompt x
+    keep:         D_n   = { (x, r̂, ŷ) : ŷ = y }
+    rationalise:  (r̂ʰ, ŷʰ) ~ M_{n-1}(x ⊕ hint(y))             for every x with ŷ ≠ y
+                  Dʰ_n  = { (x, r̂ʰ, ŷʰ) : ŷʰ = y }              hint removed: trained on x alone
+    fine-tune:    M_n   = SFT(M_0, D_n ∪ Dʰ_n)                  from the base model, every iteration
+
+and stop early when held-out accuracy plateaus. `rationalize=false` is the paper's
+"STaR without rationalisation" ablation.
+
+A rationalised example must teach the model to reach y from x alone, so (1) the training
+example is built from the task's own prompt, never the hinted one, and (2) a rationale that
+refers to the hint ("the hint says...") is rejected: it reached y by reading it, not by
+reasoning. Every sample is stored with `meta.outcome` = kept / rationalised / rejected, and
+the M-step reads its data back from the TraceStore.
+
+Deviations from the paper, for the tiny world on 2 CPU cores: sampling at temperature 1
+(the paper decodes few-shot prompted GPT-J; the tiny model needs exploration to find
+rationales it does not already produce greedily), `train_tasks=2000` prompts per iteration,
+LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed number of SFT
+epochs instead of the paper's growing step budget, and the hint is one sentence after the
+question (`feedback/prompts.py: STAR_HINT`) rather than few-shot exemplars with hints.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from pydantic import Field
+
+from selfevolve.config import RecipeConfig
+from selfevolve.data import tasks_for
+from selfevolve.feedback.prompts import STAR_HINT
+from selfevolve.policies import HFPolicy
+from selfevolve.run import Run
+from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.training import sft
+from selfevolve.types import SamplingParams, Task, Trace
+
+
+class StarConfig(RecipeConfig):
+    recipe: str = "star"
+    iterations: int = Field(3, ge=1, description="outer iterations at most")
+    train_split: str = Field("train", description="split the rationales are generated for")
+    train_tasks: int = Field(2000, ge=1, description="training prompts per iteration")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature for rationales (0 = greedy)")
+    rationalize: bool = Field(True, description="rationalise failures with the answer as a hint (false: the ablation)")
+    patience: int = Field(1, ge=1, description="stop after this many iterations without a held-out gain")
+    min_gain: float = Field(0.0, ge=0, description="held-out acc_t1 gain that counts as progress")
+    lora: bool = Field(True, description="train a LoRA adapter (false: all weights)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    epochs: int = Field(2, ge=1, description="SFT epochs over the kept set")
+    lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW)")
+    sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
+
+
+def hinted(task: Task) -> str:
+    return STAR_HINT.format(prompt=task.prompt, answer=task.reference)
+
+
+def mentions_hint(response: str) -> bool:
+    """A rationale that refers to the hint reached the answer by reading it."""
+    return re.search(r"\bhint", response, re.IGNORECASE) is not None
+
+
+def training_example(trace: Trace) -> list[dict[str, str]]:
+    """The SFT conversation for a kept or rationalised sample: the task's own prompt (never
+    the hinted one) and the rationale."""
+    return [{"role": "user", "content": trace.task.prompt}, {"role": "assistant", "content": trace.turns[0].response}]
+
+
+def sample(policy, tasks: list[Task], prompts: list[str], verifier, cfg: StarConfig, seed: int):
+    """One rationale per prompt, scored against the task's reference."""
+    sampling = SamplingParams(temperature=cfg.temperature, seed=seed, max_new_tokens=cfg.max_new_tokens)
+    turns = [out[0] for out in policy.generate([[{"role": "user", "content": p}] for p in prompts], sampling)]
+    for turn, fb in zip(turns, verifier.verify_batch(tasks, [t.response for t in turns])):
+        turn.feedback = fb
+    return turns
+
+
+def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int, run: Run) -> dict[str, int]:
+    """Generate, keep, rationalise; store every sample with its outcome. Returns counts."""
+    def trace(task, turn, phase, outcome, **meta):
+        return Trace(task=task, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe, run=run.name,
+                     round=iteration, meta={"phase": phase, "outcome": outcome, **meta})
+
+    seed = cfg.seed * 1000 + iteration
+    turns = sample(policy, tasks, [t.prompt for t in tasks], verifier, cfg, seed)
+    traces = [trace(t, turn, "generate", "kept" if turn.score == 1.0 else "failed") for t, turn in zip(tasks, turns)]
+    failed = [t.task for t in traces if t.meta["outcome"] == "failed"]
+    if cfg.rationalize and failed:
+        hints = [hinted(t) for t in failed]
+        for task, hint, turn in zip(failed, hints, sample(policy, failed, hints, verifier, cfg, seed + 500)):
+            leak = mentions_hint(turn.response)
+            outcome = "rationalised" if turn.score == 1.0 and not leak else "rejected"
+            traces.append(trace(task, turn, "rationalize", outcome, hint_prompt=hint, mentions_hint=leak))
+    run.store.append(traces)
+    counts = {k: sum(t.meta["outcome"] == k for t in traces) for k in ("kept", "failed", "rationalised", "rejected")}
+    return counts
+
+
+def main(cfg: StarConfig, run: Run) -> None:
+    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    base = policy.path
+    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
+
+    state = run.restore()
+    if state is None:
+        state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None, "stalled": 0}
+    elif state["adapter"]:
+        policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
+
+    for it in range(state["iteration"], cfg.iterations):
+        if state["stalled"] >= cfg.patience:
+            print(f"held-out acc_t1 plateaued for {state['stalled']} iteration(s); stopping before iteration {it}")
+            break
+        t0 = time.perf_counter()
+        counts = collect(policy, tasks, run.verifier, cfg, it, run)
+        t_sample = time.perf_counter() - t0
+
+        # M-step from the base model, on this iteration's kept + rationalised samples (from the store).
+        chosen = run.store.query(round=it, meta={"outcome": "kept"}) + run.store.query(round=it, meta={"outcome": "rationalised"})
+        convs = [training_example(t) for t in chosen]
+        model = trainable_model(base, cfg.lora, cfg.lora_r, cfg.lora_alpha)
+        t1 = time.perf_counter()
+        with run.progress(f"sft iteration {it}", total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
+            stats = sft(model, policy.tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,
+                        seed=cfg.seed + it, bar=bar) if convs else {}
+        t_train = time.perf_counter() - t1
+
+        path = run.dir / "adapters" / f"iter-{it}"
+        policy = publish(policy, model, policy.tokenizer, path, f"iter-{it}", lora=cfg.lora)
+
+        metrics = run.evaluate(policy, f"iteration-{it}", round=it)
+        best_before = max([state["before"]["acc_t1"]] + [h["acc_t1"] for h in state["history"]])
+        state["stalled"] = 0 if metrics["acc_t1"] > best_before + cfg.min_gain else state["stalled"] + 1
+        run.log(iteration=it, **counts, time_sample=round(t_sample, 2), time_train=round(t_train, 2), **stats)
+        state["history"].append({"iteration": it, **counts, **metrics})
+        state.update(iteration=it + 1, adapter=str(path))
+        run.checkpoint(state)
+
+    best = max(state["history"], key=lambda h: h["acc_t1"])
+    print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
+    from selfevolve.metrics import KEYS
+    run.finish(before=state["before"], after={k: best[k] for k in KEYS if k in best},
+               best_iteration=best["iteration"], best_adapter=f"adapters/iter-{best['iteration']}",
+               iterations=state["history"])

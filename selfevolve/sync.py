@@ -1,0 +1,102 @@
+"""Sync: how an update reaches the served policy, and the proof that it did (DESIGN.md §4).
+
+A recipe trains a model (the learner), then `publish`es it: the adapter is saved to
+`run_dir/adapters/NAME`, loaded into the policy that serves rollouts (HFPolicy in process,
+vLLM as a new LoRARequest, an OpenAI-compatible server via /v1/load_lora_adapter), and
+verified. Verification is two checks, because a silent sync failure (the old adapter still
+active, a half-written file, a server that ignored the request) makes every later round
+train on the wrong model's samples:
+
+  1. the policy reports the new adapter id as active;
+  2. a canary: the summed log-probability of a fixed assistant message under the learner
+     in memory and under the served policy agree within `tol` (relative, at least 1 nat
+     scale). Anything else raises `SyncError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .training import encode_chat, lora_model, pad_batch, token_logprobs
+from .types import Conversation
+
+# A fixed, short text every chat model can score; its content does not matter.
+CANARY: Conversation = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."},
+]
+
+
+class SyncError(RuntimeError):
+    """The served policy is not serving the update it was given."""
+
+
+@torch.no_grad()
+def learner_logprob(model, tokenizer, conversation: Conversation = CANARY) -> float:
+    """Summed log-probability of the last assistant message under the in-memory learner."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row = encode_chat(tokenizer, conversation, train_on="last")
+    lp, _ = token_logprobs(model, pad_batch([row], pad, next(model.parameters()).device))
+    model.train(was_training)
+    return float(lp.sum())
+
+
+def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3) -> float:
+    """Raise SyncError unless `policy` serves adapter `name` and scores the canary as the
+    learner did (`expected`). Returns the served log-probability."""
+    if policy.active_adapter != name:
+        raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
+    served = float(policy.logprobs([CANARY])[0])
+    if abs(served - expected) > tol * max(1.0, abs(expected)):
+        raise SyncError(f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} "
+                        f"(adapter {name!r}, tolerance {tol})")
+    return served
+
+
+def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32,
+                    init_from: str | None = None, device: str = "cpu"):
+    """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
+    from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
+    with lora=False all weights, from `init_from` (a full model directory) or the base."""
+    if not lora:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
+    model = lora_model(base, r=r, alpha=alpha, device=device)
+    if init_from:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+        set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
+    return model
+
+
+def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = True, tol: float = 1e-3):
+    """Save the learner to `path`, serve it under `name`, verify, and return the policy that
+    now serves it (the same object for adapters; a new HFPolicy for full weights)."""
+    import shutil
+
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    expected = learner_logprob(model, tokenizer)
+    if lora:
+        policy.load_adapter(str(path), name)
+        verify_sync(policy, name, expected, tol)
+        return policy
+    from .policies import HFPolicy
+    tokenizer.save_pretrained(path)
+    served = HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
+    verify_sync(served, None, expected, tol)
+    return served
+
+
+def resume_serving(policy, path: str, name: str, lora: bool = True):
+    """On resume: serve the last published update again (an adapter, or full weights)."""
+    if lora:
+        policy.load_adapter(path, name)
+        return policy
+    from .policies import HFPolicy
+    return HFPolicy(path, device=str(policy.device), batch_size=policy.batch_size)
