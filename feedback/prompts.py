@@ -15,3 +15,21 @@ REVISE_WITH_CRITIQUE = "{critique}\n\nPlease correct the error, if any, and rewr
 # STaR (arXiv 2203.14465) rationalisation: the correct answer is given as a hint after the
 # question. The hint is never part of a training example (`recipes/star.py`).
 STAR_HINT = "{prompt} (Hint: the answer is {answer}.)"
+
+# SELF / Self-Refine: the policy (SelfCritic) or another model (JudgeCritic) reviews the
+# latest answer. `{notes}` carries earlier critiques (Reflexion-style memory). The verdict is
+# read from the critique: a line containing NO_ERRORS means "nothing to fix" (stop).
+NO_ERRORS = "no errors"
+CRITIQUE = (
+    "Review the answer to the question below. Check each step. If everything is right, reply "
+    "\"The answer has no errors.\" Otherwise say which step is wrong and why.\n\n"
+    "Question: {question}\n\nAnswer: {answer}{notes}"
+)
+
+# Reflexion-style memory: critiques of earlier attempts, most recent last.
+NOTES = "\n\nNotes on earlier attempts:\n{notes}"
+
+# VerifierCritic: a verifier's result in words the model can act on.
+VERIFIER_WRONG = "Your answer is wrong: {why}."
+VERIFIER_EXPECTED = " The expected answer is {reference}."
+VERIFIER_RIGHT = "The answer has no errors."

@@ -4,6 +4,7 @@
     selfevolve eval key=value ...                 evaluate a model on held-out tasks
     selfevolve refine prompt="..." key=value ...  self-refine one prompt
     selfevolve check data=... verifier=...        run the verifier on every task's reference
+    selfevolve serve model=... port=8000          OpenAI-compatible server (plain or self-refining)
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
@@ -87,12 +88,22 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
 
 
 def _policy(cfg):
-    from .policies import HFPolicy
+    from .policies import load_policy
 
-    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    if cfg.adapter:
+    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" and not cfg.model.startswith("http") else {}
+    policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
+    if getattr(cfg, "adapter", None):
         policy.load_adapter(cfg.adapter, "adapter")
     return policy
+
+
+def _critic(cfg, policy, verifier):
+    from .feedback import get_critic
+    from .policies import load_policy
+
+    judge = load_policy(cfg.judge) if cfg.critic == "judge" and cfg.judge else None
+    return get_critic(cfg.critic, policy=policy, verifier=verifier, judge=judge, template=cfg.critique_prompt,
+                      reveal_reference=cfg.reveal_reference, memory=cfg.memory)
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
@@ -130,7 +141,9 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     _threads(cfg)
     task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
     verifier = get_verifier(cfg.verifier) if cfg.reference is not None else None
-    trace = refine(task, _policy(cfg), verifier=verifier, max_turns=cfg.max_turns,
+    policy = _policy(cfg)
+    trace = refine(task, policy, verifier=verifier, critic=_critic(cfg, policy, verifier), max_turns=cfg.max_turns,
+                   memory=cfg.memory or None,
                    sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     print(trace.model_dump_json(indent=2) if cfg.as_json else trace.final)
     return 0
@@ -195,7 +208,21 @@ def _check_writable(path: str) -> None:
         raise UserError(f"out={path}: directory {parent} does not exist")
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes}
+def cmd_serve(overrides: dict, want_help: bool) -> int:
+    from .serve import ServeConfig, serve
+
+    if want_help:
+        from . import serve as mod
+        print(f"selfevolve serve key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(ServeConfig)}")
+        return 0
+    cfg = build(ServeConfig, overrides)
+    _threads(cfg)
+    serve(cfg)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

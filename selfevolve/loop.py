@@ -23,11 +23,14 @@ def as_task(x: Task | str, i: int = 0) -> Task:
     return x if isinstance(x, Task) else Task(id=f"prompt-{i}", prompt=x)
 
 
-def conversation(trace: Trace, instruction: str = SCORE_INSTRUCTION, system: str | None = None) -> Conversation:
-    """The messages the policy sees before its next turn."""
+def conversation(trace: Trace, instruction: str = SCORE_INSTRUCTION, system: str | None = None,
+                 memory: int | None = None) -> Conversation:
+    """The messages the policy sees before its next turn: the task, then each attempt and
+    the critique (or instruction) after it; with `memory=k` only the last k attempts (a
+    critic's text carries its notes on older ones, Reflexion-style)."""
     msgs: Conversation = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": trace.task.prompt})
-    for t in trace.turns:
+    for t in (trace.turns[-memory:] if memory else trace.turns):
         msgs.append({"role": "assistant", "content": t.response})
         if t.critique is not None and t.critique.text:
             msgs.append({"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=t.critique.text)})
@@ -39,9 +42,10 @@ def conversation(trace: Trace, instruction: str = SCORE_INSTRUCTION, system: str
 def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | None = None,
                  critic: Critic | None = None, max_turns: int = 2, sampling: SamplingParams | None = None,
                  stop_when_correct: bool = True, instruction: str = SCORE_INSTRUCTION,
-                 system: str | None = None, **trace_fields) -> list[Trace]:
-    """Run the loop on many tasks, batching generation across tasks per turn. Returns one
-    Trace per task, in order. `trace_fields` (recipe, run, round, meta) go on every Trace."""
+                 system: str | None = None, memory: int | None = None, **trace_fields) -> list[Trace]:
+    """Run the loop on many tasks, batching generation (and critique) across tasks per turn.
+    Returns one Trace per task, in order. `trace_fields` (recipe, run, round, meta) go on
+    every Trace."""
     sampling = sampling or SamplingParams()
     if sampling.n != 1:
         raise ValueError("the loop takes one sample per turn (n=1); ask the policy directly for best-of-n")
@@ -52,7 +56,7 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
         if not active:
             break
         s = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + turn})
-        outs = policy.generate([conversation(traces[i], instruction, system) for i in active], s)
+        outs = policy.generate([conversation(traces[i], instruction, system, memory) for i in active], s)
         for i, out in zip(active, outs):
             traces[i].turns.append(out[0])
         if verifier is not None:
@@ -60,27 +64,38 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
             fbs = verifier.verify_batch([traces[i].task for i in scored], [traces[i].turns[-1].response for i in scored])
             for i, fb in zip(scored, fbs):
                 traces[i].turns[-1].feedback = fb
-        still = []
-        for i in active:
-            last = traces[i].turns[-1]
-            if turn + 1 == max_turns or (stop_when_correct and last.score is not None and last.score >= 1.0):
-                continue
-            if critic is not None:
-                last.critique = critic.critique(traces[i].task, traces[i].turns)
-                if last.critique.details.get("verdict") == "correct":
-                    continue
-            still.append(i)
-        active = still
+        going = [i for i in active if turn + 1 < max_turns
+                 and not (stop_when_correct and traces[i].turns[-1].score is not None and traces[i].turns[-1].score >= 1.0)]
+        if critic is not None and going:
+            tasks_, turns_ = [traces[i].task for i in going], [traces[i].turns for i in going]
+            fbs = (critic.critique_batch(tasks_, turns_) if hasattr(critic, "critique_batch")
+                   else [critic.critique(t, ts) for t, ts in zip(tasks_, turns_)])
+            for i, fb in zip(going, fbs):
+                traces[i].turns[-1].critique = fb
+            going = [i for i in going if traces[i].turns[-1].critique.details.get("verdict") != "correct"]
+        active = going
     now = time.time()
     for t in traces:
         t.finished = now
     return traces
 
 
-def refine(prompt_or_task: Task | str | list, policy: Policy, verifier: Verifier | None = None,
-           critic: Critic | None = None, max_turns: int = 3, **kwargs) -> Trace | list[Trace]:
+def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", verifier: Verifier | str | None = None,
+           critic: Critic | str | None = None, max_turns: int = 3, **kwargs) -> Trace | list[Trace]:
     """Self-refine one prompt/Task (returns its Trace) or a list (returns a list, batched).
-    The answer is `trace.final`; the whole episode is `trace.turns`."""
+    The answer is `trace.final`; the whole episode, with every critique and score, is
+    `trace.turns`. `policy`, `verifier` and `critic` may be given by name:
+
+    >>> trace = refine("What is 7 + 8 - 3?", policy="tiny", verifier="numeric", critic="verifier")  # doctest: +SKIP
+    >>> trace.final, [t.score for t in trace.turns]                                               # doctest: +SKIP
+    """
+    from .feedback.critics import get_critic
+    from .policies import load_policy
+    from .verifiers import get_verifier
+
+    policy = load_policy(policy) if isinstance(policy, str) else policy
+    verifier = get_verifier(verifier) if isinstance(verifier, str) else verifier
+    critic = get_critic(critic, policy=policy, verifier=verifier) if isinstance(critic, str) else critic
     many = isinstance(prompt_or_task, list)
     traces = refine_batch(prompt_or_task if many else [prompt_or_task], policy, verifier, critic, max_turns, **kwargs)
     return traces if many else traces[0]

@@ -8,9 +8,10 @@ active, a half-written file, a server that ignored the request) makes every late
 train on the wrong model's samples:
 
   1. the policy reports the new adapter id as active;
-  2. a canary: the summed log-probability of a fixed assistant message under the learner
-     in memory and under the served policy agree within `tol` (relative, at least 1 nat
-     scale). Anything else raises `SyncError`.
+  2. a canary: the summed log-probability of a fixed text (every token after the first,
+     what an OpenAI-compatible `/v1/completions` call with `echo=true, logprobs` returns)
+     under the learner in memory and under the served policy agree within `tol` (relative,
+     at least 1 nat scale). Anything else raises `SyncError`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .training import encode_chat, lora_model, pad_batch, token_logprobs
-from .types import Conversation
+from .training import lora_model
 
-# A fixed, short text every chat model can score; its content does not matter.
-CANARY: Conversation = [
-    {"role": "user", "content": "What is 2 + 3?"},
-    {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."},
-]
+# A fixed, short text every model can score; its content does not matter.
+CANARY = "What is 2 + 3? 2 + 3 = 5. The answer is 5."
 
 
 class SyncError(RuntimeError):
@@ -34,15 +31,21 @@ class SyncError(RuntimeError):
 
 
 @torch.no_grad()
-def learner_logprob(model, tokenizer, conversation: Conversation = CANARY) -> float:
-    """Summed log-probability of the last assistant message under the in-memory learner."""
+def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[float | None]]:
+    """Token ids of `text` (special tokens as the tokenizer adds them, as a completions
+    endpoint does) and log p(t_i | t_<i) for each (None for the first)."""
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    row = encode_chat(tokenizer, conversation, train_on="last")
-    lp, _ = token_logprobs(model, pad_batch([row], pad, next(model.parameters()).device))
+    ids = torch.tensor([tokenizer(text)["input_ids"]], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits.float()
+    lps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1).tolist()
     model.train(was_training)
-    return float(lp.sum())
+    return ids[0].tolist(), [None] + lps
+
+
+def text_logprob(model, tokenizer, text: str = CANARY) -> float:
+    """Σ_{i≥1} log p(t_i | t_<i) over the tokens of `text`."""
+    return float(sum(lp for lp in text_token_logprobs(model, tokenizer, text)[1][1:]))
 
 
 def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3) -> float:
@@ -50,7 +53,7 @@ def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3) ->
     learner did (`expected`). Returns the served log-probability."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
-    served = float(policy.logprobs([CANARY])[0])
+    served = float(policy.prompt_logprob(CANARY))
     if abs(served - expected) > tol * max(1.0, abs(expected)):
         raise SyncError(f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} "
                         f"(adapter {name!r}, tolerance {tol})")
@@ -62,6 +65,8 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
     """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
     from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
     with lora=False all weights, from `init_from` (a full model directory) or the base."""
+    from .policies.hf import resolve_model_path
+    base = resolve_model_path(str(base))
     if not lora:
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
@@ -81,7 +86,7 @@ def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = 
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
-    expected = learner_logprob(model, tokenizer)
+    expected = text_logprob(model, tokenizer)
     if lora:
         policy.load_adapter(str(path), name)
         verify_sync(policy, name, expected, tol)

@@ -3,6 +3,7 @@ import os
 import pytest
 
 os.environ.setdefault("SELFEVOLVE_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,20 @@ class HFPolicy:
         self.adapters[name] = str(p)
         self.set_adapter(name)
 
+    def unload_adapter(self, name: str) -> None:
+        """Remove a loaded adapter; the base model serves if it was active."""
+        if name not in self.adapters:
+            raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})")
+        if self._active == name:
+            self.set_adapter(None)
+        if len(self.adapters) == 1:  # peft cannot delete its last adapter: drop the wrapper
+            self.model = self.model.unload()
+        else:
+            self.model.delete_adapter(name)
+            if self._active is not None:
+                self.model.set_adapter(self._active)
+        del self.adapters[name]
+
     def set_adapter(self, name: str | None) -> None:
         """Switch to a loaded adapter by name, or to the base model with None."""
         if name is not None:
@@ -125,11 +139,17 @@ class HFPolicy:
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
-    @torch.no_grad()
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         """`sampling.n` Turns per conversation, in input order. Same seed, same output."""
+        return self.generate_ids(self.encode_prompts(conversations), sampling)
+
+    def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        """Continue raw texts (no chat template): what `/v1/completions` serves."""
+        return self.generate_ids([list(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else [], sampling)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
-        prompts = self.encode_prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[Turn]] = [[] for _ in prompts]
         if sampling.seed is not None:
@@ -186,3 +206,15 @@ class HFPolicy:
         with self._adapter_context():
             lp, _ = token_logprobs(self.model, pad_batch(rows, self.pad_id, self.device))
         return lp.sum(-1).tolist()
+
+    def prompt_token_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
+        """Tokens of `text` and log p(t_i | t_<i) for each (None for the first), under the
+        active adapter: what `/v1/completions` with echo=true, logprobs returns."""
+        from ..sync import text_token_logprobs
+        with self._adapter_context():
+            ids, lps = text_token_logprobs(self.model, self.tokenizer, text)
+        return [self.tokenizer.decode([i]) for i in ids], lps
+
+    def prompt_logprob(self, text: str) -> float:
+        """Σ_{i≥1} log p(t_i | t_<i) of `text` (verified sync's canary)."""
+        return float(sum(lp for lp in self.prompt_token_logprobs(text)[1][1:]))

@@ -1,0 +1,104 @@
+"""OpenAIPolicy: any OpenAI-compatible endpoint (`vllm serve`, SGLang, `selfevolve serve`).
+
+Generation is `/v1/chat/completions` through the `openai` client, one request per
+conversation, sent concurrently so the server can batch them. Adapters follow vLLM's
+runtime LoRA API: `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` (vLLM needs
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), after which the adapter is addressed as the request's
+`model`. The verified-sync canary is `/v1/completions` with `echo=true, logprobs=1`, which
+vLLM and selfevolve serve both answer with per-token log-probabilities of the prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ..config import UserError
+from ..types import Conversation, SamplingParams, Turn
+
+
+class OpenAIPolicy:
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 concurrency: int = 32, timeout: float = 300.0):
+        import httpx
+        from openai import OpenAI
+
+        base_url = base_url.rstrip("/")
+        if not base_url.endswith("/v1"):
+            base_url += "/v1"
+        key = api_key or os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=2)
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+        self.concurrency = concurrency
+        try:
+            self.base_model = model or self.client.models.list().data[0].id
+        except Exception as e:  # connection refused, 401, ...: say which endpoint
+            raise UserError(f"model={base_url}: no OpenAI-compatible server answers ({type(e).__name__}: {str(e)[:120]})") from None
+        self.adapters: dict[str, str] = {}
+        self._active: str | None = None
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def _model(self) -> str:
+        return self._active or self.base_model
+
+    def _map(self, fn, items):
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        sampling = sampling or SamplingParams()
+
+        def one(conv):
+            r = self.client.chat.completions.create(
+                model=self._model(), messages=conv, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens, n=sampling.n, seed=sampling.seed, logprobs=sampling.logprobs or None)
+            return [Turn(response=(c.message.content or "").strip(),
+                         logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None)
+                    for c in r.choices]
+        return self._map(one, conversations) if conversations else []
+
+    def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        sampling = sampling or SamplingParams()
+
+        def one(text):
+            r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
+                                               top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
+                                               seed=sampling.seed)
+            return [Turn(response=c.text) for c in r.choices]
+        return self._map(one, texts) if texts else []
+
+    def prompt_logprob(self, text: str) -> float:
+        """Σ_{i≥1} log p(t_i | t_<i) of `text`, from the server's echoed prompt log-probabilities."""
+        r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0,
+                                           echo=True, logprobs=1)
+        lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
+        return float(sum(lp for lp in lps[1:] if lp is not None))
+
+    # --- adapters (vLLM's runtime LoRA endpoints) ----------------------------------------
+
+    def _post(self, path: str, body: dict) -> None:
+        r = self.http.post(path, json=body)
+        if r.status_code >= 400:
+            raise UserError(f"{path} failed ({r.status_code}): {r.text[:200]}")
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load (or replace: unload, then load) a LoRA adapter on the server and use it."""
+        if name in self.adapters:
+            self._post("/unload_lora_adapter", {"lora_name": name})
+        self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        self.adapters[name] = str(path)
+        self._active = name
+
+    def unload_adapter(self, name: str) -> None:
+        self._post("/unload_lora_adapter", {"lora_name": name})
+        self.adapters.pop(name, None)
+        if self._active == name:
+            self._active = None
+
+    def set_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})")
+        self._active = name

@@ -1,0 +1,101 @@
+"""VLLMPolicy: `vllm.LLM` with LoRA, for GPU machines (`pip install selfevolve[vllm]`).
+
+Written against vLLM's documented offline API: `LLM(model, enable_lora=True, max_lora_rank,
+max_loras, seed)`, `LLM.chat(conversations, SamplingParams, lora_request=...)`,
+`LLM.generate(prompts, SamplingParams(prompt_logprobs=0), lora_request=...)` and
+`vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)`. vLLM caches adapters by
+integer id, so every load — a new adapter, or a new version under an old name — gets a
+fresh id; reusing an id would serve the cached old weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ..config import UserError
+from ..types import Conversation, SamplingParams, Turn
+
+MISSING = "policy=vllm needs vLLM (a GPU machine): pip install 'selfevolve[vllm]'"
+
+
+def vllm_sampling_kwargs(s: SamplingParams) -> dict:
+    """selfevolve SamplingParams -> vllm.SamplingParams keyword arguments."""
+    kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
+    if s.logprobs:
+        kw["logprobs"] = 0  # the sampled token's log-probability only
+    return kw
+
+
+def turns_from_output(request_output) -> list[Turn]:
+    """A vllm RequestOutput -> one Turn per completion (text, token ids, sampled log-probs)."""
+    turns = []
+    for c in request_output.outputs:
+        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)] if c.logprobs else None
+        turns.append(Turn(response=c.text.strip(), token_ids=list(c.token_ids), logprobs=lps))
+    return turns
+
+
+def summed_prompt_logprob(request_output) -> float:
+    """Σ_{i≥1} log p(t_i | t_<i) from a RequestOutput generated with prompt_logprobs=0."""
+    total = 0.0
+    for tok, entry in zip(request_output.prompt_token_ids, request_output.prompt_logprobs):
+        if entry is not None:
+            total += entry[tok].logprob
+    return total
+
+
+class VLLMPolicy:
+    def __init__(self, model: str = "tiny", max_lora_rank: int = 64, max_loras: int = 2, seed: int = 0, **llm_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UserError(MISSING) from None
+        from .hf import resolve_model_path
+
+        self.path = resolve_model_path(model)
+        self.llm = LLM(model=str(self.path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                       seed=seed, **llm_kwargs)
+        self._ids = itertools.count(1)
+        self.requests: dict[str, object] = {}
+        self._active: str | None = None
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def _lora(self):
+        return self.requests[self._active] if self._active else None
+
+    def load_adapter(self, path: str, name: str) -> None:
+        from vllm.lora.request import LoRARequest
+        self.requests[name] = LoRARequest(name, next(self._ids), str(path))
+        self._active = name
+
+    def unload_adapter(self, name: str) -> None:
+        req = self.requests.pop(name)
+        self.llm.llm_engine.remove_lora(req.lora_int_id)
+        if self._active == name:
+            self._active = None
+
+    def set_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.requests:
+            raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.requests)})")
+        self._active = name
+
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        from vllm import SamplingParams as VSP
+        outs = self.llm.chat(conversations, VSP(**vllm_sampling_kwargs(sampling or SamplingParams())),
+                             lora_request=self._lora(), use_tqdm=False)
+        return [turns_from_output(o) for o in outs]
+
+    def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        from vllm import SamplingParams as VSP
+        outs = self.llm.generate(texts, VSP(**vllm_sampling_kwargs(sampling or SamplingParams())),
+                                 lora_request=self._lora(), use_tqdm=False)
+        return [turns_from_output(o) for o in outs]
+
+    def prompt_logprob(self, text: str) -> float:
+        from vllm import SamplingParams as VSP
+        out = self.llm.generate([text], VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                                lora_request=self._lora(), use_tqdm=False)[0]
+        return summed_prompt_logprob(out)

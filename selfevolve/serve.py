@@ -1,0 +1,457 @@
+"""`selfevolve serve`: an OpenAI-compatible HTTP server over a selfevolve policy.
+
+    selfevolve serve model=tiny port=8000 [api_key=...] [critic=self] [verifier=numeric]
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
+POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (vLLM's runtime-LoRA shapes, so
+`OpenAIPolicy` drives vLLM and this server the same way).
+
+Self-refinement: a chat request whose `model` ends in "+refine" (e.g. "tiny+refine"), or that
+carries an extra `refine` object ({"max_turns": 3, "critic": "self", "reference": "42"}),
+runs the selfevolve loop; the final answer is the message, and the response's `selfevolve`
+field holds the trace id, the turns' scores and critiques. Every refinement trace is stored.
+
+Batching: requests from concurrent clients queue up; one worker thread owns the model and
+takes up to `max_batch` queued requests at a time (waiting at most `batch_wait_ms` for more),
+groups those with the same adapter and sampling settings, and answers each group with one
+batched generate call. Bad requests get a 4xx with an OpenAI-style error body; the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import RecipeConfig, UserError
+from .types import SamplingParams, Task
+
+REFINE_SUFFIX = "+refine"
+
+
+class ServeConfig(RecipeConfig):
+    recipe: str = "serve"
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 exposes it to the network)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SELFEVOLVE_API_KEY)")
+    name: str | None = Field(None, description="the base model's id in /v1/models (default: the model directory's name)")
+    max_batch: int = Field(64, ge=1, description="requests answered together at most")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(16, ge=1, description="largest n a request may ask for")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
+    max_turns_limit: int = Field(8, ge=1, description="largest refine max_turns a request may ask for")
+    max_turns: int = Field(3, ge=1, description="default attempts for refinement requests")
+    traces: str = Field("runs/serve/traces.sqlite", description="TraceStore for refinement traces")
+
+
+# --- request bodies (extra fields that OpenAI clients send are accepted and ignored) ----------
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern="^(system|user|assistant)$")
+    content: str
+
+
+class Refine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_turns: int | None = Field(None, ge=1)
+    critic: str | None = Field(None, pattern="^(none|self|verifier|judge)$")
+    reference: str | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    logprobs: bool | None = False
+    stream: bool | None = False
+    refine: Refine | bool | None = None
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | list[str]
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stream: bool | None = False
+
+
+class LoadAdapter(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    kind: str                 # "chat" | "complete" | "refine" | "call"
+    key: tuple                # jobs with equal keys are answered in one batched call
+    payload: Any
+    future: asyncio.Future = field(default=None)
+
+
+class Server:
+    """The policy, a single model-owning worker thread, and the request queue."""
+
+    def __init__(self, cfg: ServeConfig, policy=None):
+        from .policies import load_policy
+        from .store import TraceStore
+
+        self.cfg = cfg
+        self.policy = policy or load_policy(cfg.model, cfg.policy, **({"device": cfg.device} if cfg.policy == "hf" else {}))
+        self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
+        self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
+        Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
+        self.store = TraceStore(cfg.traces)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
+        self.queue: asyncio.Queue | None = None
+        self._critics: dict[str, Any] = {}
+        self._verifier = None
+        self.batches: list[int] = []  # sizes of the batched calls made (for the benchmark)
+
+    # resolved lazily: a server without refinement requests never builds them
+    @property
+    def verifier(self):
+        if self._verifier is None:
+            from .verifiers import get_verifier
+            self._verifier = get_verifier(self.cfg.verifier)
+        return self._verifier
+
+    def critic(self, name: str):
+        if name not in self._critics:
+            from .feedback import get_critic
+            from .policies import load_policy
+            judge = load_policy(self.cfg.judge) if name == "judge" and self.cfg.judge else None
+            self._critics[name] = get_critic(name, policy=self.policy, verifier=self.verifier, judge=judge,
+                                             template=self.cfg.critique_prompt, reveal_reference=self.cfg.reveal_reference,
+                                             memory=self.cfg.memory)
+        return self._critics[name]
+
+    def models(self) -> list[str]:
+        return [self.name, self.name + REFINE_SUFFIX, *getattr(self.policy, "adapters", {})]
+
+    def adapter_for(self, model: str) -> str | None:
+        base = model[: -len(REFINE_SUFFIX)] if model.endswith(REFINE_SUFFIX) else model
+        if base == self.name:
+            return None
+        if base in getattr(self.policy, "adapters", {}):
+            return base
+        raise HTTPError(404, f"model {model!r} does not exist; available: {', '.join(self.models())}", "not_found_error")
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    async def submit(self, kind: str, key: tuple, payload: Any):
+        job = Job(kind, key, payload, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            deadline = loop.time() + self.cfg.batch_wait_ms / 1000
+            while len(jobs) < self.cfg.max_batch:
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple, list[Job]] = {}
+            for j in jobs:
+                groups.setdefault((j.kind, j.key), []).append(j)
+            for (kind, key), group in groups.items():
+                try:
+                    results = await loop.run_in_executor(self.executor, self._run, kind, key, [j.payload for j in group])
+                except Exception as e:  # one bad group must not stop the server
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    continue
+                for j, r in zip(group, results):
+                    if not j.future.done():
+                        j.future.set_result(r)
+
+    def _run(self, kind: str, key: tuple, payloads: list) -> list:
+        """In the model thread: one batched call for a group of requests."""
+        if kind == "call":  # adapter load/unload: serialised with generation
+            return [fn() for fn in payloads]
+        adapter, sampling_json = key[0], key[1]
+        self.policy.set_adapter(adapter)
+        sampling = SamplingParams.model_validate_json(sampling_json)
+        self.batches.append(len(payloads))
+        if kind == "chat":
+            return self.policy.generate(payloads, sampling)
+        if kind == "complete":
+            return self.policy.complete(payloads, sampling)
+        from .loop import refine_batch
+        max_turns, critic = key[2], key[3]
+        traces = refine_batch([p for p in payloads], self.policy, self.verifier, self.critic(critic), max_turns,
+                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve")
+        self.store.append(traces)
+        return traces
+
+    # --- request handling ---------------------------------------------------------------------
+
+    def check_auth(self, header: str | None) -> None:
+        if self.api_key and header != f"Bearer {self.api_key}":
+            raise HTTPError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", "authentication_error")
+
+    def sampling(self, temperature, top_p, max_tokens, n, seed, logprobs=False) -> SamplingParams:
+        if max_tokens > self.cfg.max_tokens_limit:
+            raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.cfg.max_tokens_limit}")
+        if n > self.cfg.max_n:
+            raise HTTPError(400, f"n={n} exceeds this server's limit of {self.cfg.max_n}")
+        return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
+                              logprobs=bool(logprobs))
+
+    def check_length(self, ids_len: int, max_tokens: int) -> None:
+        limit = getattr(self.policy, "max_positions", None)
+        if limit and ids_len + 1 > limit:
+            raise HTTPError(400, f"the prompt is {ids_len} tokens; this model's context is {limit} tokens")
+
+    async def chat(self, req: ChatRequest) -> dict:
+        if req.stream:
+            raise HTTPError(400, "stream=true is not supported by selfevolve serve")
+        adapter = self.adapter_for(req.model)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
+        sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
+        conv = [m.model_dump() for m in req.messages]
+        tokenizer = getattr(self.policy, "tokenizer", None)
+        if tokenizer is not None:
+            self.check_length(len(self.policy.encode_prompts([conv])[0]), max_tokens)
+        refine = req.refine if isinstance(req.refine, Refine) else (Refine() if req.refine or req.model.endswith(REFINE_SUFFIX) else None)
+        created = int(time.time())
+        if refine is None:
+            turns = await self.submit("chat", (adapter, sampling.model_dump_json()), conv)
+            choices = [self._chat_choice(i, t, max_tokens, req.logprobs) for i, t in enumerate(turns)]
+            return self._chat_response(req.model, created, choices, conv, turns)
+        if req.n != 1:
+            raise HTTPError(400, "refinement returns one answer; use n=1")
+        if conv[-1]["role"] != "user" or any(m["role"] == "assistant" for m in conv):
+            raise HTTPError(400, "a refinement request is one user message (optionally after a system message)")
+        max_turns = refine.max_turns or self.cfg.max_turns
+        if max_turns > self.cfg.max_turns_limit:
+            raise HTTPError(400, f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}")
+        critic = refine.critic or self.cfg.critic
+        if critic == "verifier" and refine.reference is None:
+            raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
+        task = Task(id=f"req-{uuid.uuid4().hex[:12]}", prompt=conv[-1]["content"], reference=refine.reference)
+        trace = await self.submit("refine", (adapter, sampling.model_dump_json(), max_turns, critic), task)
+        choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
+        out = self._chat_response(req.model, created, [choice], conv, trace.turns)
+        out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns),
+                             "scores": [t.score for t in trace.turns],
+                             "critiques": [t.critique.text if t.critique else None for t in trace.turns]}
+        return out
+
+    @staticmethod
+    def _finish(turn, max_tokens) -> str:
+        return "length" if turn.token_ids is not None and len(turn.token_ids) >= max_tokens else "stop"
+
+    def _chat_choice(self, i, turn, max_tokens, logprobs) -> dict:
+        choice = {"index": i, "message": {"role": "assistant", "content": turn.response},
+                  "finish_reason": self._finish(turn, max_tokens), "logprobs": None}
+        if logprobs and turn.logprobs is not None:
+            tok = self.policy.tokenizer
+            choice["logprobs"] = {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                                              for t, lp in zip(turn.token_ids, turn.logprobs)]}
+        return choice
+
+    def _chat_response(self, model, created, choices, conv, turns) -> dict:
+        completion = sum(len(t.token_ids or []) for t in turns)
+        prompt = len(self.policy.encode_prompts([conv])[0]) if hasattr(self.policy, "encode_prompts") else 0
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                              "total_tokens": prompt + completion}}
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        if req.stream:
+            raise HTTPError(400, "stream=true is not supported by selfevolve serve")
+        adapter = self.adapter_for(req.model)
+        sampling = self.sampling(req.temperature, req.top_p, req.max_tokens, req.n, req.seed, req.logprobs is not None)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise HTTPError(400, "prompt is empty")
+        tok = self.policy.tokenizer
+        ids = [tok(p)["input_ids"] for p in prompts]
+        for x in ids:
+            self.check_length(len(x), req.max_tokens)
+        results = await asyncio.gather(*[self.submit("complete", (adapter, sampling.model_dump_json()), p) for p in prompts])
+        echoed = {}
+        if req.echo and req.logprobs is not None:
+            echoed = {i: await self.submit("call", ("call",), lambda p=p, a=adapter: self._prompt_lps(p, a))
+                      for i, p in enumerate(prompts)}
+        choices, completion = [], 0
+        for i, (p, turns) in enumerate(zip(prompts, results)):
+            for t in turns:
+                completion += len(t.token_ids or [])
+                choice = {"index": len(choices), "text": (p if req.echo else "") + t.response,
+                          "finish_reason": self._finish(t, req.max_tokens), "logprobs": None}
+                if req.logprobs is not None:
+                    gen_toks = [tok.decode([x]) for x in (t.token_ids or [])]
+                    ptoks, plps = echoed.get(i, ([], []))
+                    toks, lps = ptoks + gen_toks, plps + list(t.logprobs or [])
+                    choice["logprobs"] = {"tokens": toks, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
+                choices.append(choice)
+        prompt_tokens = sum(len(x) for x in ids)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": prompt_tokens + completion}}
+
+    def _prompt_lps(self, text: str, adapter: str | None):
+        self.policy.set_adapter(adapter)
+        return self.policy.prompt_token_logprobs(text)
+
+    async def load_adapter(self, req: LoadAdapter) -> str:
+        if not req.lora_path:
+            raise HTTPError(400, "lora_path is required")
+        if req.lora_name in (self.name, self.name + REFINE_SUFFIX):
+            raise HTTPError(400, f"lora_name {req.lora_name!r} is the base model's name")
+
+        def load():
+            try:
+                self.policy.load_adapter(req.lora_path, req.lora_name)
+            except UserError as e:
+                return HTTPError(400, str(e))
+            finally:
+                self.policy.set_adapter(None)
+        err = await self.submit("call", ("call",), load)
+        if err:
+            raise err
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    async def unload_adapter(self, req: LoadAdapter) -> str:
+        if req.lora_name not in getattr(self.policy, "adapters", {}):
+            raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
+        await self.submit("call", ("call",), lambda: self.policy.unload_adapter(req.lora_name))
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+
+def create_app(server: Server):
+    """The FastAPI app for a Server."""
+    @asynccontextmanager
+    async def lifespan(app):
+        server.queue = asyncio.Queue()
+        task = asyncio.create_task(server.worker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="selfevolve", lifespan=lifespan)
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, e: HTTPError):
+        return error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path != "/health":
+            try:
+                server.check_auth(request.headers.get("authorization"))
+            except HTTPError as e:
+                return error(e.status, e.message, e.kind)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > server.cfg.max_request_bytes:
+            return error(413, f"request body of {size} bytes exceeds the limit of {server.cfg.max_request_bytes}")
+        try:
+            return await call_next(request)
+        except Exception as e:  # never let one request take the server down
+            return error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}", "server_error")
+
+    async def body(request: Request, model: type[BaseModel]):
+        raw = await request.body()
+        if len(raw) > server.cfg.max_request_bytes:
+            raise HTTPError(413, f"request body exceeds the limit of {server.cfg.max_request_bytes} bytes")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the body is not valid JSON ({e})")
+        if not isinstance(data, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise HTTPError(400, f"{where}: {first['msg']}" if where else first["msg"])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "selfevolve",
+                                            "root": server.name} for m in server.models()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await server.chat(await body(request, ChatRequest))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.complete(await body(request, CompletionRequest))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request):
+        return PlainTextResponse(await server.load_adapter(await body(request, LoadAdapter)))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request):
+        return PlainTextResponse(await server.unload_adapter(await body(request, LoadAdapter)))
+
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    server = Server(cfg)
+    app = create_app(server)
+    print(f"selfevolve serve: {server.name} on http://{cfg.host}:{cfg.port}/v1 "
+          f"(refinement: model={server.name}{REFINE_SUFFIX}; traces: {cfg.traces})", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,42 @@
+"""Verified sync with HFPolicy: publish a trained update, check the canary, catch a stale one."""
+
+import pytest
+import torch
+
+from selfevolve.policies import HFPolicy
+from selfevolve.sync import CANARY, SyncError, publish, text_logprob, trainable_model, verify_sync
+from selfevolve.training import sft
+
+CONVS = [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."}]] * 8
+
+
+def test_publish_serves_the_learner_and_the_canary_agrees(tmp_path):
+    policy = HFPolicy("tiny", device="cpu")
+    base = policy.prompt_logprob(CANARY)
+    learner = trainable_model("tiny", r=4, alpha=8)
+    sft(learner, policy.tokenizer, CONVS, epochs=2, lr=5e-3, batch_size=4)
+    publish(policy, learner, policy.tokenizer, tmp_path / "u1", "u1")
+    assert policy.active_adapter == "u1" and (tmp_path / "u1" / "adapter_config.json").exists()
+    assert policy.prompt_logprob(CANARY) == pytest.approx(text_logprob(learner, policy.tokenizer), abs=1e-4)
+    assert abs(policy.prompt_logprob(CANARY) - base) > 1e-3
+
+    sft(learner, policy.tokenizer, CONVS, epochs=1, lr=5e-3, batch_size=4)  # learner moves on, not synced
+    with pytest.raises(SyncError, match="canary"):
+        verify_sync(policy, "u1", text_logprob(learner, policy.tokenizer))
+    policy.set_adapter(None)
+    with pytest.raises(SyncError, match="reports adapter None"):
+        verify_sync(policy, "u1", 0.0)
+
+    publish(policy, learner, policy.tokenizer, tmp_path / "u1b", "u1")  # a new version, same name
+    assert policy.prompt_logprob(CANARY) == pytest.approx(text_logprob(learner, policy.tokenizer), abs=1e-4)
+    policy.unload_adapter("u1")
+    assert policy.active_adapter is None and policy.prompt_logprob(CANARY) == pytest.approx(base, abs=1e-5)
+
+
+def test_full_weights_publish(tmp_path):
+    policy = HFPolicy("tiny", device="cpu")
+    learner = trainable_model("tiny", lora=False)
+    with torch.no_grad():
+        learner.lm_head.weight.mul_(1.01)
+    served = publish(policy, learner, policy.tokenizer, tmp_path / "full", "full", lora=False)
+    assert served is not policy and served.prompt_logprob(CANARY) == pytest.approx(text_logprob(learner, policy.tokenizer), abs=1e-4)

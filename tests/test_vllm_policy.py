@@ -1,0 +1,39 @@
+"""VLLMPolicy: vLLM cannot be installed on CPU machines, so this checks what can run here:
+the clear error without vllm, and the conversions between selfevolve and vLLM's documented
+data shapes (RequestOutput / CompletionOutput / Logprob, built as plain objects)."""
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+from selfevolve.config import UserError
+from selfevolve.policies.vllm import summed_prompt_logprob, turns_from_output, vllm_sampling_kwargs
+from selfevolve.types import SamplingParams
+from tests.test_cli import cli
+
+
+def test_missing_vllm_is_a_one_line_error():
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    from selfevolve.policies import VLLMPolicy
+    with pytest.raises(UserError, match=r"selfevolve\[vllm\]"):
+        VLLMPolicy("tiny")
+    r = cli("refine", "prompt=What is 1 + 1?", "policy=vllm")
+    assert r.returncode == 2 and "selfevolve[vllm]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sampling_kwargs():
+    kw = vllm_sampling_kwargs(SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=7, n=4, seed=3, logprobs=True))
+    assert kw == {"n": 4, "temperature": 1.0, "top_p": 0.9, "max_tokens": 7, "seed": 3, "logprobs": 0}
+
+
+def test_outputs_to_turns_and_prompt_logprob():
+    lp = lambda x: NS(logprob=x)  # noqa: E731
+    out = NS(outputs=[NS(text=" The answer is 5. ", token_ids=[11, 12], logprobs=[{11: lp(-0.5)}, {12: lp(-0.25), 9: lp(-3)}])],
+             prompt_token_ids=[1, 2, 3], prompt_logprobs=[None, {2: lp(-1.0)}, {3: lp(-2.0), 4: lp(-0.1)}])
+    turn = turns_from_output(out)[0]
+    assert turn.response == "The answer is 5." and turn.token_ids == [11, 12] and turn.logprobs == [-0.5, -0.25]
+    assert summed_prompt_logprob(out) == -3.0
