@@ -14,10 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_generation  # noqa: E402
+import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation, bench_verifiers, bench_sft]
+BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve]
 
 
 def machine() -> str:
@@ -30,18 +31,36 @@ def machine() -> str:
 
 
 def main() -> None:
-    """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation, verifiers, sft)."""
+    """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
+    verifiers, sft, serve); sections of benchmarks not run stay as they were, each with its
+    own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
-    out = ["# Benchmarks", "", f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}",
-           "- command: `pip install -e \".[bench]\" && python bench/run.py`", ""]
+    path = Path(__file__).parent.parent / "BENCHMARKS.md"
+    sections = _sections(path.read_text()) if path.exists() else {}
     for b in chosen:
         r = b.run()
-        out += [f"## {r['title']}", "", r["doc"], "", "| what | throughput | detail |", "|---|---|---|"]
-        out += [f"| {a} | {t} | {d} |" for a, t, d in r["rows"]]
-        out += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in r["ratios"]] + [""]
-        print("\n".join(out[-(len(r['ratios']) + 3):]))
-    Path(__file__).parent.parent.joinpath("BENCHMARKS.md").write_text("\n".join(out))
+        lines = [f"## {r['title']}", "", f"{datetime.date.today().isoformat()}, {machine()}", "", r["doc"], "",
+                 "| what | throughput | detail |", "|---|---|---|"]
+        lines += [f"| {a} | {t} | {d} |" for a, t, d in r["rows"]]
+        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in r["ratios"]] + [""]
+        sections[r["title"]] = "\n".join(lines)
+        print(sections[r["title"]])
+    head = ["# Benchmarks", "", "- command: `pip install -e \".[bench]\" && python bench/run.py [generation|verifiers|sft|serve]`",
+            "- each section names the date and machine it was measured on", ""]
+    path.write_text("\n".join(head) + "\n" + "\n".join(sections.values()))
+
+
+def _sections(text: str) -> dict[str, str]:
+    """BENCHMARKS.md's `## title` sections, in order."""
+    out, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            out[title] = []
+        if title:
+            out[title].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
 
 
 if __name__ == "__main__":
