@@ -29,6 +29,7 @@ RECIPES = {
     "pretrain": ("selfevolve.recipes.pretrain", "PretrainConfig"),
     "rest_em": ("selfevolve.recipes.rest_em", "RestEMConfig"),
     "star": ("selfevolve.recipes.star", "StarConfig"),
+    "score": ("selfevolve.recipes.score", "ScoreConfig"),
 }
 
 USAGE = __doc__.split("\n\n")[1]

@@ -1,0 +1,224 @@
+"""score — SCoRe: two-stage multi-turn RL that teaches the served model to correct itself.
+
+    selfevolve run recipe=score seed=0
+
+Kumar et al., "Training Language Models to Self-Correct via Reinforcement Learning" (arXiv
+2409.12917). Each episode has two attempts: y1 ~ π(·|x), then, after the instruction
+"There might be an error in the solution above because of lack of understanding of the
+question. Please correct the error, if any, and rewrite the solution.", y2 ~ π(·|x, y1, I).
+r ∈ {0, 1} is the verifier's score; π_ref is the base model (the adapter switched off).
+
+    Stage I  (stage1_steps):  max  E[ r(y2) ] − β2·KL(π(·|x) ‖ π_ref) − β1·KL(π(·|x,y1,I) ‖ π_ref)
+        the second attempt learns to fix, the first is held at the base model by the strong β2.
+
+    Stage II (stage2_steps):  max  E[ r(y1) + r̂(y2) ] − β1·(KL₁ + KL₂),
+                              r̂(y2) = r(y2) + α·(r(y2) − r(y1))
+        both attempts learn; the bonus makes right→wrong cost −α and wrong→right earn +α.
+
+Estimator: on-policy REINFORCE, one gradient step per batch of `batch_tasks` fresh episodes.
+Each attempt's tokens are credited with that attempt's own reward (r(y1) for y1, r̂(y2) for
+y2); a leave-one-out batch-mean baseline per attempt, scaled by the batch std
+(`losses.baseline_advantage`). KL per token with the k3 estimator against the frozen base.
+
+Every step: rollouts through the selfevolve loop (`refine_batch`, temperature 1), rewards
+from the run's verifier, every episode stored in the TraceStore (round = step, meta.stage,
+policy_version = the adapter that sampled it), the update applied to a LoRA adapter, which
+is saved to `run_dir/adapters/` and loaded into the served policy through verified sync, so
+the next rollouts come from the updated model. Held-out evaluation every `eval_every` steps
+and at the end of each stage; a warning when the model collapses (edit ratio near zero, or
+`delta` ≤ 0 for `collapse_patience` Stage II evaluations in a row).
+
+Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_steps`,
+`batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
+the baseline above, per-attempt credit (γ = 0 between attempts: giving y1 the return-to-go
+r(y1) + r̂(y2) would reward wrong first attempts through the bonus); the std scaling of
+advantages; the k3 KL estimator; log-probabilities of the re-tokenized responses (as SFT
+sees them). Ablations: `stage1_steps=0` (no Stage I), `alpha=0` (no reward shaping).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field
+from transformers import AutoTokenizer
+
+from selfevolve.config import RecipeConfig
+from selfevolve.data import tasks_for
+from selfevolve.feedback.prompts import SCORE_INSTRUCTION
+from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
+from selfevolve.loop import refine_batch
+from selfevolve.policies import load_policy, resolve_model_path
+from selfevolve.run import Run
+from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.training import encode_chat, pad_batch, token_logprobs
+from selfevolve.types import SamplingParams, Trace
+
+
+class ScoreConfig(RecipeConfig):
+    recipe: str = "score"
+    alpha: float = Field(10.0, ge=0, description="Stage II reward-shaping bonus α (0: the 'without shaping' ablation)")
+    beta1: float = Field(0.01, ge=0, description="KL weight β1 (both attempts in Stage II, the second in Stage I)")
+    beta2: float = Field(0.1, ge=0, description="KL weight β2 on the first attempt in Stage I")
+    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature")
+    instruction: str = Field(SCORE_INSTRUCTION, description="the second-turn instruction")
+    stage1_steps: int = Field(40, ge=0, description="Stage I updates (0: the 'without Stage I' ablation)")
+    stage2_steps: int = Field(120, ge=0, description="Stage II updates")
+    batch_tasks: int = Field(64, ge=2, description="episodes (prompts) per update")
+    train_split: str = Field("train", description="split the rollouts' prompts come from")
+    train_tasks: int = Field(5000, ge=2, description="pool of training prompts")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate for the LoRA adapter")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    eval_every: int = Field(40, ge=1, description="held-out evaluation every this many steps (and at each stage's end)")
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
+    collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the held-out edit ratio falls below this")
+    collapse_patience: int = Field(2, ge=1, description="warn after this many Stage II evaluations with delta <= 0")
+
+
+def stage_of(step: int, cfg: ScoreConfig) -> int:
+    return 1 if step < cfg.stage1_steps else 2
+
+
+def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> tuple[list[Trace], float, float]:
+    """Two attempts per task from the served policy, then both scored. Returns the traces
+    and the generation / verification seconds."""
+    t0 = time.perf_counter()
+    traces = refine_batch(tasks, policy, None, None, max_turns=2, instruction=cfg.instruction, stop_when_correct=False,
+                          sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                                  seed=cfg.seed * 1_000_003 + step),
+                          recipe=cfg.recipe, run=run.name, round=step, meta={"stage": stage_of(step, cfg)})
+    t1 = time.perf_counter()
+    flat = [(t.task, turn) for t in traces for turn in t.turns]
+    for (_, turn), fb in zip(flat, verifier.verify_batch([x for x, _ in flat], [turn.response for _, turn in flat])):
+        turn.feedback = fb
+    return traces, t1 - t0, time.perf_counter() - t1
+
+
+def attempt_batches(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
+    """Teacher-forced batches for the first and the second attempt, labels on that attempt."""
+    first, second = [], []
+    for t in traces:
+        x, y1, y2 = t.task.prompt, t.turns[0].response, t.turns[1].response
+        first.append(encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y1}], "last"))
+        second.append(encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y1},
+                                              {"role": "user", "content": instruction},
+                                              {"role": "assistant", "content": y2}], "last"))
+    return pad_batch(first, pad_id), pad_batch(second, pad_id)
+
+
+def score_loss(learner, batches, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig) -> tuple[torch.Tensor, dict]:
+    """The stage's objective as a loss (to minimise), and its parts for the log."""
+    if stage == 1:
+        adv = (torch.zeros_like(r1), baseline_advantage(r2))      # only r(y2) is maximised
+        betas = (cfg.beta2, cfg.beta1)
+    else:
+        adv = (baseline_advantage(r1), baseline_advantage(shaped_reward(r1, r2, cfg.alpha)))
+        betas = (cfg.beta1, cfg.beta1)
+    loss, parts = 0.0, {}
+    for k, (batch, a, beta) in enumerate(zip(batches, adv, betas), start=1):
+        logp, mask = token_logprobs(learner, batch)
+        with torch.no_grad(), learner.disable_adapter():
+            ref, _ = token_logprobs(learner, batch)
+        kl = kl_per_sequence(logp, ref, mask).mean()
+        pg = reinforce_loss(logp, mask, a)
+        loss = loss + pg + beta * kl
+        parts[f"kl_t{k}"] = round(kl.item(), 5)
+        parts[f"pg_t{k}"] = round(pg.item(), 5)
+    parts["loss"] = round(loss.item(), 5)
+    return loss, parts
+
+
+def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
+    """The paper's two failure modes: no edits at all, or edits that do not help."""
+    last = history[-1]
+    stage2 = [h for h in history if h["stage"] == 2]
+    why = None
+    if last["edit_ratio"] < cfg.collapse_edit_ratio:
+        why = f"edit ratio {last['edit_ratio']} < {cfg.collapse_edit_ratio}: the second attempt copies the first"
+    elif len(stage2) >= cfg.collapse_patience and all(h["delta"] <= 0 for h in stage2[-cfg.collapse_patience:]):
+        why = f"delta <= 0 for {cfg.collapse_patience} Stage II evaluations: revisions do not help"
+    if why:
+        from rich.console import Console
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning (step {last['step']}): collapse? {why}[/yellow]")
+        run.log(step=last["step"], warning=why)
+
+
+def main(cfg: ScoreConfig, run: Run) -> None:
+    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" else {}
+    policy = load_policy(cfg.model, cfg.policy, **kw)   # serves rollouts and evaluations
+    base = resolve_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pool = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
+    learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    learner.train()
+    opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    total = cfg.stage1_steps + cfg.stage2_steps
+
+    state = run.restore()
+    if state is None:
+        before = run.evaluate(policy, "before")
+        state = {"step": 0, "before": before, "history": [], "adapter": None}
+    else:
+        set_peft_model_state_dict(learner, state["learner"])
+        opt.load_state_dict(state["optimizer"])
+        if state["adapter"]:
+            policy = resume_serving(policy, state["adapter"], f"step-{state['step']}")
+
+    t_ckpt = 0.0
+    with run.progress("score", total=total, completed=state["step"]) as bar:
+        for step in range(state["step"], total):
+            stage = stage_of(step, cfg)
+            batch = random.Random(f"{cfg.seed}:{step}").sample(pool, min(cfg.batch_tasks, len(pool)))
+            traces, t_gen, t_ver = rollouts(policy, batch, run.verifier, cfg, step, run)
+            run.store.append(traces)
+
+            t0 = time.perf_counter()
+            r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
+            r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
+            loss, parts = score_loss(learner, attempt_batches(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in learner.parameters() if p.requires_grad], cfg.max_grad_norm)
+            opt.step()
+            t_train = time.perf_counter() - t0
+
+            # Sync: the next rollouts come from this update (and nothing else is kept around).
+            t0 = time.perf_counter()
+            name = f"step-{step + 1}"
+            path = run.dir / "adapters" / name
+            policy = publish(policy, learner, tokenizer, path, name)
+            if state["adapter"]:
+                policy.unload_adapter(f"step-{step}")
+                shutil.rmtree(state["adapter"], ignore_errors=True)
+            state["adapter"] = str(path)
+            t_sync = time.perf_counter() - t0
+
+            run.log(step=step + 1, stage=stage, reward_t1=round(r1.mean().item(), 4), reward_t2=round(r2.mean().item(), 4),
+                    **parts, time_generate=round(t_gen, 3), time_verify=round(t_ver, 3), time_train=round(t_train, 3),
+                    time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
+            t_ckpt = 0.0
+            state["step"] = step + 1
+            if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
+                metrics = run.evaluate(policy, f"step-{state['step']}", round=state["step"])
+                state["history"].append({"step": state["step"], "stage": stage, **metrics})
+                warn_collapse(cfg, state["history"], run)
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
+                t0 = time.perf_counter()
+                run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
+                t_ckpt = time.perf_counter() - t0  # logged with the next step
+            bar.advance()
+
+    after = state["history"][-1] if state["history"] else state["before"]
+    final = run.dir / "adapters" / "final"
+    if state["adapter"]:
+        shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
+    from selfevolve.metrics import KEYS
+    run.finish(before=state["before"], after={k: after[k] for k in KEYS}, adapter="adapters/final",
+               evaluations=state["history"])

@@ -1,0 +1,105 @@
+"""SCoRe: the stage objectives on real rollouts, the collapse warning, and the recipe end to
+end through the CLI (stored traces, adapters, metrics, ablation flags, resume)."""
+
+import json
+
+import pytest
+import torch
+
+from selfevolve import arith
+from selfevolve.store import TraceStore
+from tests.recipes.resume import check_kill_and_resume
+from tests.test_cli import cli
+
+SMALL = ["recipe=score", "stage1_steps=1", "stage2_steps=2", "batch_tasks=8", "train_tasks=40", "eval_limit=8",
+         "eval_every=2", "checkpoint_every=1", "max_new_tokens=24"]
+
+
+def _cfg(tmp_path, **kw):
+    from selfevolve.config import build
+    from selfevolve.recipes.score import ScoreConfig
+    return build(ScoreConfig, {"recipe": "score", "run_dir": str(tmp_path / "r"), "max_new_tokens": 24, **kw})
+
+
+def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
+    from selfevolve.recipes.score import attempt_batches, rollouts, score_loss
+    from selfevolve.run import Run
+    from selfevolve.sync import trainable_model
+
+    cfg = _cfg(tmp_path)
+    run = Run(cfg)
+    traces, _, _ = rollouts(tiny, arith.tasks("train", n=16), run.verifier, cfg, 0, run)
+    assert all(len(t.turns) == 2 and t.turns[1].score is not None for t in traces)
+    learner = trainable_model("tiny", r=4, alpha=8)
+    batches = attempt_batches(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
+    r1 = torch.tensor([1.0, 0.0] * 8)
+    r2 = torch.tensor([1.0, 1.0, 0.0, 0.0] * 4)
+    # a fresh adapter is the base model: no KL yet
+    _, s1 = score_loss(learner, batches, r1, r2, 1, cfg)
+    assert s1["pg_t1"] == 0.0 and s1["kl_t1"] == pytest.approx(0.0, abs=1e-6)  # Stage I: no reward on y1
+    _, s2 = score_loss(learner, batches, r1, r2, 2, cfg)
+    assert s2["pg_t1"] != 0.0
+    # move the adapter: KL becomes positive, and the first attempt's weight is β2 in Stage I
+    with torch.no_grad():
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    loss1, s1 = score_loss(learner, batches, r1, r2, 1, cfg)
+    assert s1["kl_t1"] > 0 and s1["kl_t2"] > 0
+    assert loss1.item() == pytest.approx(s1["pg_t2"] + cfg.beta2 * s1["kl_t1"] + cfg.beta1 * s1["kl_t2"], abs=1e-4)
+    # alpha=0: the second attempt's reward is r(y2) alone
+    no_shaping = _cfg(tmp_path, alpha=0.0)
+    _, a = score_loss(learner, batches, r1, r2, 2, no_shaping)
+    _, b = score_loss(learner, batches, r1, r2, 2, cfg)
+    assert a["pg_t1"] == pytest.approx(b["pg_t1"]) and a["pg_t2"] != pytest.approx(b["pg_t2"])
+
+
+def test_collapse_warning(tmp_path, capsys):
+    from selfevolve.recipes.score import warn_collapse
+    from selfevolve.run import Run
+
+    cfg = _cfg(tmp_path, collapse_patience=2)
+    run = Run(cfg)
+    ok = {"stage": 2, "edit_ratio": 0.05, "delta": 0.01}
+    warn_collapse(cfg, [{"step": 1, **ok}], run)
+    assert "collapse" not in capsys.readouterr().err
+    warn_collapse(cfg, [{"step": 1, **ok, "edit_ratio": 0.0}], run)
+    assert "copies the first" in capsys.readouterr().err
+    warn_collapse(cfg, [{"step": 1, **ok, "delta": 0.0}, {"step": 2, **ok, "delta": -0.01}], run)
+    assert "revisions do not help" in capsys.readouterr().err
+    assert [m["warning"] for m in run.metrics() if "warning" in m][-1].startswith("delta <= 0")
+
+
+def test_two_step_run_through_the_cli(tmp_path):
+    d = tmp_path / "run"
+    r = cli("run", *SMALL, f"run_dir={d}")
+    assert r.returncode == 0, r.stderr
+    store = TraceStore(d / "traces.sqlite")
+    steps = {s: store.query(round=s, meta={"stage": 1 if s == 0 else 2}) for s in range(3)}
+    assert [len(v) for v in steps.values()] == [8, 8, 8]
+    assert {t.policy_version for t in steps[0]} == {None}          # the base model sampled step 1
+    assert {t.policy_version for t in steps[1]} == {"step-1"}      # then each update, synced
+    assert {t.policy_version for t in steps[2]} == {"step-2"}
+    assert all(len(t.turns) == 2 and all(x.feedback is not None for x in t.turns) for v in steps.values() for t in v)
+    assert sorted(p.name for p in (d / "adapters").iterdir()) == ["final", "step-3"]
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if "reward_t1" in m]
+    assert [m["step"] for m in train] == [1, 2, 3] and [m["stage"] for m in train] == [1, 2, 2]
+    for k in ("reward_t2", "kl_t1", "kl_t2", "loss", "time_generate", "time_verify", "time_train", "time_sync"):
+        assert all(k in m for m in train)
+    evals = [m["eval"] for m in lines if "eval" in m]
+    assert evals == ["before", "step-1", "step-2", "step-3"]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["after"]["n"] == 8 and [e["step"] for e in summary["evaluations"]] == [1, 2, 3]
+
+
+def test_ablation_without_stage_one(tmp_path):
+    d = tmp_path / "run"
+    r = cli("run", *SMALL, "stage1_steps=0", "alpha=0", f"run_dir={d}")
+    assert r.returncode == 0, r.stderr
+    store = TraceStore(d / "traces.sqlite")
+    assert store.count(meta={"stage": 1}) == 0 and store.count(meta={"stage": 2}) == 16
+
+
+def test_killed_and_resumed_run_ends_the_same(tmp_path):
+    check_kill_and_resume(SMALL, tmp_path)
