@@ -14,11 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_generation  # noqa: E402
+import bench_score  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve]
+BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_score]
 
 
 def machine() -> str:
@@ -32,7 +33,7 @@ def machine() -> str:
 
 def main() -> None:
     """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
-    verifiers, sft, serve); sections of benchmarks not run stay as they were, each with its
+    verifiers, sft, serve, score); sections of benchmarks not run stay as they were, each with its
     own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
@@ -46,7 +47,7 @@ def main() -> None:
         lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in r["ratios"]] + [""]
         sections[r["title"]] = "\n".join(lines)
         print(sections[r["title"]])
-    head = ["# Benchmarks", "", "- command: `pip install -e \".[bench]\" && python bench/run.py [generation|verifiers|sft|serve]`",
+    head = ["# Benchmarks", "", "- command: `pip install -e \".[bench]\" && python bench/run.py [generation|verifiers|sft|serve|score]`",
             "- each section names the date and machine it was measured on", ""]
     path.write_text("\n".join(head) + "\n" + "\n".join(sections.values()))
 

@@ -17,8 +17,9 @@ r ∈ {0, 1} is the verifier's score; π_ref is the base model (the adapter swit
 
 Estimator: on-policy REINFORCE, one gradient step per batch of `batch_tasks` fresh episodes.
 Each attempt's tokens are credited with that attempt's own reward (r(y1) for y1, r̂(y2) for
-y2); a leave-one-out batch-mean baseline per attempt, scaled by the batch std
-(`losses.baseline_advantage`). KL per token with the k3 estimator against the frozen base.
+y2); the baseline is the leave-one-out batch mean per attempt, and advantages are divided
+by the batch std (`losses.baseline_advantage`; `scale_advantages=false` keeps raw scale).
+KL per token with the k3 estimator against the frozen base.
 
 Every step: rollouts through the selfevolve loop (`refine_batch`, temperature 1), rewards
 from the run's verifier, every episode stored in the TraceStore (round = step, meta.stage,
@@ -55,7 +56,7 @@ from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy, resolve_model_path
 from selfevolve.run import Run
 from selfevolve.sync import publish, resume_serving, trainable_model
-from selfevolve.training import encode_chat, pad_batch, token_logprobs
+from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -71,10 +72,11 @@ class ScoreConfig(RecipeConfig):
     batch_tasks: int = Field(64, ge=2, description="episodes (prompts) per update")
     train_split: str = Field("train", description="split the rollouts' prompts come from")
     train_tasks: int = Field(5000, ge=2, description="pool of training prompts")
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate for the LoRA adapter")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate for the LoRA adapter")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    scale_advantages: bool = Field(True, description="divide each attempt's advantages by the batch std")
     eval_every: int = Field(40, ge=1, description="held-out evaluation every this many steps (and at each stage's end)")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
     collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the held-out edit ratio falls below this")
@@ -100,31 +102,37 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     return traces, t1 - t0, time.perf_counter() - t1
 
 
-def attempt_batches(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
-    """Teacher-forced batches for the first and the second attempt, labels on that attempt."""
-    first, second = [], []
-    for t in traces:
-        x, y1, y2 = t.task.prompt, t.turns[0].response, t.turns[1].response
-        first.append(encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y1}], "last"))
-        second.append(encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y1},
-                                              {"role": "user", "content": instruction},
-                                              {"role": "assistant", "content": y2}], "last"))
-    return pad_batch(first, pad_id), pad_batch(second, pad_id)
+def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
+    """One teacher-forced batch of whole episodes (x, y1, I, y2) and the masks of the first
+    and the second attempt's tokens: one forward pass scores both attempts (the first
+    attempt's context is the same prefix either way)."""
+    rows = [encode_chat(tokenizer, [{"role": "user", "content": t.task.prompt},
+                                    {"role": "assistant", "content": t.turns[0].response},
+                                    {"role": "user", "content": instruction},
+                                    {"role": "assistant", "content": t.turns[1].response}], "assistant") for t in traces]
+    batch = pad_batch(rows, pad_id)
+    labelled = batch["labels"][:, 1:] != IGNORE
+    # the second attempt's span starts at the last labelled run: cumsum of run starts
+    starts = labelled & ~torch.nn.functional.pad(labelled, (1, 0))[:, :-1]
+    run_index = starts.long().cumsum(-1)
+    return batch, labelled & (run_index == 1), labelled & (run_index == 2)
 
 
-def score_loss(learner, batches, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig) -> tuple[torch.Tensor, dict]:
+def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log."""
     if stage == 1:
-        adv = (torch.zeros_like(r1), baseline_advantage(r2))      # only r(y2) is maximised
+        adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))      # only r(y2) is maximised
         betas = (cfg.beta2, cfg.beta1)
     else:
-        adv = (baseline_advantage(r1), baseline_advantage(shaped_reward(r1, r2, cfg.alpha)))
+        adv = (baseline_advantage(r1, cfg.scale_advantages),
+               baseline_advantage(shaped_reward(r1, r2, cfg.alpha), cfg.scale_advantages))
         betas = (cfg.beta1, cfg.beta1)
+    batch, *masks = episode
+    logp, _ = token_logprobs(learner, batch)
+    with torch.no_grad(), learner.disable_adapter():
+        ref, _ = token_logprobs(learner, batch)
     loss, parts = 0.0, {}
-    for k, (batch, a, beta) in enumerate(zip(batches, adv, betas), start=1):
-        logp, mask = token_logprobs(learner, batch)
-        with torch.no_grad(), learner.disable_adapter():
-            ref, _ = token_logprobs(learner, batch)
+    for k, (mask, a, beta) in enumerate(zip(masks, adv, betas), start=1):
         kl = kl_per_sequence(logp, ref, mask).mean()
         pg = reinforce_loss(logp, mask, a)
         loss = loss + pg + beta * kl
@@ -182,7 +190,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
             r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
-            loss, parts = score_loss(learner, attempt_batches(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg)
+            loss, parts = score_loss(learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in learner.parameters() if p.requires_grad], cfg.max_grad_norm)

@@ -22,7 +22,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
-    from selfevolve.recipes.score import attempt_batches, rollouts, score_loss
+    from selfevolve.recipes.score import episode_batch, rollouts, score_loss
     from selfevolve.run import Run
     from selfevolve.sync import trainable_model
 
@@ -31,7 +31,7 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     traces, _, _ = rollouts(tiny, arith.tasks("train", n=16), run.verifier, cfg, 0, run)
     assert all(len(t.turns) == 2 and t.turns[1].score is not None for t in traces)
     learner = trainable_model("tiny", r=4, alpha=8)
-    batches = attempt_batches(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
+    batches = episode_batch(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
     r1 = torch.tensor([1.0, 0.0] * 8)
     r2 = torch.tensor([1.0, 1.0, 0.0, 0.0] * 4)
     # a fresh adapter is the base model: no KL yet
