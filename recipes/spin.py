@@ -1,0 +1,181 @@
+"""spin — SPIN: self-play fine-tuning against your own previous iterate.
+
+    selfevolve run recipe=spin seed=0
+
+Chen et al., "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models"
+(arXiv 2401.01335). Given an SFT dataset of prompts x with gold responses y, iteration t:
+
+    opponent:  y' ~ pθt(·|x)                                  (pθt: the previous iterate, frozen)
+    train:     θ_{t+1} = argmin_θ  E[ −log σ( λ·[ (log pθ(y|x) − log pθt(y|x))
+                                               − (log pθ(y'|x) − log pθt(y'|x)) ] ) ]
+
+starting from θt (pθ0 is the base model). The trained model is the next opponent: it is
+published to the served policy (verified sync), which generates the next y'. λ = 0.1 (the
+paper's β). `mix_previous=true` also trains on iteration t−1's pairs, as the paper did
+(their reference log-probabilities recomputed under the current opponent).
+
+Every opponent sample is stored in the TraceStore with its gold response and whether it
+formed a pair (meta.phase = "opponent", meta.gold, meta.pair); metrics.jsonl has, per
+step, the loss, the implicit rewards λ·(log pθ − log pθt) of gold and self and their margin,
+and the mean log-probability of gold and of self responses.
+
+Deviations, for the tiny world on 2 CPU cores: `train_tasks=1000` prompts per iteration;
+the gold response is the data's reference in `gold_template` ("The answer is {reference}."
+on arith; a dataset whose answer column holds whole responses uses "{reference}"); pairs
+where y' equals y are dropped (their loss is the constant log 2, zero gradient); opponent
+samples at temperature 1; LoRA (the adapter continues across iterations) instead of full
+fine-tuning; 2 epochs per iteration.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field
+
+from selfevolve.config import RecipeConfig
+from selfevolve.data import tasks_for
+from selfevolve.losses import spin_loss
+from selfevolve.policies import HFPolicy
+from selfevolve.run import Run
+from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.training import encode_chat, pad_batch, token_logprobs
+from selfevolve.types import SamplingParams, Trace
+
+
+class SpinConfig(RecipeConfig):
+    recipe: str = "spin"
+    iterations: int = Field(3, ge=1, description="self-play iterations")
+    lam: float = Field(0.1, gt=0, description="λ in the SPIN loss (the paper's beta)")
+    mix_previous: bool = Field(True, description="also train on the previous iteration's pairs (the paper)")
+    gold_template: str = Field("The answer is {reference}.", description="gold response built from the reference")
+    train_split: str = Field("train", description="split the SFT prompts come from")
+    train_tasks: int = Field(1000, ge=1, description="prompts per iteration")
+    temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
+    epochs: int = Field(2, ge=1, description="passes over the pairs per iteration")
+    lr: float = Field(3e-5, gt=0, description="AdamW learning rate (higher rates collapse the gold likelihood, see README)")
+    pair_batch_size: int = Field(32, ge=1, description="pairs per optimizer step")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+
+
+def gold(task, cfg: SpinConfig) -> str:
+    return cfg.gold_template.format(reference=task.reference)
+
+
+def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -> list[Trace]:
+    """y' from the current opponent for every prompt; stored with the gold response."""
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration)
+    outs = policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling)
+    traces = [Trace(task=t, turns=[o[0]], policy_version=policy.active_adapter, recipe=cfg.recipe, run=run.name,
+                    round=iteration, meta={"phase": "opponent", "gold": gold(t, cfg), "pair": o[0].response != gold(t, cfg)})
+              for t, o in zip(tasks, outs)]
+    run.store.append(traces)
+    return traces
+
+
+def sequence_logprobs(model, tokenizer, pad_id: int, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Σ log p(response | prompt) per pair (the response's tokens and its end token)."""
+    rows = [encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}], "last")
+            for x, y in zip(prompts, responses)]
+    lp, _ = token_logprobs(model, pad_batch(rows, pad_id, next(model.parameters()).device))
+    return lp.sum(-1)
+
+
+@torch.no_grad()
+def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> list[tuple[float, float]]:
+    """log pθt(y|x) and log pθt(y'|x) for every pair, computed once before the iteration trains."""
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        xs = [p["prompt"] for p in chunk]
+        g = sequence_logprobs(model, tokenizer, pad_id, xs, [p["gold"] for p in chunk])
+        s = sequence_logprobs(model, tokenizer, pad_id, xs, [p["self"] for p in chunk])
+        out += list(zip(g.tolist(), s.tolist()))
+    return out
+
+
+def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, run: Run, bar) -> dict:
+    """Epochs of the SPIN loss over the pairs; one metrics line per step."""
+    refs = opponent_logprobs(learner, tokenizer, pad_id, pairs)
+    learner.train()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    step_stats = []
+    for epoch in range(cfg.epochs):
+        order = list(range(len(pairs)))
+        random.Random(f"{cfg.seed}:{iteration}:{epoch}").shuffle(order)
+        for i in range(0, len(order), cfg.pair_batch_size):
+            idx = order[i: i + cfg.pair_batch_size]
+            xs = [pairs[j]["prompt"] for j in idx]
+            lg = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in idx])
+            ls = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in idx])
+            loss, r_gold, r_self = spin_loss(lg, ls, torch.tensor([refs[j][0] for j in idx]),
+                                             torch.tensor([refs[j][1] for j in idx]), cfg.lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            stats = {"iteration": iteration, "epoch": epoch, "loss": round(loss.item(), 5),
+                     "reward_gold": round(r_gold.mean().item(), 5), "reward_self": round(r_self.mean().item(), 5),
+                     "reward_margin": round((r_gold - r_self).mean().item(), 5),
+                     "logp_gold": round(lg.mean().item(), 4), "logp_self": round(ls.mean().item(), 4)}
+            run.log(**stats)
+            step_stats.append(stats)
+            bar.advance()
+    learner.eval()
+    last = step_stats[-max(1, len(step_stats) // cfg.epochs):]
+    return {k: round(sum(s[k] for s in last) / len(last), 5) for k in ("loss", "reward_margin", "logp_gold", "logp_self")}
+
+
+def main(cfg: SpinConfig, run: Run) -> None:
+    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    tokenizer, pad_id = policy.tokenizer, policy.pad_id
+    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
+    missing = next((t for t in tasks if t.reference is None), None)
+    if missing is not None:
+        from selfevolve.config import UserError
+        raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
+    learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+    state = run.restore()
+    if state is None:
+        state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
+    else:
+        set_peft_model_state_dict(learner, state["learner"])
+        opt.load_state_dict(state["optimizer"])
+        if state["adapter"]:
+            policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}")
+
+    for it in range(state["iteration"], cfg.iterations):
+        t0 = time.perf_counter()
+        samples = opponent_samples(policy, tasks, cfg, it, run)
+        rounds = [it - 1, it] if cfg.mix_previous and it > 0 else [it]
+        pairs = [{"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response}
+                 for r in rounds for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})]
+        t_sample = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:
+            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, run, bar) if pairs else {}
+        t_train = time.perf_counter() - t0
+
+        path = run.dir / "adapters" / f"iter-{it}"
+        if state["adapter"]:
+            policy.unload_adapter(f"iter-{it - 1}")
+        policy = publish(policy, learner, tokenizer, path, f"iter-{it}")   # the next opponent
+        metrics = run.evaluate(policy, f"iteration-{it}", round=it)
+        n_pairs = sum(t.meta["pair"] for t in samples)
+        run.log(iteration=it, pairs=len(pairs), new_pairs=n_pairs, same_as_gold=len(samples) - n_pairs,
+                time_sample=round(t_sample, 2), time_train=round(t_train, 2), **{f"last_{k}": v for k, v in stats.items()})
+        state["history"].append({"iteration": it, "pairs": len(pairs), **stats, **metrics})
+        state.update(iteration=it + 1, adapter=str(path))
+        run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
+
+    from selfevolve.metrics import KEYS
+    last = state["history"][-1]
+    run.finish(before=state["before"], after={k: last[k] for k in KEYS}, adapter=f"adapters/iter-{cfg.iterations - 1}",
+               iterations=state["history"])
