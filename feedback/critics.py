@@ -131,3 +131,13 @@ def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=N
             raise UserError("critic=judge needs judge= (a model directory, `tiny`, or an http(s):// endpoint)")
         return JudgeCritic(judge, sampling=sampling, memory=memory, **kw)
     raise UserError(f"critic={name}: choose one of {', '.join(CRITICS)}")
+
+
+def critic_from_config(cfg, policy, verifier):
+    """The critic a config's `critic=`, `judge=`, `critique_prompt=`, `reveal_reference=` and
+    `memory=` keys describe (None for critic=none)."""
+    from ..policies import load_policy
+
+    judge = load_policy(cfg.judge) if cfg.critic == "judge" and cfg.judge else None
+    return get_critic(cfg.critic, policy=policy, verifier=verifier, judge=judge, template=cfg.critique_prompt,
+                      reveal_reference=cfg.reveal_reference, memory=cfg.memory, max_new_tokens=cfg.max_new_tokens)

@@ -21,9 +21,8 @@ STAR_HINT = "{prompt} (Hint: the answer is {answer}.)"
 # read from the critique: a line containing NO_ERRORS means "nothing to fix" (stop).
 NO_ERRORS = "no errors"
 CRITIQUE = (
-    "Review the answer to the question below. Check each step. If everything is right, reply "
-    "\"The answer has no errors.\" Otherwise say which step is wrong and why.\n\n"
-    "Question: {question}\n\nAnswer: {answer}{notes}"
+    "Check this answer. If it is right, reply \"The answer has no errors.\" Otherwise say what is wrong.\n"
+    "Question: {question}\nAnswer: {answer}{notes}"
 )
 
 # Reflexion-style memory: critiques of earlier attempts, most recent last.

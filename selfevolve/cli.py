@@ -30,6 +30,8 @@ RECIPES = {
     "rest_em": ("selfevolve.recipes.rest_em", "RestEMConfig"),
     "star": ("selfevolve.recipes.star", "StarConfig"),
     "score": ("selfevolve.recipes.score", "ScoreConfig"),
+    "spin": ("selfevolve.recipes.spin", "SpinConfig"),
+    "self_evolve": ("selfevolve.recipes.self_evolve", "SelfConfig"),
 }
 
 USAGE = __doc__.split("\n\n")[1]
@@ -99,12 +101,8 @@ def _policy(cfg):
 
 
 def _critic(cfg, policy, verifier):
-    from .feedback import get_critic
-    from .policies import load_policy
-
-    judge = load_policy(cfg.judge) if cfg.critic == "judge" and cfg.judge else None
-    return get_critic(cfg.critic, policy=policy, verifier=verifier, judge=judge, template=cfg.critique_prompt,
-                      reveal_reference=cfg.reveal_reference, memory=cfg.memory)
+    from .feedback.critics import critic_from_config
+    return critic_from_config(cfg, policy, verifier)
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
@@ -122,7 +120,8 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
-    metrics, _ = evaluate(_policy(cfg), tasks, verifier, max_turns=cfg.max_turns,
+    policy = _policy(cfg)
+    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=_critic(cfg, policy, verifier),
                           sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
     print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
     if cfg.out:

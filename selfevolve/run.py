@@ -66,6 +66,11 @@ class Run:
             self._verifier = get_verifier(self.cfg.verifier, workers=self.cfg.verify_workers)
         return self._verifier
 
+    def critic(self, policy):
+        """The critic evaluation uses between attempts (`critic=`; none: SCoRe's instruction)."""
+        from .feedback.critics import critic_from_config
+        return critic_from_config(self.cfg, policy, self.verifier)
+
     def _claim_dir(self) -> None:
         cfg_path = self.dir / "config.yaml"
         mine = self.cfg.model_dump(exclude=RESUME_FREE_KEYS)
@@ -149,7 +154,7 @@ class Run:
         c = self.cfg
         if self._eval_tasks is None:
             self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)
-        metrics, traces = evaluate(policy, self._eval_tasks, self.verifier, max_turns=c.max_turns,
+        metrics, traces = evaluate(policy, self._eval_tasks, self.verifier, max_turns=c.max_turns, critic=self.critic(policy),
                                    sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
                                    recipe=c.recipe, run=self.name, round=round, meta={"eval": which})
         self.store.append(traces)

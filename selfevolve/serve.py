@@ -154,12 +154,8 @@ class Server:
 
     def critic(self, name: str):
         if name not in self._critics:
-            from .feedback import get_critic
-            from .policies import load_policy
-            judge = load_policy(self.cfg.judge) if name == "judge" and self.cfg.judge else None
-            self._critics[name] = get_critic(name, policy=self.policy, verifier=self.verifier, judge=judge,
-                                             template=self.cfg.critique_prompt, reveal_reference=self.cfg.reveal_reference,
-                                             memory=self.cfg.memory)
+            from .feedback.critics import critic_from_config
+            self._critics[name] = critic_from_config(self.cfg.model_copy(update={"critic": name}), self.policy, self.verifier)
         return self._critics[name]
 
     def models(self) -> list[str]:

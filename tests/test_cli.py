@@ -17,7 +17,9 @@ def cli(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "recipe=pretrain", "--help"], ["eval", "--help"],
-                                  ["refine", "--help"], ["check", "--help"], ["recipes"]])
+                                  ["refine", "--help"], ["check", "--help"], ["serve", "--help"], ["recipes"],
+                                  ["run", "recipe=score", "--help"], ["run", "recipe=star", "--help"],
+                                  ["run", "recipe=spin", "--help"], ["run", "recipe=self_evolve", "--help"]])
 def test_help_everywhere(args):
     r = cli(*args)
     assert r.returncode == 0 and r.stdout.strip()
@@ -120,3 +122,20 @@ def test_check_reports_failures(tmp_path):
     result = json.loads(out.read_text())
     assert result["passed"] == 1 and result["total"] == 2 and result["failures"][0]["task_id"].endswith("2")
     assert "cannot parse the reference" in result["failures"][0]["text"]
+
+
+def test_refine_with_a_verifier_critic_prints_the_critiques():
+    r = cli("refine", "prompt=What is 7 + 8 - 3 + 4?", "reference=16", "critic=verifier", "max_turns=3", "json=true")
+    assert r.returncode == 0, r.stderr
+    trace = json.loads(r.stdout)
+    critiques = [t["critique"] for t in trace["turns"] if t["critique"]]
+    assert all(c["source"] == "verifier" for c in critiques)
+    assert all("16" not in c["text"] for c in critiques if c["details"]["verdict"] == "wrong")
+
+
+@pytest.mark.parametrize("args,words", [(["serve", "port=abc"], "port"), (["serve", "model=/nonexistent"], "model="),
+                                        (["refine", "prompt=x", "critic=oracle"], "critic"),
+                                        (["refine", "prompt=x", "critic=judge"], "judge=")])
+def test_serve_and_critic_bad_input(args, words):
+    r = cli(*args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr

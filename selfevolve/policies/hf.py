@@ -163,11 +163,21 @@ class HFPolicy:
                 bar.advance()
         return out
 
+    def _fit(self, prompt: list[int], sampling: SamplingParams) -> list[int]:
+        """A prompt longer than the context allows (keeping room for some of the answer) is
+        cut from the left, with a warning: one long conversation must not stop a batch or
+        a run. Requests that must not be cut are checked before (the server does)."""
+        room = self.max_positions - min(sampling.max_new_tokens, max(1, self.max_positions // 4))
+        if len(prompt) <= room:
+            return prompt
+        import warnings
+        warnings.warn(f"a prompt of {len(prompt)} tokens was cut to its last {room} (model context {self.max_positions})")
+        return prompt[-room:]
+
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Turn]]:
+        prompts = [self._fit(p, sampling) for p in prompts]
         width = max(len(p) for p in prompts)
         budget = min(sampling.max_new_tokens, self.max_positions - width)
-        if budget < 1:
-            raise UserError(f"prompt of {width} tokens leaves no room to generate (model context {self.max_positions})")
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, p in enumerate(prompts):
