@@ -20,7 +20,10 @@ def test_publish_serves_the_learner_and_the_canary_agrees(tmp_path):
     assert policy.prompt_logprob(CANARY) == pytest.approx(text_logprob(learner, policy.tokenizer), abs=1e-4)
     assert abs(policy.prompt_logprob(CANARY) - base) > 1e-3
 
-    sft(learner, policy.tokenizer, CONVS, epochs=1, lr=5e-3, batch_size=4)  # learner moves on, not synced
+    with torch.no_grad():  # the learner moves on; the policy still serves the old version
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
     with pytest.raises(SyncError, match="canary"):
         verify_sync(policy, "u1", text_logprob(learner, policy.tokenizer))
     policy.set_adapter(None)
