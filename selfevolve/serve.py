@@ -142,7 +142,6 @@ class Server:
         self.queue: asyncio.Queue | None = None
         self._critics: dict[str, Any] = {}
         self._verifier = None
-        self.batches: list[int] = []  # sizes of the batched calls made (for the benchmark)
 
     # resolved lazily: a server without refinement requests never builds them
     @property
@@ -208,14 +207,13 @@ class Server:
         adapter, sampling_json = key[0], key[1]
         self.policy.set_adapter(adapter)
         sampling = SamplingParams.model_validate_json(sampling_json)
-        self.batches.append(len(payloads))
         if kind == "chat":
             return self.policy.generate(payloads, sampling)
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
         from .loop import refine_batch
         max_turns, critic = key[2], key[3]
-        traces = refine_batch([p for p in payloads], self.policy, self.verifier, self.critic(critic), max_turns,
+        traces = refine_batch(payloads, self.policy, self.verifier, self.critic(critic), max_turns,
                               sampling=sampling, stop_when_correct=False, recipe="serve", run="serve")
         self.store.append(traces)
         return traces
