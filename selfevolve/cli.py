@@ -5,6 +5,7 @@
     selfevolve refine prompt="..." key=value ...  self-refine one prompt
     selfevolve check data=... verifier=...        run the verifier on every task's reference
     selfevolve serve model=... port=8000          OpenAI-compatible server (plain or self-refining)
+    selfevolve traces RUN_DIR key=value ...       list, filter, show and export a run's traces
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
@@ -221,7 +222,17 @@ def cmd_serve(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
+def cmd_traces(overrides: dict, want_help: bool) -> int:
+    from . import traces
+
+    if want_help:
+        print(f"{traces.__doc__.strip()}\n\nkeys:\n{help_text(traces.TracesConfig)}")
+        return 0
+    traces.main(build(traces.TracesConfig, overrides))
+    return 0
+
+
+COMMANDS = {"traces": cmd_traces, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
             "serve": cmd_serve}
 
 
@@ -231,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage:\n{USAGE}\n\n`selfevolve COMMAND --help` lists a command's keys.")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "traces" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"run_dir={rest[0]}", *rest[1:]]  # `selfevolve traces RUN_DIR ...`
     want_help = any(a in ("-h", "--help") for a in rest)
     rest = [a for a in rest if a not in ("-h", "--help")]
     debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
