@@ -31,7 +31,7 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.sync import publish, serve_update, trainable_model
 from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Trace
 
@@ -84,7 +84,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
     if state is None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
+        policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()

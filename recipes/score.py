@@ -55,7 +55,7 @@ from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_los
 from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy, resolve_model_path
 from selfevolve.run import Run
-from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.sync import publish, serve_update, trainable_model
 from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
@@ -177,7 +177,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
         if state["adapter"]:
-            policy = resume_serving(policy, state["adapter"], f"step-{state['step']}")
+            policy = serve_update(policy, state["adapter"], f"step-{state['step']}")
 
     t_ckpt = 0.0
     with run.progress("score", total=total, completed=state["step"]) as bar:

@@ -43,7 +43,7 @@ from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
 from selfevolve.policies import HFPolicy, load_policy
 from selfevolve.run import Run
-from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.sync import publish, serve_update, trainable_model
 from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Trace
 
@@ -119,15 +119,13 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
 
 def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -> list[Trace]:
     """Answer, self-critique, self-refine unlabeled prompts; filter; store all."""
-    unlabeled = [t.model_copy(update={"reference": None}) for t in tasks]   # the model never sees answers
+    # No verifier in the loop: the model answers, critiques and refines without any answer.
     critic = SelfCritic(policy, sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.critique_tokens))
-    traces = refine_batch(unlabeled, policy, None, critic, max_turns=2, stop_when_correct=False, recipe=cfg.recipe,
+    traces = refine_batch(tasks, policy, None, critic, max_turns=2, stop_when_correct=False, recipe=cfg.recipe,
                           run=run.name, round=iteration, meta={"phase": "evolve", "filter": cfg.filter},
                           sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                                   seed=cfg.seed * 1000 + iteration))
     if cfg.filter == "verifier":
-        for tr, task in zip(traces, tasks):
-            tr.task = task   # the reference, for the filter only (after generation)
         finals = verifier.verify_batch(tasks, [t.final for t in traces])
         for tr, fb in zip(traces, finals):
             tr.turns[-1].feedback = fb
@@ -156,7 +154,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
     if state is None:
         state = {"phase": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = resume_serving(policy, state["adapter"], f"phase-{state['phase'] - 1}")
+        policy = serve_update(policy, state["adapter"], f"phase-{state['phase'] - 1}")
 
     # Phase 0: meta-skill learning; phases 1..iterations: self-evolution. Each continues the adapter.
     for phase in range(state["phase"], cfg.iterations + 1):

@@ -41,7 +41,7 @@ from selfevolve.data import tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.sync import publish, serve_update, trainable_model
 from selfevolve.training import encode_chat, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
@@ -149,7 +149,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
         if state["adapter"]:
-            policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}")
+            policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()

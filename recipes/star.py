@@ -40,7 +40,7 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, resume_serving, trainable_model
+from selfevolve.sync import publish, serve_update, trainable_model
 from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Task, Trace
 
@@ -116,7 +116,7 @@ def main(cfg: StarConfig, run: Run) -> None:
     if state is None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None, "stalled": 0}
     elif state["adapter"]:
-        policy = resume_serving(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
+        policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
 
     for it in range(state["iteration"], cfg.iterations):
         if state["stalled"] >= cfg.patience:

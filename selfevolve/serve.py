@@ -232,7 +232,7 @@ class Server:
         return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
                               logprobs=bool(logprobs))
 
-    def check_length(self, ids_len: int, max_tokens: int) -> None:
+    def check_length(self, ids_len: int) -> None:
         limit = getattr(self.policy, "max_positions", None)
         if limit and ids_len + 1 > limit:
             raise HTTPError(400, f"the prompt is {ids_len} tokens; this model's context is {limit} tokens")
@@ -244,15 +244,14 @@ class Server:
         max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
         sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
         conv = [m.model_dump() for m in req.messages]
-        tokenizer = getattr(self.policy, "tokenizer", None)
-        if tokenizer is not None:
-            self.check_length(len(self.policy.encode_prompts([conv])[0]), max_tokens)
+        prompt_tokens = len(self.policy.encode_prompts([conv])[0]) if hasattr(self.policy, "encode_prompts") else 0
+        self.check_length(prompt_tokens)
         refine = req.refine if isinstance(req.refine, Refine) else (Refine() if req.refine or req.model.endswith(REFINE_SUFFIX) else None)
         created = int(time.time())
         if refine is None:
             turns = await self.submit("chat", (adapter, sampling.model_dump_json()), conv)
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs) for i, t in enumerate(turns)]
-            return self._chat_response(req.model, created, choices, conv, turns)
+            return self._chat_response(req.model, created, choices, prompt_tokens, turns)
         if req.n != 1:
             raise HTTPError(400, "refinement returns one answer; use n=1")
         if conv[-1]["role"] != "user" or any(m["role"] == "assistant" for m in conv):
@@ -266,7 +265,7 @@ class Server:
         task = Task(id=f"req-{uuid.uuid4().hex[:12]}", prompt=conv[-1]["content"], reference=refine.reference)
         trace = await self.submit("refine", (adapter, sampling.model_dump_json(), max_turns, critic), task)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
-        out = self._chat_response(req.model, created, [choice], conv, trace.turns)
+        out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
         out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns),
                              "scores": [t.score for t in trace.turns],
                              "critiques": [t.critique.text if t.critique else None for t in trace.turns]}
@@ -285,9 +284,8 @@ class Server:
                                               for t, lp in zip(turn.token_ids, turn.logprobs)]}
         return choice
 
-    def _chat_response(self, model, created, choices, conv, turns) -> dict:
+    def _chat_response(self, model, created, choices, prompt: int, turns) -> dict:
         completion = sum(len(t.token_ids or []) for t in turns)
-        prompt = len(self.policy.encode_prompts([conv])[0]) if hasattr(self.policy, "encode_prompts") else 0
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                               "total_tokens": prompt + completion}}
@@ -303,7 +301,7 @@ class Server:
         tok = self.policy.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
         for x in ids:
-            self.check_length(len(x), req.max_tokens)
+            self.check_length(len(x))
         results = await asyncio.gather(*[self.submit("complete", (adapter, sampling.model_dump_json()), p) for p in prompts])
         echoed = {}
         if req.echo and req.logprobs is not None:

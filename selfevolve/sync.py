@@ -78,30 +78,27 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
     return model
 
 
+def serve_update(policy, path: str | Path, name: str, lora: bool = True):
+    """Load a saved update into the serving side and return the policy that serves it: the
+    same object for an adapter (under `name`), a new HFPolicy for full weights. `publish`
+    uses it after saving; a resumed run uses it to serve its last update again."""
+    if lora:
+        policy.load_adapter(str(path), name)
+        return policy
+    from .policies import HFPolicy
+    return HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
+
+
 def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = True, tol: float = 1e-3):
     """Save the learner to `path`, serve it under `name`, verify, and return the policy that
-    now serves it (the same object for adapters; a new HFPolicy for full weights)."""
+    now serves it."""
     import shutil
 
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
-    expected = text_logprob(model, tokenizer)
-    if lora:
-        policy.load_adapter(str(path), name)
-        verify_sync(policy, name, expected, tol)
-        return policy
-    from .policies import HFPolicy
-    tokenizer.save_pretrained(path)
-    served = HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
-    verify_sync(served, None, expected, tol)
+    if not lora:
+        tokenizer.save_pretrained(path)
+    served = serve_update(policy, path, name, lora)
+    verify_sync(served, name if lora else None, text_logprob(model, tokenizer), tol)
     return served
-
-
-def resume_serving(policy, path: str, name: str, lora: bool = True):
-    """On resume: serve the last published update again (an adapter, or full weights)."""
-    if lora:
-        policy.load_adapter(path, name)
-        return policy
-    from .policies import HFPolicy
-    return HFPolicy(path, device=str(policy.device), batch_size=policy.batch_size)

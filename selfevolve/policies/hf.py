@@ -211,7 +211,7 @@ class HFPolicy:
     @torch.no_grad()
     def logprobs(self, conversations: list[Conversation]) -> list[float]:
         """Summed log-probability of each conversation's last assistant message under the
-        active adapter (the canary of verified sync compares these across policies)."""
+        active adapter."""
         rows = [encode_chat(self.tokenizer, c, train_on="last") for c in conversations]
         with self._adapter_context():
             lp, _ = token_logprobs(self.model, pad_batch(rows, self.pad_id, self.device))
