@@ -195,7 +195,7 @@ def main(cfg: PretrainConfig, run: Run) -> None:
             if (step + 1) % cfg.log_every == 0:
                 run.log(step=step + 1, loss=round(loss.item(), 5), lr=lr_at(cfg, step),
                         tokens=int(batch["attention_mask"].sum()), time_train=round(time.perf_counter() - t0, 4))
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or run.stop_requested:
                 run.checkpoint({**state, "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
 
     model.eval()

@@ -217,7 +217,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
                 metrics = run.evaluate(policy, f"step-{state['step']}", round=state["step"])
                 state["history"].append({"step": state["step"], "stage": stage, **metrics})
                 warn_collapse(cfg, state["history"], run)
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or run.stop_requested:
                 t0 = time.perf_counter()
                 run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
                 t_ckpt = time.perf_counter() - t0  # logged with the next step

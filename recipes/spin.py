@@ -99,8 +99,9 @@ def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> 
     return out
 
 
-def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, run: Run, bar) -> dict:
-    """Epochs of the SPIN loss over the pairs; one metrics line per step."""
+def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run, bar) -> dict:
+    """Epochs of the SPIN loss over the pairs; one metrics line per step (`step` counts the
+    optimizer steps of the whole run)."""
     refs = opponent_logprobs(learner, tokenizer, pad_id, pairs)
     learner.train()
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -119,7 +120,8 @@ def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, ite
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            stats = {"iteration": iteration, "epoch": epoch, "loss": round(loss.item(), 5),
+            step += 1
+            stats = {"step": step, "iteration": iteration, "epoch": epoch, "loss": round(loss.item(), 5),
                      "reward_gold": round(r_gold.mean().item(), 5), "reward_self": round(r_self.mean().item(), 5),
                      "reward_margin": round((r_gold - r_self).mean().item(), 5),
                      "logp_gold": round(lg.mean().item(), 4), "logp_self": round(ls.mean().item(), 4)}
@@ -128,7 +130,7 @@ def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, ite
             bar.advance()
     learner.eval()
     last = step_stats[-max(1, len(step_stats) // cfg.epochs):]
-    return {k: round(sum(s[k] for s in last) / len(last), 5) for k in ("loss", "reward_margin", "logp_gold", "logp_self")}
+    return {"steps": step, **{k: round(sum(s[k] for s in last) / len(last), 5) for k in ("loss", "reward_margin", "logp_gold", "logp_self")}}
 
 
 def main(cfg: SpinConfig, run: Run) -> None:
@@ -160,7 +162,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:
-            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, run, bar) if pairs else {}
+            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state.get("steps", 0), run, bar) if pairs else {}
+        state["steps"] = stats.pop("steps", state.get("steps", 0))
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"iter-{it}"

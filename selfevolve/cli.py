@@ -6,6 +6,7 @@
     selfevolve check data=... verifier=...        run the verifier on every task's reference
     selfevolve serve model=... port=8000          OpenAI-compatible server (plain or self-refining)
     selfevolve traces RUN_DIR key=value ...       list, filter, show and export a run's traces
+    selfevolve report RUN_DIR [RUN_DIR ...]       HTML report with plots (several runs overlaid)
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
@@ -14,10 +15,15 @@ keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
 
 from __future__ import annotations
 
+import errno
 import importlib
 from importlib.resources import files
 import json
+import os
+import signal
+import sqlite3
 import sys
+import warnings
 from pathlib import Path
 
 from pydantic import Field
@@ -74,7 +80,7 @@ def _config_path(name: str) -> Path:
 def cmd_run(overrides: dict, want_help: bool) -> int:
     import torch
 
-    from .run import Run
+    from .run import Run, Stopped
 
     name = overrides.pop("recipe", None)
     if name is None:
@@ -86,7 +92,15 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
     cfg = resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})
     torch.manual_seed(cfg.seed)
     run = Run(cfg)
-    mod.main(cfg, run)
+    previous = signal.signal(signal.SIGINT, run.request_stop)
+    try:
+        mod.main(cfg, run)
+    except Stopped as e:
+        print(f"selfevolve run: {e}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        run.trackers.close()
     print(f"run directory: {run.dir}")
     return 0
 
@@ -232,7 +246,19 @@ def cmd_traces(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-COMMANDS = {"traces": cmd_traces, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
+def cmd_report(overrides: dict, want_help: bool) -> int:
+    from . import report
+
+    if want_help:
+        print(f"{report.__doc__.strip()}\n\nkeys:\n{help_text(report.ReportConfig)}")
+        return 0
+    if "runs" not in overrides:
+        raise UserError("report needs at least one run directory: selfevolve report RUN_DIR [RUN_DIR ...]")
+    report.main(build(report.ReportConfig, overrides))
+    return 0
+
+
+COMMANDS = {"traces": cmd_traces, "report": cmd_report, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
             "serve": cmd_serve}
 
 
@@ -244,9 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "traces" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"run_dir={rest[0]}", *rest[1:]]  # `selfevolve traces RUN_DIR ...`
+    if cmd == "report":  # `selfevolve report A B ...`: the words without `=` are run directories
+        runs = [a for a in rest if "=" not in a and not a.startswith("-")]
+        rest = [a for a in rest if a not in runs] + ([f"runs={json.dumps(runs)}"] if runs else [])
     want_help = any(a in ("-h", "--help") for a in rest)
     rest = [a for a in rest if a not in ("-h", "--help")]
     debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    from .progress import enabled
+    if not enabled():  # quiet where nobody watches: transformers' loading bars too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported (main() called in-process): tell it directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    # peft calls a transformers API that warns of its own deprecation; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         if cmd not in COMMANDS:
             raise UserError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
@@ -255,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"selfevolve {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.OperationalError) as e:
+        # Disk full (or a quota, or a file-size limit) while writing: say so in one line.
+        # Every write of a run is atomic or rolled back, so what is on disk stays readable.
+        full = isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "disk I/O" in str(e)) or \
+            getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or type(e).__name__ == "WriteFailed"
+        if debug or not full:
+            raise
+        where = getattr(e, "filename", None) or "the trace store"
+        print(f"selfevolve {cmd}: error: could not write {where} ({getattr(e, 'strerror', None) or e}); disk full? "
+              f"Free space and rerun with resume=true: the run continues from its last checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true", file=sys.stderr)

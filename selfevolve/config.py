@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class UserError(Exception):
@@ -54,7 +54,17 @@ class RecipeConfig(BaseModel):
     max_turns: int = Field(2, ge=1, description="attempts per task in evaluation")
     max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
+    logger: str = Field("jsonl", description="also log to: tensorboard | wandb | trackio | mlflow (comma-separated; jsonl is always on)")
     debug: bool = Field(False, description="show tracebacks instead of one-line errors")
+
+    @field_validator("logger")
+    @classmethod
+    def _known_loggers(cls, v: str) -> str:
+        from .trackers import TRACKERS
+        bad = [n for n in v.split(",") if n.strip() not in TRACKERS]
+        if bad:
+            raise ValueError(f"unknown logger {bad[0].strip()!r}; choose from {', '.join(TRACKERS)}")
+        return v
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

@@ -7,6 +7,12 @@
                              metrics.jsonl and the trace store at that moment
     run_dir/adapters/        LoRA adapters the recipe saved
     run_dir/summary.json     `before` and `after` evaluation blocks
+    run_dir/report/          report.html + PNG plots, written at the end (selfevolve report)
+
+Stopping: Ctrl-C (SIGINT) asks the run to stop at its next checkpoint: the recipe writes it
+(SCoRe and pretraining checkpoint at the next step instead of waiting for
+`checkpoint_every`), `checkpoint` raises `Stopped`, and the CLI exits 130 with the resume
+command. A second Ctrl-C stops at once (the last checkpoint still holds).
 
 Resume for free: a recipe calls `run.restore()` once (None on a fresh start) and
 `run.checkpoint(state)` at safe points. Restoring truncates metrics.jsonl and the trace
@@ -17,9 +23,11 @@ uninterrupted one. Every file is written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,28 +40,46 @@ from .progress import progress
 from .store import TraceStore
 
 # Keys that may change between a run and its resume without changing its result.
-RESUME_FREE_KEYS = {"resume", "debug", "run_dir"}
+RESUME_FREE_KEYS = {"resume", "debug", "run_dir", "logger"}
+
+
+class WriteFailed(OSError):
+    """A file of the run could not be written (disk full, quota, file-size limit). What was
+    there before is intact: temp files are removed and appends are rolled back."""
 
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)
+
+
+class Stopped(Exception):
+    """Raised by `Run.checkpoint` after writing it when a stop was requested (SIGINT)."""
 
 
 class Run:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
+        self.stop_requested = False
         self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = self.dir.name
+        from .trackers import selected
+        selected(cfg.logger)  # a missing tracker package fails before anything is written
         self._claim_dir()
         (self.dir / "adapters").mkdir(exist_ok=True)
         (self.dir / "checkpoint").mkdir(exist_ok=True)
         self.store = TraceStore(self.dir / "traces.sqlite")
         self.metrics_path = self.dir / "metrics.jsonl"
+        from .trackers import Trackers
+        self.trackers = Trackers(cfg.logger, self.dir, self.name, cfg.model_dump(exclude=RESUME_FREE_KEYS))
         self._eval_tasks = None
         self._verifier = None
 
@@ -96,16 +122,32 @@ class Run:
     # --- metrics -----------------------------------------------------------------------
 
     def log(self, **metrics: Any) -> None:
-        """Append one JSON line to metrics.jsonl, durably."""
+        """Append one JSON line to metrics.jsonl, durably (a failed write is cut back off, so
+        the file never ends in half a line), and send it to the trackers."""
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            size = f.tell()
+            try:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                os.truncate(self.metrics_path, size)
+                raise WriteFailed(e.errno, e.strerror, str(self.metrics_path)) from None
+        self.trackers.log(metrics)
 
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise UserError(f"{self.metrics_path}:{i + 1}: not a JSON line") from None
+                # a torn last line (the process was killed mid-write): it was never logged
+        return out
 
     def _metrics_lines(self) -> int:
         return len(self.metrics())
@@ -119,8 +161,22 @@ class Run:
                 "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
         path = self.dir / "checkpoint" / "state.pt"
         tmp = path.with_name("state.pt.tmp")
-        torch.save(full, tmp)
+        try:
+            torch.save(full, tmp)
+        except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise WriteFailed(getattr(e, "errno", None) or errno.EIO, str(e).splitlines()[0][:120], str(path)) from None
         os.replace(tmp, path)
+        if self.stop_requested:
+            raise Stopped(f"stopped at a checkpoint; continue with: selfevolve run recipe={self.cfg.recipe} "
+                          f"run_dir={self.dir} resume=true")
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """SIGINT handler: the first stops at the next checkpoint, a second one at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping at the next checkpoint (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
     def restore(self) -> dict[str, Any] | None:
         """On resume, roll metrics and traces back to the last checkpoint and return the
@@ -162,9 +218,15 @@ class Run:
         return metrics
 
     def finish(self, before: dict | None, after: dict, **extra: Any) -> dict[str, Any]:
+        self.trackers.close()
         summary = {"recipe": self.cfg.recipe, "before": before, "after": after, **extra}
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(self.dir, before, after)
+        try:  # the results are on disk already; a plotting problem must not fail the run
+            from .report import write_report
+            print(f"report: {write_report([self.dir])}")
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`", file=sys.stderr)
         return summary
 
     def progress(self, description: str, total: int | None, completed: int = 0):

@@ -9,11 +9,12 @@ import pytest
 EXE = shutil.which("selfevolve")
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     assert EXE, "the selfevolve console script is not installed"
     return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp",
-                               **{k: v for k, v in __import__("os").environ.items() if k.startswith(("PYTHON", "VIRTUAL"))}})
+                               **{k: v for k, v in __import__("os").environ.items() if k.startswith(("PYTHON", "VIRTUAL"))},
+                               **(env or {})})
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "recipe=pretrain", "--help"], ["eval", "--help"],
@@ -44,31 +45,6 @@ def test_refine_prints_answer_and_json():
     r = cli("refine", "prompt=What is 12 + 30?", "reference=42", "json=true", "max_new_tokens=40")
     trace = json.loads(r.stdout)
     assert trace["task"]["reference"] == "42" and trace["turns"][0]["feedback"]["score"] in (0.0, 1.0)
-
-
-@pytest.mark.parametrize("args,match", [
-    (["eval", "limt=3"], "did you mean 'limit'"),
-    (["eval", "limit=three"], "limit"),
-    (["eval", "model=/nonexistent/model"], "no such directory"),
-    (["eval", "data=/nonexistent.jsonl"], "no such file"),
-    (["eval", "verifier=nope"], "unknown verifier"),
-    (["run", "recipe=scoree"], "unknown recipe"),
-    (["run"], "recipe=NAME"),
-    (["frobnicate"], "unknown command"),
-    (["eval", "out=/nonexistent/dir/m.json", "limit=1"], "does not exist"),
-])
-def test_bad_input_is_one_line_and_exit_2(args, match):
-    r = cli(*args)
-    assert r.returncode == 2, r.stderr
-    assert match in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-
-
-def test_malformed_dataset_names_the_line(tmp_path):
-    p = tmp_path / "mine.jsonl"
-    p.write_text('{"q": "What is 1 + 1?", "a": "2"}\n{"q": oops}\n')
-    r = cli("eval", f"data={p}", "prompt_field=q", "answer_field=a")
-    assert r.returncode == 2 and "mine.jsonl:line 2: malformed JSON" in r.stderr
 
 
 def test_user_dataset_with_renamed_fields(tmp_path):

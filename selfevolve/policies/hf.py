@@ -9,6 +9,9 @@ serves the adapter it just trained without a copy.
 
 from __future__ import annotations
 
+import json
+import re
+
 from importlib.resources import files
 from pathlib import Path
 
@@ -99,7 +102,13 @@ class HFPolicy:
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"adapter={path} does not fit model={self.path} ({str(e).splitlines()[0][:200]})") from None
+            base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            shapes = re.search(r"shape torch.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
+                               r"torch.Size\((\[[\d, ]*\])\)", str(e))
+            why = (f"weights of shape {shapes[1]} where this model has {shapes[2]}" if shapes
+                   else str(e).splitlines()[0][:160])
+            raise UserError(f"adapter={path} does not fit model={self.path}: it was trained for another base model"
+                            f"{f' ({base})' if base else ''}: {why}") from None
         self.model.eval()
         self.adapters[name] = str(p)
         self.set_adapter(name)

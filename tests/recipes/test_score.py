@@ -8,7 +8,7 @@ import torch
 
 from selfevolve import arith
 from selfevolve.store import TraceStore
-from tests.recipes.resume import check_kill_and_resume
+from tests.recipes.resume import check_kill_and_resume, check_sigint_and_resume
 from tests.test_cli import cli
 
 SMALL = ["recipe=score", "stage1_steps=1", "stage2_steps=2", "batch_tasks=8", "train_tasks=40", "eval_limit=8",
@@ -103,3 +103,8 @@ def test_ablation_without_stage_one(tmp_path):
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     check_kill_and_resume(SMALL, tmp_path)
+
+
+def test_ctrl_c_checkpoints_and_resumes(tmp_path):
+    # checkpoint_every is far away: the stop request itself makes the next step checkpoint
+    check_sigint_and_resume([*SMALL[:-2], "checkpoint_every=100", "max_new_tokens=24"], tmp_path)
