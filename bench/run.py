@@ -49,7 +49,7 @@ def main() -> None:
         print(sections[r["title"]])
     head = ["# Benchmarks", "", "- command: `pip install -e \".[bench]\" && python bench/run.py [generation|verifiers|sft|serve|score]`",
             "- each section names the date and machine it was measured on", ""]
-    path.write_text("\n".join(head) + "\n" + "\n".join(sections.values()))
+    path.write_text("\n".join(head) + "\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
 
 
 def _sections(text: str) -> dict[str, str]:
