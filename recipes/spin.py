@@ -146,7 +146,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
+        state = {"iteration": 0, "steps": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
     else:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
@@ -162,8 +162,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:
-            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state.get("steps", 0), run, bar) if pairs else {}
-        state["steps"] = stats.pop("steps", state.get("steps", 0))
+            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state["steps"], run, bar) if pairs else {}
+        state["steps"] = stats.pop("steps", state["steps"])
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"iter-{it}"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import RecipeConfig, UserError, build, help_text, parse_overrides, resolve
+from .config import RecipeConfig, UserError, WriteFailed, build, help_text, parse_overrides, resolve
 from .types import SamplingParams
 
 # recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         # Disk full (or a quota, or a file-size limit) while writing: say so in one line.
         # Every write of a run is atomic or rolled back, so what is on disk stays readable.
         full = isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "disk I/O" in str(e)) or \
-            getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or type(e).__name__ == "WriteFailed"
+            isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
         if debug or not full:
             raise
         where = getattr(e, "filename", None) or "the trace store"

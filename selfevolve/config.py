@@ -22,6 +22,12 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message as one line and exits 2."""
 
 
+class WriteFailed(OSError):
+    """A file of a run could not be written (disk full, quota, file-size limit). What was
+    there before is intact: temp files are removed and appends are rolled back. The CLI
+    prints one line and exits 2."""
+
+
 class RecipeConfig(BaseModel):
     """Keys every recipe shares. Same words in the CLI, YAML and code (DESIGN.md §9)."""
 

@@ -35,17 +35,12 @@ from typing import Any
 import torch
 import yaml
 
-from .config import RecipeConfig, UserError
+from .config import RecipeConfig, UserError, WriteFailed
 from .progress import progress
 from .store import TraceStore
 
 # Keys that may change between a run and its resume without changing its result.
 RESUME_FREE_KEYS = {"resume", "debug", "run_dir", "logger"}
-
-
-class WriteFailed(OSError):
-    """A file of the run could not be written (disk full, quota, file-size limit). What was
-    there before is intact: temp files are removed and appends are rolled back."""
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -71,14 +66,13 @@ class Run:
         self.stop_requested = False
         self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = self.dir.name
-        from .trackers import selected
+        from .trackers import Trackers, selected
         selected(cfg.logger)  # a missing tracker package fails before anything is written
         self._claim_dir()
         (self.dir / "adapters").mkdir(exist_ok=True)
         (self.dir / "checkpoint").mkdir(exist_ok=True)
         self.store = TraceStore(self.dir / "traces.sqlite")
         self.metrics_path = self.dir / "metrics.jsonl"
-        from .trackers import Trackers
         self.trackers = Trackers(cfg.logger, self.dir, self.name, cfg.model_dump(exclude=RESUME_FREE_KEYS))
         self._eval_tasks = None
         self._verifier = None

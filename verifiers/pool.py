@@ -25,6 +25,7 @@ import time
 from collections import deque
 from multiprocessing.connection import wait
 
+from selfevolve.progress import progress
 from selfevolve.types import Feedback, Task
 
 
@@ -119,43 +120,46 @@ class VerifierPool:
             self.start()
         results: list[Feedback | None] = [None] * len(tasks)
         todo = deque(range(len(tasks)))
-        while todo or any(w.pending for w in self.procs):
-            for w in self.procs:
-                if not w.pending and todo:  # chunks amortise the IPC; small enough to balance
-                    size = max(1, min(self.chunk, len(todo) // (2 * len(self.procs))))
-                    w.pending = deque(todo.popleft() for _ in range(size))
-                    w.conn.send([(i, tasks[i], responses[i]) for i in w.pending])
-                    w.deadline = time.monotonic() + self.timeout
-            busy = [w for w in self.procs if w.pending]
-            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
-                         timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
-            for slot, w in enumerate(self.procs):
-                if not w.pending:
-                    continue
-                got = None
-                if w.conn in ready:
-                    try:
-                        got = w.conn.recv()
-                    except (EOFError, OSError):
-                        got = None  # the worker died mid-item
-                if got is not None:
-                    i, fb, err = got
-                    results[w.pending.popleft()] = fb if fb is not None else \
-                        Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
-                    w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
-                    continue
-                if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
-                    w.proc.join(timeout=5)
-                    fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
-                                  details={"error": "crashed", "exitcode": w.proc.exitcode})
-                elif time.monotonic() >= w.deadline:
-                    fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
-                                  details={"error": "timeout"})
-                else:
-                    continue
-                results[w.pending.popleft()] = fb
-                todo.extendleft(reversed(w.pending))  # the rest of its chunk goes to others
-                self._replace(slot)
+        with progress("verify", total=len(tasks) if len(tasks) >= 64 else None) as bar:
+            while todo or any(w.pending for w in self.procs):
+                for w in self.procs:
+                    if not w.pending and todo:  # chunks amortise the IPC; small enough to balance
+                        size = max(1, min(self.chunk, len(todo) // (2 * len(self.procs))))
+                        w.pending = deque(todo.popleft() for _ in range(size))
+                        w.conn.send([(i, tasks[i], responses[i]) for i in w.pending])
+                        w.deadline = time.monotonic() + self.timeout
+                busy = [w for w in self.procs if w.pending]
+                ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                             timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+                for slot, w in enumerate(self.procs):
+                    if not w.pending:
+                        continue
+                    got = None
+                    if w.conn in ready:
+                        try:
+                            got = w.conn.recv()
+                        except (EOFError, OSError):
+                            got = None  # the worker died mid-item
+                    if got is not None:
+                        i, fb, err = got
+                        results[w.pending.popleft()] = fb if fb is not None else \
+                            Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
+                        bar.advance()
+                        w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
+                        continue
+                    if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
+                        w.proc.join(timeout=5)
+                        fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
+                                      details={"error": "crashed", "exitcode": w.proc.exitcode})
+                    elif time.monotonic() >= w.deadline:
+                        fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
+                                      details={"error": "timeout"})
+                    else:
+                        continue
+                    results[w.pending.popleft()] = fb
+                    bar.advance()
+                    todo.extendleft(reversed(w.pending))  # the rest of its chunk goes to others
+                    self._replace(slot)
         return results  # type: ignore[return-value]
 
 
