@@ -172,10 +172,11 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
                 continue
             its = [r.get("iteration", r.get("phase", i)) for i, r in enumerate(run.iterations)]
             kept, other = zip(*map(_kept_rejected, run.iterations))
-            x = [i + j * width for i in its]
+            x = [i - 0.4 + width * (j + 0.5) for i in its]  # each iteration's bars centred on it
             ax.bar(x, kept, width, color=c, label=f"{label(run)} kept".strip())
             ax.bar(x, other, width, bottom=kept, color=c, alpha=0.35, label=f"{label(run)} rejected".strip())
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title("kept vs rejected samples")
         ax.legend(fontsize=8)
         save(fig, "kept.png", "Samples kept for training (solid) and filtered out (light), per iteration.")
