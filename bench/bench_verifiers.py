@@ -37,6 +37,18 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _interleaved(sequential, pooled):
+    """REPEATS runs of each, alternating, so a noisy moment on the VM hits both sides;
+    returns (last sequential result, median s, last pooled result, median s)."""
+    seq_s, par_s = [], []
+    for _ in range(REPEATS):
+        seq, s = _timed(sequential)
+        par, p = _timed(pooled)
+        seq_s.append(s)
+        par_s.append(p)
+    return seq, statistics.median(seq_s), par, statistics.median(par_s)
+
+
 def math_pairs(n: int = 2000) -> tuple[list[Task], list[str]]:
     rng = random.Random(0)
     tasks, responses = [], []
@@ -81,13 +93,8 @@ def run() -> dict:
     he, he_s = _timed(lambda: [check_correctness(p, p["canonical_solution"], 3.0) for p in problems])
     with VerifierPool(CodeVerifier(timeout=10), workers=2) as pool:
         pool.map(tasks[:2], [t.reference for t in tasks[:2]])  # warm the workers
-        seq_times, par_times = [], []
-        for _ in range(REPEATS):  # interleaved, so a noisy moment on the VM hits both sides
-            seq, s = _timed(lambda: [verifier.verify(t, t.reference) for t in tasks])
-            par, p = _timed(lambda: pool.map(tasks, [t.reference for t in tasks]))
-            seq_times.append(s)
-            par_times.append(p)
-    seq_s, par_s = statistics.median(seq_times), statistics.median(par_times)
+        seq, seq_s, par, par_s = _interleaved(lambda: [verifier.verify(t, t.reference) for t in tasks],
+                                              lambda: pool.map(tasks, [t.reference for t in tasks]))
     assert sum(f.score for f in seq) == sum(f.score for f in par) == 164, "canonical solutions must all pass"
     assert sum(r["passed"] for r in he) == 164
 
@@ -95,13 +102,7 @@ def run() -> dict:
     mv = MathVerifier()
     with VerifierPool(MathVerifier(), workers=2) as pool:
         pool.map(mtasks[:4], mresp[:4])
-        mseq_times, mpar_times = [], []
-        for _ in range(REPEATS):
-            mseq, s = _timed(lambda: mv.verify_batch(mtasks, mresp))
-            mpar, p = _timed(lambda: pool.map(mtasks, mresp))
-            mseq_times.append(s)
-            mpar_times.append(p)
-    mseq_s, mpar_s = statistics.median(mseq_times), statistics.median(mpar_times)
+        mseq, mseq_s, mpar, mpar_s = _interleaved(lambda: mv.verify_batch(mtasks, mresp), lambda: pool.map(mtasks, mresp))
     assert [f.score for f in mseq] == [f.score for f in mpar]
     n = len(tasks)
     top = ceiling()

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import UserError
 from .metrics import KEYS
+from .run import atomic_write, read_metrics
 
 
 class ReportConfig(BaseModel):
@@ -50,15 +51,7 @@ class RunData:
         self.recipe = self.config.get("recipe", "?")
         summary = path / "summary.json"
         self.summary = json.loads(summary.read_text()) if summary.is_file() else None
-        rows = []
-        metrics = path / "metrics.jsonl"
-        if metrics.is_file():
-            for i, line in enumerate(metrics.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise UserError(f"{metrics}:{i}: not a JSON line") from None
+        rows = read_metrics(path / "metrics.jsonl")
         self.evals = [r for r in rows if "eval" in r]
         self.logged = [r for r in rows if "eval" not in r]
         self.steps = [r for r in rows if "step" in r and "eval" not in r and "warning" not in r]
@@ -248,7 +241,6 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             + "".join(_run_section(r) for r in runs) + f"<h2>plots</h2>{figures or '<p>nothing logged yet</p>'}</body></html>")
-    from .run import atomic_write
     atomic_write(out / "report.html", page)
     return out / "report.html"
 

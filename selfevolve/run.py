@@ -56,6 +56,22 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl ([] if there is none). A torn last line (the process
+    was killed mid-write) was never logged and is skipped; a bad line elsewhere is an error."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+    return out
+
+
 class Stopped(Exception):
     """Raised by `Run.checkpoint` after writing it when a stop was requested (SIGINT)."""
 
@@ -130,18 +146,7 @@ class Run:
         self.trackers.log(metrics)
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        out = []
-        for i, line in enumerate(lines):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i < len(lines) - 1:
-                    raise UserError(f"{self.metrics_path}:{i + 1}: not a JSON line") from None
-                # a torn last line (the process was killed mid-write): it was never logged
-        return out
+        return read_metrics(self.metrics_path)
 
     def _metrics_lines(self) -> int:
         return len(self.metrics())

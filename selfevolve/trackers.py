@@ -26,7 +26,8 @@ from typing import Any
 
 from .config import UserError
 
-TRACKERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+# `logger=` names; each but jsonl is also the package (and the extra) that provides it.
+TRACKERS = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
 X_KEYS = ("step", "round", "iteration", "phase")
 
 
@@ -39,16 +40,15 @@ def flatten(row: dict[str, Any]) -> tuple[dict[str, float], int | None]:
     return values, step
 
 
-def _need(module: str, extra: str):
+def _need(name: str):
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"logger={extra} needs the {extra} package: pip install \"selfevolve[{extra}]\"") from None
+        raise UserError(f"logger={name} needs the {name} package: pip install \"selfevolve[{name}]\"") from None
 
 
 class TensorBoardTracker:
     def __init__(self, run_dir: Path, name: str, config: dict):
-        _need("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
@@ -64,7 +64,7 @@ class TensorBoardTracker:
 
 class WandbTracker:
     def __init__(self, run_dir: Path, name: str, config: dict):
-        wandb = _need("wandb", "wandb")
+        import wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "selfevolve"), name=name, config=config,
                               dir=str(run_dir), id=name, resume="allow")
 
@@ -77,7 +77,8 @@ class WandbTracker:
 
 class TrackioTracker:
     def __init__(self, run_dir: Path, name: str, config: dict):
-        self.trackio = _need("trackio", "trackio")
+        import trackio
+        self.trackio = trackio
         self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "selfevolve"), name=name, config=config,
                           resume="allow")
 
@@ -90,7 +91,8 @@ class TrackioTracker:
 
 class MLflowTracker:
     def __init__(self, run_dir: Path, name: str, config: dict):
-        self.mlflow = _need("mlflow", "mlflow")
+        import mlflow
+        self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             self.mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         self.mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "selfevolve"))
@@ -114,7 +116,7 @@ def selected(logger: str) -> list[str]:
     claimed, so a missing package costs nothing."""
     names = list(dict.fromkeys(n.strip() for n in logger.split(",") if n.strip() not in ("", "jsonl")))
     for n in names:
-        _need(TRACKERS[n], n)
+        _need(n)
     return names
 
 
