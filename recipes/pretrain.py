@@ -21,6 +21,14 @@ The corpus (all built from `arith` *train* expressions; the test split is never 
   correction (`p_fix`), the same wrong answer again, or another wrong guess; after a right
   draft mostly the same answer (a few needless changes, `p_break`). This gives SCoRe both
   failure modes of the paper (no change, harmful change) to learn away.
+- optionally (`p_critique`, 0 for the bundled `tiny`), critique transcripts in the format
+  SELF and `critic=self` use: the critique prompt with a draft and a critique in the
+  verifier's words ("The answer has no errors." / "Your answer is wrong: wrong answer
+  15."), or a revision after such a critique. The verdict is a coin flip, independent of
+  the draft: the model learns to *write* a critique, as an instruct model can, but not to
+  *judge*. Without them the critique words are tokens the model never saw, whose
+  embeddings a LoRA adapter does not train, so SELF cannot teach tiny to critique.
+  `p_critique=0` draws exactly the corpus the bundled model was trained on.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
@@ -42,7 +50,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from selfevolve import arith
 from selfevolve.config import RecipeConfig
 from selfevolve.policies import HFPolicy
-from selfevolve.feedback.prompts import SCORE_INSTRUCTION
+from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION, VERIFIER_RIGHT, VERIFIER_WRONG
 from selfevolve.run import Run
 from selfevolve.training import encode_chat, pad_batch, sft_loss
 
@@ -62,6 +70,7 @@ class PretrainConfig(RecipeConfig):
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
     p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
     p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
+    p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     vocab_size: int = Field(384, ge=300)
     n_layer: int = 4
     n_embd: int = 128
@@ -95,17 +104,28 @@ def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, st
             return arith.direct_solution(nums, ops, arith.wrong_answer(ans, rng))
         return arith.step_solution(nums, ops, slip_at=rng.randrange(len(ops)), rng=rng)
 
-    if rng.random() >= cfg.p_two_turn:
+    def second_after(first: str, wrong: bool) -> str:
+        if wrong:
+            r = rng.random()
+            return arith.step_solution(nums, ops) if r < cfg.p_fix else first if r < (1 + cfg.p_fix) / 2 else wrong_solution()
+        return wrong_solution() if rng.random() < cfg.p_break else first
+
+    r = rng.random()
+    if r >= cfg.p_two_turn + cfg.p_critique:
         return [{"role": "user", "content": q}, {"role": "assistant", "content": any_solution()}]
-    if rng.random() < cfg.p_draft_wrong:
-        first = wrong_solution()
-        r = rng.random()
-        second = arith.step_solution(nums, ops) if r < cfg.p_fix else first if r < (1 + cfg.p_fix) / 2 else wrong_solution()
-    else:
-        first = any_solution()
-        second = wrong_solution() if rng.random() < cfg.p_break else first
+    wrong = rng.random() < cfg.p_draft_wrong
+    first = wrong_solution() if wrong else any_solution()
+    if r < cfg.p_two_turn:
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": first},
+                {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second_after(first, wrong)}]
+    # A critique with a coin-flip verdict, or (as often) a revision after a "wrong" critique.
+    prompt = [{"role": "user", "content": CRITIQUE.format(question=q, answer=first, notes="")}]
+    says_wrong = VERIFIER_WRONG.format(why=f"wrong answer {first.rsplit(' ', 1)[-1].rstrip('.')}")
+    if rng.random() < 0.5:
+        return prompt + [{"role": "assistant", "content": says_wrong if rng.random() < 0.5 else VERIFIER_RIGHT}]
     return [{"role": "user", "content": q}, {"role": "assistant", "content": first},
-            {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second}]
+            {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=says_wrong)},
+            {"role": "assistant", "content": second_after(first, wrong)}]
 
 
 def build_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerFast:

@@ -8,10 +8,10 @@ Lu et al., "SELF: Self-Evolution with Language Feedback" (arXiv 2310.00533). Two
    ŷ a refinement. f comes from a stronger critic when `judge=` is set (JudgeCritic), else
    from the verifier put into words (VerifierCritic, the reference never shown); ŷ is y
    when f finds no error, else a revision of y after f that the verifier accepts (up to
-   `refine_samples` tries; tuples without one are dropped). Fine-tune on two skills:
-       feedback:    CRITIQUE(x, y) → f                 (what SelfCritic asks)
-       refinement:  x, y, REVISE(f) → ŷ
-       answer:      x → ŷ                              (keeps the answering skill)
+   `refine_samples` tries; when none is, the tuple teaches feedback only). Fine-tune on:
+       feedback:    CRITIQUE(x, y) → f          (what SelfCritic asks; every tuple)
+       refinement:  x, y, REVISE(f) → ŷ         (when y was refined)
+       answer:      x → ŷ                       (when ŷ is accepted; keeps the answering skill)
 2. Self-evolution, `iterations` times: the model answers unlabeled prompts (y), critiques
    itself (SelfCritic, f̂), refines when it found an error (ŷ); a filter keeps the ŷ judged
    correct — by the verifier when the prompts have references (`filter=verifier`), else by
@@ -28,6 +28,8 @@ error), and `delta` the self-refinement gain.
 
 Deviations, for the tiny world on 2 CPU cores: the meta-skill feedback comes from the
 verifier (no GPT-4); 1,000 prompts per phase; LoRA instead of full fine-tuning; 2 epochs.
+On the bundled `tiny` it does not learn to critique: the critique's words are tokens tiny
+never saw (README, "SELF", has the numbers and a tiny model built with critique text).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class SelfConfig(RecipeConfig):
 
 def meta_examples(trace: Trace) -> list[list[dict]]:
     """The training examples of a meta-skill tuple (x, y, f, ŷ) stored as a trace: the
-    feedback skill, the refinement skill (when y was refined), and the answer x → ŷ itself,
-    which keeps the model answering questions while it learns to critique."""
+    feedback skill (always: the verdict is right whether or not a refinement was found, and
+    a critic must see wrong answers as often as right ones), the refinement skill (when y
+    was refined), and the answer x → ŷ when the verifier accepted ŷ, which keeps the model
+    answering questions while it learns to critique."""
     x, first = trace.task.prompt, trace.turns[0]
     f = first.critique.text
     out = [[{"role": "user", "content": CRITIQUE.format(question=x, answer=first.response, notes="")},
@@ -78,7 +82,8 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
         out.append([{"role": "user", "content": x}, {"role": "assistant", "content": first.response},
                     {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=f)},
                     {"role": "assistant", "content": trace.turns[-1].response}])
-    out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
+    if trace.turns[-1].score == 1.0:
+        out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
     return out
 
 
@@ -93,7 +98,8 @@ def keep(trace: Trace, how: str) -> bool:
 
 
 def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run) -> list[Trace]:
-    """(x, y, f, ŷ) tuples: answer, feedback from `critic`, an accepted refinement."""
+    """(x, y, f, ŷ) tuples: answer, feedback from `critic`, and for wrong answers a
+    refinement the verifier accepts when one of `refine_samples` tries is (else no ŷ)."""
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     traces = [Trace(task=t, turns=[o[0]], recipe=cfg.recipe, run=run.name, policy_version=policy.active_adapter,
                     meta={"phase": "meta"})
@@ -111,10 +117,8 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
         turn.feedback = fb
         if fb.score == 1.0 and len(t.turns) == 1:
             t.turns.append(turn)
-    for t in traces:
-        t.meta["used"] = t.turns[0].critique.details.get("verdict") == "correct" or len(t.turns) == 2
     run.store.append(traces)
-    return [t for t in traces if t.meta["used"]]
+    return traces
 
 
 def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -> list[Trace]:
@@ -160,7 +164,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
     for phase in range(state["phase"], cfg.iterations + 1):
         t0 = time.perf_counter()
         learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"])
-        meta = run.store.query(meta={"phase": "meta", "used": True}) if phase else None
+        meta = run.store.query(meta={"phase": "meta"}) if phase else None
         if phase == 0:
             critic = JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
             meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)

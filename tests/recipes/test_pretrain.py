@@ -37,3 +37,28 @@ def test_killed_and_resumed_run_ends_the_same(tmp_path):
     whole, cut = check_kill_and_resume(SMALL, tmp_path)
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_train"} for x in p.read_text().splitlines()]  # noqa: E731
     assert strip(cut / "metrics.jsonl") == strip(whole / "metrics.jsonl")
+
+
+def test_corpus_teaches_the_critique_format_but_not_the_verdict():
+    """SELF needs a model that can write a critique in words it has seen; the verdicts are
+    coin flips, so judging answers is left for SELF's meta-skill learning to teach."""
+    import random
+
+    from selfevolve import arith
+    from selfevolve.feedback.prompts import VERIFIER_RIGHT
+    from selfevolve.recipes.pretrain import PretrainConfig, corpus_example
+
+    rng = random.Random(0)
+    assert not any(ex[0]["content"].startswith("Check this") for ex in (corpus_example(rng, PretrainConfig()) for _ in range(2000)))
+    cfg = PretrainConfig(p_critique=0.1)  # the bundled tiny has none; SELF needs them (README)
+    critiques = [ex for ex in (corpus_example(rng, cfg) for _ in range(4000)) if ex[0]["content"].startswith("Check this")]
+    assert 150 < len(critiques) < 250  # p_critique / 2 of the corpus
+    said_right = {True: 0, False: 0}  # draft right? -> times the critique said "no errors"
+    drafts = {True: 0, False: 0}
+    for user, critique in critiques:
+        q, a = user["content"].split("Question: What is ")[1].split("?\nAnswer: ")
+        right = a.endswith(f" {arith.evaluate([int(x) for x in q.split()[::2]], q.split()[1::2])}.")
+        drafts[right] += 1
+        said_right[right] += critique["content"] == VERIFIER_RIGHT
+    for right in (True, False):
+        assert 0.35 < said_right[right] / drafts[right] < 0.65

@@ -35,17 +35,21 @@ def test_filter_by_verifier_and_by_own_verdict():
 
 
 def test_meta_skill_examples_teach_feedback_and_refinement():
-    t = Trace(task=TASK, turns=[Turn(response="The answer is 15.", critique=Feedback(text="Your answer is wrong: wrong answer 15.")),
-                                Turn(response="7 + 8 = 15. 15 - 3 = 12. 12 + 4 = 16. The answer is 16.")])
+    wrong = Turn(response="The answer is 15.", feedback=Feedback(score=0.0),
+                 critique=Feedback(text="Your answer is wrong: wrong answer 15."))
+    t = Trace(task=TASK, turns=[wrong, Turn(response="7 + 8 = 15. 15 - 3 = 12. 12 + 4 = 16. The answer is 16.",
+                                            feedback=Feedback(score=1.0))])
     feedback, refinement, answer = meta_examples(t)
     assert feedback[0]["content"] == CRITIQUE.format(question=TASK.prompt, answer="The answer is 15.", notes="")
     assert feedback[1]["content"] == "Your answer is wrong: wrong answer 15."
     assert refinement[-1]["content"].endswith("The answer is 16.") and "wrong answer 15" in refinement[2]["content"]
     assert "16" not in json.dumps(feedback)  # the feedback never gives the reference away
     assert answer == [{"role": "user", "content": TASK.prompt}, {"role": "assistant", "content": t.turns[1].response}]
-    only_feedback = meta_examples(Trace(task=TASK, turns=[Turn(response="The answer is 16.",
-                                                               critique=Feedback(text="The answer has no errors."))]))
-    assert len(only_feedback) == 2  # feedback, and the (right) answer itself
+    right = Turn(response="The answer is 16.", feedback=Feedback(score=1.0), critique=Feedback(text="The answer has no errors."))
+    assert [m[-1]["content"] for m in meta_examples(Trace(task=TASK, turns=[right]))] == [
+        "The answer has no errors.", "The answer is 16."]  # feedback, and the (right) answer itself
+    # no accepted refinement: the verdict still teaches feedback; no wrong answer is trained on
+    assert meta_examples(Trace(task=TASK, turns=[wrong])) == [feedback]
 
 
 def test_run_through_the_cli(tmp_path):
@@ -55,8 +59,8 @@ def test_run_through_the_cli(tmp_path):
     store = TraceStore(d / "traces.sqlite")
     meta = store.query(meta={"phase": "meta"})
     assert len(meta) == 16 and all(t.turns[0].critique.source == "verifier" for t in meta)
-    used = store.query(meta={"phase": "meta", "used": True})
-    assert all(len(t.turns) == 2 and t.turns[1].score == 1.0 for t in used if t.turns[0].critique.details["verdict"] == "wrong")
+    assert all(t.turns[-1].score == 1.0 for t in meta if len(t.turns) == 2)  # only accepted refinements are kept
+    assert all(t.turns[0].critique.details["verdict"] == "wrong" for t in meta if len(t.turns) == 2)
     evolved = store.query(meta={"phase": "evolve"})
     assert len(evolved) == 16 and all(t.meta["filter"] == "verifier" for t in evolved)
     assert {t.policy_version for t in evolved} == {"phase-0"}  # the meta-skill model evolves
