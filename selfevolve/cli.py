@@ -15,7 +15,6 @@ keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
 
 from __future__ import annotations
 
-import errno
 import importlib
 from importlib.resources import files
 import json
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import RecipeConfig, UserError, WriteFailed, build, help_text, parse_overrides, resolve
+from .config import RecipeConfig, UserError, build, disk_full, help_text, parse_overrides, resolve
 from .types import SamplingParams
 
 # recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
@@ -295,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, sqlite3.OperationalError) as e:
         # Disk full (or a quota, or a file-size limit) while writing: say so in one line.
         # Every write of a run is atomic or rolled back, so what is on disk stays readable.
-        full = isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "disk I/O" in str(e)) or \
-            isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        if debug or not full:
+        if debug or not disk_full(e):
             raise
         where = getattr(e, "filename", None) or "the trace store"
         print(f"selfevolve {cmd}: error: could not write {where} ({getattr(e, 'strerror', None) or e}); disk full? "

@@ -28,6 +28,17 @@ class WriteFailed(OSError):
     prints one line and exits 2."""
 
 
+def disk_full(e: BaseException) -> bool:
+    """Did a write fail for lack of room (disk full, quota, file-size limit)? SQLite says
+    so only in its message."""
+    import errno
+    import sqlite3
+
+    if isinstance(e, sqlite3.OperationalError):
+        return "full" in str(e) or "disk I/O" in str(e)
+    return isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 class RecipeConfig(BaseModel):
     """Keys every recipe shares. Same words in the CLI, YAML and code (DESIGN.md §9)."""
 

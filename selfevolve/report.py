@@ -131,11 +131,11 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
     eval_plot("edit_ratio.png", "Normalised edit distance between the attempts (0: the revision copies the answer).",
               ["edit_ratio"], "edit-distance ratio")
 
-    rl = [(run, k) for run in runs for k in _keys(run.steps, lambda k: k.startswith(("reward", "kl")))]
-    if rl:
+    rl = [_keys(run.steps, lambda k: k.startswith(("reward", "kl"))) for run in runs]
+    if any(rl):
         fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
-        for c, run in zip(colours * 10, runs):
-            for k in _keys(run.steps, lambda k: k.startswith(("reward", "kl"))):
+        for c, run, keys in zip(colours * 10, runs, rl):
+            for k in keys:
                 ax = ax_r if k.startswith("reward") else ax_k
                 ax.plot(*_series(run.steps, k), "-", color=c, alpha=0.9 if k.endswith(("t2", "margin")) else 0.5,
                         label=f"{label(run)} {k}".strip())

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import UserError
+from .config import UserError, disk_full
 from .types import Trace
 
 SCHEMA_VERSION = 1
@@ -66,7 +66,7 @@ class TraceStore:
             elif version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: trace store schema v{version} is newer than this selfevolve (v{SCHEMA_VERSION})")
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "disk I/O" in str(e)):
+            if disk_full(e):
                 raise  # a write failed (disk full): the CLI reports that, not a corrupt store
             raise UserError(f"{self.path}: not a readable trace store ({e})") from None
         self.lock = threading.Lock()

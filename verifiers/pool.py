@@ -132,35 +132,39 @@ class VerifierPool:
                 ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
                              timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
                 for slot, w in enumerate(self.procs):
-                    if not w.pending:
-                        continue
-                    got = None
-                    if w.conn in ready:
-                        try:
-                            got = w.conn.recv()
-                        except (EOFError, OSError):
-                            got = None  # the worker died mid-item
-                    if got is not None:
-                        i, fb, err = got
-                        results[w.pending.popleft()] = fb if fb is not None else \
-                            Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
+                    if w.pending and self._settle(slot, ready, results, todo):
                         bar.advance()
-                        w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
-                        continue
-                    if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
-                        w.proc.join(timeout=5)
-                        fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
-                                      details={"error": "crashed", "exitcode": w.proc.exitcode})
-                    elif time.monotonic() >= w.deadline:
-                        fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
-                                      details={"error": "timeout"})
-                    else:
-                        continue
-                    results[w.pending.popleft()] = fb
-                    bar.advance()
-                    todo.extendleft(reversed(w.pending))  # the rest of its chunk goes to others
-                    self._replace(slot)
         return results  # type: ignore[return-value]
+
+    def _settle(self, slot: int, ready: list, results: list, todo: deque) -> bool:
+        """Worker `slot`'s next item: its answer if one came, else score 0 when the worker
+        died or the item ran out of time (the worker is replaced and the rest of its chunk
+        goes back to `todo`). True when an item was settled."""
+        w = self.procs[slot]
+        got = None
+        if w.conn in ready:
+            try:
+                got = w.conn.recv()
+            except (EOFError, OSError):
+                got = None  # the worker died mid-item
+        if got is not None:
+            i, fb, err = got
+            results[w.pending.popleft()] = fb if fb is not None else \
+                Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
+            w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
+            return True
+        if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
+            w.proc.join(timeout=5)
+            fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
+                          details={"error": "crashed", "exitcode": w.proc.exitcode})
+        elif time.monotonic() >= w.deadline:
+            fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s", details={"error": "timeout"})
+        else:
+            return False
+        results[w.pending.popleft()] = fb
+        todo.extendleft(reversed(w.pending))  # the rest of its chunk goes to others
+        self._replace(slot)
+        return True
 
 
 class _Worker:
