@@ -28,9 +28,13 @@ from multiprocessing.connection import wait
 from selfevolve.progress import progress
 from selfevolve.types import Feedback, Task
 
+STARTUP_S = 120  # a worker's imports, on a machine busy with training
+
 
 def _worker(verifier, conn) -> None:
-    """Verify each item of each chunk received; send every result as soon as it exists."""
+    """Say it is ready, then verify each item of each chunk received; send every result as
+    soon as it exists."""
+    conn.send("ready")
     while True:
         try:
             chunk = conn.recv()
@@ -70,9 +74,21 @@ class VerifierPool:
         child.close()
         return _Worker(p, parent)
 
+    @staticmethod
+    def _ready(w: "_Worker") -> "_Worker":
+        """Wait until a new worker has imported what it needs and said so: its start-up time
+        (seconds on a loaded machine) must not count against the first item's timeout."""
+        try:
+            if w.conn.poll(STARTUP_S) and w.conn.recv() == "ready":
+                return w
+        except (EOFError, OSError):
+            pass
+        w.proc.kill()
+        raise RuntimeError(f"a verifier worker did not start within {STARTUP_S} s (exit code {w.proc.exitcode})")
+
     def start(self) -> "VerifierPool":
-        while len(self.procs) < self.workers:
-            self.procs.append(self._spawn())
+        new = [self._spawn() for _ in range(self.workers - len(self.procs))]  # they start in parallel
+        self.procs += [self._ready(w) for w in new]
         return self
 
     def close(self) -> None:
@@ -100,7 +116,7 @@ class VerifierPool:
             w.proc.kill()
         w.proc.join()
         w.conn.close()
-        self.procs[slot] = self._spawn()
+        self.procs[slot] = self._ready(self._spawn())
 
     @property
     def name(self) -> str:
@@ -122,12 +138,12 @@ class VerifierPool:
         todo = deque(range(len(tasks)))
         with progress("verify", total=len(tasks) if len(tasks) >= 64 else None) as bar:
             while todo or any(w.pending for w in self.procs):
-                for w in self.procs:
+                for slot, w in enumerate(self.procs):
                     if not w.pending and todo:  # chunks amortise the IPC; small enough to balance
                         size = max(1, min(self.chunk, len(todo) // (2 * len(self.procs))))
-                        w.pending = deque(todo.popleft() for _ in range(size))
-                        w.conn.send([(i, tasks[i], responses[i]) for i in w.pending])
-                        w.deadline = time.monotonic() + self.timeout
+                        items = [todo.popleft() for _ in range(size)]
+                        w = self._send(slot, [(i, tasks[i], responses[i]) for i in items])
+                        w.pending, w.deadline = deque(items), time.monotonic() + self.timeout
                 busy = [w for w in self.procs if w.pending]
                 ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
                              timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
@@ -135,6 +151,16 @@ class VerifierPool:
                     if w.pending and self._settle(slot, ready, results, todo):
                         bar.advance()
         return results  # type: ignore[return-value]
+
+    def _send(self, slot: int, chunk: list) -> "_Worker":
+        """Give worker `slot` a chunk; one that died while idle (killed between batches, out
+        of memory) is replaced first, so no item is blamed for a crash it did not cause."""
+        try:
+            self.procs[slot].conn.send(chunk)
+        except OSError:  # BrokenPipeError: nobody is reading
+            self._replace(slot)
+            self.procs[slot].conn.send(chunk)
+        return self.procs[slot]
 
     def _settle(self, slot: int, ready: list, results: list, todo: deque) -> bool:
         """Worker `slot`'s next item: its answer if one came, else score 0 when the worker

@@ -28,6 +28,18 @@ def test_pool_preserves_order_and_survives_timeouts_crashes_and_errors():
         assert [f.score for f in again] == [1.0, 1.0, 0.0]
 
 
+def test_a_worker_killed_between_batches_is_replaced_without_blaming_an_item():
+    answers = [f"The answer is {i}." for i in (0, 1, 2, 9)]
+    with VerifierPool(NumericVerifier(), workers=2) as pool:
+        assert [f.score for f in pool.map(tasks(4), answers)] == [1.0, 1.0, 1.0, 0.0]
+        for w in pool.procs:
+            w.proc.kill()
+            w.proc.join()
+        fbs = pool.map(tasks(4), answers)
+        assert [f.score for f in fbs] == [1.0, 1.0, 1.0, 0.0] and not any("crashed" in f.text for f in fbs)
+        assert all(w.proc.is_alive() for w in pool.procs)
+
+
 def test_pool_runs_math_in_worker_processes():
     ts = [Task(id=str(i), prompt="q", reference=str(i)) for i in range(40)]
     rs = [f"\\boxed{{{i if i % 3 else i + 1}}}" for i in range(40)]
