@@ -28,8 +28,12 @@ error), and `delta` the self-refinement gain.
 
 Deviations, for the tiny world on 2 CPU cores: the meta-skill feedback comes from the
 verifier (no GPT-4); 1,000 prompts per phase; LoRA instead of full fine-tuning; 2 epochs.
-On the bundled `tiny` it does not learn to critique: the critique's words are tokens tiny
-never saw (README, "SELF", has the numbers and a tiny model built with critique text).
+The adapter also trains the embedding rows of the words only feedback uses
+(`feedback_tokens`, peft trainable tokens, at `token_lr`): the bundled `tiny` never saw
+the critique's words, their embeddings are random, and LoRA alone cannot teach it to write
+or read a critique. A model that knows the words can turn it off (vLLM cannot load such
+an adapter yet). The critic learns the format and the verdicts' base rate, not to find
+errors: README, "SELF", has the numbers.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class SelfConfig(RecipeConfig):
     sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    feedback_tokens: bool = Field(True, description="also train the embeddings of the words only feedback uses")
+    token_lr: float = Field(1e-2, gt=0, description="learning rate of those embedding rows (AdamW)")
 
 
 def meta_examples(trace: Trace) -> list[list[dict]]:
@@ -85,6 +91,21 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
     if trace.turns[-1].score == 1.0:
         out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
     return out
+
+
+def feedback_token_ids(tokenizer, tuples: list[Trace]) -> list[int]:
+    """The tokens of the feedback skill that the answering skill never uses: the words of the
+    critique and revision prompts and of the tuples' feedback, minus every token of their
+    prompts and answers. A model may never have learned them (tiny's corpus has no critique
+    text: their embeddings are still random) and a LoRA adapter cannot move an embedding,
+    so their rows are trained too; the answering skill's tokens are left alone."""
+    def ids(text: str) -> set[int]:
+        return set(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    feedback = ids(CRITIQUE.format(question="", answer="", notes="")) | ids(REVISE_WITH_CRITIQUE.format(critique=""))
+    feedback = feedback.union(*(ids(t.turns[0].critique.text) for t in tuples))
+    answering = set().union(*(ids(t.task.prompt) | ids(t.turns[0].response) for t in tuples))
+    return sorted(feedback - answering)
 
 
 def keep(trace: Trace, how: str) -> bool:
@@ -145,7 +166,8 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
 
 def fine_tune(learner, tokenizer, convs, cfg: SelfConfig, seed: int, run: Run, label: str) -> dict:
     with run.progress(label, total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
-        return sft(learner, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size, seed=seed, bar=bar)
+        return sft(learner, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size, seed=seed,
+                   bar=bar, token_lr=cfg.token_lr)
 
 
 def main(cfg: SelfConfig, run: Run) -> None:
@@ -163,12 +185,13 @@ def main(cfg: SelfConfig, run: Run) -> None:
     # Phase 0: meta-skill learning; phases 1..iterations: self-evolution. Each continues the adapter.
     for phase in range(state["phase"], cfg.iterations + 1):
         t0 = time.perf_counter()
-        learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"])
         meta = run.store.query(meta={"phase": "meta"}) if phase else None
         if phase == 0:
             critic = JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
             meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
-            convs, extra = [c for t in meta for c in meta_examples(t)], {"tuples": len(meta), "feedback_by": critic.source}
+            state["tokens"] = feedback_token_ids(tokenizer, meta) if cfg.feedback_tokens else []
+            convs = [c for t in meta for c in meta_examples(t)]
+            extra = {"tuples": len(meta), "feedback_by": critic.source, "feedback_tokens": len(state["tokens"])}
         else:
             chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks: phase * cfg.evolve_tasks]
             kept = evolve(policy, chunk, verifier, cfg, phase, run)
@@ -178,6 +201,8 @@ def main(cfg: SelfConfig, run: Run) -> None:
                      "refined": sum(len(t.turns) > 1 for t in kept)}
         t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
+        learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"],
+                                  trainable_tokens=state.get("tokens"))
         stats = fine_tune(learner, tokenizer, convs, cfg, cfg.seed + phase, run, f"sft phase {phase}")
         t_train = time.perf_counter() - t0
 

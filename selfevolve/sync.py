@@ -48,12 +48,26 @@ def text_logprob(model, tokenizer, text: str = CANARY) -> float:
     return float(sum(lp for lp in text_token_logprobs(model, tokenizer, text)[1][1:]))
 
 
-def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3) -> float:
-    """Raise SyncError unless `policy` serves adapter `name` and scores the canary as the
-    learner did (`expected`). Returns the served log-probability."""
+def trained_token_ids(model) -> list[int]:
+    """Token ids whose embedding rows a peft adapter trains (`trainable_tokens`), else []."""
+    cfg = getattr(model, "peft_config", {}).get("default")
+    ids = getattr(cfg, "trainable_token_indices", None) or []
+    return sorted({i for v in ids.values() for i in v} if isinstance(ids, dict) else set(ids))
+
+
+def canary_for(model, tokenizer) -> str:
+    """The canary, followed by the tokens of any embedding rows the adapter trains: those
+    rows must reach the served model too, and a text without them would not notice."""
+    ids = trained_token_ids(model)
+    return CANARY + (" " + tokenizer.decode(ids) if ids else "")
+
+
+def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY) -> float:
+    """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
+    the learner did (`expected`). Returns the served log-probability."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
-    served = float(policy.prompt_logprob(CANARY))
+    served = float(policy.prompt_logprob(text))
     if abs(served - expected) > tol * max(1.0, abs(expected)):
         raise SyncError(f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} "
                         f"(adapter {name!r}, tolerance {tol})")
@@ -61,16 +75,17 @@ def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3) ->
 
 
 def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32,
-                    init_from: str | None = None, device: str = "cpu"):
+                    init_from: str | None = None, device: str = "cpu", trainable_tokens: list[int] | None = None):
     """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
     from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
-    with lora=False all weights, from `init_from` (a full model directory) or the base."""
+    with lora=False all weights, from `init_from` (a full model directory) or the base.
+    `trainable_tokens`: see `training.lora_model`."""
     from .policies.hf import resolve_model_path
     base = resolve_model_path(str(base))
     if not lora:
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
-    model = lora_model(base, r=r, alpha=alpha, device=device)
+    model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens)
     if init_from:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
@@ -100,5 +115,6 @@ def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = 
     if not lora:
         tokenizer.save_pretrained(path)
     served = serve_update(policy, path, name, lora)
-    verify_sync(served, name if lora else None, text_logprob(model, tokenizer), tol)
+    canary = canary_for(model, tokenizer)
+    verify_sync(served, name if lora else None, text_logprob(model, tokenizer, canary), tol, canary)
     return served

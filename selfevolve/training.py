@@ -71,32 +71,41 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -lp.sum() / mask.sum().clamp(min=1)
 
 
-def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str | None = None, device="cpu"):
+def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str | None = None, device="cpu",
+               trainable_tokens: list[int] | None = None):
     """A fresh LoRA adapter (peft) on the base weights at `path`: what "fine-tune from the
     base model" means for a recipe that resets each iteration. `target_modules=None` lets
     peft pick the attention/MLP projections it knows for the architecture, falling back to
-    all linear layers."""
+    all linear layers. `trainable_tokens`: token ids whose embedding rows the adapter also
+    trains (peft trainable tokens, tied output rows included), for words the base model
+    never learned; LoRA alone cannot move an embedding."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(path).to(device)
+    kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None)
     try:
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
-        return get_peft_model(base, cfg)
+        return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
     except ValueError:  # peft has no default modules for this architecture
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-        return get_peft_model(base, cfg)
+        return get_peft_model(base, LoraConfig(target_modules="all-linear", **kw))
 
 
 def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
-        seed: int = 0, bar=None) -> dict[str, float]:
+        seed: int = 0, bar=None, token_lr: float | None = None) -> dict[str, float]:
     """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
-    seeded order, one optimizer step per batch). Returns mean loss and token count."""
+    seeded order, one optimizer step per batch). Returns mean loss and token count.
+    `token_lr`: the learning rate of trainable embedding rows (`lora_model(trainable_tokens=)`),
+    which start far from where they must go and need a larger step than the adapter."""
     import random
 
     rows = [encode_chat(tokenizer, c, train_on="last") for c in conversations]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    tokens = [p for n, p in named if "trainable_tokens" in n]
+    groups = [{"params": [p for n, p in named if "trainable_tokens" not in n]}]
+    if tokens:
+        groups.append({"params": tokens, "lr": token_lr or lr})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     model.train()

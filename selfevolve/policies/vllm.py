@@ -11,6 +11,8 @@ fresh id; reusing an id would serve the cached old weights.
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 from ..config import UserError
 from ..types import Conversation, SamplingParams, Turn
@@ -44,6 +46,16 @@ def summed_prompt_logprob(request_output) -> float:
     return total
 
 
+def check_lora_only(path: str) -> None:
+    """vLLM serves LoRA weights; it rejects a peft adapter that also trains embedding rows
+    (SELF's `feedback_tokens`) with "trainable_tokens_delta is unsupported LoRA weight"
+    (vllm-project/vllm#36501, open). Say so before loading, in words that name the fix."""
+    cfg = Path(path) / "adapter_config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("trainable_token_indices"):
+        raise UserError(f"adapter={path} also trains token embeddings (SELF's feedback_tokens=true), which vLLM "
+                        "cannot load yet; serve it with policy=hf, or train with feedback_tokens=false")
+
+
 class VLLMPolicy:
     def __init__(self, model: str = "tiny", max_lora_rank: int = 64, max_loras: int = 2, seed: int = 0, **llm_kwargs):
         try:
@@ -68,6 +80,7 @@ class VLLMPolicy:
 
     def load_adapter(self, path: str, name: str) -> None:
         from vllm.lora.request import LoRARequest
+        check_lora_only(path)
         self.requests[name] = LoRARequest(name, next(self._ids), str(path))
         self._active = name
 

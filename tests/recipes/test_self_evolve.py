@@ -3,7 +3,7 @@
 import json
 
 from selfevolve.feedback.prompts import CRITIQUE
-from selfevolve.recipes.self_evolve import keep, meta_examples
+from selfevolve.recipes.self_evolve import feedback_token_ids, keep, meta_examples
 from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.resume import check_kill_and_resume
@@ -52,6 +52,23 @@ def test_meta_skill_examples_teach_feedback_and_refinement():
     assert meta_examples(Trace(task=TASK, turns=[wrong])) == [feedback]
 
 
+def test_feedback_tokens_are_the_words_only_feedback_uses():
+    from transformers import AutoTokenizer
+
+    from selfevolve.policies.hf import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    wrong = Turn(response="The answer is 15.", critique=Feedback(text="Your answer is wrong: wrong answer 15."))
+    ids = feedback_token_ids(tok, [Trace(task=TASK, turns=[wrong])])
+    def tokens(text):
+        return set(tok(text, add_special_tokens=False)["input_ids"])
+
+    answering = tokens(TASK.prompt + " The answer is 15.")
+    assert ids and not set(ids) & answering  # digits, "The", " answer", " is" stay as they are
+    for words in ("Check this answer", "has no errors", "Your answer is wrong: wrong"):  # prompt and feedback
+        assert tokens(words) - answering <= set(ids)
+
+
 def test_run_through_the_cli(tmp_path):
     d = tmp_path / "run"
     r = cli("run", *SMALL, f"run_dir={d}")
@@ -70,6 +87,11 @@ def test_run_through_the_cli(tmp_path):
     assert ev and all(t.turns[0].critique is None or t.turns[0].critique.source == "self" for t in ev)
     summary = json.loads((d / "summary.json").read_text())
     assert [p["phase"] for p in summary["phases"]] == [0, 1]
+    # the feedback words' embedding rows are trained and carried by every adapter
+    n = summary["phases"][0]["feedback_tokens"]
+    for phase in (0, 1):
+        cfg = json.loads((d / "adapters" / f"phase-{phase}" / "adapter_config.json").read_text())
+        assert n > 0 and len(cfg["trainable_token_indices"]) == n
 
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
