@@ -44,7 +44,7 @@ def main() -> None:
         lines = [f"## {r['title']}", "", f"{datetime.date.today().isoformat()}, {machine()}", "", r["doc"], "",
                  "| what | throughput | detail |", "|---|---|---|"]
         lines += [f"| {a} | {t} | {d} |" for a, t, d in r["rows"]]
-        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in r["ratios"]] + [""]
+        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v if isinstance(v, str) else f'{v:.2f}x'} |" for k, v in r["ratios"]] + [""]
         sections[r["title"]] = "\n".join(lines)
         print(sections[r["title"]])
     head = ["# Benchmarks", "", "- command: `pip install -e \".[bench]\" && python bench/run.py [generation|verifiers|sft|serve|score]`",
