@@ -5,7 +5,10 @@
 - delta_i2c: share of all tasks wrong at t1 and right at t2; delta_c2i: right -> wrong;
 - edit_ratio: mean normalised Levenshtein distance between the two attempts (0 = the
   second attempt copies the first: the collapse SCoRe warns about);
-- n: tasks evaluated.
+- n: tasks evaluated;
+- critic_tpr, critic_fpr (only when the first answers were critiqued, e.g. `critic=self`):
+  the share of wrong / of right first answers the critic called wrong. A critic that finds
+  errors has tpr well above fpr; one that only learned how often to object has tpr ≈ fpr.
 """
 
 from __future__ import annotations
@@ -41,4 +44,10 @@ def self_correction_metrics(traces: list[Trace]) -> dict[str, float]:
         "edit_ratio": sum(Levenshtein.normalized_distance(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0,
         "n": n,
     }
+    verdicts = [(ok, t.turns[0].critique.details.get("verdict")) for ok, t in zip(t1, traces)
+                if t.turns[0].critique is not None and t.turns[0].critique.details.get("verdict")]
+    for key, first_right in (("critic_tpr", False), ("critic_fpr", True)):
+        said = [v == "wrong" for ok, v in verdicts if ok == first_right]
+        if said:
+            out[key] = sum(said) / len(said)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

@@ -33,3 +33,16 @@ def test_single_turn_and_early_stop():
 def test_empty_is_an_error():
     with pytest.raises(ValueError):
         self_correction_metrics([])
+
+
+def test_critic_rates_when_first_answers_were_critiqued():
+    def critiqued(score, verdict):
+        t = tr(("The answer is 4.", score))
+        t.turns[0].critique = Feedback(text="...", details={"verdict": verdict})
+        return t
+
+    m = self_correction_metrics([critiqued(0, "wrong"), critiqued(0, "correct"), critiqued(1, "wrong"),
+                                 critiqued(1, "correct"), critiqued(1, "correct"), tr(("b", 0))])
+    assert m["critic_tpr"] == 0.5  # of the two critiqued wrong answers, one was called wrong
+    assert m["critic_fpr"] == pytest.approx(round(1 / 3, 4))  # of three right ones, one
+    assert "critic_tpr" not in self_correction_metrics([tr(("a", 1)), tr(("b", 0))])  # no critic, no rates
