@@ -216,7 +216,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
         state.update(phase=phase + 1, adapter=str(path))
         run.checkpoint(state)
 
-    from selfevolve.metrics import KEYS
+    from selfevolve.metrics import CRITIC_KEYS, KEYS
     last = state["history"][-1]
-    run.finish(before=state["before"], after={k: last[k] for k in KEYS}, adapter=f"adapters/phase-{cfg.iterations}",
-               phases=state["history"])
+    run.finish(before=state["before"], after={k: last[k] for k in KEYS + CRITIC_KEYS if k in last},
+               adapter=f"adapters/phase-{cfg.iterations}", phases=state["history"])

@@ -18,6 +18,7 @@ from rapidfuzz.distance import Levenshtein
 from .types import Trace
 
 KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n")
+CRITIC_KEYS = ("critic_tpr", "critic_fpr")  # present only when first answers were critiqued
 
 
 def self_correction_metrics(traces: list[Trace]) -> dict[str, float]:
@@ -46,7 +47,7 @@ def self_correction_metrics(traces: list[Trace]) -> dict[str, float]:
     }
     verdicts = [(ok, t.turns[0].critique.details.get("verdict")) for ok, t in zip(t1, traces)
                 if t.turns[0].critique is not None and t.turns[0].critique.details.get("verdict")]
-    for key, first_right in (("critic_tpr", False), ("critic_fpr", True)):
+    for key, first_right in zip(CRITIC_KEYS, (False, True)):
         said = [v == "wrong" for ok, v in verdicts if ok == first_right]
         if said:
             out[key] = sum(said) / len(said)

@@ -236,14 +236,14 @@ def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .metrics import KEYS
+    from .metrics import CRITIC_KEYS, KEYS
 
     table = Table(title=f"{run_dir}")
     table.add_column("metric")
     if before:
         table.add_column("before", justify="right")
     table.add_column("after" if before else "value", justify="right")
-    for k in KEYS:
+    for k in KEYS + tuple(k for k in CRITIC_KEYS if k in after):
         row = [k] + ([str(before.get(k))] if before else []) + [str(after.get(k))]
         table.add_row(*row)
     Console(stderr=False).print(table)
