@@ -11,7 +11,8 @@ train on the wrong model's samples:
   2. a canary: the summed log-probability of a fixed text (every token after the first,
      what an OpenAI-compatible `/v1/completions` call with `echo=true, logprobs` returns)
      under the learner in memory and under the served policy agree within `tol` (relative,
-     at least 1 nat scale). Anything else raises `SyncError`.
+     at least 1 nat scale). The text is followed by the words of any embedding rows the
+     adapter trains, so those rows are checked too. Anything else raises `SyncError`.
 """
 
 from __future__ import annotations
