@@ -84,7 +84,8 @@ class VerifierPool:
         except (EOFError, OSError):
             pass
         w.proc.kill()
-        raise RuntimeError(f"a verifier worker did not start within {STARTUP_S} s (exit code {w.proc.exitcode})")
+        w.proc.join()  # so the exit code below is known
+        raise RuntimeError(f"a verifier worker died or did not start within {STARTUP_S} s (exit code {w.proc.exitcode})")
 
     def start(self) -> "VerifierPool":
         new = [self._spawn() for _ in range(self.workers - len(self.procs))]  # they start in parallel
