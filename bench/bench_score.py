@@ -71,7 +71,7 @@ def update_throughput() -> tuple[float, float, int]:
     from selfevolve.recipes.score import ScoreConfig, episode_batch, rollouts, score_loss
     from selfevolve.run import Run
     from selfevolve.policies import HFPolicy
-    from selfevolve.sync import trainable_model
+    from selfevolve.training import trainable_model
 
     torch.set_num_threads(2)
     policy = HFPolicy("tiny", device="cpu")

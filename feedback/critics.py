@@ -114,7 +114,7 @@ CRITICS = ("none", "self", "verifier", "judge")
 def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=None, template: str | None = None,
                reveal_reference: bool = False, memory: int = 3, max_new_tokens: int = 128):
     """The critic `critic=NAME` selects: none | self | verifier | judge."""
-    from ..config import UserError
+    from ..errors import UserError
 
     sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     kw = {"template": template} if template else {}
@@ -131,13 +131,3 @@ def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=N
             raise UserError("critic=judge needs judge= (a model directory, `tiny`, or an http(s):// endpoint)")
         return JudgeCritic(judge, sampling=sampling, memory=memory, **kw)
     raise UserError(f"critic={name}: choose one of {', '.join(CRITICS)}")
-
-
-def critic_from_config(cfg, policy, verifier):
-    """The critic a config's `critic=`, `judge=`, `critique_prompt=`, `reveal_reference=` and
-    `memory=` keys describe (None for critic=none)."""
-    from ..policies import load_policy
-
-    judge = load_policy(cfg.judge) if cfg.critic == "judge" and cfg.judge else None
-    return get_critic(cfg.critic, policy=policy, verifier=verifier, judge=judge, template=cfg.critique_prompt,
-                      reveal_reference=cfg.reveal_reference, memory=cfg.memory, max_new_tokens=cfg.max_new_tokens)

@@ -31,8 +31,8 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update, trainable_model
-from selfevolve.training import sft
+from selfevolve.sync import publish, serve_update
+from selfevolve.training import sft, trainable_model
 from selfevolve.types import SamplingParams, Trace
 
 

@@ -55,8 +55,8 @@ from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_los
 from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy, resolve_model_path
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update, trainable_model
-from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs
+from selfevolve.sync import publish, serve_update
+from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs, trainable_model
 from selfevolve.types import SamplingParams, Trace
 
 

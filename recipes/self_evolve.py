@@ -49,8 +49,8 @@ from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
 from selfevolve.policies import HFPolicy, load_policy
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update, trainable_model
-from selfevolve.training import sft
+from selfevolve.sync import publish, serve_update
+from selfevolve.training import sft, trainable_model
 from selfevolve.types import SamplingParams, Trace
 
 

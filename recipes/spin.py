@@ -41,8 +41,8 @@ from selfevolve.data import tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update, trainable_model
-from selfevolve.training import encode_chat, pad_batch, token_logprobs
+from selfevolve.sync import publish, serve_update
+from selfevolve.training import encode_chat, pad_batch, token_logprobs, trainable_model
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -139,7 +139,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
     missing = next((t for t in tasks if t.reference is None), None)
     if missing is not None:
-        from selfevolve.config import UserError
+        from selfevolve.errors import UserError
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
     learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)

@@ -40,8 +40,8 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update, trainable_model
-from selfevolve.training import sft
+from selfevolve.sync import publish, serve_update
+from selfevolve.training import sft, trainable_model
 from selfevolve.types import SamplingParams, Task, Trace
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import RecipeConfig, UserError, build, disk_full, help_text, parse_overrides, resolve
+from .config import RecipeConfig, build, help_text, parse_overrides, resolve
+from .errors import UserError, disk_full
 from .types import SamplingParams
 
 # recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
@@ -104,25 +105,12 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-def _policy(cfg):
-    from .policies import load_policy
-
-    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" and not cfg.model.startswith("http") else {}
-    policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
-    if getattr(cfg, "adapter", None):
-        policy.load_adapter(cfg.adapter, "adapter")
-    return policy
-
-
-def _critic(cfg, policy, verifier):
-    from .feedback.critics import critic_from_config
-    return critic_from_config(cfg, policy, verifier)
-
-
 def cmd_eval(overrides: dict, want_help: bool) -> int:
+    from .build import critic_from_config, served_policy
     from .data import tasks_for
     from .evaluate import evaluate
-    from .run import atomic_write, print_summary
+    from .files import atomic_write
+    from .run import print_summary
     from .verifiers import get_verifier
 
     if want_help:
@@ -134,8 +122,8 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
-    policy = _policy(cfg)
-    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=_critic(cfg, policy, verifier),
+    policy = served_policy(cfg, adapter=cfg.adapter)
+    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=critic_from_config(cfg, policy, verifier),
                           sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
     print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
     if cfg.out:
@@ -144,7 +132,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_refine(overrides: dict, want_help: bool) -> int:
-    from .loop import refine
+    from .build import critic_from_config, refine, served_policy
     from .types import Task
     from .verifiers import get_verifier
 
@@ -155,8 +143,8 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     _threads(cfg)
     task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
     verifier = get_verifier(cfg.verifier) if cfg.reference is not None else None
-    policy = _policy(cfg)
-    trace = refine(task, policy, verifier=verifier, critic=_critic(cfg, policy, verifier), max_turns=cfg.max_turns,
+    policy = served_policy(cfg, adapter=cfg.adapter)
+    trace = refine(task, policy, verifier=verifier, critic=critic_from_config(cfg, policy, verifier), max_turns=cfg.max_turns,
                    memory=cfg.memory or None,
                    sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     print(trace.model_dump_json(indent=2) if cfg.as_json else trace.final)
@@ -176,7 +164,7 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
     """The sanity check before spending GPU hours on a new dataset: does the verifier
     accept every task's own reference answer?"""
     from .data import tasks_for
-    from .run import atomic_write
+    from .files import atomic_write
     from .verifiers import VerifierPool, get_verifier
 
     if want_help:

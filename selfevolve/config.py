@@ -17,26 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class UserError(Exception):
-    """Bad input from the user: the CLI prints the message as one line and exits 2."""
-
-
-class WriteFailed(OSError):
-    """A file of a run could not be written (disk full, quota, file-size limit). What was
-    there before is intact: temp files are removed and appends are rolled back. The CLI
-    prints one line and exits 2."""
-
-
-def disk_full(e: BaseException) -> bool:
-    """Did a write fail for lack of room (disk full, quota, file-size limit)? SQLite says
-    so only in its message."""
-    import errno
-    import sqlite3
-
-    if isinstance(e, sqlite3.OperationalError):
-        return "full" in str(e) or "disk I/O" in str(e)
-    return isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+from .errors import UserError
 
 
 class RecipeConfig(BaseModel):

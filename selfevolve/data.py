@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import arith
-from .config import UserError
+from .errors import UserError
 from .types import Task
 
 BUILTIN = {"arith", "humaneval"}

@@ -78,24 +78,3 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
     for t in traces:
         t.finished = now
     return traces
-
-
-def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", verifier: Verifier | str | None = None,
-           critic: Critic | str | None = None, max_turns: int = 3, **kwargs) -> Trace | list[Trace]:
-    """Self-refine one prompt/Task (returns its Trace) or a list (returns a list, batched).
-    The answer is `trace.final`; the whole episode, with every critique and score, is
-    `trace.turns`. `policy`, `verifier` and `critic` may be given by name:
-
-    >>> trace = refine("What is 7 + 8 - 3?", policy="tiny", verifier="numeric", critic="verifier")  # doctest: +SKIP
-    >>> trace.final, [t.score for t in trace.turns]                                               # doctest: +SKIP
-    """
-    from .feedback.critics import get_critic
-    from .policies import load_policy
-    from .verifiers import get_verifier
-
-    policy = load_policy(policy) if isinstance(policy, str) else policy
-    verifier = get_verifier(verifier) if isinstance(verifier, str) else verifier
-    critic = get_critic(critic, policy=policy, verifier=verifier) if isinstance(critic, str) else critic
-    many = isinstance(prompt_or_task, list)
-    traces = refine_batch(prompt_or_task if many else [prompt_or_task], policy, verifier, critic, max_turns, **kwargs)
-    return traces if many else traces[0]

@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import UserError
+from .errors import UserError
 from .metrics import KEYS
-from .run import atomic_write, read_metrics
+from .files import atomic_write, read_metrics
 
 
 class ReportConfig(BaseModel):

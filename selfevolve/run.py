@@ -35,41 +35,19 @@ from typing import Any
 import torch
 import yaml
 
-from .config import RecipeConfig, UserError, WriteFailed
+from .build import critic_from_config
+from .config import RecipeConfig
+from .data import tasks_for
+from .evaluate import evaluate
+from .errors import UserError, WriteFailed
+from .files import atomic_write, read_metrics
 from .progress import progress
 from .store import TraceStore
+from .types import SamplingParams
+from .verifiers import get_verifier
 
 # Keys that may change between a run and its resume without changing its result.
 RESUME_FREE_KEYS = {"resume", "debug", "run_dir", "logger"}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(e.errno, e.strerror, str(path)) from None
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The lines of a metrics.jsonl ([] if there is none). A torn last line (the process
-    was killed mid-write) was never logged and is skipped; a bad line elsewhere is an error."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}:{i + 1}: not a JSON line") from None
-    return out
 
 
 class Stopped(Exception):
@@ -98,13 +76,11 @@ class Run:
         """The run's verifier (`verifier=`, pooled with verify_workers>1), built once and
         shared by the recipe and every evaluation."""
         if self._verifier is None:
-            from .verifiers import get_verifier
             self._verifier = get_verifier(self.cfg.verifier, workers=self.cfg.verify_workers)
         return self._verifier
 
     def critic(self, policy):
         """The critic evaluation uses between attempts (`critic=`; none: SCoRe's instruction)."""
-        from .feedback.critics import critic_from_config
         return critic_from_config(self.cfg, policy, self.verifier)
 
     def _claim_dir(self) -> None:
@@ -202,10 +178,6 @@ class Run:
     def evaluate(self, policy, which: str, round: int = 0) -> dict[str, float]:
         """Evaluate `policy` on the run's held-out tasks (greedy, `max_turns` attempts),
         store the traces tagged meta.eval=`which`, log and return the metrics."""
-        from .data import tasks_for
-        from .evaluate import evaluate
-        from .types import SamplingParams
-
         c = self.cfg
         if self._eval_tasks is None:
             self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)

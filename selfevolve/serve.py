@@ -37,7 +37,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import RecipeConfig, UserError
+from .build import critic_from_config, served_policy
+from .config import RecipeConfig
+from .errors import UserError
 from .types import SamplingParams, Task
 
 REFINE_SUFFIX = "+refine"
@@ -129,11 +131,10 @@ class Server:
     """The policy, a single model-owning worker thread, and the request queue."""
 
     def __init__(self, cfg: ServeConfig, policy=None):
-        from .policies import load_policy
         from .store import TraceStore
 
         self.cfg = cfg
-        self.policy = policy or load_policy(cfg.model, cfg.policy, **({"device": cfg.device} if cfg.policy == "hf" else {}))
+        self.policy = policy or served_policy(cfg)
         self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
         self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,6 @@ class Server:
 
     def critic(self, name: str):
         if name not in self._critics:
-            from .feedback.critics import critic_from_config
             self._critics[name] = critic_from_config(self.cfg.model_copy(update={"critic": name}), self.policy, self.verifier)
         return self._critics[name]
 

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import UserError, disk_full
+from .errors import UserError, disk_full
 from .types import Trace
 
 SCHEMA_VERSION = 1

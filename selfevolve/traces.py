@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import UserError
+from .errors import UserError
 from .types import Trace
 
 

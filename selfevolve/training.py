@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .models import resolve_model_path
 from .types import Conversation
 
 IGNORE = -100
@@ -126,3 +127,34 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
                 bar.advance()
     model.eval()
     return {"sft_loss": sum(losses) / max(1, len(losses)), "sft_tokens": tokens, "sft_steps": len(losses)}
+
+
+@torch.no_grad()
+def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[float | None]]:
+    """Token ids of `text` (special tokens as the tokenizer adds them, as a completions
+    endpoint does) and log p(t_i | t_<i) for each (None for the first)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([tokenizer(text)["input_ids"]], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits.float()
+    lps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+    model.train(was_training)
+    return ids[0].tolist(), [None] + lps
+
+
+def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32,
+                    init_from: str | None = None, device: str = "cpu", trainable_tokens: list[int] | None = None):
+    """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
+    from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
+    with lora=False all weights, from `init_from` (a full model directory) or the base.
+    `trainable_tokens`: see `lora_model`."""
+    base = resolve_model_path(str(base))
+    if not lora:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
+    model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens)
+    if init_from:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+        set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
+    return model

@@ -1,6 +1,7 @@
 import pytest
 
-from selfevolve.config import RecipeConfig, UserError, build, parse_overrides, resolve
+from selfevolve.config import RecipeConfig, build, parse_overrides, resolve
+from selfevolve.errors import UserError
 
 
 class Demo(RecipeConfig):

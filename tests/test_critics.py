@@ -2,9 +2,10 @@
 
 import pytest
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.feedback import JudgeCritic, SelfCritic, VerifierCritic, get_critic
-from selfevolve.loop import conversation, refine, refine_batch
+from selfevolve.build import refine
+from selfevolve.loop import conversation, refine_batch
 from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn
 from selfevolve.verifiers import get_verifier
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.data import load_tasks
 
 ROWS = [{"question": "What is 2 + 2?", "gold": 4, "id": "a", "topic": "add"},

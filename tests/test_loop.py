@@ -1,7 +1,8 @@
 from selfevolve import arith
 from selfevolve.evaluate import evaluate
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
-from selfevolve.loop import conversation, refine, refine_batch
+from selfevolve.build import refine
+from selfevolve.loop import conversation, refine_batch
 from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn
 from selfevolve.verifiers import NumericVerifier
 

@@ -4,7 +4,7 @@ architecture (Llama, ChatML template) saved to disk, as a user's model directory
 import pytest
 import torch
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.policies import HFPolicy, resolve_model_path
 from selfevolve.training import encode_chat
 from selfevolve.types import SamplingParams

@@ -118,7 +118,7 @@ def test_unknown_logger_is_one_line(tmp_path):
 
 
 def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
-    from selfevolve.config import UserError
+    from selfevolve.errors import UserError
     from selfevolve.trackers import Trackers
 
     from selfevolve.config import build

@@ -113,7 +113,8 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     import torch
 
     from selfevolve.policies import OpenAIPolicy
-    from selfevolve.sync import CANARY, SyncError, publish, text_logprob, trainable_model, verify_sync
+    from selfevolve.sync import CANARY, SyncError, publish, text_logprob, verify_sync
+    from selfevolve.training import trainable_model
 
     policy = OpenAIPolicy(server.url, api_key=KEY)
     base_lp = policy.prompt_logprob(CANARY)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from selfevolve.policies import HFPolicy
-from selfevolve.sync import CANARY, SyncError, publish, text_logprob, trainable_model, verify_sync
+from selfevolve.sync import CANARY, SyncError, publish, text_logprob, verify_sync
+from selfevolve.training import trainable_model
 from selfevolve.training import sft
 
 CONVS = [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."}]] * 8
@@ -49,7 +50,7 @@ def test_trained_embedding_rows_are_published_verified_and_continued(tmp_path):
     """Rows trained with the adapter (SELF's feedback words) reach the served model, the
     canary covers them, and a learner continued from the saved adapter starts where it was."""
     from selfevolve.policies.vllm import check_lora_only
-    from selfevolve.config import UserError
+    from selfevolve.errors import UserError
     from selfevolve.sync import canary_for, trained_token_ids
 
     policy = HFPolicy("tiny", device="cpu")

@@ -6,7 +6,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.policies.vllm import summed_prompt_logprob, turns_from_output, vllm_sampling_kwargs
 from selfevolve.types import SamplingParams
 from tests.test_cli import cli

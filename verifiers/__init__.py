@@ -30,7 +30,7 @@ def get_verifier(name: str, workers: int = 1):
 
 
 def _resolve(name: str):
-    from selfevolve.config import UserError
+    from selfevolve.errors import UserError
 
     if name in VERIFIERS:
         return VERIFIERS[name]()

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from .hf import HFPolicy, resolve_device, resolve_model_path
+from ..models import resolve_device, resolve_model_path
+from .hf import HFPolicy
 
 __all__ = ["HFPolicy", "OpenAIPolicy", "VLLMPolicy", "LangChainPolicy", "load_policy", "resolve_model_path",
            "resolve_device"]
@@ -24,7 +25,7 @@ def __getattr__(name):
         from .vllm import VLLMPolicy
         return VLLMPolicy
     if name == "LangChainPolicy":
-        from ..langchain import LangChainPolicy
+        from .langchain import LangChainPolicy
         return LangChainPolicy
     raise AttributeError(name)
 
@@ -33,7 +34,7 @@ def load_policy(model: str, policy: str = "auto", **kwargs):
     """The policy for `model=` and `policy=`: an http(s):// URL is an OpenAI-compatible
     endpoint (`policy=openai`), anything else a model directory or `tiny`, served by
     transformers (`policy=hf`, the default) or vLLM (`policy=vllm`)."""
-    from ..config import UserError
+    from ..errors import UserError
 
     if policy == "auto":
         policy = "openai" if model.startswith(("http://", "https://")) else "hf"

@@ -11,34 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from ..config import UserError
+from ..errors import UserError
+from ..models import resolve_device, resolve_model_path
 from ..progress import progress
-from ..training import encode_chat, pad_batch, token_logprobs
+from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
-
-
-def resolve_model_path(model: str) -> Path:
-    """`tiny` -> the bundled model's directory; anything else must be a local HF model dir."""
-    path = Path(str(files("selfevolve.tiny"))) if model == "tiny" else Path(model).expanduser()
-    if not path.is_dir():
-        raise UserError(f"model={model}: no such directory (use `tiny` or a local Hugging Face model directory)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"model={model}: not a model directory (no config.json in {path})")
-    return path
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 class HFPolicy:
@@ -229,7 +210,6 @@ class HFPolicy:
     def prompt_token_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
         """Tokens of `text` and log p(t_i | t_<i) for each (None for the first), under the
         active adapter: what `/v1/completions` with echo=true, logprobs returns."""
-        from ..sync import text_token_logprobs
         with self._adapter_context():
             ids, lps = text_token_logprobs(self.model, self.tokenizer, text)
         return [self.tokenizer.decode([i]) for i in ids], lps

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from ..config import UserError
+from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
 
 

@@ -14,7 +14,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..config import UserError
+from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
 
 MISSING = "policy=vllm needs vLLM (a GPU machine): pip install 'selfevolve[vllm]'"
@@ -62,7 +62,7 @@ class VLLMPolicy:
             from vllm import LLM
         except ImportError:
             raise UserError(MISSING) from None
-        from .hf import resolve_model_path
+        from ..models import resolve_model_path
 
         self.path = resolve_model_path(model)
         self.llm = LLM(model=str(self.path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,

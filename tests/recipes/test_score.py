@@ -24,7 +24,7 @@ def _cfg(tmp_path, **kw):
 def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     from selfevolve.recipes.score import episode_batch, rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.sync import trainable_model
+    from selfevolve.training import trainable_model
 
     cfg = _cfg(tmp_path)
     run = Run(cfg)

@@ -55,7 +55,7 @@ def test_meta_skill_examples_teach_feedback_and_refinement():
 def test_feedback_tokens_are_the_words_only_feedback_uses():
     from transformers import AutoTokenizer
 
-    from selfevolve.policies.hf import resolve_model_path
+    from selfevolve.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
     wrong = Turn(response="The answer is 15.", critique=Feedback(text="Your answer is wrong: wrong answer 15."))

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from selfevolve.config import UserError
+from selfevolve.errors import UserError
 from selfevolve.types import Task
 from selfevolve.verifiers import (ChoiceVerifier, ExactVerifier, MathVerifier, NumericVerifier, RegexVerifier,
                                   RewardFunctionVerifier, VerifierPool, get_verifier, reward_function)

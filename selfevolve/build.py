@@ -1,0 +1,52 @@
+"""From words to objects: the one place where names (`policy="tiny"`, `verifier="numeric"`,
+`critic="self"`) and a config's keys become a Policy, a Verifier and a Critic.
+
+The loop, the critics and the policies take objects; the CLI, the server, the recipes and
+`refine()` come here for them, so every command builds a served policy the same way and
+the lower layers never import upwards (docs/architecture.md, "Layers").
+"""
+
+from __future__ import annotations
+
+from .feedback.critics import get_critic
+from .loop import refine_batch
+from .policies import load_policy
+from .types import Critic, Policy, Task, Trace, Verifier
+from .verifiers import get_verifier
+
+
+def served_policy(cfg, adapter: str | None = None) -> Policy:
+    """The policy a config's `model=`, `policy=`, `device=` and `batch_size=` describe: an
+    http(s):// model is an OpenAI-compatible endpoint, `policy=vllm` a vllm.LLM, anything
+    else transformers in process. `adapter` (a peft directory) is loaded and made active."""
+    url = cfg.model.startswith(("http://", "https://"))
+    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" and not url else {}
+    policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
+    if adapter:
+        policy.load_adapter(adapter, "adapter")
+    return policy
+
+
+def critic_from_config(cfg, policy, verifier):
+    """The critic a config's `critic=`, `judge=`, `critique_prompt=`, `reveal_reference=` and
+    `memory=` keys describe (None for critic=none)."""
+    judge = load_policy(cfg.judge) if cfg.critic == "judge" and cfg.judge else None
+    return get_critic(cfg.critic, policy=policy, verifier=verifier, judge=judge, template=cfg.critique_prompt,
+                      reveal_reference=cfg.reveal_reference, memory=cfg.memory, max_new_tokens=cfg.max_new_tokens)
+
+
+def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", verifier: Verifier | str | None = None,
+           critic: Critic | str | None = None, max_turns: int = 3, **kwargs) -> Trace | list[Trace]:
+    """Self-refine one prompt/Task (returns its Trace) or a list (returns a list, batched).
+    The answer is `trace.final`; the whole episode, with every critique and score, is
+    `trace.turns`. `policy`, `verifier` and `critic` may be given by name:
+
+    >>> trace = refine("What is 7 + 8 - 3?", policy="tiny", verifier="numeric", critic="verifier")  # doctest: +SKIP
+    >>> trace.final, [t.score for t in trace.turns]                                               # doctest: +SKIP
+    """
+    policy = load_policy(policy) if isinstance(policy, str) else policy
+    verifier = get_verifier(verifier) if isinstance(verifier, str) else verifier
+    critic = get_critic(critic, policy=policy, verifier=verifier) if isinstance(critic, str) else critic
+    many = isinstance(prompt_or_task, list)
+    traces = refine_batch(prompt_or_task if many else [prompt_or_task], policy, verifier, critic, max_turns, **kwargs)
+    return traces if many else traces[0]

@@ -1,0 +1,32 @@
+"""The errors a user sees as one line (the CLI prints the message and exits 2).
+
+They live in their own module, below everything else, so any layer can raise them without
+importing the config or the run machinery (see docs/architecture.md, "Layers").
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message as one line and exits 2."""
+
+
+class WriteFailed(OSError):
+    """A file of a run could not be written (disk full, quota, file-size limit). What was
+    there before is intact: temp files are removed and appends are rolled back. The CLI
+    prints one line and exits 2."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Did a write fail for lack of room (disk full, quota, file-size limit)? SQLite says
+    so only in its message.
+
+    >>> disk_full(OSError(errno.ENOSPC, "No space left on device")), disk_full(ValueError("x"))
+    (True, False)
+    """
+    if isinstance(e, sqlite3.OperationalError):
+        return "full" in str(e) or "disk I/O" in str(e)
+    return isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

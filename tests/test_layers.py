@@ -1,0 +1,61 @@
+"""The package's layers: no module imports a module that imports it back, directly or
+through others. Function-local imports count too: deferring an import hides a cycle from
+Python, not from a reader (docs/architecture.md, "Layers")."""
+
+import ast
+import importlib
+import importlib.util
+import pkgutil
+from pathlib import Path
+
+import networkx as nx
+
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the installed package (feedback/, verifiers/, recipes/ included)."""
+    out = {}
+    for package in ("selfevolve", "selfevolve.feedback", "selfevolve.verifiers", "selfevolve.recipes"):
+        mod = importlib.import_module(package)  # each side folder has its own __path__ (package-dir)
+        out[package] = Path(mod.__file__)
+        for info in pkgutil.walk_packages(mod.__path__, package + "."):
+            spec = importlib.util.find_spec(info.name)
+            if spec and spec.origin and spec.origin.endswith(".py"):
+                out[info.name] = Path(spec.origin)
+    return out
+
+
+def import_graph() -> nx.DiGraph:
+    mods = modules()
+    g = nx.DiGraph()
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        g.add_node(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t in mods and t != name:
+                    g.add_edge(name, t)
+    return g
+
+
+def test_the_graph_sees_the_package():
+    g = import_graph()
+    assert {"selfevolve.loop", "selfevolve.recipes.score", "selfevolve.verifiers.code", "selfevolve.feedback.critics"} <= set(g)
+    assert g.has_edge("selfevolve.recipes.score", "selfevolve.run")
+    assert g.has_edge("selfevolve.policies.hf", "selfevolve.training")  # a relative import resolved
+
+
+def test_no_import_cycles():
+    cycles = list(nx.simple_cycles(import_graph()))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in sorted(cycles, key=len)[:5])
