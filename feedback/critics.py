@@ -8,7 +8,7 @@
 
 Each has `critique(task, turns) -> Feedback` (the Critic protocol) and a batched
 `critique_batch(tasks, turns_lists)` the loop uses, so a critique round costs one batched
-generation. `details["verdict"]` is "correct" when the critic sees nothing to fix; the loop
+generation. `Feedback.verdict` is "correct" when the critic sees nothing to fix; the loop
 stops there. Reflexion-style memory: the critiques already written for earlier attempts are
 passed to the critic (at most `memory` of them), and the loop shows them to the policy.
 """
@@ -46,8 +46,8 @@ class PolicyCritic:
         convs = [[{"role": "user", "content": self.prompt(t, turns)}] for t, turns in zip(tasks, turns_lists)]
         outs = self.policy.generate(convs, self.sampling) if convs else []
         return [Feedback(text=o[0].response, source=self.source,
-                         details={"verdict": "correct" if self.no_errors in o[0].response.lower() else "wrong",
-                                  "critic_adapter": self.policy.active_adapter})
+                         verdict="correct" if self.no_errors in o[0].response.lower() else "wrong",
+                         details={"critic_adapter": self.policy.active_adapter})
                 for o in outs]
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback:
@@ -100,8 +100,8 @@ class VerifierCritic:
         for i, (task, turns) in enumerate(zip(tasks, turns_lists)):
             fb = fresh.get(i) or turns[-1].feedback
             text = self._words(task, fb) + _notes(turns, self.memory)
-            out.append(Feedback(text=text, source=self.source, details={
-                "verdict": "correct" if fb.score is not None and fb.score >= 1.0 else "wrong", "score": fb.score}))
+            out.append(Feedback(text=text, source=self.source, details={"score": fb.score},
+                                verdict="correct" if fb.score is not None and fb.score >= 1.0 else "wrong"))
         return out
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback:

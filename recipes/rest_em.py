@@ -27,9 +27,9 @@ import time
 
 from pydantic import Field
 
+from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
-from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import sft, trainable_model
@@ -53,7 +53,7 @@ class RestEMConfig(RecipeConfig):
     sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
 
 
-def e_step(policy: HFPolicy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run) -> list[Trace]:
+def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run) -> list[Trace]:
     """Sample, verify, keep up to max_per_task distinct correct answers per task; store all."""
     convs = [[{"role": "user", "content": t.prompt}] for t in tasks]
     sampling = SamplingParams(temperature=cfg.temperature, n=cfg.num_samples, seed=cfg.seed * 1000 + iteration,
@@ -75,8 +75,8 @@ def e_step(policy: HFPolicy, tasks, verifier, cfg: RestEMConfig, iteration: int,
 
 
 def main(cfg: RestEMConfig, run: Run) -> None:
-    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    base = policy.path
+    policy = served_policy(cfg)
+    base, tokenizer = learner_base(cfg, policy)
     verifier = run.verifier
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
 
@@ -97,13 +97,14 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         t1 = time.perf_counter()
         steps = cfg.epochs * -(-len(convs) // cfg.sft_batch_size)
         with run.progress(f"sft iteration {it}", total=steps) as bar:
-            stats = sft(model, policy.tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr,
+            stats = sft(model, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr,
                         batch_size=cfg.sft_batch_size, seed=cfg.seed + it, bar=bar) if convs else {}
         t_train = time.perf_counter() - t1
 
         # Sync: save the update, serve it, verify the served policy is the learner.
         path = run.dir / "adapters" / f"iter-{it}"
-        policy = publish(policy, model, policy.tokenizer, path, f"iter-{it}", lora=cfg.lora)
+        policy = publish(policy, model, tokenizer, path, f"iter-{it}", lora=cfg.lora,
+                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         kept_n = len(kept)
@@ -116,6 +117,6 @@ def main(cfg: RestEMConfig, run: Run) -> None:
 
     best = max(state["history"], key=lambda h: h["acc_t1"])
     print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    run.finish(before=state["before"], after={k: v for k, v in best.items() if k not in ("iteration", "kept")},
+    run.finish(before=state["before"], after=best,
                best_iteration=best["iteration"], best_adapter=f"adapters/iter-{best['iteration']}",
                iterations=state["history"])

@@ -46,14 +46,13 @@ import time
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
-from transformers import AutoTokenizer
 
+from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.loop import refine_batch
-from selfevolve.policies import load_policy, resolve_model_path
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs, trainable_model
@@ -158,10 +157,8 @@ def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
 
 
 def main(cfg: ScoreConfig, run: Run) -> None:
-    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" else {}
-    policy = load_policy(cfg.model, cfg.policy, **kw)   # serves rollouts and evaluations
-    base = resolve_model_path(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    policy = served_policy(cfg)   # serves rollouts and evaluations
+    base, tokenizer = learner_base(cfg, policy)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pool = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
     learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
@@ -201,10 +198,9 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             name = f"step-{step + 1}"
             path = run.dir / "adapters" / name
-            policy = publish(policy, learner, tokenizer, path, name)
+            policy = publish(policy, learner, tokenizer, path, name, replaces=f"step-{step}" if state["adapter"] else None)
             if state["adapter"]:
-                policy.unload_adapter(f"step-{step}")
-                shutil.rmtree(state["adapter"], ignore_errors=True)
+                run.retire(state["adapter"])  # deleted once a checkpoint no longer refers to it
             state["adapter"] = str(path)
             t_sync = time.perf_counter() - t0
 
@@ -223,10 +219,8 @@ def main(cfg: ScoreConfig, run: Run) -> None:
                 t_ckpt = time.perf_counter() - t0  # logged with the next step
             bar.advance()
 
-    after = state["history"][-1] if state["history"] else state["before"]
     final = run.dir / "adapters" / "final"
     if state["adapter"]:
         shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
-    from selfevolve.metrics import KEYS
-    run.finish(before=state["before"], after={k: after[k] for k in KEYS}, adapter="adapters/final",
-               evaluations=state["history"])
+    run.finish(before=state["before"], after=state["history"][-1] if state["history"] else state["before"],
+               adapter="adapters/final", evaluations=state["history"])

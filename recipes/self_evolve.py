@@ -42,12 +42,13 @@ import time
 
 from pydantic import Field
 
+from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.critics import JudgeCritic, SelfCritic, VerifierCritic
 from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
-from selfevolve.policies import HFPolicy, load_policy
+from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import sft, trainable_model
@@ -115,7 +116,7 @@ def keep(trace: Trace, how: str) -> bool:
     last = trace.turns[-1]
     if how == "verifier":
         return last.score == 1.0
-    return last.critique is not None and last.critique.details.get("verdict") == "correct"
+    return last.critique is not None and last.critique.verdict == "correct"
 
 
 def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run) -> list[Trace]:
@@ -129,7 +130,7 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
         t.turns[0].feedback = fb
     for t, f in zip(traces, critic.critique_batch(tasks, [t.turns for t in traces])):
         t.turns[0].critique = f
-    wrong = [t for t in traces if t.turns[0].critique.details.get("verdict") != "correct"]
+    wrong = [t for t in traces if t.turns[0].critique.verdict != "correct"]
     convs = [[{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response},
               {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=t.turns[0].critique.text)}] for t in wrong]
     tries = policy.generate(convs, sampling.model_copy(update={"n": cfg.refine_samples, "seed": cfg.seed + 1}))
@@ -171,8 +172,9 @@ def fine_tune(learner, tokenizer, convs, cfg: SelfConfig, seed: int, run: Run, l
 
 
 def main(cfg: SelfConfig, run: Run) -> None:
-    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    tokenizer, verifier = policy.tokenizer, run.verifier
+    policy = served_policy(cfg)
+    base, tokenizer = learner_base(cfg, policy)
+    verifier = run.verifier
     pool = tasks_for(cfg, cfg.train_split, cfg.meta_tasks + cfg.evolve_tasks * cfg.iterations)
     meta_pool, evolve_pool = pool[: cfg.meta_tasks], pool[cfg.meta_tasks:]
 
@@ -201,22 +203,19 @@ def main(cfg: SelfConfig, run: Run) -> None:
                      "refined": sum(len(t.turns) > 1 for t in kept)}
         t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
-        learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"],
+        learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"],
                                   trainable_tokens=state.get("tokens"))
         stats = fine_tune(learner, tokenizer, convs, cfg, cfg.seed + phase, run, f"sft phase {phase}")
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"phase-{phase}"
-        if state["adapter"]:
-            policy.unload_adapter(f"phase-{phase - 1}")
-        policy = publish(policy, learner, tokenizer, path, f"phase-{phase}")
+        policy = publish(policy, learner, tokenizer, path, f"phase-{phase}",
+                         replaces=f"phase-{phase - 1}" if state["adapter"] else None)
         metrics = run.evaluate(policy, f"phase-{phase}", round=phase)
         run.log(phase=phase, examples=len(convs), time_data=round(t_data, 2), time_train=round(t_train, 2), **extra, **stats)
         state["history"].append({"phase": phase, **extra, **metrics})
         state.update(phase=phase + 1, adapter=str(path))
         run.checkpoint(state)
 
-    from selfevolve.metrics import CRITIC_KEYS, KEYS
-    last = state["history"][-1]
-    run.finish(before=state["before"], after={k: last[k] for k in KEYS + CRITIC_KEYS if k in last},
+    run.finish(before=state["before"], after=state["history"][-1],
                adapter=f"adapters/phase-{cfg.iterations}", phases=state["history"])

@@ -36,10 +36,10 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
 
+from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.losses import spin_loss
-from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import encode_chat, pad_batch, token_logprobs, trainable_model
@@ -134,14 +134,15 @@ def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, ite
 
 
 def main(cfg: SpinConfig, run: Run) -> None:
-    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    tokenizer, pad_id = policy.tokenizer, policy.pad_id
+    policy = served_policy(cfg)
+    base, tokenizer = learner_base(cfg, policy)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
     missing = next((t for t in tasks if t.reference is None), None)
     if missing is not None:
         from selfevolve.errors import UserError
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
-    learner = trainable_model(policy.path, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
     state = run.restore()
@@ -167,9 +168,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"iter-{it}"
-        if state["adapter"]:
-            policy.unload_adapter(f"iter-{it - 1}")
-        policy = publish(policy, learner, tokenizer, path, f"iter-{it}")   # the next opponent
+        policy = publish(policy, learner, tokenizer, path, f"iter-{it}",   # the next opponent
+                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         n_pairs = sum(t.meta["pair"] for t in samples)
         run.log(iteration=it, pairs=len(pairs), new_pairs=n_pairs, same_as_gold=len(samples) - n_pairs,
@@ -178,7 +178,5 @@ def main(cfg: SpinConfig, run: Run) -> None:
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
 
-    from selfevolve.metrics import KEYS
-    last = state["history"][-1]
-    run.finish(before=state["before"], after={k: last[k] for k in KEYS}, adapter=f"adapters/iter-{cfg.iterations - 1}",
+    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/iter-{cfg.iterations - 1}",
                iterations=state["history"])

@@ -35,10 +35,10 @@ import time
 
 from pydantic import Field
 
+from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
-from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import sft, trainable_model
@@ -108,8 +108,8 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
 
 
 def main(cfg: StarConfig, run: Run) -> None:
-    policy = HFPolicy(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    base = policy.path
+    policy = served_policy(cfg)
+    base, tokenizer = learner_base(cfg, policy)
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
 
     state = run.restore()
@@ -132,12 +132,13 @@ def main(cfg: StarConfig, run: Run) -> None:
         model = trainable_model(base, cfg.lora, cfg.lora_r, cfg.lora_alpha)
         t1 = time.perf_counter()
         with run.progress(f"sft iteration {it}", total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
-            stats = sft(model, policy.tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,
+            stats = sft(model, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,
                         seed=cfg.seed + it, bar=bar) if convs else {}
         t_train = time.perf_counter() - t1
 
         path = run.dir / "adapters" / f"iter-{it}"
-        policy = publish(policy, model, policy.tokenizer, path, f"iter-{it}", lora=cfg.lora)
+        policy = publish(policy, model, tokenizer, path, f"iter-{it}", lora=cfg.lora,
+                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         best_before = max([state["before"]["acc_t1"]] + [h["acc_t1"] for h in state["history"]])
@@ -149,7 +150,6 @@ def main(cfg: StarConfig, run: Run) -> None:
 
     best = max(state["history"], key=lambda h: h["acc_t1"])
     print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    from selfevolve.metrics import KEYS
-    run.finish(before=state["before"], after={k: best[k] for k in KEYS if k in best},
+    run.finish(before=state["before"], after=best,
                best_iteration=best["iteration"], best_adapter=f"adapters/iter-{best['iteration']}",
                iterations=state["history"])

@@ -8,8 +8,15 @@ the lower layers never import upwards (docs/architecture.md, "Layers").
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from .errors import UserError
 from .feedback.critics import get_critic
 from .loop import refine_batch
+from .models import resolve_model_path
 from .policies import load_policy
 from .types import Critic, Policy, Task, Trace, Verifier
 from .verifiers import get_verifier
@@ -25,6 +32,20 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
     if adapter:
         policy.load_adapter(adapter, "adapter")
     return policy
+
+
+def learner_base(cfg, policy: Policy) -> tuple[Path, Any]:
+    """The base weights a recipe's learner trains an adapter on, and their tokenizer: the
+    served model's own (so the adapter fits what serves it). `base_model=` names them
+    explicitly; an OpenAI-compatible endpoint offers the path it loaded the model from
+    (`root` in /v1/models, as `vllm serve PATH` and `selfevolve serve` report it)."""
+    where = cfg.base_model or getattr(policy, "path", None) or getattr(policy, "root", None)
+    if where is None:
+        raise UserError(f"model={cfg.model} does not say where its weights are; pass base_model=PATH (the directory "
+                        "the server loaded)")
+    path = resolve_model_path(str(where))
+    tokenizer = getattr(policy, "tokenizer", None) or AutoTokenizer.from_pretrained(path)
+    return path, tokenizer
 
 
 def critic_from_config(cfg, policy, verifier):

@@ -31,6 +31,7 @@ class RecipeConfig(BaseModel):
     prompt_field: str = Field("prompt", description="column holding the prompt in a user dataset")
     answer_field: str = Field("answer", description="column holding the reference answer")
     id_field: str = Field("id", description="column holding a task id (else file name + line)")
+    base_model: str | None = Field(None, description="the learner's base weights (a directory or `tiny`) when the served model's are not local; default: the served model's")
     policy: str = Field("hf", pattern="^(hf|vllm|openai)$", description="serving engine: hf (transformers) | vllm | openai (model= is a URL)")
     verifier: str = Field("numeric", description="short name or dotted import path of a Verifier")
     critic: str = Field("none", pattern="^(none|self|verifier|judge)$", description="who critiques between turns: none (SCoRe's instruction) | self | verifier | judge")

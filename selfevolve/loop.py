@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from .feedback.prompts import REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION
-from .types import Conversation, Critic, Policy, SamplingParams, Task, Trace, Verifier
+from .types import Conversation, Critic, Policy, SamplingParams, Task, Trace, Verifier, as_critic, as_verifier
 
 
 def as_task(x: Task | str, i: int = 0) -> Task:
@@ -47,6 +47,8 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
     Returns one Trace per task, in order. `trace_fields` (recipe, run, round, meta) go on
     every Trace."""
     sampling = sampling or SamplingParams()
+    verifier = as_verifier(verifier) if verifier is not None else None
+    critic = as_critic(critic) if critic is not None else None
     if sampling.n != 1:
         raise ValueError("the loop takes one sample per turn (n=1); ask the policy directly for best-of-n")
     traces = [Trace(task=as_task(t, i), policy_version=policy.active_adapter, **trace_fields)
@@ -68,11 +70,10 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
                  and not (stop_when_correct and traces[i].turns[-1].score is not None and traces[i].turns[-1].score >= 1.0)]
         if critic is not None and going:
             tasks_, turns_ = [traces[i].task for i in going], [traces[i].turns for i in going]
-            fbs = (critic.critique_batch(tasks_, turns_) if hasattr(critic, "critique_batch")
-                   else [critic.critique(t, ts) for t, ts in zip(tasks_, turns_)])
+            fbs = critic.critique_batch(tasks_, turns_)
             for i, fb in zip(going, fbs):
                 traces[i].turns[-1].critique = fb
-            going = [i for i in going if traces[i].turns[-1].critique.details.get("verdict") != "correct"]
+            going = [i for i in going if traces[i].turns[-1].critique.verdict != "correct"]
         active = going
     now = time.time()
     for t in traces:

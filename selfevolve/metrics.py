@@ -45,8 +45,8 @@ def self_correction_metrics(traces: list[Trace]) -> dict[str, float]:
         "edit_ratio": sum(Levenshtein.normalized_distance(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0,
         "n": n,
     }
-    verdicts = [(ok, t.turns[0].critique.details.get("verdict")) for ok, t in zip(t1, traces)
-                if t.turns[0].critique is not None and t.turns[0].critique.details.get("verdict")]
+    verdicts = [(ok, t.turns[0].critique.verdict) for ok, t in zip(t1, traces)
+                if t.turns[0].critique is not None and t.turns[0].critique.verdict]
     for key, first_right in zip(CRITIC_KEYS, (False, True)):
         said = [v == "wrong" for ok, v in verdicts if ok == first_right]
         if said:

@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from .data import tasks_for
 from .evaluate import evaluate
 from .errors import UserError, WriteFailed
 from .files import atomic_write, read_metrics
+from .metrics import CRITIC_KEYS, KEYS
 from .progress import progress
 from .store import TraceStore
 from .types import SamplingParams
@@ -70,6 +72,7 @@ class Run:
         self.trackers = Trackers(cfg.logger, self.dir, self.name, cfg.model_dump(exclude=RESUME_FREE_KEYS))
         self._eval_tasks = None
         self._verifier = None
+        self._retired: list[Path] = []
 
     @property
     def verifier(self):
@@ -129,9 +132,15 @@ class Run:
 
     # --- checkpoint / resume -----------------------------------------------------------
 
+    def retire(self, path: str | Path) -> None:
+        """Delete `path` (an adapter no longer served) once the next checkpoint is durable:
+        until then the last checkpoint may still refer to it, and a run killed before the
+        next one resumes from it."""
+        self._retired.append(Path(path))
+
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save the recipe's state atomically, with RNG states and the current lengths of
-        the metrics log and the trace store."""
+        the metrics log and the trace store; then delete what was retired before it."""
         full = {"recipe_state": state, "metrics_lines": self._metrics_lines(), "trace_seq": self.store.last_seq(),
                 "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
         path = self.dir / "checkpoint" / "state.pt"
@@ -142,6 +151,9 @@ class Run:
             tmp.unlink(missing_ok=True)
             raise WriteFailed(getattr(e, "errno", None) or errno.EIO, str(e).splitlines()[0][:120], str(path)) from None
         os.replace(tmp, path)
+        for old in self._retired:
+            shutil.rmtree(old, ignore_errors=True)
+        self._retired.clear()
         if self.stop_requested:
             raise Stopped(f"stopped at a checkpoint; continue with: selfevolve run recipe={self.cfg.recipe} "
                           f"run_dir={self.dir} resume=true")
@@ -189,7 +201,10 @@ class Run:
         return metrics
 
     def finish(self, before: dict | None, after: dict, **extra: Any) -> dict[str, Any]:
+        """Write summary.json: `before` and `after` are evaluation metrics (a history entry
+        will do: only the metric keys are kept), `extra` whatever else the recipe reports."""
         self.trackers.close()
+        before, after = (None if before is None else metric_block(before)), metric_block(after)
         summary = {"recipe": self.cfg.recipe, "before": before, "after": after, **extra}
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(self.dir, before, after)
@@ -204,11 +219,14 @@ class Run:
         return progress(description, total, completed)
 
 
+def metric_block(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation metrics of a dict that may hold more (an iteration's history entry)."""
+    return {k: metrics[k] for k in KEYS + CRITIC_KEYS if k in metrics}
+
+
 def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from .metrics import CRITIC_KEYS, KEYS
 
     table = Table(title=f"{run_dir}")
     table.add_column("metric")

@@ -136,6 +136,7 @@ class Server:
         self.cfg = cfg
         self.policy = policy or served_policy(cfg)
         self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
+        self.root = "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))  # as vLLM: loaded from
         self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
@@ -418,7 +419,7 @@ def create_app(server: Server):
     async def models():
         now = int(time.time())
         return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "selfevolve",
-                                            "root": server.name} for m in server.models()]}
+                                            "root": server.root} for m in server.models()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

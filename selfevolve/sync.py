@@ -1,4 +1,5 @@
-"""Sync: how an update reaches the served policy, and the proof that it did (DESIGN.md §4).
+"""Sync: how an update reaches the served policy, and the proof that it did
+(docs/architecture.md, "A recipe step").
 
 A recipe trains a model (the learner), then `publish`es it: the adapter is saved to
 `run_dir/adapters/NAME`, loaded into the policy that serves rollouts (HFPolicy in process,
@@ -13,15 +14,22 @@ train on the wrong model's samples:
      under the learner in memory and under the served policy agree within `tol` (relative,
      at least 1 nat scale). The text is followed by the words of any embedding rows the
      adapter trains, so those rows are checked too. Anything else raises `SyncError`.
+
+Only then is the adapter it replaces unloaded (`replaces=`): a failed publish leaves the
+previous adapter serving. Deleting old adapter directories is the run's business
+(`Run.retire`), after a checkpoint that no longer refers to them is durable.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import torch
 
+from .errors import UserError
+from .policies.hf import HFPolicy
 from .training import text_token_logprobs
+from .types import AdapterServing
 
 # A fixed, short text every model can score; its content does not matter.
 CANARY = "What is 2 + 3? 2 + 3 = 5. The answer is 5."
@@ -50,7 +58,7 @@ def canary_for(model, tokenizer) -> str:
     return CANARY + (" " + tokenizer.decode(ids) if ids else "")
 
 
-def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY) -> float:
+def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY) -> float:
     """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
     the learner did (`expected`). Returns the served log-probability."""
     if policy.active_adapter != name:
@@ -62,22 +70,23 @@ def verify_sync(policy, name: str | None, expected: float, tol: float = 1e-3, te
     return served
 
 
-def serve_update(policy, path: str | Path, name: str, lora: bool = True):
+def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool = True) -> AdapterServing:
     """Load a saved update into the serving side and return the policy that serves it: the
     same object for an adapter (under `name`), a new HFPolicy for full weights. `publish`
     uses it after saving; a resumed run uses it to serve its last update again."""
     if lora:
         policy.load_adapter(str(path), name)
         return policy
-    from .policies import HFPolicy
+    if not isinstance(policy, HFPolicy):
+        raise UserError(f"lora=false trains all weights, which only policy=hf can reload; {type(policy).__name__} "
+                        "serves LoRA adapters (keep lora=true)")
     return HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
 
 
-def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = True, tol: float = 1e-3):
-    """Save the learner to `path`, serve it under `name`, verify, and return the policy that
-    now serves it."""
-    import shutil
-
+def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
+            tol: float = 1e-3, replaces: str | None = None) -> AdapterServing:
+    """Save the learner to `path`, serve it under `name`, verify, then unload the adapter it
+    `replaces` (if any); return the policy that now serves it."""
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
@@ -86,4 +95,6 @@ def publish(policy, model, tokenizer, path: str | Path, name: str, lora: bool = 
     served = serve_update(policy, path, name, lora)
     canary = canary_for(model, tokenizer)
     verify_sync(served, name if lora else None, text_logprob(model, tokenizer, canary), tol, canary)
+    if lora and replaces is not None and replaces != name:
+        served.unload_adapter(replaces)
     return served

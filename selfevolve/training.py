@@ -5,6 +5,8 @@ batching, per-token log-probabilities, one SFT step. Small functions, no trainer
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 

@@ -1,5 +1,6 @@
-"""The one vocabulary of selfevolve (DESIGN.md §3): Task, Feedback, Turn, Trace, and the
-protocols Policy, Verifier, Critic.
+"""The one vocabulary of selfevolve (docs/architecture.md, "Core types"): Task, Feedback, Turn,
+Trace, and the protocols Policy, AdapterServing, Verifier, Critic, each stating every method
+the code calls on it (`as_verifier` / `as_critic` adapt single-item third-party objects).
 
 Everything that crosses a boundary (a file, the CLI, HTTP, the trace store) is one of these
 pydantic models, so malformed input fails at the edge with a message naming the field.
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Message = dict[str, str]  # {"role": "user"|"assistant"|"system", "content": "..."}
 Conversation = list[Message]
@@ -34,14 +35,27 @@ class Task(BaseModel):
 
 class Feedback(BaseModel):
     """One value for every kind of signal: a scalar `score`, a natural-language `text`, or
-    both. `source` says who produced it (`verifier`, `self`, `judge`, ...)."""
+    both. `source` says who produced it (`verifier`, `self`, `judge`, ...). A critic's
+    `verdict` is "correct" when it sees nothing to fix (the loop stops there), "wrong" when
+    it asks for a revision, None when no verdict was given (a verifier's feedback)."""
 
     model_config = ConfigDict(extra="forbid")
 
     score: float | None = None
     text: str | None = None
     source: str = "verifier"
+    verdict: Literal["correct", "wrong"] | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _verdict_from_details(cls, data: Any) -> Any:
+        """Traces stored before `verdict` was a field kept it in details["verdict"]."""
+        if isinstance(data, dict) and isinstance(data.get("details"), dict) and "verdict" in data["details"]:
+            details = dict(data["details"])
+            verdict = details.pop("verdict")
+            data = {**data, "details": details, "verdict": data.get("verdict") or verdict}
+        return data
 
 
 class Turn(BaseModel):
@@ -137,7 +151,9 @@ class SamplingParams(BaseModel):
 @runtime_checkable
 class Policy(Protocol):
     """Anything that answers conversations. `generate` returns, per conversation, a list of
-    `sampling.n` Turns (response text, token ids and logprobs where available)."""
+    `sampling.n` Turns (response text, token ids and logprobs where available).
+    `active_adapter` names the adapter answering (None: the base model), recorded on every
+    Trace as its policy version; a policy that cannot load adapters raises UserError."""
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams) -> list[list[Turn]]: ...
 
@@ -148,16 +164,74 @@ class Policy(Protocol):
 
 
 @runtime_checkable
+class AdapterServing(Policy, Protocol):
+    """A policy that serves trained adapters: what verified sync (`sync.publish`) and
+    `selfevolve serve` need. HFPolicy, VLLMPolicy and OpenAIPolicy are; LangChainPolicy is not."""
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def set_adapter(self, name: str | None) -> None: ...
+
+    def prompt_logprob(self, text: str) -> float:
+        """Σ_{i≥1} log p(t_i | t_<i) of a plain text under the active adapter (the canary)."""
+        ...
+
+
+@runtime_checkable
 class Verifier(Protocol):
-    """Deterministic, trusted scoring: Feedback with a score in [0, 1]."""
+    """Deterministic, trusted scoring: Feedback with a score in [0, 1]. The loop and the
+    recipes call `verify_batch`; `as_verifier` gives a verify-only object one."""
 
     def verify(self, task: Task, response: str) -> Feedback: ...
+
+    def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[Feedback]: ...
 
 
 @runtime_checkable
 class Critic(Protocol):
-    """Writes feedback (text) on the turns so far. `details["verdict"] == "correct"` means
-    the critic sees nothing to fix, which stops the loop."""
+    """Writes feedback (text and a `verdict`) on the turns so far; verdict "correct" stops
+    the loop. The loop calls `critique_batch`; `as_critic` gives a critique-only object one."""
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback: ...
 
+    def critique_batch(self, tasks: list[Task], turns_lists: list[list[Turn]]) -> list[Feedback]: ...
+
+
+class _OneByOne:
+    """A third-party verifier or critic with only the single-item method, given the batched
+    one by calling it per item (and every other attribute passed through)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (unpickling in a VerifierPool worker)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[Feedback]:
+        return [self.inner.verify(t, r) for t, r in zip(tasks, responses)]
+
+    def critique_batch(self, tasks: list[Task], turns_lists: list[list[Turn]]) -> list[Feedback]:
+        return [self.inner.critique(t, ts) for t, ts in zip(tasks, turns_lists)]
+
+
+def as_verifier(obj) -> Verifier:
+    """`obj` as a full Verifier: itself if it has `verify_batch`, else wrapped.
+
+    >>> class Yes:
+    ...     def verify(self, task, response): return Feedback(score=1.0)
+    >>> v = as_verifier(Yes())
+    >>> isinstance(v, Verifier), [f.score for f in v.verify_batch([Task(id="t", prompt="p")], ["a"])]
+    (True, [1.0])
+    """
+    if not callable(getattr(obj, "verify", None)):
+        raise TypeError(f"{type(obj).__name__} is not a Verifier: it has no verify(task, response)")
+    return obj if callable(getattr(obj, "verify_batch", None)) else _OneByOne(obj)
+
+
+def as_critic(obj) -> Critic:
+    """`obj` as a full Critic: itself if it has `critique_batch`, else wrapped."""
+    if not callable(getattr(obj, "critique", None)):
+        raise TypeError(f"{type(obj).__name__} is not a Critic: it has no critique(task, turns)")
+    return obj if callable(getattr(obj, "critique_batch", None)) else _OneByOne(obj)

@@ -106,7 +106,7 @@ def test_refine_with_a_verifier_critic_prints_the_critiques():
     trace = json.loads(r.stdout)
     critiques = [t["critique"] for t in trace["turns"] if t["critique"]]
     assert all(c["source"] == "verifier" for c in critiques)
-    assert all("16" not in c["text"] for c in critiques if c["details"]["verdict"] == "wrong")
+    assert all("16" not in c["text"] for c in critiques if c["verdict"] == "wrong")
 
 
 @pytest.mark.parametrize("args,words", [(["serve", "port=abc"], "port"), (["serve", "model=/nonexistent"], "model="),

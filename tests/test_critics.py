@@ -16,12 +16,12 @@ GREEDY = SamplingParams(max_new_tokens=40)
 def test_verifier_critic_says_what_is_wrong_without_the_answer():
     critic = VerifierCritic(get_verifier("numeric"))
     fb = critic.critique(TASK, [Turn(response="The answer is 15.")])
-    assert fb.source == "verifier" and fb.details["verdict"] == "wrong"
+    assert fb.source == "verifier" and fb.verdict == "wrong"
     assert "15" in fb.text and "16" not in fb.text
     shown = VerifierCritic(get_verifier("numeric"), reveal_reference=True).critique(TASK, [Turn(response="The answer is 15.")])
     assert "expected answer is 16" in shown.text
     ok = critic.critique(TASK, [Turn(response="The answer is 16.")])
-    assert ok.details["verdict"] == "correct"
+    assert ok.verdict == "correct"
 
 
 def test_verifier_critic_hides_a_reference_the_verifier_quotes():
@@ -33,7 +33,7 @@ def test_verifier_critic_hides_a_reference_the_verifier_quotes():
 def test_verifier_critic_names_the_failing_test_and_the_traceback_tail():
     task = Task(id="c", prompt="Write add(a, b).", tests=["assert add(1, 2) == 3", "assert add(2, 2) == 4"], entry_point="add")
     fb = VerifierCritic(get_verifier("code")).critique(task, [Turn(response="def add(a, b):\n    return a - b\n")])
-    assert fb.details["verdict"] == "wrong"
+    assert fb.verdict == "wrong"
     assert "The failing test: assert add(1, 2) == 3" in fb.text and "AssertionError" in fb.text
 
 
@@ -50,7 +50,7 @@ def test_reflexion_memory_carries_earlier_critiques_capped():
 def test_self_critic_on_tiny_writes_a_critique_and_a_verdict(tiny):
     critic = SelfCritic(tiny, sampling=GREEDY)
     fbs = critic.critique_batch([TASK, TASK], [[Turn(response="The answer is 15.")], [Turn(response="The answer is 16.")]])
-    assert all(fb.source == "self" and fb.text and fb.details["verdict"] in ("correct", "wrong") for fb in fbs)
+    assert all(fb.source == "self" and fb.text and fb.verdict in ("correct", "wrong") for fb in fbs)
     assert critic.prompt(TASK, [Turn(response="The answer is 15.")]).count("What is 7 + 8 - 3 + 4?") == 1
 
 
@@ -73,7 +73,7 @@ def test_the_loop_stops_when_the_critic_sees_nothing_to_fix(tiny):
     tasks = [Task(id=f"{a}", prompt=f"What is {a} + 1?", reference=str(a + 1)) for a in range(1, 9)]
     traces = refine_batch(tasks, tiny, None, critic, max_turns=3, sampling=GREEDY)
     for t in traces:
-        verdicts = [x.critique.details["verdict"] for x in t.turns if x.critique]
+        verdicts = [x.critique.verdict for x in t.turns if x.critique]
         assert "correct" not in verdicts[:-1]  # it stopped at the first "correct"
         if verdicts and verdicts[-1] == "correct":
             assert len(t.turns) < 3 or t.turns[-1].critique is None

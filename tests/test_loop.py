@@ -1,10 +1,10 @@
 from selfevolve import arith
 from selfevolve.evaluate import evaluate
-from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.build import refine
+from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import conversation, refine_batch
-from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn
-from selfevolve.verifiers import NumericVerifier
+from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn, Verifier
+from selfevolve.verifiers import NumericVerifier, get_verifier
 
 S = SamplingParams(max_new_tokens=48)
 
@@ -14,8 +14,8 @@ class LengthCritic:
 
     def critique(self, task, turns):
         if "=" in turns[-1].response:
-            return Feedback(text="Looks right.", source="self", details={"verdict": "correct"})
-        return Feedback(text="Show each step.", source="self", details={"verdict": "revise"})
+            return Feedback(text="Looks right.", source="self", verdict="correct")
+        return Feedback(text="Show each step.", source="self", verdict="wrong")
 
 
 def test_refine_a_prompt_string(tiny):
@@ -43,7 +43,7 @@ def test_stop_rules(tiny):
     assert all(len(t.turns) == 3 and all(x.feedback is not None for x in t.turns) for t in full)
     critic = refine_batch(tasks, tiny, critic=LengthCritic(), max_turns=3, sampling=S)
     for t in critic:
-        stops = [i for i, x in enumerate(t.turns) if x.critique and x.critique.details["verdict"] == "correct"]
+        stops = [i for i, x in enumerate(t.turns) if x.critique and x.critique.verdict == "correct"]
         assert len(t.turns) == (stops[0] + 1 if stops else 3)
 
 
@@ -60,3 +60,22 @@ def test_evaluate_reports_every_metric(tiny):
     assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n"}
     assert m["n"] == 16 and abs(m["delta"] - (m["delta_i2c"] - m["delta_c2i"])) < 1e-3
     assert all(t.round == 3 and t.recipe == "eval" for t in traces)
+
+
+class OnlyVerify:
+    """A third-party verifier as users write one: `verify` and nothing else."""
+
+    def verify(self, task, response):
+        return Feedback(score=float(task.reference in response), text="checked by OnlyVerify")
+
+
+def test_a_verify_only_verifier_works_in_the_loop(tiny):
+    """It used to crash refine_batch with AttributeError: 'OnlyVerify' object has no attribute 'verify_batch'."""
+    tasks = arith.tasks("test", 4, seed=0)
+    for verifier in (OnlyVerify(), get_verifier("tests.test_loop:OnlyVerify")):
+        assert isinstance(verifier, Verifier) or not hasattr(verifier, "verify_batch")
+        traces = refine_batch(tasks, tiny, verifier, LengthCritic(), max_turns=2, sampling=S, stop_when_correct=False)
+        assert all(t.turns[0].feedback.text == "checked by OnlyVerify" for t in traces)
+        metrics, _ = evaluate(tiny, tasks, verifier, max_turns=2, sampling=S)
+        assert metrics["n"] == 4
+    assert isinstance(get_verifier("tests.test_loop:OnlyVerify"), Verifier)

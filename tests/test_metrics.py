@@ -38,7 +38,7 @@ def test_empty_is_an_error():
 def test_critic_rates_when_first_answers_were_critiqued():
     def critiqued(score, verdict):
         t = tr(("The answer is 4.", score))
-        t.turns[0].critique = Feedback(text="...", details={"verdict": verdict})
+        t.turns[0].critique = Feedback(text="...", verdict=verdict)
         return t
 
     m = self_correction_metrics([critiqued(0, "wrong"), critiqued(0, "correct"), critiqued(1, "wrong"),

@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from selfevolve.errors import UserError
+from selfevolve.types import as_verifier
+
 from .code import CodeVerifier
 from .math import MathVerifier
 from .numeric import NumericVerifier
@@ -30,8 +33,6 @@ def get_verifier(name: str, workers: int = 1):
 
 
 def _resolve(name: str):
-    from selfevolve.errors import UserError
-
     if name in VERIFIERS:
         return VERIFIERS[name]()
     if "." not in name and ":" not in name:
@@ -44,7 +45,7 @@ def _resolve(name: str):
     if inspect.isclass(obj):
         obj = obj()
     if hasattr(obj, "verify"):
-        return obj
+        return as_verifier(obj)  # a verify-only class gets verify_batch
     if callable(obj):
         return RewardFunctionVerifier(obj, name=attr)
     raise UserError(f"verifier={name}: not a Verifier or a reward function")

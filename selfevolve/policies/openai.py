@@ -31,7 +31,10 @@ class OpenAIPolicy:
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
         self.concurrency = concurrency
         try:
-            self.base_model = model or self.client.models.list().data[0].id
+            served = self.client.models.list().data
+            self.base_model = model or served[0].id
+            # where the server loaded the model from (vLLM's and our `root`): a learner's base
+            self.root = next((getattr(m, "root", None) for m in served if m.id == self.base_model), None)
         except Exception as e:  # connection refused, 401, ...: say which endpoint
             raise UserError(f"model={base_url}: no OpenAI-compatible server answers ({type(e).__name__}: {str(e)[:120]})") from None
         self.adapters: dict[str, str] = {}

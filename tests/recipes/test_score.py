@@ -8,7 +8,7 @@ import torch
 
 from selfevolve import arith
 from selfevolve.store import TraceStore
-from tests.recipes.resume import check_kill_and_resume, check_sigint_and_resume
+from tests.recipes.resume import check_kill_and_resume, check_kill_at_and_resume, check_sigint_and_resume
 from tests.test_cli import cli
 
 SMALL = ["recipe=score", "stage1_steps=1", "stage2_steps=2", "batch_tasks=8", "train_tasks=40", "eval_limit=8",
@@ -103,6 +103,18 @@ def test_ablation_without_stage_one(tmp_path):
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     check_kill_and_resume(SMALL, tmp_path)
+
+
+def test_killed_after_a_publish_that_follows_a_checkpoint_resumes(tmp_path):
+    """The checkpoint at step 2 refers to adapters/step-2; step 3 publishes step-3 and used
+    to delete step-2 at once, so a run killed before the step-4 checkpoint could not resume
+    ("adapters/step-2: not a peft adapter directory")."""
+    args = [*SMALL[:2], "stage2_steps=3", *SMALL[3:-2], "checkpoint_every=2", "max_new_tokens=24"]
+
+    def after_step_3_before_checkpoint_4(lines, state):
+        return any(m.get("step") == 3 for m in lines) and state is not None and state["step"] == 2
+
+    check_kill_at_and_resume(args, tmp_path, after_step_3_before_checkpoint_4)
 
 
 def test_ctrl_c_checkpoints_and_resumes(tmp_path):

@@ -16,7 +16,7 @@ TASK = Task(id="t", prompt="What is 7 + 8 - 3 + 4?", reference="16")
 
 def _critique(verdict):
     return Feedback(text="The answer has no errors." if verdict == "correct" else "Step 2 is wrong.", source="self",
-                    details={"verdict": verdict})
+                    verdict=verdict)
 
 
 def test_filter_by_verifier_and_by_own_verdict():
@@ -77,7 +77,7 @@ def test_run_through_the_cli(tmp_path):
     meta = store.query(meta={"phase": "meta"})
     assert len(meta) == 16 and all(t.turns[0].critique.source == "verifier" for t in meta)
     assert all(t.turns[-1].score == 1.0 for t in meta if len(t.turns) == 2)  # only accepted refinements are kept
-    assert all(t.turns[0].critique.details["verdict"] == "wrong" for t in meta if len(t.turns) == 2)
+    assert all(t.turns[0].critique.verdict == "wrong" for t in meta if len(t.turns) == 2)
     evolved = store.query(meta={"phase": "evolve"})
     assert len(evolved) == 16 and all(t.meta["filter"] == "verifier" for t in evolved)
     assert {t.policy_version for t in evolved} == {"phase-0"}  # the meta-skill model evolves
