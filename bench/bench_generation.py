@@ -46,10 +46,15 @@ def _naive(policy: HFPolicy, texts: list[str]) -> int:
     for text in texts:
         p = _encode(policy, text)
         with torch.no_grad():
-            out = policy.model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                        max_new_tokens=NEW, do_sample=False, pad_token_id=policy.pad_id,
-                                        eos_token_id=sorted(policy.eos_ids))
-        row = out[0, len(p):].tolist()
+            out = policy.model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=policy.pad_id,
+                eos_token_id=sorted(policy.eos_ids),
+            )
+        row = out[0, len(p) :].tolist()
         tokens += next((k for k, t in enumerate(row) if t in policy.eos_ids), len(row))
     return tokens
 
@@ -74,7 +79,9 @@ def run() -> dict:
     tasks = arith.tasks("test", n=N)
     texts = [t.prompt for t in tasks]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=NEW)
-    loop_fn = lambda: sum(len(t.turns[0].token_ids) for t in refine_batch(tasks, policy, max_turns=1, sampling=sampling))  # noqa: E731
+    def loop_fn():
+        return sum(len(t.turns[0].token_ids) for t in refine_batch(tasks, policy, max_turns=1, sampling=sampling))
+
     raw_fn = lambda: _raw_generate(policy, texts)  # noqa: E731
     naive_fn = lambda: _naive(policy, texts[:NAIVE_N])  # noqa: E731
     loop_fn(), raw_fn()  # warm-up
@@ -83,13 +90,20 @@ def run() -> dict:
         for name, fn in (("loop", loop_fn), ("raw", raw_fn), ("naive", naive_fn)):
             runs[name].append(timed(fn))
     (loop_tok, loop_s), (raw_tok, raw_s), (naive_tok, naive_s) = (
-        (r[0][0], statistics.median(s for _, s in r)) for r in (runs["loop"], runs["raw"], runs["naive"]))
+        (r[0][0], statistics.median(s for _, s in r)) for r in (runs["loop"], runs["raw"], runs["naive"])
+    )
     loop, raw, naive = loop_tok / loop_s, raw_tok / raw_s, naive_tok / naive_s
     return {
         "title": "Generation: loop first turn vs raw batched generate vs one prompt at a time",
         "doc": __doc__.strip(),
-        "rows": [("selfevolve loop, turn 1 (256 prompts)", f"{loop:,.0f} tokens/s", f"{loop_tok} tokens in {loop_s:.2f} s"),
-                 ("raw batched model.generate (256 prompts)", f"{raw:,.0f} tokens/s", f"{raw_tok} tokens in {raw_s:.2f} s"),
-                 (f"naive one-at-a-time ({NAIVE_N} prompts)", f"{naive:,.0f} tokens/s", f"{naive_tok} tokens in {naive_s:.2f} s")],
+        "rows": [
+            ("selfevolve loop, turn 1 (256 prompts)", f"{loop:,.0f} tokens/s", f"{loop_tok} tokens in {loop_s:.2f} s"),
+            ("raw batched model.generate (256 prompts)", f"{raw:,.0f} tokens/s", f"{raw_tok} tokens in {raw_s:.2f} s"),
+            (
+                f"naive one-at-a-time ({NAIVE_N} prompts)",
+                f"{naive:,.0f} tokens/s",
+                f"{naive_tok} tokens in {naive_s:.2f} s",
+            ),
+        ],
         "ratios": [("loop / raw batched (target >= 0.95)", loop / raw), ("loop / naive (target >= 5)", loop / naive)],
     }

@@ -42,7 +42,10 @@ def plain_update(model, ref_model, opt, traces, tokenizer, pad_id, instruction, 
         for t in traces:
             conv = [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response}]
             if k == 2:
-                conv += [{"role": "user", "content": instruction}, {"role": "assistant", "content": t.turns[1].response}]
+                conv += [
+                    {"role": "user", "content": instruction},
+                    {"role": "assistant", "content": t.turns[1].response},
+                ]
             rows.append(encode_chat(tokenizer, conv, "last"))
         b = pad_batch(rows, pad_id)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
@@ -68,9 +71,9 @@ def update_throughput() -> tuple[float, float, int]:
 
     from selfevolve import arith
     from selfevolve.config import build
+    from selfevolve.policies import HFPolicy
     from selfevolve.recipes.score import ScoreConfig, episode_batch, rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.policies import HFPolicy
     from selfevolve.training import trainable_model
 
     torch.set_num_threads(2)
@@ -115,15 +118,34 @@ def run() -> dict:
     ours, plain, tokens = update_throughput()
     share = lambda k: split[k] / split["total"]  # noqa: E731
     per_step = split["total"] / split["steps"]
-    return {"title": "SCoRe: step time split, and the policy-gradient update vs a plain PyTorch loop",
-            "doc": __doc__.strip(),
-            "rows": [("step time split (20 steps)", f"{per_step:.2f} s/step",
-                      ", ".join(f"{k[5:]} {share(k) * 100:.1f}%" for k in
-                                ("time_generate", "time_verify", "time_train", "time_sync", "time_checkpoint"))),
-                     ("selfevolve update (score_loss, one forward per model)", f"{ours:,.0f} tokens/s", f"{tokens} labelled tokens per update"),
-                     ("plain PyTorch loop, same loss and batch", f"{plain:,.0f} tokens/s", "per-attempt forwards, frozen reference copy")],
-            "ratios": [("(sync + checkpoint) share of step time (target <= 0.05)", share("time_sync") + share("time_checkpoint")),
-                       ("update tokens/s, selfevolve / plain (target >= 0.9)", ours / plain)]}
+    return {
+        "title": "SCoRe: step time split, and the policy-gradient update vs a plain PyTorch loop",
+        "doc": __doc__.strip(),
+        "rows": [
+            (
+                "step time split (20 steps)",
+                f"{per_step:.2f} s/step",
+                ", ".join(
+                    f"{k[5:]} {share(k) * 100:.1f}%"
+                    for k in ("time_generate", "time_verify", "time_train", "time_sync", "time_checkpoint")
+                ),
+            ),
+            (
+                "selfevolve update (score_loss, one forward per model)",
+                f"{ours:,.0f} tokens/s",
+                f"{tokens} labelled tokens per update",
+            ),
+            (
+                "plain PyTorch loop, same loss and batch",
+                f"{plain:,.0f} tokens/s",
+                "per-attempt forwards, frozen reference copy",
+            ),
+        ],
+        "ratios": [
+            ("(sync + checkpoint) share of step time (target <= 0.05)", share("time_sync") + share("time_checkpoint")),
+            ("update tokens/s, selfevolve / plain (target >= 0.9)", ours / plain),
+        ],
+    }
 
 
 if __name__ == "__main__":

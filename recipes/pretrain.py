@@ -1,4 +1,4 @@
-"""pretrain — builds the bundled `tiny` model from nothing (DESIGN.md §5).
+"""pretrain — builds the bundled `tiny` model from nothing (docs/architecture.md, "The bundled tiny world").
 
     selfevolve run recipe=pretrain seed=0
 
@@ -49,8 +49,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from selfevolve import arith
 from selfevolve.config import RecipeConfig
+from selfevolve.feedback.prompts import (
+    CRITIQUE,
+    REVISE_WITH_CRITIQUE,
+    SCORE_INSTRUCTION,
+    VERIFIER_RIGHT,
+    VERIFIER_WRONG,
+)
 from selfevolve.policies import HFPolicy
-from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION, VERIFIER_RIGHT, VERIFIER_WRONG
 from selfevolve.run import Run
 from selfevolve.training import encode_chat, pad_batch, sft_loss
 
@@ -64,7 +70,9 @@ CHAT_TEMPLATE = (
 class PretrainConfig(RecipeConfig):
     recipe: str = "pretrain"
     data: str = "arith"
-    difficulties: list[int] = Field([1, 2, 2, 3], description="difficulty of each corpus problem, drawn uniformly from this list")
+    difficulties: list[int] = Field(
+        [1, 2, 2, 3], description="difficulty of each corpus problem, drawn uniformly from this list"
+    )
     p_direct: float = Field(0.6, ge=0, le=1, description="share of single-turn answers in the direct style")
     p_two_turn: float = Field(0.2, ge=0, le=1, description="share of two-turn correction transcripts")
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
@@ -87,6 +95,7 @@ class PretrainConfig(RecipeConfig):
 
 # --- corpus ------------------------------------------------------------------------------
 
+
 def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
     d = rng.choice(cfg.difficulties)
     while True:
@@ -107,7 +116,13 @@ def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, st
     def second_after(first: str, wrong: bool) -> str:
         if wrong:
             r = rng.random()
-            return arith.step_solution(nums, ops) if r < cfg.p_fix else first if r < (1 + cfg.p_fix) / 2 else wrong_solution()
+            return (
+                arith.step_solution(nums, ops)
+                if r < cfg.p_fix
+                else first
+                if r < (1 + cfg.p_fix) / 2
+                else wrong_solution()
+            )
         return wrong_solution() if rng.random() < cfg.p_break else first
 
     r = rng.random()
@@ -116,42 +131,68 @@ def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, st
     wrong = rng.random() < cfg.p_draft_wrong
     first = wrong_solution() if wrong else any_solution()
     if r < cfg.p_two_turn:
-        return [{"role": "user", "content": q}, {"role": "assistant", "content": first},
-                {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second_after(first, wrong)}]
+        return [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": SCORE_INSTRUCTION},
+            {"role": "assistant", "content": second_after(first, wrong)},
+        ]
     # A critique with a coin-flip verdict, or (as often) a revision after a "wrong" critique.
     prompt = [{"role": "user", "content": CRITIQUE.format(question=q, answer=first, notes="")}]
     says_wrong = VERIFIER_WRONG.format(why=f"wrong answer {first.rsplit(' ', 1)[-1].rstrip('.')}")
     if rng.random() < 0.5:
         return prompt + [{"role": "assistant", "content": says_wrong if rng.random() < 0.5 else VERIFIER_RIGHT}]
-    return [{"role": "user", "content": q}, {"role": "assistant", "content": first},
-            {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=says_wrong)},
-            {"role": "assistant", "content": second_after(first, wrong)}]
+    return [
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=says_wrong)},
+        {"role": "assistant", "content": second_after(first, wrong)},
+    ]
 
 
 def build_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerFast:
     rng = random.Random(f"tokenizer:{cfg.seed}")
     texts = [m["content"] for _ in range(3000) for m in corpus_example(rng, cfg)]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
-                                   model_max_length=cfg.n_positions)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", model_max_length=cfg.n_positions
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
 def build_model(cfg: PretrainConfig, tokenizer) -> GPT2LMHeadModel:
     torch.manual_seed(cfg.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -169,7 +210,7 @@ def corpus_batch(cfg: PretrainConfig, tokenizer, step: int) -> dict[str, torch.T
     order = list(range(BUCKET))
     random.Random(f"order:{cfg.seed}:{group}").shuffle(order)
     k = order[slot]
-    return pad_batch(rows[k * cfg.batch_size:(k + 1) * cfg.batch_size], tokenizer.pad_token_id)
+    return pad_batch(rows[k * cfg.batch_size : (k + 1) * cfg.batch_size], tokenizer.pad_token_id)
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
@@ -181,14 +222,18 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 # --- the recipe --------------------------------------------------------------------------
 
+
 def main(cfg: PretrainConfig, run: Run) -> None:
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
 
     state = run.restore()
     if state is None:
@@ -213,8 +258,13 @@ def main(cfg: PretrainConfig, run: Run) -> None:
             opt.step()
             bar.advance()
             if (step + 1) % cfg.log_every == 0:
-                run.log(step=step + 1, loss=round(loss.item(), 5), lr=lr_at(cfg, step),
-                        tokens=int(batch["attention_mask"].sum()), time_train=round(time.perf_counter() - t0, 4))
+                run.log(
+                    step=step + 1,
+                    loss=round(loss.item(), 5),
+                    lr=lr_at(cfg, step),
+                    tokens=int(batch["attention_mask"].sum()),
+                    time_train=round(time.perf_counter() - t0, 4),
+                )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or run.stop_requested:
                 run.checkpoint({**state, "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
 

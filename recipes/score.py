@@ -51,8 +51,8 @@ from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
-from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.loop import refine_batch
+from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs, trainable_model
@@ -105,10 +105,19 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
     """One teacher-forced batch of whole episodes (x, y1, I, y2) and the masks of the first
     and the second attempt's tokens: one forward pass scores both attempts (the first
     attempt's context is the same prefix either way)."""
-    rows = [encode_chat(tokenizer, [{"role": "user", "content": t.task.prompt},
-                                    {"role": "assistant", "content": t.turns[0].response},
-                                    {"role": "user", "content": instruction},
-                                    {"role": "assistant", "content": t.turns[1].response}], "assistant") for t in traces]
+    rows = [
+        encode_chat(
+            tokenizer,
+            [
+                {"role": "user", "content": t.task.prompt},
+                {"role": "assistant", "content": t.turns[0].response},
+                {"role": "user", "content": instruction},
+                {"role": "assistant", "content": t.turns[1].response},
+            ],
+            "assistant",
+        )
+        for t in traces
+    ]
     batch = pad_batch(rows, pad_id)
     labelled = batch["labels"][:, 1:] != IGNORE
     # the second attempt's span starts at the last labelled run: cumsum of run starts
@@ -117,14 +126,18 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
     return batch, labelled & (run_index == 1), labelled & (run_index == 2)
 
 
-def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig) -> tuple[torch.Tensor, dict]:
+def score_loss(
+    learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig
+) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log."""
     if stage == 1:
-        adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))      # only r(y2) is maximised
+        adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))  # only r(y2) is maximised
         betas = (cfg.beta2, cfg.beta1)
     else:
-        adv = (baseline_advantage(r1, cfg.scale_advantages),
-               baseline_advantage(shaped_reward(r1, r2, cfg.alpha), cfg.scale_advantages))
+        adv = (
+            baseline_advantage(r1, cfg.scale_advantages),
+            baseline_advantage(shaped_reward(r1, r2, cfg.alpha), cfg.scale_advantages),
+        )
         betas = (cfg.beta1, cfg.beta1)
     batch, *masks = episode
     logp, _ = token_logprobs(learner, batch)
@@ -148,16 +161,17 @@ def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
     why = None
     if last["edit_ratio"] < cfg.collapse_edit_ratio:
         why = f"edit ratio {last['edit_ratio']} < {cfg.collapse_edit_ratio}: the second attempt copies the first"
-    elif len(stage2) >= cfg.collapse_patience and all(h["delta"] <= 0 for h in stage2[-cfg.collapse_patience:]):
+    elif len(stage2) >= cfg.collapse_patience and all(h["delta"] <= 0 for h in stage2[-cfg.collapse_patience :]):
         why = f"delta <= 0 for {cfg.collapse_patience} Stage II evaluations: revisions do not help"
     if why:
         from rich.console import Console
+
         Console(stderr=True, soft_wrap=True).print(f"[yellow]warning (step {last['step']}): collapse? {why}[/yellow]")
         run.log(step=last["step"], warning=why)
 
 
 def main(cfg: ScoreConfig, run: Run) -> None:
-    policy = served_policy(cfg)   # serves rollouts and evaluations
+    policy = served_policy(cfg)  # serves rollouts and evaluations
     base, tokenizer = learner_base(cfg, policy)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pool = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
@@ -187,7 +201,9 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
             r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
-            loss, parts = score_loss(learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg)
+            loss, parts = score_loss(
+                learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in learner.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -198,15 +214,26 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             name = f"step-{step + 1}"
             path = run.dir / "adapters" / name
-            policy = publish(policy, learner, tokenizer, path, name, replaces=f"step-{step}" if state["adapter"] else None)
+            policy = publish(
+                policy, learner, tokenizer, path, name, replaces=f"step-{step}" if state["adapter"] else None
+            )
             if state["adapter"]:
                 run.retire(state["adapter"])  # deleted once a checkpoint no longer refers to it
             state["adapter"] = str(path)
             t_sync = time.perf_counter() - t0
 
-            run.log(step=step + 1, stage=stage, reward_t1=round(r1.mean().item(), 4), reward_t2=round(r2.mean().item(), 4),
-                    **parts, time_generate=round(t_gen, 3), time_verify=round(t_ver, 3), time_train=round(t_train, 3),
-                    time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
+            run.log(
+                step=step + 1,
+                stage=stage,
+                reward_t1=round(r1.mean().item(), 4),
+                reward_t2=round(r2.mean().item(), 4),
+                **parts,
+                time_generate=round(t_gen, 3),
+                time_verify=round(t_ver, 3),
+                time_train=round(t_train, 3),
+                time_sync=round(t_sync, 3),
+                time_checkpoint=round(t_ckpt, 3),
+            )
             t_ckpt = 0.0
             state["step"] = step + 1
             if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
@@ -222,5 +249,9 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     final = run.dir / "adapters" / "final"
     if state["adapter"]:
         shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
-    run.finish(before=state["before"], after=state["history"][-1] if state["history"] else state["before"],
-               adapter="adapters/final", evaluations=state["history"])
+    run.finish(
+        before=state["before"],
+        after=state["history"][-1] if state["history"] else state["before"],
+        adapter="adapters/final",
+        evaluations=state["history"],
+    )

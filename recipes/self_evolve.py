@@ -57,7 +57,9 @@ from selfevolve.types import SamplingParams, Trace
 
 class SelfConfig(RecipeConfig):
     recipe: str = "self_evolve"
-    critic: str = Field("self", pattern="^(none|self|verifier|judge)$", description="critic used by evaluation (SELF: self)")
+    critic: str = Field(
+        "self", pattern="^(none|self|verifier|judge)$", description="critic used by evaluation (SELF: self)"
+    )
     iterations: int = Field(2, ge=1, description="self-evolution iterations after meta-skill learning")
     meta_tasks: int = Field(1000, ge=1, description="prompts for the meta-skill tuples")
     evolve_tasks: int = Field(1000, ge=1, description="unlabeled prompts per self-evolution iteration")
@@ -83,12 +85,21 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
     answering questions while it learns to critique."""
     x, first = trace.task.prompt, trace.turns[0]
     f = first.critique.text
-    out = [[{"role": "user", "content": CRITIQUE.format(question=x, answer=first.response, notes="")},
-            {"role": "assistant", "content": f}]]
+    out = [
+        [
+            {"role": "user", "content": CRITIQUE.format(question=x, answer=first.response, notes="")},
+            {"role": "assistant", "content": f},
+        ]
+    ]
     if len(trace.turns) > 1:
-        out.append([{"role": "user", "content": x}, {"role": "assistant", "content": first.response},
-                    {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=f)},
-                    {"role": "assistant", "content": trace.turns[-1].response}])
+        out.append(
+            [
+                {"role": "user", "content": x},
+                {"role": "assistant", "content": first.response},
+                {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=f)},
+                {"role": "assistant", "content": trace.turns[-1].response},
+            ]
+        )
     if trace.turns[-1].score == 1.0:
         out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
     return out
@@ -100,6 +111,7 @@ def feedback_token_ids(tokenizer, tuples: list[Trace]) -> list[int]:
     prompts and answers. A model may never have learned them (tiny's corpus has no critique
     text: their embeddings are still random) and a LoRA adapter cannot move an embedding,
     so their rows are trained too; the answering skill's tokens are left alone."""
+
     def ids(text: str) -> set[int]:
         return set(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -123,19 +135,35 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
     """(x, y, f, ŷ) tuples: answer, feedback from `critic`, and for wrong answers a
     refinement the verifier accepts when one of `refine_samples` tries is (else no ŷ)."""
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    traces = [Trace(task=t, turns=[o[0]], recipe=cfg.recipe, run=run.name, policy_version=policy.active_adapter,
-                    meta={"phase": "meta"})
-              for t, o in zip(tasks, policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling))]
+    traces = [
+        Trace(
+            task=t,
+            turns=[o[0]],
+            recipe=cfg.recipe,
+            run=run.name,
+            policy_version=policy.active_adapter,
+            meta={"phase": "meta"},
+        )
+        for t, o in zip(tasks, policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling))
+    ]
     for t, fb in zip(traces, verifier.verify_batch(tasks, [t.turns[0].response for t in traces])):
         t.turns[0].feedback = fb
     for t, f in zip(traces, critic.critique_batch(tasks, [t.turns for t in traces])):
         t.turns[0].critique = f
     wrong = [t for t in traces if t.turns[0].critique.verdict != "correct"]
-    convs = [[{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response},
-              {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=t.turns[0].critique.text)}] for t in wrong]
+    convs = [
+        [
+            {"role": "user", "content": t.task.prompt},
+            {"role": "assistant", "content": t.turns[0].response},
+            {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=t.turns[0].critique.text)},
+        ]
+        for t in wrong
+    ]
     tries = policy.generate(convs, sampling.model_copy(update={"n": cfg.refine_samples, "seed": cfg.seed + 1}))
     flat = [(t, turn) for t, turns in zip(wrong, tries) for turn in turns]
-    for (t, turn), fb in zip(flat, verifier.verify_batch([t.task for t, _ in flat], [turn.response for _, turn in flat])):
+    for (t, turn), fb in zip(
+        flat, verifier.verify_batch([t.task for t, _ in flat], [turn.response for _, turn in flat])
+    ):
         turn.feedback = fb
         if fb.score == 1.0 and len(t.turns) == 1:
             t.turns.append(turn)
@@ -147,17 +175,30 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
     """Answer, self-critique, self-refine unlabeled prompts; filter; store all."""
     # No verifier in the loop: the model answers, critiques and refines without any answer.
     critic = SelfCritic(policy, sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.critique_tokens))
-    traces = refine_batch(tasks, policy, None, critic, max_turns=2, stop_when_correct=False, recipe=cfg.recipe,
-                          run=run.name, round=iteration, meta={"phase": "evolve", "filter": cfg.filter},
-                          sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                                  seed=cfg.seed * 1000 + iteration))
+    traces = refine_batch(
+        tasks,
+        policy,
+        None,
+        critic,
+        max_turns=2,
+        stop_when_correct=False,
+        recipe=cfg.recipe,
+        run=run.name,
+        round=iteration,
+        meta={"phase": "evolve", "filter": cfg.filter},
+        sampling=SamplingParams(
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration
+        ),
+    )
     if cfg.filter == "verifier":
         finals = verifier.verify_batch(tasks, [t.final for t in traces])
         for tr, fb in zip(traces, finals):
             tr.turns[-1].feedback = fb
     else:  # the model's own verdict on the answer it kept
         kept_answers = [t for t in traces if len(t.turns) > 1]
-        for t, f in zip(kept_answers, critic.critique_batch([t.task for t in kept_answers], [t.turns for t in kept_answers])):
+        for t, f in zip(
+            kept_answers, critic.critique_batch([t.task for t in kept_answers], [t.turns for t in kept_answers])
+        ):
             t.turns[-1].critique = f
     for t in traces:
         t.meta["kept"] = keep(t, cfg.filter)
@@ -167,8 +208,17 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
 
 def fine_tune(learner, tokenizer, convs, cfg: SelfConfig, seed: int, run: Run, label: str) -> dict:
     with run.progress(label, total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
-        return sft(learner, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size, seed=seed,
-                   bar=bar, token_lr=cfg.token_lr)
+        return sft(
+            learner,
+            tokenizer,
+            convs,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            batch_size=cfg.sft_batch_size,
+            seed=seed,
+            bar=bar,
+            token_lr=cfg.token_lr,
+        )
 
 
 def main(cfg: SelfConfig, run: Run) -> None:
@@ -176,7 +226,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
     base, tokenizer = learner_base(cfg, policy)
     verifier = run.verifier
     pool = tasks_for(cfg, cfg.train_split, cfg.meta_tasks + cfg.evolve_tasks * cfg.iterations)
-    meta_pool, evolve_pool = pool[: cfg.meta_tasks], pool[cfg.meta_tasks:]
+    meta_pool, evolve_pool = pool[: cfg.meta_tasks], pool[cfg.meta_tasks :]
 
     state = run.restore()
     if state is None:
@@ -189,33 +239,54 @@ def main(cfg: SelfConfig, run: Run) -> None:
         t0 = time.perf_counter()
         meta = run.store.query(meta={"phase": "meta"}) if phase else None
         if phase == 0:
-            critic = JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
+            critic = (
+                JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
+            )
             meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
             state["tokens"] = feedback_token_ids(tokenizer, meta) if cfg.feedback_tokens else []
             convs = [c for t in meta for c in meta_examples(t)]
             extra = {"tuples": len(meta), "feedback_by": critic.source, "feedback_tokens": len(state["tokens"])}
         else:
-            chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks: phase * cfg.evolve_tasks]
+            chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks : phase * cfg.evolve_tasks]
             kept = evolve(policy, chunk, verifier, cfg, phase, run)
-            convs = [[{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.final}] for t in kept]
+            convs = [
+                [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.final}] for t in kept
+            ]
             convs += [c for t in meta for c in meta_examples(t)]
-            extra = {"kept": len(kept), "evolved": len(chunk), "filter": cfg.filter,
-                     "refined": sum(len(t.turns) > 1 for t in kept)}
+            extra = {
+                "kept": len(kept),
+                "evolved": len(chunk),
+                "filter": cfg.filter,
+                "refined": sum(len(t.turns) > 1 for t in kept),
+            }
         t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
-        learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"],
-                                  trainable_tokens=state.get("tokens"))
+        learner = trainable_model(
+            base, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"], trainable_tokens=state.get("tokens")
+        )
         stats = fine_tune(learner, tokenizer, convs, cfg, cfg.seed + phase, run, f"sft phase {phase}")
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"phase-{phase}"
-        policy = publish(policy, learner, tokenizer, path, f"phase-{phase}",
-                         replaces=f"phase-{phase - 1}" if state["adapter"] else None)
+        policy = publish(
+            policy,
+            learner,
+            tokenizer,
+            path,
+            f"phase-{phase}",
+            replaces=f"phase-{phase - 1}" if state["adapter"] else None,
+        )
         metrics = run.evaluate(policy, f"phase-{phase}", round=phase)
-        run.log(phase=phase, examples=len(convs), time_data=round(t_data, 2), time_train=round(t_train, 2), **extra, **stats)
+        run.log(
+            phase=phase, examples=len(convs), time_data=round(t_data, 2), time_train=round(t_train, 2), **extra, **stats
+        )
         state["history"].append({"phase": phase, **extra, **metrics})
         state.update(phase=phase + 1, adapter=str(path))
         run.checkpoint(state)
 
-    run.finish(before=state["before"], after=state["history"][-1],
-               adapter=f"adapters/phase-{cfg.iterations}", phases=state["history"])
+    run.finish(
+        before=state["before"],
+        after=state["history"][-1],
+        adapter=f"adapters/phase-{cfg.iterations}",
+        phases=state["history"],
+    )

@@ -56,7 +56,9 @@ class SpinConfig(RecipeConfig):
     train_tasks: int = Field(1000, ge=1, description="prompts per iteration")
     temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
     epochs: int = Field(2, ge=1, description="passes over the pairs per iteration")
-    lr: float = Field(3e-5, gt=0, description="AdamW learning rate (higher rates collapse the gold likelihood, see README)")
+    lr: float = Field(
+        3e-5, gt=0, description="AdamW learning rate (higher rates collapse the gold likelihood, see README)"
+    )
     pair_batch_size: int = Field(32, ge=1, description="pairs per optimizer step")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
@@ -68,19 +70,32 @@ def gold(task, cfg: SpinConfig) -> str:
 
 def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -> list[Trace]:
     """y' from the current opponent for every prompt; stored with the gold response."""
-    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration)
+    sampling = SamplingParams(
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration
+    )
     outs = policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling)
-    traces = [Trace(task=t, turns=[o[0]], policy_version=policy.active_adapter, recipe=cfg.recipe, run=run.name,
-                    round=iteration, meta={"phase": "opponent", "gold": gold(t, cfg), "pair": o[0].response != gold(t, cfg)})
-              for t, o in zip(tasks, outs)]
+    traces = [
+        Trace(
+            task=t,
+            turns=[o[0]],
+            policy_version=policy.active_adapter,
+            recipe=cfg.recipe,
+            run=run.name,
+            round=iteration,
+            meta={"phase": "opponent", "gold": gold(t, cfg), "pair": o[0].response != gold(t, cfg)},
+        )
+        for t, o in zip(tasks, outs)
+    ]
     run.store.append(traces)
     return traces
 
 
 def sequence_logprobs(model, tokenizer, pad_id: int, prompts: list[str], responses: list[str]) -> torch.Tensor:
     """Σ log p(response | prompt) per pair (the response's tokens and its end token)."""
-    rows = [encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}], "last")
-            for x, y in zip(prompts, responses)]
+    rows = [
+        encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}], "last")
+        for x, y in zip(prompts, responses)
+    ]
     lp, _ = token_logprobs(model, pad_batch(rows, pad_id, next(model.parameters()).device))
     return lp.sum(-1)
 
@@ -91,7 +106,7 @@ def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> 
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i: i + batch_size]
+        chunk = pairs[i : i + batch_size]
         xs = [p["prompt"] for p in chunk]
         g = sequence_logprobs(model, tokenizer, pad_id, xs, [p["gold"] for p in chunk])
         s = sequence_logprobs(model, tokenizer, pad_id, xs, [p["self"] for p in chunk])
@@ -99,7 +114,9 @@ def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> 
     return out
 
 
-def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run, bar) -> dict:
+def train_iteration(
+    learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run, bar
+) -> dict:
     """Epochs of the SPIN loss over the pairs; one metrics line per step (`step` counts the
     optimizer steps of the whole run)."""
     refs = opponent_logprobs(learner, tokenizer, pad_id, pairs)
@@ -110,27 +127,41 @@ def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, ite
         order = list(range(len(pairs)))
         random.Random(f"{cfg.seed}:{iteration}:{epoch}").shuffle(order)
         for i in range(0, len(order), cfg.pair_batch_size):
-            idx = order[i: i + cfg.pair_batch_size]
+            idx = order[i : i + cfg.pair_batch_size]
             xs = [pairs[j]["prompt"] for j in idx]
             lg = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in idx])
             ls = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in idx])
-            loss, r_gold, r_self = spin_loss(lg, ls, torch.tensor([refs[j][0] for j in idx]),
-                                             torch.tensor([refs[j][1] for j in idx]), cfg.lam)
+            loss, r_gold, r_self = spin_loss(
+                lg, ls, torch.tensor([refs[j][0] for j in idx]), torch.tensor([refs[j][1] for j in idx]), cfg.lam
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            stats = {"step": step, "iteration": iteration, "epoch": epoch, "loss": round(loss.item(), 5),
-                     "reward_gold": round(r_gold.mean().item(), 5), "reward_self": round(r_self.mean().item(), 5),
-                     "reward_margin": round((r_gold - r_self).mean().item(), 5),
-                     "logp_gold": round(lg.mean().item(), 4), "logp_self": round(ls.mean().item(), 4)}
+            stats = {
+                "step": step,
+                "iteration": iteration,
+                "epoch": epoch,
+                "loss": round(loss.item(), 5),
+                "reward_gold": round(r_gold.mean().item(), 5),
+                "reward_self": round(r_self.mean().item(), 5),
+                "reward_margin": round((r_gold - r_self).mean().item(), 5),
+                "logp_gold": round(lg.mean().item(), 4),
+                "logp_self": round(ls.mean().item(), 4),
+            }
             run.log(**stats)
             step_stats.append(stats)
             bar.advance()
     learner.eval()
-    last = step_stats[-max(1, len(step_stats) // cfg.epochs):]
-    return {"steps": step, **{k: round(sum(s[k] for s in last) / len(last), 5) for k in ("loss", "reward_margin", "logp_gold", "logp_self")}}
+    last = step_stats[-max(1, len(step_stats) // cfg.epochs) :]
+    return {
+        "steps": step,
+        **{
+            k: round(sum(s[k] for s in last) / len(last), 5)
+            for k in ("loss", "reward_margin", "logp_gold", "logp_self")
+        },
+    }
 
 
 def main(cfg: SpinConfig, run: Run) -> None:
@@ -141,6 +172,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
     missing = next((t for t in tasks if t.reference is None), None)
     if missing is not None:
         from selfevolve.errors import UserError
+
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
     learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -158,25 +190,49 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t0 = time.perf_counter()
         samples = opponent_samples(policy, tasks, cfg, it, run)
         rounds = [it - 1, it] if cfg.mix_previous and it > 0 else [it]
-        pairs = [{"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response}
-                 for r in rounds for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})]
+        pairs = [
+            {"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response}
+            for r in rounds
+            for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})
+        ]
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:
-            stats = train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state["steps"], run, bar) if pairs else {}
+            stats = (
+                train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state["steps"], run, bar)
+                if pairs
+                else {}
+            )
         state["steps"] = stats.pop("steps", state["steps"])
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"iter-{it}"
-        policy = publish(policy, learner, tokenizer, path, f"iter-{it}",   # the next opponent
-                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
+        policy = publish(
+            policy,
+            learner,
+            tokenizer,
+            path,
+            f"iter-{it}",  # the next opponent
+            replaces=f"iter-{it - 1}" if state["adapter"] else None,
+        )
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         n_pairs = sum(t.meta["pair"] for t in samples)
-        run.log(iteration=it, pairs=len(pairs), new_pairs=n_pairs, same_as_gold=len(samples) - n_pairs,
-                time_sample=round(t_sample, 2), time_train=round(t_train, 2), **{f"last_{k}": v for k, v in stats.items()})
+        run.log(
+            iteration=it,
+            pairs=len(pairs),
+            new_pairs=n_pairs,
+            same_as_gold=len(samples) - n_pairs,
+            time_sample=round(t_sample, 2),
+            time_train=round(t_train, 2),
+            **{f"last_{k}": v for k, v in stats.items()},
+        )
         state["history"].append({"iteration": it, "pairs": len(pairs), **stats, **metrics})
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
 
-    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/iter-{cfg.iterations - 1}",
-               iterations=state["history"])
+    run.finish(
+        before=state["before"],
+        after=state["history"][-1],
+        adapter=f"adapters/iter-{cfg.iterations - 1}",
+        iterations=state["history"],
+    )

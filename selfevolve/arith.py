@@ -1,4 +1,4 @@
-"""`arith`: the built-in, seeded task suite of the tiny world (DESIGN.md §5).
+"""`arith`: the built-in, seeded task suite of the tiny world (docs/architecture.md, "The bundled tiny world").
 
 A task is an integer expression of one-digit numbers joined by + and -, e.g.
 "What is 7 + 8 - 3 + 4?" with reference "16". `difficulty` is the number of operators

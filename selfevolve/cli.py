@@ -16,22 +16,22 @@ keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
 from __future__ import annotations
 
 import importlib
-from importlib.resources import files
 import json
 import os
 import signal
 import sqlite3
 import sys
 import warnings
+from importlib.resources import files
 from pathlib import Path
 
 from pydantic import Field
 
-from .config import RecipeConfig, build, help_text, parse_overrides, resolve
+from .config import DataKeys, FeedbackKeys, ModelKeys, VerifierKeys, build, help_text, parse_overrides, resolve
 from .errors import UserError, disk_full
 from .types import SamplingParams
 
-# recipe name -> (module, config class). One dict of short names (DESIGN.md §9).
+# recipe name -> (module, config class). One dict of short names (docs/architecture.md).
 RECIPES = {
     "pretrain": ("selfevolve.recipes.pretrain", "PretrainConfig"),
     "rest_em": ("selfevolve.recipes.rest_em", "RestEMConfig"),
@@ -44,16 +44,14 @@ RECIPES = {
 USAGE = __doc__.split("\n\n")[1]
 
 
-class EvalConfig(RecipeConfig):
-    recipe: str = "eval"
+class EvalConfig(ModelKeys, DataKeys, FeedbackKeys):
     split: str = Field("test", description="split to evaluate")
     limit: int = Field(500, ge=1, description="number of tasks")
     adapter: str | None = Field(None, description="LoRA adapter directory to evaluate with")
     out: str | None = Field(None, description="write the metrics as JSON to this file")
 
 
-class RefineConfig(RecipeConfig):
-    recipe: str = "refine"
+class RefineConfig(ModelKeys, FeedbackKeys):
     prompt: str = Field(..., description="the prompt to answer and refine")
     reference: str | None = Field(None, description="gold answer; enables the verifier and its stop rule")
     max_turns: int = Field(3, ge=1, description="attempts at most")
@@ -114,7 +112,8 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     from .verifiers import get_verifier
 
     if want_help:
-        print(f"selfevolve eval key=value ...\n\nGreedy evaluation with SCoRe's metrics.\n\nkeys:\n{help_text(EvalConfig)}")
+        print(f"selfevolve eval key=value ...\n\nGreedy evaluation with SCoRe's metrics.\n\n"
+              f"keys:\n{help_text(EvalConfig)}")
         return 0
     cfg = build(EvalConfig, overrides)
     _threads(cfg)
@@ -123,8 +122,14 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     if cfg.out:
         _check_writable(cfg.out)
     policy = served_policy(cfg, adapter=cfg.adapter)
-    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=critic_from_config(cfg, policy, verifier),
-                          sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+    metrics, _ = evaluate(
+        policy,
+        tasks,
+        verifier,
+        max_turns=cfg.max_turns,
+        critic=critic_from_config(cfg, policy, verifier),
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens),
+    )
     print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
     if cfg.out:
         atomic_write(Path(cfg.out), json.dumps(metrics, indent=2) + "\n")
@@ -137,22 +142,29 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     from .verifiers import get_verifier
 
     if want_help:
-        print(f"selfevolve refine prompt=\"...\" key=value ...\n\nAnswer, then revise.\n\nkeys:\n{help_text(RefineConfig)}")
+        print(
+            f'selfevolve refine prompt="..." key=value ...\n\nAnswer, then revise.\n\nkeys:\n{help_text(RefineConfig)}'
+        )
         return 0
     cfg = build(RefineConfig, overrides)
     _threads(cfg)
     task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
     verifier = get_verifier(cfg.verifier) if cfg.reference is not None else None
     policy = served_policy(cfg, adapter=cfg.adapter)
-    trace = refine(task, policy, verifier=verifier, critic=critic_from_config(cfg, policy, verifier), max_turns=cfg.max_turns,
-                   memory=cfg.memory or None,
-                   sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    trace = refine(
+        task,
+        policy,
+        verifier=verifier,
+        critic=critic_from_config(cfg, policy, verifier),
+        max_turns=cfg.max_turns,
+        memory=cfg.memory or None,
+        sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+    )
     print(trace.model_dump_json(indent=2) if cfg.as_json else trace.final)
     return 0
 
 
-class CheckConfig(RecipeConfig):
-    recipe: str = "check"
+class CheckConfig(DataKeys, VerifierKeys):
     verify_workers: int = Field(2, ge=1, description="verifier worker processes")
     split: str = Field("test", description="split to check")
     limit: int | None = Field(None, ge=1, description="check only the first N tasks")
@@ -175,7 +187,9 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
     verifier = get_verifier(cfg.verifier)
     missing = [t.id for t in tasks if t.reference is None]
     if missing:
-        raise UserError(f"data={cfg.data}: {len(missing)} tasks have no reference ({missing[0]}, ...); set answer_field=")
+        raise UserError(
+            f"data={cfg.data}: {len(missing)} tasks have no reference ({missing[0]}, ...); set answer_field="
+        )
     if cfg.out:
         _check_writable(cfg.out)
     render = getattr(verifier, "reference_response", lambda t: f"The answer is {t.reference}.")
@@ -201,6 +215,7 @@ def cmd_recipes(overrides: dict, want_help: bool) -> int:
 
 def _threads(cfg) -> None:
     import torch
+
     torch.set_num_threads(cfg.threads)
 
 
@@ -215,6 +230,7 @@ def cmd_serve(overrides: dict, want_help: bool) -> int:
 
     if want_help:
         from . import serve as mod
+
         print(f"selfevolve serve key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(ServeConfig)}")
         return 0
     cfg = build(ServeConfig, overrides)
@@ -245,8 +261,16 @@ def cmd_report(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-COMMANDS = {"traces": cmd_traces, "report": cmd_report, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes,
-            "serve": cmd_serve}
+COMMANDS = {
+    "traces": cmd_traces,
+    "report": cmd_report,
+    "run": cmd_run,
+    "eval": cmd_eval,
+    "refine": cmd_refine,
+    "check": cmd_check,
+    "recipes": cmd_recipes,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in rest if a not in ("-h", "--help")]
     debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
     from .progress import enabled
+
     if not enabled():  # quiet where nobody watches: transformers' loading bars too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules:  # already imported (main() called in-process): tell it directly
@@ -285,11 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         if debug or not disk_full(e):
             raise
         where = getattr(e, "filename", None) or "the trace store"
-        print(f"selfevolve {cmd}: error: could not write {where} ({getattr(e, 'strerror', None) or e}); disk full? "
-              f"Free space and rerun with resume=true: the run continues from its last checkpoint", file=sys.stderr)
+        print(
+            f"selfevolve {cmd}: error: could not write {where} ({getattr(e, 'strerror', None) or e}); disk full? "
+            f"Free space and rerun with resume=true: the run continues from its last checkpoint",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print(f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true", file=sys.stderr)
+        print(
+            f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true", file=sys.stderr
+        )
         return 130
 
 

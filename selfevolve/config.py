@@ -20,46 +20,89 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 
-class RecipeConfig(BaseModel):
-    """Keys every recipe shares. Same words in the CLI, YAML and code (DESIGN.md §9)."""
+class Keys(BaseModel):
+    """Keys every command takes. Same words in the CLI, YAML and code; each command's config
+    is made of the groups below that it really uses, so a key it would ignore is refused
+    like a typo (docs/architecture.md, "Configs per command")."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    recipe: str = Field("", description="recipe name")
-    model: str = Field("tiny", description="`tiny` (bundled) or a local HF model directory")
+    seed: int = Field(0, description="seeds data order, sampling and initialisation")
+    debug: bool = Field(False, description="show tracebacks instead of one-line errors")
+
+
+class ModelKeys(Keys):
+    """The served model: what answers, where, and how much per call."""
+
+    model: str = Field("tiny", description="`tiny` (bundled), a local HF model directory, or an http(s):// endpoint")
+    policy: str = Field(
+        "hf",
+        pattern="^(hf|vllm|openai)$",
+        description="serving engine: hf (transformers) | vllm | openai (model= is a URL)",
+    )
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda")
+    threads: int = Field(2, ge=1, description="torch CPU threads (fixed, so runs reproduce)")
+    max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
+    batch_size: int = Field(64, ge=1, description="prompts per generation batch")
+
+
+class DataKeys(Keys):
+    """Where tasks come from, and how many processes check them."""
+
     data: str = Field("arith", description="built-in task suite name or a dataset path")
     prompt_field: str = Field("prompt", description="column holding the prompt in a user dataset")
     answer_field: str = Field("answer", description="column holding the reference answer")
     id_field: str = Field("id", description="column holding a task id (else file name + line)")
-    base_model: str | None = Field(None, description="the learner's base weights (a directory or `tiny`) when the served model's are not local; default: the served model's")
-    policy: str = Field("hf", pattern="^(hf|vllm|openai)$", description="serving engine: hf (transformers) | vllm | openai (model= is a URL)")
+    difficulty: int = Field(3, ge=1, le=8, description="arith: operators per expression")
+    verify_workers: int = Field(1, ge=1, description="verifier worker processes (>1 runs a VerifierPool)")
+
+
+class VerifierKeys(Keys):
     verifier: str = Field("numeric", description="short name or dotted import path of a Verifier")
-    critic: str = Field("none", pattern="^(none|self|verifier|judge)$", description="who critiques between turns: none (SCoRe's instruction) | self | verifier | judge")
+
+
+class FeedbackKeys(VerifierKeys):
+    """What happens between attempts: the critic, and how many attempts."""
+
+    critic: str = Field(
+        "none",
+        pattern="^(none|self|verifier|judge)$",
+        description="who critiques between turns: none (SCoRe's instruction) | self | verifier | judge",
+    )
     judge: str | None = Field(None, description="critic=judge: a model directory, `tiny`, or an http(s):// endpoint")
     reveal_reference: bool = Field(False, description="critic=verifier: include the expected answer in the critique")
     memory: int = Field(3, ge=0, description="earlier critiques carried into later turns (Reflexion-style), at most")
-    critique_prompt: str | None = Field(None, description="override the critique template (needs {question} and {answer}; {notes} optional)")
-    verify_workers: int = Field(1, ge=1, description="verifier worker processes (>1 runs a VerifierPool)")
+    critique_prompt: str | None = Field(
+        None, description="override the critique template (needs {question} and {answer}; {notes} optional)"
+    )
+    max_turns: int = Field(2, ge=1, description="attempts per task in evaluation")
+
+
+class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys):
+    """Keys every recipe shares (`selfevolve run recipe=NAME`): the groups above, plus the
+    run directory, the learner's base and the held-out evaluation."""
+
+    recipe: str = Field("", description="recipe name")
+    base_model: str | None = Field(
+        None,
+        description="the learner's base weights (a directory or `tiny`) when the served model's are not "
+        "local; default: the served model's",
+    )
     run_dir: str | None = Field(None, description="output directory (default runs/<recipe>-<timestamp>)")
-    seed: int = Field(0, description="seeds data order, sampling and initialisation")
     resume: bool = Field(False, description="continue a killed run in run_dir")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda")
-    threads: int = Field(2, ge=1, description="torch CPU threads (fixed, so runs reproduce)")
-    difficulty: int = Field(3, ge=1, le=8, description="arith: operators per expression")
     eval_split: str = Field("test", description="held-out split evaluated before and after")
     eval_data: str | None = Field(None, description="held-out tasks from another file (else split off data)")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of a flat data file without eval_data")
     eval_limit: int = Field(500, ge=1, description="held-out tasks per evaluation")
-    max_turns: int = Field(2, ge=1, description="attempts per task in evaluation")
-    max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
-    batch_size: int = Field(64, ge=1, description="prompts per generation batch")
-    logger: str = Field("jsonl", description="also log to: tensorboard | wandb | trackio | mlflow (comma-separated; jsonl is always on)")
-    debug: bool = Field(False, description="show tracebacks instead of one-line errors")
+    logger: str = Field(
+        "jsonl", description="also log to: tensorboard | wandb | trackio | mlflow (comma-separated; jsonl is always on)"
+    )
 
     @field_validator("logger")
     @classmethod
     def _known_loggers(cls, v: str) -> str:
         from .trackers import TRACKERS
+
         bad = [n for n in v.split(",") if n.strip() not in TRACKERS]
         if bad:
             raise ValueError(f"unknown logger {bad[0].strip()!r}; choose from {', '.join(TRACKERS)}")
@@ -114,7 +157,9 @@ def build(cls: type[BaseModel], values: dict[str, Any], where: str = "command li
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"bad value for {key}={json.dumps(err.get('input'), default=str)} ({where}): {err['msg']}") from None
+        raise UserError(
+            f"bad value for {key}={json.dumps(err.get('input'), default=str)} ({where}): {err['msg']}"
+        ) from None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -57,12 +57,19 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
         if not isinstance(row, dict):
             raise UserError(f"{data}:{where}: expected an object with fields, got {type(row).__name__}")
         if prompt_field not in row or row[prompt_field] in (None, ""):
-            raise UserError(f"{data}:{where}: missing field {prompt_field!r} (set prompt_field=; fields here: {sorted(row)})")
+            raise UserError(
+                f"{data}:{where}: missing field {prompt_field!r} (set prompt_field=; fields here: {sorted(row)})"
+            )
         ref = row.get(answer_field)
         meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field, id_field)}
-        tasks.append(Task(id=_task_id(data, (where, row), id_field),
-                          prompt=str(row[prompt_field]), reference=None if ref is None else str(ref),
-                          meta=json.loads(json.dumps(meta, default=str))))
+        tasks.append(
+            Task(
+                id=_task_id(data, (where, row), id_field),
+                prompt=str(row[prompt_field]),
+                reference=None if ref is None else str(ref),
+                meta=json.loads(json.dumps(meta, default=str)),
+            )
+        )
     return tasks
 
 
@@ -71,8 +78,14 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
     tasks come from `eval_data` when set, else from the source's own split, else from a
     seeded `eval_fraction` slice of a flat file (seed and fraction are in config.yaml), so
     training never sees them. The `eval` and `check` commands read every task."""
-    kw = dict(limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-              id_field=cfg.id_field, difficulty=cfg.difficulty)
+    kw = dict(
+        limit=limit,
+        seed=cfg.seed,
+        prompt_field=cfg.prompt_field,
+        answer_field=cfg.answer_field,
+        id_field=cfg.id_field,
+        difficulty=cfg.difficulty,
+    )
     if holdout and getattr(cfg, "eval_data", None):
         if split == cfg.eval_split:
             return load_tasks(cfg.eval_data, split=split, **kw)
@@ -95,6 +108,7 @@ def _has_split(data: str, split: str) -> bool:
     path = Path(data).expanduser()
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
+
         ds = load_from_disk(str(path))
         return isinstance(ds, DatasetDict) and split in ds
     if path.suffix.lower() == ".json":
@@ -140,6 +154,7 @@ def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:
                     yield f"line {n}", row
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
+
             try:
                 table = pq.read_table(path)
             except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -147,7 +162,10 @@ def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:
             for n, row in enumerate(table.to_pylist()):
                 yield f"row {n}", row
         else:
-            raise UserError(f"data={data}: unsupported format {suffix!r} (use .jsonl, .json, .csv, .parquet or a saved datasets directory)")
+            raise UserError(
+                f"data={data}: unsupported format {suffix!r} "
+                "(use .jsonl, .json, .csv, .parquet or a saved datasets directory)"
+            )
     except UnicodeDecodeError:
         raise UserError(f"{data}: not UTF-8 text") from None
     except PermissionError:

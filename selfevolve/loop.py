@@ -63,11 +63,17 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
             traces[i].turns.append(out[0])
         if verifier is not None:
             scored = [i for i in active if traces[i].task.reference is not None or traces[i].task.tests]
-            fbs = verifier.verify_batch([traces[i].task for i in scored], [traces[i].turns[-1].response for i in scored])
+            fbs = verifier.verify_batch(
+                [traces[i].task for i in scored], [traces[i].turns[-1].response for i in scored]
+            )
             for i, fb in zip(scored, fbs):
                 traces[i].turns[-1].feedback = fb
-        going = [i for i in active if turn + 1 < max_turns
-                 and not (stop_when_correct and traces[i].turns[-1].score is not None and traces[i].turns[-1].score >= 1.0)]
+        going = [
+            i
+            for i in active
+            if turn + 1 < max_turns
+            and not (stop_when_correct and traces[i].turns[-1].score is not None and traces[i].turns[-1].score >= 1.0)
+        ]
         if critic is not None and going:
             tasks_, turns_ = [traces[i].task for i in going], [traces[i].turns for i in going]
             fbs = critic.critique_batch(tasks_, turns_)

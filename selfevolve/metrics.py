@@ -1,4 +1,4 @@
-"""SCoRe's self-correction metrics (DESIGN.md §7), reported by every evaluation.
+"""SCoRe's self-correction metrics (the SCoRe paper's), reported by every evaluation.
 
 - acc_t1, acc_t2: accuracy of the answer standing after turn 1 / turn 2;
 - delta = acc_t2 - acc_t1;

@@ -28,8 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import UserError
-from .metrics import KEYS
 from .files import atomic_write, read_metrics
+from .metrics import KEYS
 
 
 class ReportConfig(BaseModel):
@@ -145,7 +145,8 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
-        save(fig, "reward_kl.png", "Mean reward of the rollouts (or the preference margin) and the KL penalty, per update.")
+        save(fig, "reward_kl.png",
+             "Mean reward of the rollouts (or the preference margin) and the KL penalty, per update.")
 
     if any(_series(run.steps, "loss")[0] for run in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -174,19 +175,35 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
         ax.legend(fontsize=8)
         save(fig, "kept.png", "Samples kept for training (solid) and filtered out (light), per iteration.")
 
-    splits = {run.name: {k[5:]: sum(_series(run.logged, k)[1]) for k in _keys(run.logged, lambda k: k.startswith("time_"))}
-              for run in runs}
+    splits = {
+        run.name: {k[5:]: sum(_series(run.logged, k)[1]) for k in _keys(run.logged, lambda k: k.startswith("time_"))}
+        for run in runs
+    }
     if any(splits.values()):
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(runs)))
         parts = list(dict.fromkeys(p for s in splits.values() for p in s))
         for i, p in enumerate(parts):
             lefts = [sum(s.get(q, 0) / (sum(s.values()) or 1) for q in parts[:i]) for s in splits.values()]
-            ax.barh(list(splits), [s.get(p, 0) / (sum(s.values()) or 1) for s in splits.values()], left=lefts,
-                    color=colours[i % len(colours)], label=p)
+            ax.barh(
+                list(splits),
+                [s.get(p, 0) / (sum(s.values()) or 1) for s in splits.values()],
+                left=lefts,
+                color=colours[i % len(colours)],
+                label=p,
+            )
         ax.set_xlim(0, 1)
         ax.set_xlabel("share of logged wall-clock time")
-        ax.legend(fontsize=8, ncol=min(len(parts), 5), loc="upper center", bbox_to_anchor=(0.5, -0.45 if len(runs) == 1 else -0.2))
-        save(fig, "time_split.png", "Where the time of the logged steps went (generation, verification, training, sync, ...).")
+        ax.legend(
+            fontsize=8,
+            ncol=min(len(parts), 5),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.45 if len(runs) == 1 else -0.2),
+        )
+        save(
+            fig,
+            "time_split.png",
+            "Where the time of the logged steps went (generation, verification, training, sync, ...).",
+        )
     return made
 
 
@@ -205,13 +222,16 @@ def _run_section(run: RunData) -> str:
     else:
         summary = "<p><b>unfinished run</b> (no summary.json): the evaluations below are all it logged.</p>"
     evals = _table([[e["eval"]] + [e.get(k) for k in KEYS] for e in run.evals], ["evaluation", *KEYS])
-    warnings = "".join(f"<p class=warn>step {html.escape(str(w.get('step')))}: {html.escape(w['warning'])}</p>"
-                       for w in run.warnings)
+    warnings = "".join(
+        f"<p class=warn>step {html.escape(str(w.get('step')))}: {html.escape(w['warning'])}</p>" for w in run.warnings
+    )
     config = html.escape(yaml.safe_dump(run.config, sort_keys=False))
-    return (f"<h2>{html.escape(run.name)} <small>recipe={html.escape(run.recipe)}</small></h2>"
-            f"<p>{html.escape(str(run.path.resolve()))}</p>{summary}{warnings}"
-            f"<details><summary>all evaluations</summary>{evals}</details>"
-            f"<details><summary>config</summary><pre>{config}</pre></details>")
+    return (
+        f"<h2>{html.escape(run.name)} <small>recipe={html.escape(run.recipe)}</small></h2>"
+        f"<p>{html.escape(str(run.path.resolve()))}</p>{summary}{warnings}"
+        f"<details><summary>all evaluations</summary>{evals}</details>"
+        f"<details><summary>config</summary><pre>{config}</pre></details>"
+    )
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -234,13 +254,18 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         raise UserError(f"out={out}: cannot create it ({e.strerror})") from None
     plots = _plots(runs, out)
     figures = "".join(
-        f'<figure><a href="{name}"><img src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}" '
+        f'<figure><a href="{name}"><img src="data:image/png;base64,'
+        f'{base64.b64encode((out / name).read_bytes()).decode()}" '
         f'alt="{name}"></a><figcaption>{html.escape(caption)} <a href="{name}">{name}</a></figcaption></figure>'
-        for name, caption in plots.items())
+        for name, caption in plots.items()
+    )
     title = "selfevolve report: " + ", ".join(r.name for r in runs)
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            + "".join(_run_section(r) for r in runs) + f"<h2>plots</h2>{figures or '<p>nothing logged yet</p>'}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        + "".join(_run_section(r) for r in runs)
+        + f"<h2>plots</h2>{figures or '<p>nothing logged yet</p>'}</body></html>"
+    )
     atomic_write(out / "report.html", page)
     return out / "report.html"
 

@@ -1,4 +1,4 @@
-"""Run: the run directory and everything that makes a run resumable (DESIGN.md §8).
+"""Run: the run directory and everything that makes a run resumable (docs/architecture.md, "Crash safety").
 
     run_dir/config.yaml      the resolved config (a resume must match it)
     run_dir/traces.sqlite    every trace of the run (TraceStore)
@@ -39,8 +39,8 @@ import yaml
 from .build import critic_from_config
 from .config import RecipeConfig
 from .data import tasks_for
-from .evaluate import evaluate
 from .errors import UserError, WriteFailed
+from .evaluate import evaluate
 from .files import atomic_write, read_metrics
 from .metrics import CRITIC_KEYS, KEYS
 from .progress import progress
@@ -91,22 +91,29 @@ class Run:
         mine = self.cfg.model_dump(exclude=RESUME_FREE_KEYS)
         if cfg_path.exists():
             if not self.cfg.resume:
-                raise UserError(f"run_dir={self.dir} already holds a run; pass resume=true to continue it or choose another run_dir")
+                raise UserError(
+                    f"run_dir={self.dir} already holds a run; pass resume=true to continue it or choose another run_dir"
+                )
             old = yaml.safe_load(cfg_path.read_text()) or {}
             if old.get("recipe") != self.cfg.recipe:
                 raise UserError(f"run_dir={self.dir} holds a {old.get('recipe')!r} run, not {self.cfg.recipe!r}")
             changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS and old.get(k) != mine.get(k))
             if changed:
                 k = changed[0]
-                raise UserError(f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}")
+                raise UserError(
+                    f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}"
+                )
             return
         if self.cfg.resume:
             raise UserError(f"resume=true but run_dir={self.dir} holds no run (no config.yaml)")
         if self.dir.exists() and any(self.dir.iterdir()):
             raise UserError(f"run_dir={self.dir} exists and is not empty; choose another run_dir")
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(cfg_path, f"# selfevolve run recipe={self.cfg.recipe}\n" + yaml.safe_dump(
-            {**mine, "run_dir": str(self.dir)}, sort_keys=False))
+        atomic_write(
+            cfg_path,
+            f"# selfevolve run recipe={self.cfg.recipe}\n"
+            + yaml.safe_dump({**mine, "run_dir": str(self.dir)}, sort_keys=False),
+        )
 
     # --- metrics -----------------------------------------------------------------------
 
@@ -141,8 +148,13 @@ class Run:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save the recipe's state atomically, with RNG states and the current lengths of
         the metrics log and the trace store; then delete what was retired before it."""
-        full = {"recipe_state": state, "metrics_lines": self._metrics_lines(), "trace_seq": self.store.last_seq(),
-                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
+        full = {
+            "recipe_state": state,
+            "metrics_lines": self._metrics_lines(),
+            "trace_seq": self.store.last_seq(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": random.getstate(),
+        }
         path = self.dir / "checkpoint" / "state.pt"
         tmp = path.with_name("state.pt.tmp")
         try:
@@ -155,8 +167,10 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         self._retired.clear()
         if self.stop_requested:
-            raise Stopped(f"stopped at a checkpoint; continue with: selfevolve run recipe={self.cfg.recipe} "
-                          f"run_dir={self.dir} resume=true")
+            raise Stopped(
+                f"stopped at a checkpoint; continue with: selfevolve run recipe={self.cfg.recipe} "
+                f"run_dir={self.dir} resume=true"
+            )
 
     def request_stop(self, signum=None, frame=None) -> None:
         """SIGINT handler: the first stops at the next checkpoint, a second one at once."""
@@ -193,9 +207,18 @@ class Run:
         c = self.cfg
         if self._eval_tasks is None:
             self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)
-        metrics, traces = evaluate(policy, self._eval_tasks, self.verifier, max_turns=c.max_turns, critic=self.critic(policy),
-                                   sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
-                                   recipe=c.recipe, run=self.name, round=round, meta={"eval": which})
+        metrics, traces = evaluate(
+            policy,
+            self._eval_tasks,
+            self.verifier,
+            max_turns=c.max_turns,
+            critic=self.critic(policy),
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
+            recipe=c.recipe,
+            run=self.name,
+            round=round,
+            meta={"eval": which},
+        )
         self.store.append(traces)
         self.log(eval=which, round=round, **metrics)
         return metrics
@@ -210,9 +233,13 @@ class Run:
         print_summary(self.dir, before, after)
         try:  # the results are on disk already; a plotting problem must not fail the run
             from .report import write_report
+
             print(f"report: {write_report([self.dir])}")
         except Exception as e:  # noqa: BLE001
-            print(f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`", file=sys.stderr)
+            print(
+                f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`",
+                file=sys.stderr,
+            )
         return summary
 
     def progress(self, description: str, total: int | None, completed: int = 0):

@@ -26,11 +26,10 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,19 +37,26 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .build import critic_from_config, served_policy
-from .config import RecipeConfig
+from .config import FeedbackKeys, ModelKeys
 from .errors import UserError
+from .loop import refine_batch
+from .store import TraceStore
 from .types import SamplingParams, Task
+from .verifiers import get_verifier
 
 REFINE_SUFFIX = "+refine"
 
 
-class ServeConfig(RecipeConfig):
-    recipe: str = "serve"
+class ServeConfig(ModelKeys, FeedbackKeys):
+    """`selfevolve serve`'s keys: the served model, the refinement settings, the HTTP side.
+    It writes only the refinement traces (`traces=`); run-directory keys are refused."""
+
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 exposes it to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SELFEVOLVE_API_KEY)")
-    name: str | None = Field(None, description="the base model's id in /v1/models (default: the model directory's name)")
+    name: str | None = Field(
+        None, description="the base model's id in /v1/models (default: the model directory's name)"
+    )
     max_batch: int = Field(64, ge=1, description="requests answered together at most")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
@@ -62,6 +68,7 @@ class ServeConfig(RecipeConfig):
 
 
 # --- request bodies (extra fields that OpenAI clients send are accepted and ignored) ----------
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -119,10 +126,24 @@ class HTTPError(Exception):
 
 # --- batching ---------------------------------------------------------------------------------
 
+
+class BatchKey(NamedTuple):
+    """Jobs with equal keys are answered in one batched call: the same adapter and sampling
+    settings (and, for refinement, the same attempts and critic)."""
+
+    adapter: str | None = None
+    sampling: str = ""  # SamplingParams as JSON (hashable)
+    max_turns: int | None = None
+    critic: str | None = None
+
+
+SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
+
+
 @dataclass
 class Job:
-    kind: str                 # "chat" | "complete" | "refine" | "call"
-    key: tuple                # jobs with equal keys are answered in one batched call
+    kind: str  # "chat" | "complete" | "refine" | "call"
+    key: BatchKey
     payload: Any
     future: asyncio.Future = field(default=None)
 
@@ -131,12 +152,12 @@ class Server:
     """The policy, a single model-owning worker thread, and the request queue."""
 
     def __init__(self, cfg: ServeConfig, policy=None):
-        from .store import TraceStore
-
         self.cfg = cfg
         self.policy = policy or served_policy(cfg)
         self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
-        self.root = "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))  # as vLLM: loaded from
+        self.root = (
+            "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))
+        )  # as vLLM: loaded from
         self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
@@ -149,13 +170,14 @@ class Server:
     @property
     def verifier(self):
         if self._verifier is None:
-            from .verifiers import get_verifier
             self._verifier = get_verifier(self.cfg.verifier)
         return self._verifier
 
     def critic(self, name: str):
         if name not in self._critics:
-            self._critics[name] = critic_from_config(self.cfg.model_copy(update={"critic": name}), self.policy, self.verifier)
+            self._critics[name] = critic_from_config(
+                self.cfg.model_copy(update={"critic": name}), self.policy, self.verifier
+            )
         return self._critics[name]
 
     def models(self) -> list[str]:
@@ -167,11 +189,13 @@ class Server:
             return None
         if base in getattr(self.policy, "adapters", {}):
             return base
-        raise HTTPError(404, f"model {model!r} does not exist; available: {', '.join(self.models())}", "not_found_error")
+        raise HTTPError(
+            404, f"model {model!r} does not exist; available: {', '.join(self.models())}", "not_found_error"
+        )
 
     # --- the worker ---------------------------------------------------------------------------
 
-    async def submit(self, kind: str, key: tuple, payload: Any):
+    async def submit(self, kind: str, key: BatchKey, payload: Any):
         job = Job(kind, key, payload, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.future
@@ -191,7 +215,9 @@ class Server:
                 groups.setdefault((j.kind, j.key), []).append(j)
             for (kind, key), group in groups.items():
                 try:
-                    results = await loop.run_in_executor(self.executor, self._run, kind, key, [j.payload for j in group])
+                    results = await loop.run_in_executor(
+                        self.executor, self._run, kind, key, [j.payload for j in group]
+                    )
                 except Exception as e:  # one bad group must not stop the server
                     for j in group:
                         if not j.future.done():
@@ -201,21 +227,27 @@ class Server:
                     if not j.future.done():
                         j.future.set_result(r)
 
-    def _run(self, kind: str, key: tuple, payloads: list) -> list:
+    def _run(self, kind: str, key: BatchKey, payloads: list) -> list:
         """In the model thread: one batched call for a group of requests."""
         if kind == "call":  # adapter load/unload: serialised with generation
             return [fn() for fn in payloads]
-        adapter, sampling_json = key[0], key[1]
-        self.policy.set_adapter(adapter)
-        sampling = SamplingParams.model_validate_json(sampling_json)
+        self.policy.set_adapter(key.adapter)
+        sampling = SamplingParams.model_validate_json(key.sampling)
         if kind == "chat":
             return self.policy.generate(payloads, sampling)
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
-        from .loop import refine_batch
-        max_turns, critic = key[2], key[3]
-        traces = refine_batch(payloads, self.policy, self.verifier, self.critic(critic), max_turns,
-                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve")
+        traces = refine_batch(
+            payloads,
+            self.policy,
+            self.verifier,
+            self.critic(key.critic),
+            key.max_turns,
+            sampling=sampling,
+            stop_when_correct=False,
+            recipe="serve",
+            run="serve",
+        )
         self.store.append(traces)
         return traces
 
@@ -230,8 +262,9 @@ class Server:
             raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.cfg.max_tokens_limit}")
         if n > self.cfg.max_n:
             raise HTTPError(400, f"n={n} exceeds this server's limit of {self.cfg.max_n}")
-        return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
-                              logprobs=bool(logprobs))
+        return SamplingParams(
+            temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed, logprobs=bool(logprobs)
+        )
 
     def check_length(self, ids_len: int) -> None:
         limit = getattr(self.policy, "max_positions", None)
@@ -247,10 +280,14 @@ class Server:
         conv = [m.model_dump() for m in req.messages]
         prompt_tokens = len(self.policy.encode_prompts([conv])[0]) if hasattr(self.policy, "encode_prompts") else 0
         self.check_length(prompt_tokens)
-        refine = req.refine if isinstance(req.refine, Refine) else (Refine() if req.refine or req.model.endswith(REFINE_SUFFIX) else None)
+        refine = (
+            req.refine
+            if isinstance(req.refine, Refine)
+            else (Refine() if req.refine or req.model.endswith(REFINE_SUFFIX) else None)
+        )
         created = int(time.time())
         if refine is None:
-            turns = await self.submit("chat", (adapter, sampling.model_dump_json()), conv)
+            turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs) for i, t in enumerate(turns)]
             return self._chat_response(req.model, created, choices, prompt_tokens, turns)
         if req.n != 1:
@@ -259,17 +296,22 @@ class Server:
             raise HTTPError(400, "a refinement request is one user message (optionally after a system message)")
         max_turns = refine.max_turns or self.cfg.max_turns
         if max_turns > self.cfg.max_turns_limit:
-            raise HTTPError(400, f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}")
+            raise HTTPError(
+                400, f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}"
+            )
         critic = refine.critic or self.cfg.critic
         if critic == "verifier" and refine.reference is None:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
         task = Task(id=f"req-{uuid.uuid4().hex[:12]}", prompt=conv[-1]["content"], reference=refine.reference)
-        trace = await self.submit("refine", (adapter, sampling.model_dump_json(), max_turns, critic), task)
+        trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic), task)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
-        out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns),
-                             "scores": [t.score for t in trace.turns],
-                             "critiques": [t.critique.text if t.critique else None for t in trace.turns]}
+        out["selfevolve"] = {
+            "trace_id": trace.id,
+            "turns": len(trace.turns),
+            "scores": [t.score for t in trace.turns],
+            "critiques": [t.critique.text if t.critique else None for t in trace.turns],
+        }
         return out
 
     @staticmethod
@@ -277,19 +319,32 @@ class Server:
         return "length" if turn.token_ids is not None and len(turn.token_ids) >= max_tokens else "stop"
 
     def _chat_choice(self, i, turn, max_tokens, logprobs) -> dict:
-        choice = {"index": i, "message": {"role": "assistant", "content": turn.response},
-                  "finish_reason": self._finish(turn, max_tokens), "logprobs": None}
+        choice = {
+            "index": i,
+            "message": {"role": "assistant", "content": turn.response},
+            "finish_reason": self._finish(turn, max_tokens),
+            "logprobs": None,
+        }
         if logprobs and turn.logprobs is not None:
             tok = self.policy.tokenizer
-            choice["logprobs"] = {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                                              for t, lp in zip(turn.token_ids, turn.logprobs)]}
+            choice["logprobs"] = {
+                "content": [
+                    {"token": tok.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                    for t, lp in zip(turn.token_ids, turn.logprobs)
+                ]
+            }
         return choice
 
     def _chat_response(self, model, created, choices, prompt: int, turns) -> dict:
         completion = sum(len(t.token_ids or []) for t in turns)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created, "model": model,
-                "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                              "total_tokens": prompt + completion}}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
 
     async def complete(self, req: CompletionRequest) -> dict:
         if req.stream:
@@ -303,28 +358,49 @@ class Server:
         ids = [tok(p)["input_ids"] for p in prompts]
         for x in ids:
             self.check_length(len(x))
-        results = await asyncio.gather(*[self.submit("complete", (adapter, sampling.model_dump_json()), p) for p in prompts])
+        results = await asyncio.gather(
+            *[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()), p) for p in prompts]
+        )
         echoed = {}
         if req.echo and req.logprobs is not None:
-            echoed = {i: await self.submit("call", ("call",), lambda p=p, a=adapter: self._prompt_lps(p, a))
-                      for i, p in enumerate(prompts)}
+            echoed = {
+                i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a))
+                for i, p in enumerate(prompts)
+            }
         choices, completion = [], 0
         for i, (p, turns) in enumerate(zip(prompts, results)):
             for t in turns:
                 completion += len(t.token_ids or [])
-                choice = {"index": len(choices), "text": (p if req.echo else "") + t.response,
-                          "finish_reason": self._finish(t, req.max_tokens), "logprobs": None}
+                choice = {
+                    "index": len(choices),
+                    "text": (p if req.echo else "") + t.response,
+                    "finish_reason": self._finish(t, req.max_tokens),
+                    "logprobs": None,
+                }
                 if req.logprobs is not None:
                     gen_toks = [tok.decode([x]) for x in (t.token_ids or [])]
                     ptoks, plps = echoed.get(i, ([], []))
                     toks, lps = ptoks + gen_toks, plps + list(t.logprobs or [])
-                    choice["logprobs"] = {"tokens": toks, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
+                    choice["logprobs"] = {
+                        "tokens": toks,
+                        "token_logprobs": lps,
+                        "top_logprobs": None,
+                        "text_offset": None,
+                    }
                 choices.append(choice)
         prompt_tokens = sum(len(x) for x in ids)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
+        }
 
     def _prompt_lps(self, text: str, adapter: str | None):
         self.policy.set_adapter(adapter)
@@ -343,7 +419,8 @@ class Server:
                 return HTTPError(400, str(e))
             finally:
                 self.policy.set_adapter(None)
-        err = await self.submit("call", ("call",), load)
+
+        err = await self.submit("call", SERIAL, load)
         if err:
             raise err
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
@@ -351,12 +428,13 @@ class Server:
     async def unload_adapter(self, req: LoadAdapter) -> str:
         if req.lora_name not in getattr(self.policy, "adapters", {}):
             raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
-        await self.submit("call", ("call",), lambda: self.policy.unload_adapter(req.lora_name))
+        await self.submit("call", SERIAL, lambda: self.policy.unload_adapter(req.lora_name))
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
 
 def create_app(server: Server):
     """The FastAPI app for a Server."""
+
     @asynccontextmanager
     async def lifespan(app):
         server.queue = asyncio.Queue()
@@ -418,8 +496,13 @@ def create_app(server: Server):
     @app.get("/v1/models")
     async def models():
         now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "selfevolve",
-                                            "root": server.root} for m in server.models()]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": now, "owned_by": "selfevolve", "root": server.root}
+                for m in server.models()
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -445,6 +528,9 @@ def serve(cfg: ServeConfig) -> None:
 
     server = Server(cfg)
     app = create_app(server)
-    print(f"selfevolve serve: {server.name} on http://{cfg.host}:{cfg.port}/v1 "
-          f"(refinement: model={server.name}{REFINE_SUFFIX}; traces: {cfg.traces})", flush=True)
+    print(
+        f"selfevolve serve: {server.name} on http://{cfg.host}:{cfg.port}/v1 "
+        f"(refinement: model={server.name}{REFINE_SUFFIX}; traces: {cfg.traces})",
+        flush=True,
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,4 +1,4 @@
-"""TraceStore: durable traces in SQLite (DESIGN.md §6).
+"""TraceStore: durable traces in SQLite (docs/architecture.md, "Core types").
 
 WAL mode with synchronous=FULL: an `append` is one transaction, so a process killed
 mid-write leaves a readable store that lost at most the batch it was writing; readers
@@ -64,7 +64,9 @@ class TraceStore:
                     self.db.executescript(SCHEMA)
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif version > SCHEMA_VERSION:
-                raise UserError(f"{self.path}: trace store schema v{version} is newer than this selfevolve (v{SCHEMA_VERSION})")
+                raise UserError(
+                    f"{self.path}: trace store schema v{version} is newer than this selfevolve (v{SCHEMA_VERSION})"
+                )
         except sqlite3.DatabaseError as e:
             if disk_full(e):
                 raise  # a write failed (disk full): the CLI reports that, not a corrupt store
@@ -85,13 +87,28 @@ class TraceStore:
 
     def append(self, traces: list[Trace]) -> int:
         """Append a batch in one transaction (all or nothing). Returns how many."""
-        rows = [(t.id, t.run, t.recipe, t.round, t.task.id, t.policy_version, len(t.turns),
-                 t.turns[0].score if t.turns else None, t.turns[-1].score if t.turns else None,
-                 t.created, t.model_dump_json()) for t in traces]
+        rows = [
+            (
+                t.id,
+                t.run,
+                t.recipe,
+                t.round,
+                t.task.id,
+                t.policy_version,
+                len(t.turns),
+                t.turns[0].score if t.turns else None,
+                t.turns[-1].score if t.turns else None,
+                t.created,
+                t.model_dump_json(),
+            )
+            for t in traces
+        ]
         with self.lock, self.db:
             self.db.executemany(
                 "INSERT INTO traces (id, run, recipe, round, task_id, policy_version, n_turns,"
-                " score_first, score_last, created, data) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                " score_first, score_last, created, data) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
         return len(rows)
 
     def last_seq(self) -> int:
@@ -104,8 +121,16 @@ class TraceStore:
 
     # --- reading -----------------------------------------------------------------------
 
-    def _where(self, run=None, recipe=None, round=None, task_id=None, min_score=None, max_score=None,
-               meta: dict[str, Any] | None = None) -> tuple[str, list]:
+    def _where(
+        self,
+        run=None,
+        recipe=None,
+        round=None,
+        task_id=None,
+        min_score=None,
+        max_score=None,
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[str, list]:
         clauses, args = [], []
         for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id)):
             if val is not None:
@@ -138,7 +163,9 @@ class TraceStore:
         return self.db.execute(f"SELECT COUNT(*) FROM traces{where}", args).fetchone()[0]
 
     def get(self, trace_id: str) -> Trace | None:
-        row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id, trace_id + "%")).fetchone()
+        row = self.db.execute(
+            "SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id, trace_id + "%")
+        ).fetchone()
         return Trace.model_validate_json(row[0]) if row else None
 
     # --- export / import ---------------------------------------------------------------
@@ -186,10 +213,18 @@ def flat_row(t: Trace) -> dict[str, Any]:
     """Columns for tabular export: ids, prompt, reference, per-turn responses/scores/
     critiques as lists, and the full trace as JSON (so nothing is lost)."""
     return {
-        "id": t.id, "run": t.run, "recipe": t.recipe, "round": t.round, "task_id": t.task.id,
-        "prompt": t.task.prompt, "reference": t.task.reference, "policy_version": t.policy_version,
-        "n_turns": len(t.turns), "responses": [x.response for x in t.turns],
+        "id": t.id,
+        "run": t.run,
+        "recipe": t.recipe,
+        "round": t.round,
+        "task_id": t.task.id,
+        "prompt": t.task.prompt,
+        "reference": t.task.reference,
+        "policy_version": t.policy_version,
+        "n_turns": len(t.turns),
+        "responses": [x.response for x in t.turns],
         "scores": [x.score for x in t.turns],
         "critiques": [x.critique.text if x.critique else None for x in t.turns],
-        "meta": json.dumps(t.meta), "trace": t.model_dump_json(),
+        "meta": json.dumps(t.meta),
+        "trace": t.model_dump_json(),
     }

@@ -25,7 +25,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 from .errors import UserError
 from .policies.hf import HFPolicy
 from .training import text_token_logprobs
@@ -58,15 +57,18 @@ def canary_for(model, tokenizer) -> str:
     return CANARY + (" " + tokenizer.decode(ids) if ids else "")
 
 
-def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY) -> float:
+def verify_sync(
+    policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY
+) -> float:
     """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
     the learner did (`expected`). Returns the served log-probability."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
     served = float(policy.prompt_logprob(text))
     if abs(served - expected) > tol * max(1.0, abs(expected)):
-        raise SyncError(f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} "
-                        f"(adapter {name!r}, tolerance {tol})")
+        raise SyncError(
+            f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} (adapter {name!r}, tolerance {tol})"
+        )
     return served
 
 
@@ -78,13 +80,23 @@ def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool
         policy.load_adapter(str(path), name)
         return policy
     if not isinstance(policy, HFPolicy):
-        raise UserError(f"lora=false trains all weights, which only policy=hf can reload; {type(policy).__name__} "
-                        "serves LoRA adapters (keep lora=true)")
+        raise UserError(
+            f"lora=false trains all weights, which only policy=hf can reload; {type(policy).__name__} "
+            "serves LoRA adapters (keep lora=true)"
+        )
     return HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
 
 
-def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
-            tol: float = 1e-3, replaces: str | None = None) -> AdapterServing:
+def publish(
+    policy: AdapterServing,
+    model,
+    tokenizer,
+    path: str | Path,
+    name: str,
+    lora: bool = True,
+    tol: float = 1e-3,
+    replaces: str | None = None,
+) -> AdapterServing:
     """Save the learner to `path`, serve it under `name`, verify, then unload the adapter it
     `replaces` (if any); return the policy that now serves it."""
     path = Path(path)

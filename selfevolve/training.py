@@ -1,6 +1,6 @@
 """Training building blocks shared by the recipes: chat encoding with assistant-only labels,
 batching, per-token log-probabilities, one SFT step. Small functions, no trainer class
-(DESIGN.md §10: recipes may repeat a few lines rather than inherit).
+(docs/architecture.md: recipes may repeat a few lines rather than inherit).
 """
 
 from __future__ import annotations
@@ -86,15 +86,26 @@ def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | s
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(path).to(device)
-    kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None)
+    kw = dict(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None
+    )
     try:
         return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
     except ValueError:  # peft has no default modules for this architecture
         return get_peft_model(base, LoraConfig(target_modules="all-linear", **kw))
 
 
-def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
-        seed: int = 0, bar=None, token_lr: float | None = None) -> dict[str, float]:
+def sft(
+    model,
+    tokenizer,
+    conversations: list,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    bar=None,
+    token_lr: float | None = None,
+) -> dict[str, float]:
     """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
     seeded order, one optimizer step per batch). Returns mean loss and token count.
     `token_lr`: the learning rate of trainable embedding rows (`lora_model(trainable_tokens=)`),
@@ -117,7 +128,7 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
         order = list(range(len(rows)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         for i in range(0, len(order), batch_size):
-            batch = pad_batch([rows[j] for j in order[i: i + batch_size]], pad, device)
+            batch = pad_batch([rows[j] for j in order[i : i + batch_size]], pad, device)
             loss = sft_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,8 +155,15 @@ def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[fl
     return ids[0].tolist(), [None] + lps
 
 
-def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32,
-                    init_from: str | None = None, device: str = "cpu", trainable_tokens: list[int] | None = None):
+def trainable_model(
+    base: str | Path,
+    lora: bool = True,
+    r: int = 16,
+    alpha: int = 32,
+    init_from: str | None = None,
+    device: str = "cpu",
+    trainable_tokens: list[int] | None = None,
+):
     """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
     from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
     with lora=False all weights, from `init_from` (a full model directory) or the base.
@@ -153,10 +171,12 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
     base = resolve_model_path(str(base))
     if not lora:
         from transformers import AutoModelForCausalLM
+
         return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
     model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens)
     if init_from:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
+
         set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
     return model

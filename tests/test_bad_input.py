@@ -35,35 +35,37 @@ def world(tmp_path_factory):
     Run(build(RestEMConfig, {"recipe": "rest_em", "run_dir": str(d / "rest_em_run"), "iterations": 2}))
     torch.manual_seed(0)
     other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64))
-    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(d / "other_adapter")
+    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(
+        d / "other_adapter"
+    )
     return d
 
 
 CASES = [  # (args with {d} for the fixture directory, words the one line must contain)
-    (["eval", "limt=3"], "did you mean 'limit'"),                                   # unknown key
-    (["run", "recipe=score", "stage1_step=2"], "did you mean 'stage1_steps'"),      # unknown recipe key
-    (["eval", "limit=three"], "limit"),                                             # wrong type
-    (["run", "recipe=spin", "lr=-1"], "lr"),                                        # out of range
-    (["eval", "limit"], "expected key=value"),                                      # not key=value
+    (["eval", "limt=3"], "did you mean 'limit'"),  # unknown key
+    (["run", "recipe=score", "stage1_step=2"], "did you mean 'stage1_steps'"),  # unknown recipe key
+    (["eval", "limit=three"], "limit"),  # wrong type
+    (["run", "recipe=spin", "lr=-1"], "lr"),  # out of range
+    (["eval", "limit"], "expected key=value"),  # not key=value
     (["frobnicate"], "unknown command"),
     (["run", "recipe=scoree"], "did you mean 'score'"),
     (["run"], "recipe=NAME"),
-    (["eval", "model=/nonexistent/model"], "no such directory"),                    # missing path
-    (["eval", "model={d}/plain_dir"], "not a model directory"),                    # not a model
+    (["eval", "model=/nonexistent/model"], "no such directory"),  # missing path
+    (["eval", "model={d}/plain_dir"], "not a model directory"),  # not a model
     (["eval", "data=/nonexistent.jsonl"], "no such file"),
-    (["eval", "data={d}/broken.jsonl"], "broken.jsonl:line 2: malformed JSON"),     # names the line
+    (["eval", "data={d}/broken.jsonl"], "broken.jsonl:line 2: malformed JSON"),  # names the line
     (["eval", "data={d}/empty.jsonl"], "empty"),
-    (["eval", "data={d}/noprompt.jsonl"], "prompt"),                                # missing field
+    (["eval", "data={d}/noprompt.jsonl"], "prompt"),  # missing field
     (["eval", "data={d}/plain_dir"], "not a saved datasets directory"),
     (["eval", "verifier=nope"], "unknown verifier"),
-    (["eval", "limit=1", "adapter={d}/other_adapter"], "another base model"),       # adapter for another model
+    (["eval", "limit=1", "adapter={d}/other_adapter"], "another base model"),  # adapter for another model
     (["eval", "limit=1", "adapter={d}/plain_dir"], "not a peft adapter"),
     (["eval", "out=/nonexistent/dir/m.json", "limit=1"], "does not exist"),
     (["run", "recipe=score", "config={d}/bad.yaml"], "unknown key 'learning_rate'"),
     (["run", "recipe=score", "config={d}/notyaml.yaml"], "not valid YAML"),
     (["run", "recipe=score", "config={d}/missing.yaml"], "config file not found"),
     (["run", "recipe=score", "run_dir={d}/rest_em_run", "resume=true"], "holds a 'rest_em' run"),  # another recipe
-    (["run", "recipe=rest_em", "run_dir={d}/rest_em_run"], "already holds a run"),              # no overwrite
+    (["run", "recipe=rest_em", "run_dir={d}/rest_em_run"], "already holds a run"),  # no overwrite
     (["run", "recipe=rest_em", "run_dir={d}/rest_em_run", "resume=true"], "different config: iterations=3"),
     (["run", "recipe=rest_em", "run_dir={d}/plain_dir", "resume=true"], "holds no run"),
     (["run", "recipe=score", "logger=neptune"], "unknown logger"),
@@ -89,8 +91,10 @@ def test_bad_input_is_one_line_and_exit_2(world, args, words, capfd):
     assert sorted(p.relative_to(world) for p in world.rglob("*")) == before  # nothing written or removed
 
 
-@pytest.mark.parametrize("args,words", [(["eval", "limt=3"], "did you mean 'limit'"),
-                                        (["eval", "data={d}/broken.jsonl"], "line 2: malformed JSON")])
+@pytest.mark.parametrize(
+    "args,words",
+    [(["eval", "limt=3"], "did you mean 'limit'"), (["eval", "data={d}/broken.jsonl"], "line 2: malformed JSON")],
+)
 def test_bad_input_through_the_console_script(world, args, words):
     r = cli(*[a.format(d=world) for a in args])
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
@@ -114,13 +118,20 @@ def test_disk_full_is_one_line_and_the_run_resumes(tmp_path, limit, whole):
     """A file-size limit makes the writes of a run fail as on a full disk (the trace store at
     140 kB, the checkpoint at 300 kB). The store stays readable; freeing the space and
     resuming ends the run as if nothing happened."""
+
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     cut = tmp_path / "cut"
-    r = subprocess.run([EXE, "run", *SMALL, f"run_dir={cut}"], preexec_fn=small_disk, capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp"}, timeout=600)
+    r = subprocess.run(
+        [EXE, "run", *SMALL, f"run_dir={cut}"],
+        preexec_fn=small_disk,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp"},
+        timeout=600,
+    )
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "disk full?" in err[-1] and "resume=true" in err[-1] and "Traceback" not in r.stderr
     assert not list(cut.rglob("*.tmp"))

@@ -1,19 +1,30 @@
 """The real console entry point, in a subprocess, as a user runs it."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-EXE = shutil.which("selfevolve")
+
+def script(name: str) -> str | None:
+    """A console script of the interpreter running the tests (a virtualenv's, even one not
+    activated), else whatever PATH has."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+EXE = script("selfevolve")
 
 
 def cli(*args, cwd=None, env=None):
     assert EXE, "the selfevolve console script is not installed"
     return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp",
-                               **{k: v for k, v in __import__("os").environ.items() if k.startswith(("PYTHON", "VIRTUAL"))},
+                               **{k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "VIRTUAL"))},
                                **(env or {})})
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from selfevolve.errors import UserError
 from selfevolve.data import load_tasks
+from selfevolve.errors import UserError
 
 ROWS = [{"question": "What is 2 + 2?", "gold": 4, "id": "a", "topic": "add"},
         {"question": "What is 5 - 3?", "gold": "2", "id": "b", "topic": "sub"}]
@@ -33,7 +33,11 @@ def test_jsonl_json_csv_parquet_and_saved_dataset(tmp_path):
     kw = dict(prompt_field="question", answer_field="gold")
     check(load_tasks(write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n"), **kw))
     check(load_tasks(write(tmp_path, "d.json", json.dumps(ROWS)), **kw))
-    check(load_tasks(write(tmp_path, "d.csv", "question,gold,id,topic\nWhat is 2 + 2?,4,a,add\nWhat is 5 - 3?,2,b,sub\n"), **kw))
+    check(
+        load_tasks(
+            write(tmp_path, "d.csv", "question,gold,id,topic\nWhat is 2 + 2?,4,a,add\nWhat is 5 - 3?,2,b,sub\n"), **kw
+        )
+    )
     from datasets import Dataset, DatasetDict
 
     Dataset.from_list(ARROW_ROWS).to_parquet(str(tmp_path / "d.parquet"))
@@ -43,15 +47,18 @@ def test_jsonl_json_csv_parquet_and_saved_dataset(tmp_path):
     assert [t.id for t in load_tasks(str(tmp_path / "d.parquet"), **kw)] == ["a", "b"]
 
 
-@pytest.mark.parametrize("name,text,match", [
-    ("bad.jsonl", '{"prompt": "ok", "answer": 1}\n{"prompt": "broken"\n', r"bad.jsonl:line 2: malformed JSON"),
-    ("nofield.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', r"nofield.jsonl:line 2: missing field 'prompt'"),
-    ("empty.jsonl", "\n\n", "empty"),
-    ("list.jsonl", "[1, 2]\n", "line 1: expected an object"),
-    ("bad.json", '[{"prompt": "a"},\n {"prompt": }]', r"bad.json:line 2: malformed JSON"),
-    ("data.txt", "hello", "unsupported format '.txt'"),
-    ("bad.parquet", "not parquet", "not a readable Parquet file"),
-])
+@pytest.mark.parametrize(
+    "name,text,match",
+    [
+        ("bad.jsonl", '{"prompt": "ok", "answer": 1}\n{"prompt": "broken"\n', r"bad.jsonl:line 2: malformed JSON"),
+        ("nofield.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', r"nofield.jsonl:line 2: missing field 'prompt'"),
+        ("empty.jsonl", "\n\n", "empty"),
+        ("list.jsonl", "[1, 2]\n", "line 1: expected an object"),
+        ("bad.json", '[{"prompt": "a"},\n {"prompt": }]', r"bad.json:line 2: malformed JSON"),
+        ("data.txt", "hello", "unsupported format '.txt'"),
+        ("bad.parquet", "not parquet", "not a readable Parquet file"),
+    ],
+)
 def test_malformed_inputs_name_file_line_and_field(tmp_path, name, text, match):
     with pytest.raises(UserError, match=match):
         load_tasks(write(tmp_path, name, text))

@@ -20,7 +20,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from tests.helpers_server import ServerProcess
+    from selfevolve.server_process import ServerProcess
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)

@@ -9,9 +9,9 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from selfevolve.feedback import JudgeCritic
 from selfevolve.langchain import LangChainPolicy, SelfRefiner, to_task
+from selfevolve.server_process import ServerProcess
 from selfevolve.store import TraceStore
 from selfevolve.types import SamplingParams
-from tests.helpers_server import ServerProcess
 
 GREEDY = SamplingParams(max_new_tokens=40)
 
@@ -32,7 +32,10 @@ def test_lcel_chain_invoke_batch_ainvoke(tiny, tmp_path):
 
 def test_inputs_a_chain_can_send():
     assert to_task({"question": "q?", "answer": 3}).reference == "3"
-    assert to_task(ChatPromptTemplate.from_messages([("system", "be brief"), ("human", "{x}")]).invoke({"x": "hi"})).prompt == "hi"
+    assert (
+        to_task(ChatPromptTemplate.from_messages([("system", "be brief"), ("human", "{x}")]).invoke({"x": "hi"})).prompt
+        == "hi"
+    )
     with pytest.raises(TypeError):
         to_task(3.5)
 
@@ -40,6 +43,7 @@ def test_inputs_a_chain_can_send():
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     from langchain_openai import ChatOpenAI
+
     s = ServerProcess(f"traces={tmp_path_factory.mktemp('lc') / 't.sqlite'}")
     yield ChatOpenAI(base_url=s.url + "/v1", api_key="none", model="tiny", max_retries=0)
     s.stop()
@@ -48,6 +52,9 @@ def chat_model(tmp_path_factory):
 def test_a_langchain_chat_model_as_policy_and_judge(chat_model, tiny):
     policy = LangChainPolicy(chat_model)
     out = policy.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]], GREEDY)
-    assert out[0][0].response == tiny.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]], GREEDY)[0][0].response
+    assert (
+        out[0][0].response
+        == tiny.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]], GREEDY)[0][0].response
+    )
     msg = SelfRefiner(tiny, critic=JudgeCritic(policy), max_turns=2, sampling=GREEDY).invoke("What is 3 + 4 - 1?")
     assert msg.content and msg.response_metadata["turns"] in (1, 2)

@@ -11,7 +11,6 @@ from pathlib import Path
 import networkx as nx
 
 
-
 def modules() -> dict[str, Path]:
     """Every module of the installed package (feedback/, verifiers/, recipes/ included)."""
     out = {}
@@ -51,7 +50,12 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_graph_sees_the_package():
     g = import_graph()
-    assert {"selfevolve.loop", "selfevolve.recipes.score", "selfevolve.verifiers.code", "selfevolve.feedback.critics"} <= set(g)
+    assert {
+        "selfevolve.loop",
+        "selfevolve.recipes.score",
+        "selfevolve.verifiers.code",
+        "selfevolve.feedback.critics",
+    } <= set(g)
     assert g.has_edge("selfevolve.recipes.score", "selfevolve.run")
     assert g.has_edge("selfevolve.policies.hf", "selfevolve.training")  # a relative import resolved
 

@@ -37,7 +37,9 @@ def test_leave_one_out_baseline_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
     # leave-one-out means: 1/3, 2/3, 2/3, 1/3; std (unbiased) = sqrt(1/3)
     s = math.sqrt(1 / 3)
-    assert baseline_advantage(r, scale=True).tolist() == pytest.approx([(2 / 3) / s, (-2 / 3) / s, (-2 / 3) / s, (2 / 3) / s], abs=1e-5)
+    assert baseline_advantage(r, scale=True).tolist() == pytest.approx(
+        [(2 / 3) / s, (-2 / 3) / s, (-2 / 3) / s, (2 / 3) / s], abs=1e-5
+    )
     assert baseline_advantage(torch.ones(5), scale=True).tolist() == [0.0] * 5
     assert baseline_advantage(r).tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3], abs=1e-6)
     assert baseline_advantage(torch.tensor([3.0])).tolist() == [0.0]
@@ -57,6 +59,7 @@ def test_reinforce_gradient_is_advantage_times_score_function():
 
 def test_spin_loss_by_hand():
     from selfevolve.losses import spin_loss
+
     lg, ls = torch.tensor([-2.0, -1.0]), torch.tensor([-3.0, -1.0])
     rg, rs = torch.tensor([-2.5, -1.0]), torch.tensor([-2.0, -1.0])
     loss, r_gold, r_self = spin_loss(lg, ls, rg, rs, lam=0.1)
@@ -71,6 +74,7 @@ def test_spin_loss_by_hand():
 
 def test_spin_gradient_raises_gold_and_lowers_self():
     from selfevolve.losses import spin_loss
+
     lg = torch.tensor([-2.0], requires_grad=True)
     ls = torch.tensor([-2.0], requires_grad=True)
     spin_loss(lg, ls, torch.tensor([-2.0]), torch.tensor([-2.0]), lam=0.1)[0].backward()

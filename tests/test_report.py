@@ -12,7 +12,7 @@ from PIL import Image
 
 from selfevolve.trackers import flatten
 from tests.recipes.test_score import SMALL
-from tests.test_cli import cli
+from tests.test_cli import cli, script
 
 PLOTS = {"accuracy.png", "flips.png", "edit_ratio.png", "reward_kl.png", "loss.png", "time_split.png"}
 
@@ -97,17 +97,25 @@ def test_mlflow_receives_the_metrics(tracked_run):
 
 def test_trackio_receives_the_metrics(tracked_run, monkeypatch):
     run_dir, tmp, _ = tracked_run
-    code = ("from trackio.sqlite_storage import SQLiteStorage; import json; "
-            "print(json.dumps([l.get('eval/acc_t1') for l in SQLiteStorage.get_logs('selfevolve', 'run') if 'eval/acc_t1' in l]))")
-    out = subprocess.run(["python", "-c", code], capture_output=True, text=True, env={"TRACKIO_DIR": str(tmp / "trackio"),
-                         "HOME": "/tmp", "PATH": "/usr/bin:/bin"}, check=True, executable=shutil.which("python"))
+    code = (
+        "from trackio.sqlite_storage import SQLiteStorage; import json; "
+        "print(json.dumps([l.get('eval/acc_t1') for l in SQLiteStorage.get_logs('selfevolve', 'run') "
+        "if 'eval/acc_t1' in l]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,  # this interpreter
+        env={"TRACKIO_DIR": str(tmp / "trackio"), "HOME": "/tmp", "PATH": "/usr/bin:/bin"},
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [e["acc_t1"] for e in _evals(run_dir)]
 
 
 def test_wandb_offline_run_holds_the_metrics(tracked_run):
     run_dir, _, _ = tracked_run
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    out = subprocess.run([shutil.which("wandb"), "leet", "inspect", str(log)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([script("wandb"), "leet", "inspect", str(log)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count('"eval/acc_t1"') >= len(_evals(run_dir)) and '"train/kl_t2"' in out.stdout
 
@@ -118,12 +126,11 @@ def test_unknown_logger_is_one_line(tmp_path):
 
 
 def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
-    from selfevolve.errors import UserError
-    from selfevolve.trackers import Trackers
-
     from selfevolve.config import build
+    from selfevolve.errors import UserError
     from selfevolve.recipes.score import ScoreConfig
     from selfevolve.run import Run
+    from selfevolve.trackers import Trackers
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb looks like to import
     with pytest.raises(UserError, match=r'pip install "selfevolve\[wandb\]"'):

@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
+from selfevolve.server_process import ServerProcess
 from selfevolve.store import TraceStore
-from tests.helpers_server import ServerProcess
 
 KEY = "test-key"
 Q = [{"role": "user", "content": "What is 7 + 8 - 3 + 4?"}]
@@ -53,8 +53,13 @@ def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
     r = client.chat.completions.create(model="tiny+refine", messages=Q, temperature=0, max_tokens=40)
     meta = r.model_extra["selfevolve"]
     assert meta["turns"] == 3 and r.choices[0].message.content
-    r2 = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=40,
-                                        extra_body={"refine": {"critic": "verifier", "reference": "16", "max_turns": 3}})
+    r2 = client.chat.completions.create(
+        model="tiny",
+        messages=Q,
+        temperature=0,
+        max_tokens=40,
+        extra_body={"refine": {"critic": "verifier", "reference": "16", "max_turns": 3}},
+    )
     meta2 = r2.model_extra["selfevolve"]
     store = TraceStore(server.traces)
     trace = store.get(meta2["trace_id"])
@@ -67,28 +72,47 @@ def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
 
 def test_concurrent_clients_all_answered(client):
     def ask(i):
-        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"What is {i % 9 + 1} + 3?"}],
-                                              temperature=0, max_tokens=24).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": f"What is {i % 9 + 1} + 3?"}],
+                temperature=0,
+                max_tokens=24,
+            )
+            .choices[0]
+            .message.content
+        )
+
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(ask, range(48)))
     assert all(answers)
     assert answers[0] == answers[9]  # the same question gets the same greedy answer inside a batch
 
 
-@pytest.mark.parametrize("body,status,words", [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (b'{"model": "tiny"}', 400, "messages"),
-    (b'{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', 400, "limit"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 1000}', 400, "limit"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": true}', 400, "stream"),
-    (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "refine": {"max_turns": 99}}', 400, "max_turns"),
-])
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"model": "tiny"}', 400, "messages"),
+        (b'{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', 400, "limit"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 1000}', 400, "limit"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": true}', 400, "stream"),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "refine": {"max_turns": 99}}',
+            400,
+            "max_turns",
+        ),
+    ],
+)
 def test_malformed_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, client, body, status, words):
-    r = httpx.post(server.url + "/v1/chat/completions", content=body,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
     assert client.chat.completions.create(model="tiny", messages=Q, max_tokens=4).choices
@@ -140,6 +164,9 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     publish(policy, learner, tok, tmp_path / "a1v2", "a1")  # a new version under the same name
     policy.unload_adapter("a1")
     assert policy.active_adapter is None and policy.prompt_logprob(CANARY) == pytest.approx(base_lp, abs=1e-4)
-    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path)},
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        server.url + "/v1/load_lora_adapter",
+        json={"lora_name": "bad", "lora_path": str(tmp_path)},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     assert r.status_code == 400 and "not a peft adapter" in r.json()["error"]["message"]

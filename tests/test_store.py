@@ -12,9 +12,14 @@ from selfevolve.types import Feedback, Task, Trace, Turn
 
 
 def trace(i, score, rnd=0, **meta):
-    return Trace(task=Task(id=f"t{i}", prompt=f"p{i}", reference="1"), round=rnd, run="r", recipe="test",
-                 turns=[Turn(response="a", feedback=Feedback(score=0.0)), Turn(response="b", feedback=Feedback(score=score))],
-                 meta=meta)
+    return Trace(
+        task=Task(id=f"t{i}", prompt=f"p{i}", reference="1"),
+        round=rnd,
+        run="r",
+        recipe="test",
+        turns=[Turn(response="a", feedback=Feedback(score=0.0)), Turn(response="b", feedback=Feedback(score=score))],
+        meta=meta,
+    )
 
 
 @pytest.fixture
@@ -62,7 +67,7 @@ def test_jsonl_round_trip(store, tmp_path):
 
 def test_import_names_the_bad_line(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text(trace(1, 1.0).model_dump_json() + "\n{\"nope\": 1}\n")
+    p.write_text(trace(1, 1.0).model_dump_json() + '\n{"nope": 1}\n')
     with pytest.raises(UserError, match="bad.jsonl:line 2"):
         TraceStore(tmp_path / "s.sqlite").import_jsonl(p)
 

@@ -5,10 +5,11 @@ import torch
 
 from selfevolve.policies import HFPolicy
 from selfevolve.sync import CANARY, SyncError, publish, text_logprob, verify_sync
-from selfevolve.training import trainable_model
-from selfevolve.training import sft
+from selfevolve.training import sft, trainable_model
 
-CONVS = [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."}]] * 8
+CONVS = [
+    [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."}]
+] * 8
 
 
 def test_publish_serves_the_learner_and_the_canary_agrees(tmp_path):
@@ -43,14 +44,16 @@ def test_full_weights_publish(tmp_path):
     with torch.no_grad():
         learner.lm_head.weight.mul_(1.01)
     served = publish(policy, learner, policy.tokenizer, tmp_path / "full", "full", lora=False)
-    assert served is not policy and served.prompt_logprob(CANARY) == pytest.approx(text_logprob(learner, policy.tokenizer), abs=1e-4)
+    assert served is not policy and served.prompt_logprob(CANARY) == pytest.approx(
+        text_logprob(learner, policy.tokenizer), abs=1e-4
+    )
 
 
 def test_trained_embedding_rows_are_published_verified_and_continued(tmp_path):
     """Rows trained with the adapter (SELF's feedback words) reach the served model, the
     canary covers them, and a learner continued from the saved adapter starts where it was."""
-    from selfevolve.policies.vllm import check_lora_only
     from selfevolve.errors import UserError
+    from selfevolve.policies.vllm import check_lora_only
     from selfevolve.sync import canary_for, trained_token_ids
 
     policy = HFPolicy("tiny", device="cpu")

@@ -32,8 +32,13 @@ def test_sampling_kwargs():
 
 def test_outputs_to_turns_and_prompt_logprob():
     lp = lambda x: NS(logprob=x)  # noqa: E731
-    out = NS(outputs=[NS(text=" The answer is 5. ", token_ids=[11, 12], logprobs=[{11: lp(-0.5)}, {12: lp(-0.25), 9: lp(-3)}])],
-             prompt_token_ids=[1, 2, 3], prompt_logprobs=[None, {2: lp(-1.0)}, {3: lp(-2.0), 4: lp(-0.1)}])
+    out = NS(
+        outputs=[
+            NS(text=" The answer is 5. ", token_ids=[11, 12], logprobs=[{11: lp(-0.5)}, {12: lp(-0.25), 9: lp(-3)}])
+        ],
+        prompt_token_ids=[1, 2, 3],
+        prompt_logprobs=[None, {2: lp(-1.0)}, {3: lp(-2.0), 4: lp(-0.1)}],
+    )
     turn = turns_from_output(out)[0]
     assert turn.response == "The answer is 5." and turn.token_ids == [11, 12] and turn.logprobs == [-0.5, -0.25]
     assert summed_prompt_logprob(out) == -3.0

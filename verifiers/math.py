@@ -120,13 +120,15 @@ class MathVerifier:
             if not agree:
                 return Feedback(score=0.0, text=f"several different final answers: {answers[:5]}", details=details)
         ok = all(verdicts)
-        return Feedback(score=float(ok), text="correct" if ok else f"wrong answer {answers[-1][:80]!r}", details=details)
+        text = "correct" if ok else f"wrong answer {answers[-1][:80]!r}"
+        return Feedback(score=float(ok), text=text, details=details)
 
     def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[Feedback]:
         if threading.current_thread() is threading.main_thread():
             return [self.verify(t, r) for t, r in zip(tasks, responses)]
         if self._pool is None:  # started once, reused by every later call from a thread
             from .pool import VerifierPool
+
             self._pool = VerifierPool(self, workers=2).start()
         return self._pool.map(tasks, responses)
 

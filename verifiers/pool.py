@@ -85,7 +85,9 @@ class VerifierPool:
             pass
         w.proc.kill()
         w.proc.join()  # so the exit code below is known
-        raise RuntimeError(f"a verifier worker died or did not start within {STARTUP_S} s (exit code {w.proc.exitcode})")
+        raise RuntimeError(
+            f"a verifier worker died or did not start within {STARTUP_S} s (exit code {w.proc.exitcode})"
+        )
 
     def start(self) -> "VerifierPool":
         new = [self._spawn() for _ in range(self.workers - len(self.procs))]  # they start in parallel
@@ -146,8 +148,10 @@ class VerifierPool:
                         w = self._send(slot, [(i, tasks[i], responses[i]) for i in items])
                         w.pending, w.deadline = deque(items), time.monotonic() + self.timeout
                 busy = [w for w in self.procs if w.pending]
-                ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
-                             timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+                ready = wait(
+                    [w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                    timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()),
+                )
                 for slot, w in enumerate(self.procs):
                     if w.pending and self._settle(slot, ready, results, todo):
                         bar.advance()
@@ -176,16 +180,22 @@ class VerifierPool:
                 got = None  # the worker died mid-item
         if got is not None:
             i, fb, err = got
-            results[w.pending.popleft()] = fb if fb is not None else \
-                Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
+            results[w.pending.popleft()] = (
+                fb if fb is not None else Feedback(score=0.0, text=f"verifier error: {err}", details={"error": err})
+            )
             w.deadline = time.monotonic() + self.timeout  # the next item's clock starts now
             return True
         if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
             w.proc.join(timeout=5)
-            fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
-                          details={"error": "crashed", "exitcode": w.proc.exitcode})
+            fb = Feedback(
+                score=0.0,
+                text=f"verifier worker crashed (exit code {w.proc.exitcode})",
+                details={"error": "crashed", "exitcode": w.proc.exitcode},
+            )
         elif time.monotonic() >= w.deadline:
-            fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s", details={"error": "timeout"})
+            fb = Feedback(
+                score=0.0, text=f"verification timed out after {self.timeout:g} s", details={"error": "timeout"}
+            )
         else:
             return False
         results[w.pending.popleft()] = fb

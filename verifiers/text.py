@@ -8,7 +8,6 @@ import unicodedata
 from selfevolve.types import Feedback, Task
 
 
-
 def normalize(s: str) -> str:
     """Case-, space- and punctuation-insensitive form used by `exact`.
 
@@ -29,7 +28,8 @@ def final_text(response: str) -> str:
 class ExactVerifier:
     """Normalised exact match of the final answer against `task.reference`.
 
-    >>> ExactVerifier().verify(Task(id="t", prompt="Capital of France?", reference="Paris"), "The answer is paris.").score
+    >>> task = Task(id="t", prompt="Capital of France?", reference="Paris")
+    >>> ExactVerifier().verify(task, "The answer is paris.").score
     1.0
     """
 
@@ -38,8 +38,11 @@ class ExactVerifier:
     def verify(self, task: Task, response: str) -> Feedback:
         got = normalize(final_text(response))
         ok = bool(got) and got == normalize(task.reference or "")
-        return Feedback(score=float(ok), text="correct" if ok else f"expected a different answer, got {got[:80]!r}",
-                        details={"answer": got})
+        return Feedback(
+            score=float(ok),
+            text="correct" if ok else f"expected a different answer, got {got[:80]!r}",
+            details={"answer": got},
+        )
 
     def verify_batch(self, tasks, responses):
         return [self.verify(t, r) for t, r in zip(tasks, responses)]
@@ -83,7 +86,9 @@ class ChoiceVerifier:
         stated = final_text(response)
         letters = set(re.findall(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])", stated))
         if len(letters) != 1:
-            return Feedback(score=0.0, text="no single option chosen" if not letters else f"several options: {sorted(letters)}")
+            return Feedback(
+                score=0.0, text="no single option chosen" if not letters else f"several options: {sorted(letters)}"
+            )
         (got,) = letters
         return Feedback(score=float(got == gold), text="correct" if got == gold else f"chose {got}")
 

@@ -1,4 +1,4 @@
-"""Policies: everything that answers conversations (DESIGN.md §4).
+"""Policies: everything that answers conversations (docs/architecture.md, "Core types").
 
     HFPolicy        transformers in process (CPU or GPU); the training-side default
     VLLMPolicy      vllm.LLM with LoRA requests (GPU; `pip install selfevolve[vllm]`)

@@ -53,10 +53,14 @@ class HFPolicy:
         if self.tokenizer.chat_template is None:
             raise UserError(f"model={model}: the tokenizer has no chat template")
         self.model.eval()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", 4096)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", 4096
+        )
         self.adapters: dict[str, str] = {}
         self._active: str | None = None
 
@@ -79,17 +83,27 @@ class HFPolicy:
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name).to(self.device)
             elif name in self.model.peft_config:  # a new version of a loaded adapter
-                set_peft_model_state_dict(self.model, load_peft_weights(str(p), device=str(self.device)), adapter_name=name)
+                set_peft_model_state_dict(
+                    self.model, load_peft_weights(str(p), device=str(self.device)), adapter_name=name
+                )
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
             base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            shapes = re.search(r"shape torch.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
-                               r"torch.Size\((\[[\d, ]*\])\)", str(e))
-            why = (f"weights of shape {shapes[1]} where this model has {shapes[2]}" if shapes
-                   else str(e).splitlines()[0][:160])
-            raise UserError(f"adapter={path} does not fit model={self.path}: it was trained for another base model"
-                            f"{f' ({base})' if base else ''}: {why}") from None
+            shapes = re.search(
+                r"shape torch.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
+                r"torch.Size\((\[[\d, ]*\])\)",
+                str(e),
+            )
+            why = (
+                f"weights of shape {shapes[1]} where this model has {shapes[2]}"
+                if shapes
+                else str(e).splitlines()[0][:160]
+            )
+            raise UserError(
+                f"adapter={path} does not fit model={self.path}: it was trained for another base model"
+                f"{f' ({base})' if base else ''}: {why}"
+            ) from None
         self.model.eval()
         self.adapters[name] = str(p)
         self.set_adapter(name)
@@ -118,6 +132,7 @@ class HFPolicy:
 
     def _adapter_context(self):
         from contextlib import nullcontext
+
         if self._active is None and hasattr(self.model, "disable_adapter"):
             return self.model.disable_adapter()
         return nullcontext()
@@ -126,7 +141,9 @@ class HFPolicy:
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]:
         """Render every chat template, then tokenize all prompts in one batched call."""
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
@@ -147,7 +164,7 @@ class HFPolicy:
         starts = range(0, len(order), self.batch_size)
         with self._adapter_context(), progress("generate", total=len(starts) if len(starts) > 1 else None) as bar:
             for start in starts:
-                idx = order[start: start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling)):
                     out[i] = turns
                 bar.advance()
@@ -161,7 +178,10 @@ class HFPolicy:
         if len(prompt) <= room:
             return prompt
         import warnings
-        warnings.warn(f"a prompt of {len(prompt)} tokens was cut to its last {room} (model context {self.max_positions})")
+
+        warnings.warn(
+            f"a prompt of {len(prompt)} tokens was cut to its last {room} (model context {self.max_positions})"
+        )
         return prompt[-room:]
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Turn]]:
@@ -171,11 +191,16 @@ class HFPolicy:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        kwargs = dict(max_new_tokens=budget, num_return_sequences=sampling.n, pad_token_id=self.pad_id,
-                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
-                      output_logits=sampling.logprobs)
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        kwargs = dict(
+            max_new_tokens=budget,
+            num_return_sequences=sampling.n,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            return_dict_in_generate=True,
+            output_logits=sampling.logprobs,
+        )
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
@@ -185,7 +210,11 @@ class HFPolicy:
         lps = None
         if sampling.logprobs:
             logits = torch.stack(res.logits, dim=1).float()  # (B*n, T, V)
-            lps = torch.gather(torch.log_softmax(logits, -1), 2, res.sequences[:, width:].unsqueeze(-1)).squeeze(-1).tolist()
+            lps = (
+                torch.gather(torch.log_softmax(logits, -1), 2, res.sequences[:, width:].unsqueeze(-1))
+                .squeeze(-1)
+                .tolist()
+            )
         cuts = [next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks)) for toks in new]
         texts = self.tokenizer.batch_decode([toks[:cut] for toks, cut in zip(new, cuts)], skip_special_tokens=True)
         turns: list[list[Turn]] = []

@@ -36,7 +36,9 @@ class OpenAIPolicy:
             # where the server loaded the model from (vLLM's and our `root`): a learner's base
             self.root = next((getattr(m, "root", None) for m in served if m.id == self.base_model), None)
         except Exception as e:  # connection refused, 401, ...: say which endpoint
-            raise UserError(f"model={base_url}: no OpenAI-compatible server answers ({type(e).__name__}: {str(e)[:120]})") from None
+            raise UserError(
+                f"model={base_url}: no OpenAI-compatible server answers ({type(e).__name__}: {str(e)[:120]})"
+            ) from None
         self.adapters: dict[str, str] = {}
         self._active: str | None = None
 
@@ -56,27 +58,47 @@ class OpenAIPolicy:
 
         def one(conv):
             r = self.client.chat.completions.create(
-                model=self._model(), messages=conv, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens, n=sampling.n, seed=sampling.seed, logprobs=sampling.logprobs or None)
-            return [Turn(response=(c.message.content or "").strip(),
-                         logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None)
-                    for c in r.choices]
+                model=self._model(),
+                messages=conv,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                n=sampling.n,
+                seed=sampling.seed,
+                logprobs=sampling.logprobs or None,
+            )
+            return [
+                Turn(
+                    response=(c.message.content or "").strip(),
+                    logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None,
+                )
+                for c in r.choices
+            ]
+
         return self._map(one, conversations) if conversations else []
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
 
         def one(text):
-            r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
-                                               top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                               seed=sampling.seed)
+            r = self.client.completions.create(
+                model=self._model(),
+                prompt=text,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                n=sampling.n,
+                seed=sampling.seed,
+            )
             return [Turn(response=c.text) for c in r.choices]
+
         return self._map(one, texts) if texts else []
 
     def prompt_logprob(self, text: str) -> float:
         """Σ_{i≥1} log p(t_i | t_<i) of `text`, from the server's echoed prompt log-probabilities."""
-        r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0,
-                                           echo=True, logprobs=1)
+        r = self.client.completions.create(
+            model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+        )
         lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
         return float(sum(lp for lp in lps[1:] if lp is not None))
 

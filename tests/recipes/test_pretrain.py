@@ -35,7 +35,10 @@ def test_run_directory(tmp_path):
 
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     whole, cut = check_kill_and_resume(SMALL, tmp_path)
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_train"} for x in p.read_text().splitlines()]  # noqa: E731
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(x).items() if k != "time_train"} for x in p.read_text().splitlines()]
+
     assert strip(cut / "metrics.jsonl") == strip(whole / "metrics.jsonl")
 
 
@@ -49,9 +52,13 @@ def test_corpus_teaches_the_critique_format_but_not_the_verdict():
     from selfevolve.recipes.pretrain import PretrainConfig, corpus_example
 
     rng = random.Random(0)
-    assert not any(ex[0]["content"].startswith("Check this") for ex in (corpus_example(rng, PretrainConfig()) for _ in range(2000)))
+    assert not any(
+        ex[0]["content"].startswith("Check this") for ex in (corpus_example(rng, PretrainConfig()) for _ in range(2000))
+    )
     cfg = PretrainConfig(p_critique=0.1)  # the bundled tiny has none; SELF needs them (README)
-    critiques = [ex for ex in (corpus_example(rng, cfg) for _ in range(4000)) if ex[0]["content"].startswith("Check this")]
+    critiques = [
+        ex for ex in (corpus_example(rng, cfg) for _ in range(4000)) if ex[0]["content"].startswith("Check this")
+    ]
     assert 150 < len(critiques) < 250  # p_critique / 2 of the corpus
     said_right = {True: 0, False: 0}  # draft right? -> times the critique said "no errors"
     drafts = {True: 0, False: 0}

@@ -45,9 +45,13 @@ def test_meta_skill_examples_teach_feedback_and_refinement():
     assert refinement[-1]["content"].endswith("The answer is 16.") and "wrong answer 15" in refinement[2]["content"]
     assert "16" not in json.dumps(feedback)  # the feedback never gives the reference away
     assert answer == [{"role": "user", "content": TASK.prompt}, {"role": "assistant", "content": t.turns[1].response}]
-    right = Turn(response="The answer is 16.", feedback=Feedback(score=1.0), critique=Feedback(text="The answer has no errors."))
+    right = Turn(
+        response="The answer is 16.", feedback=Feedback(score=1.0), critique=Feedback(text="The answer has no errors.")
+    )
     assert [m[-1]["content"] for m in meta_examples(Trace(task=TASK, turns=[right]))] == [
-        "The answer has no errors.", "The answer is 16."]  # feedback, and the (right) answer itself
+        "The answer has no errors.",
+        "The answer is 16.",
+    ]  # feedback, and the (right) answer itself
     # no accepted refinement: the verdict still teaches feedback; no wrong answer is trained on
     assert meta_examples(Trace(task=TASK, turns=[wrong])) == [feedback]
 
@@ -60,6 +64,7 @@ def test_feedback_tokens_are_the_words_only_feedback_uses():
     tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
     wrong = Turn(response="The answer is 15.", critique=Feedback(text="Your answer is wrong: wrong answer 15."))
     ids = feedback_token_ids(tok, [Trace(task=TASK, turns=[wrong])])
+
     def tokens(text):
         return set(tok(text, add_special_tokens=False)["input_ids"])
 

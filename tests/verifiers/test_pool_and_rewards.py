@@ -4,8 +4,17 @@ import pytest
 
 from selfevolve.errors import UserError
 from selfevolve.types import Task
-from selfevolve.verifiers import (ChoiceVerifier, ExactVerifier, MathVerifier, NumericVerifier, RegexVerifier,
-                                  RewardFunctionVerifier, VerifierPool, get_verifier, reward_function)
+from selfevolve.verifiers import (
+    ChoiceVerifier,
+    ExactVerifier,
+    MathVerifier,
+    NumericVerifier,
+    RegexVerifier,
+    RewardFunctionVerifier,
+    VerifierPool,
+    get_verifier,
+    reward_function,
+)
 from tests.verifiers.helpers import Misbehaving, length_reward
 
 
