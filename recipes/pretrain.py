@@ -58,7 +58,7 @@ from selfevolve.feedback.prompts import (
 )
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.training import encode_chat, pad_batch, sft_loss
+from selfevolve.training import encode_chat, optimizer_step, pad_batch, sft_loss
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -254,8 +254,7 @@ def main(cfg: PretrainConfig, run: Run) -> None:
             loss = sft_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, list(model.parameters()), 1.0, loss.item(), f"step {step + 1}")
             bar.advance()
             if (step + 1) % cfg.log_every == 0:
                 run.log(

@@ -32,7 +32,7 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft, trainable_model
+from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -76,7 +76,8 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
 
 def main(cfg: RestEMConfig, run: Run) -> None:
     policy = served_policy(cfg)
-    base, tokenizer = learner_base(cfg, policy)
+    base = learner_base(cfg, policy)  # the served model's weights, device and dtype
+    tokenizer = base.tokenizer
     verifier = run.verifier
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
 
@@ -92,7 +93,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         t_sample = time.perf_counter() - t0
 
         continue_from = None if cfg.reset_each_iteration else state["adapter"]
-        model = trainable_model(base, cfg.lora, cfg.lora_r, cfg.lora_alpha, init_from=continue_from)
+        model = base.learner(cfg, lora=cfg.lora, init_from=continue_from)
         convs = [
             [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response}]
             for t in kept
@@ -110,6 +111,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
                     batch_size=cfg.sft_batch_size,
                     seed=cfg.seed + it,
                     bar=bar,
+                    micro_batch_size=cfg.micro_batch_size,
                 )
                 if convs
                 else {}

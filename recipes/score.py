@@ -55,7 +55,15 @@ from selfevolve.loop import refine_batch
 from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import IGNORE, encode_chat, pad_batch, token_logprobs, trainable_model
+from selfevolve.training import (
+    IGNORE,
+    batch_slice,
+    encode_chat,
+    micro_slices,
+    optimizer_step,
+    pad_batch,
+    token_logprobs,
+)
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -127,9 +135,15 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
 
 
 def score_loss(
-    learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig
+    learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig, backward: bool = False
 ) -> tuple[torch.Tensor, dict]:
-    """The stage's objective as a loss (to minimise), and its parts for the log."""
+    """The stage's objective as a loss (to minimise), and its parts for the log.
+
+    Advantages use the whole batch's rewards; the forward passes (policy, and the reference
+    under no_grad) run per micro-batch of `cfg.micro_batch_size` episodes, each term weighted
+    by its share of the batch, so the sum is the full batch's loss. With `backward=True`
+    each micro-batch's part is back-propagated at once (its graph freed: memory is one
+    micro-batch's) and the returned loss is detached."""
     if stage == 1:
         adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))  # only r(y2) is maximised
         betas = (cfg.beta2, cfg.beta1)
@@ -140,17 +154,27 @@ def score_loss(
         )
         betas = (cfg.beta1, cfg.beta1)
     batch, *masks = episode
-    logp, _ = token_logprobs(learner, batch)
-    with torch.no_grad(), learner.disable_adapter():
-        ref, _ = token_logprobs(learner, batch)
-    loss, parts = 0.0, {}
-    for k, (mask, a, beta) in enumerate(zip(masks, adv, betas), start=1):
-        kl = kl_per_sequence(logp, ref, mask).mean()
-        pg = reinforce_loss(logp, mask, a)
-        loss = loss + pg + beta * kl
-        parts[f"kl_t{k}"] = round(kl.item(), 5)
-        parts[f"pg_t{k}"] = round(pg.item(), 5)
-    parts["loss"] = round(loss.item(), 5)
+    device, n = next(learner.parameters()).device, len(r1)
+    loss, sums = 0.0, {}
+    for sl in micro_slices(n, cfg.micro_batch_size):
+        mb = {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
+        width = mb["input_ids"].shape[1] - 1
+        logp, _ = token_logprobs(learner, mb)
+        with torch.no_grad(), learner.disable_adapter():
+            ref, _ = token_logprobs(learner, mb)
+        part, share = 0.0, (sl.stop - sl.start) / n
+        for k, (mask, a, beta) in enumerate(zip(masks, adv, betas), start=1):
+            mask = mask[sl, :width].to(device)
+            kl = kl_per_sequence(logp, ref, mask).mean() * share
+            pg = reinforce_loss(logp, mask, a[sl].to(device)) * share
+            part = part + pg + beta * kl
+            sums[f"kl_t{k}"] = sums.get(f"kl_t{k}", 0.0) + kl.item()
+            sums[f"pg_t{k}"] = sums.get(f"pg_t{k}", 0.0) + pg.item()
+        if backward:
+            part.backward()
+            part = part.detach()
+        loss = loss + part
+    parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss), 5)}
     return loss, parts
 
 
@@ -172,12 +196,14 @@ def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
 
 def main(cfg: ScoreConfig, run: Run) -> None:
     policy = served_policy(cfg)  # serves rollouts and evaluations
-    base, tokenizer = learner_base(cfg, policy)
+    base = learner_base(cfg, policy)  # the served model's weights, device and dtype
+    tokenizer = base.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pool = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
-    learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    learner = base.learner(cfg)
     learner.train()
-    opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     total = cfg.stage1_steps + cfg.stage2_steps
 
     state = run.restore()
@@ -201,13 +227,10 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
             r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
-            loss, parts = score_loss(
-                learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg
-            )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in learner.parameters() if p.requires_grad], cfg.max_grad_norm)
-            opt.step()
+            loss, parts = score_loss(learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage,
+                                     cfg, backward=True)
+            optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
             t_train = time.perf_counter() - t0
 
             # Sync: the next rollouts come from this update (and nothing else is kept around).

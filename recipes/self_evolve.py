@@ -51,7 +51,7 @@ from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft, trainable_model
+from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -218,12 +218,14 @@ def fine_tune(learner, tokenizer, convs, cfg: SelfConfig, seed: int, run: Run, l
             seed=seed,
             bar=bar,
             token_lr=cfg.token_lr,
+            micro_batch_size=cfg.micro_batch_size,
         )
 
 
 def main(cfg: SelfConfig, run: Run) -> None:
     policy = served_policy(cfg)
-    base, tokenizer = learner_base(cfg, policy)
+    base = learner_base(cfg, policy)  # the served model's weights, device and dtype
+    tokenizer = base.tokenizer
     verifier = run.verifier
     pool = tasks_for(cfg, cfg.train_split, cfg.meta_tasks + cfg.evolve_tasks * cfg.iterations)
     meta_pool, evolve_pool = pool[: cfg.meta_tasks], pool[cfg.meta_tasks :]
@@ -261,9 +263,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
             }
         t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
-        learner = trainable_model(
-            base, r=cfg.lora_r, alpha=cfg.lora_alpha, init_from=state["adapter"], trainable_tokens=state.get("tokens")
-        )
+        learner = base.learner(cfg, init_from=state["adapter"], trainable_tokens=state.get("tokens"))
         stats = fine_tune(learner, tokenizer, convs, cfg, cfg.seed + phase, run, f"sft phase {phase}")
         t_train = time.perf_counter() - t0
 

@@ -42,7 +42,7 @@ from selfevolve.data import tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import encode_chat, pad_batch, token_logprobs, trainable_model
+from selfevolve.training import encode_chat, micro_slices, optimizer_step, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -128,22 +128,26 @@ def train_iteration(
         random.Random(f"{cfg.seed}:{iteration}:{epoch}").shuffle(order)
         for i in range(0, len(order), cfg.pair_batch_size):
             idx = order[i : i + cfg.pair_batch_size]
-            xs = [pairs[j]["prompt"] for j in idx]
-            lg = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in idx])
-            ls = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in idx])
-            loss, r_gold, r_self = spin_loss(
-                lg, ls, torch.tensor([refs[j][0] for j in idx]), torch.tensor([refs[j][1] for j in idx]), cfg.lam
-            )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            loss, lg, ls, r_gold, r_self = 0.0, [], [], [], []
+            for sl in micro_slices(len(idx), cfg.micro_batch_size):  # gradients accumulate to the pair batch's
+                mb = idx[sl]
+                xs = [pairs[j]["prompt"] for j in mb]
+                g = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in mb])
+                s = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in mb])
+                refs_g, refs_s = (torch.tensor([refs[j][k] for j in mb], device=g.device) for k in (0, 1))
+                part, rg, rs = spin_loss(g, s, refs_g, refs_s, cfg.lam)
+                (part * len(mb) / len(idx)).backward()
+                loss += part.item() * len(mb) / len(idx)
+                lg.append(g.detach()), ls.append(s.detach()), r_gold.append(rg), r_self.append(rs)
+            lg, ls, r_gold, r_self = (torch.cat(x) for x in (lg, ls, r_gold, r_self))
+            optimizer_step(opt, params, 1.0, loss, f"step {step + 1}")
             step += 1
             stats = {
                 "step": step,
                 "iteration": iteration,
                 "epoch": epoch,
-                "loss": round(loss.item(), 5),
+                "loss": round(loss, 5),
                 "reward_gold": round(r_gold.mean().item(), 5),
                 "reward_self": round(r_self.mean().item(), 5),
                 "reward_margin": round((r_gold - r_self).mean().item(), 5),
@@ -166,7 +170,8 @@ def train_iteration(
 
 def main(cfg: SpinConfig, run: Run) -> None:
     policy = served_policy(cfg)
-    base, tokenizer = learner_base(cfg, policy)
+    base = learner_base(cfg, policy)  # the served model's weights, device and dtype
+    tokenizer = base.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
     missing = next((t for t in tasks if t.reference is None), None)
@@ -174,7 +179,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
         from selfevolve.errors import UserError
 
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
-    learner = trainable_model(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    learner = base.learner(cfg)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
     state = run.restore()

@@ -41,7 +41,7 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft, trainable_model
+from selfevolve.training import sft
 from selfevolve.types import SamplingParams, Task, Trace
 
 
@@ -109,7 +109,8 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
 
 def main(cfg: StarConfig, run: Run) -> None:
     policy = served_policy(cfg)
-    base, tokenizer = learner_base(cfg, policy)
+    base = learner_base(cfg, policy)  # the served model's weights, device and dtype
+    tokenizer = base.tokenizer
     tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
 
     state = run.restore()
@@ -131,7 +132,7 @@ def main(cfg: StarConfig, run: Run) -> None:
             round=it, meta={"outcome": "rationalised"}
         )
         convs = [training_example(t) for t in chosen]
-        model = trainable_model(base, cfg.lora, cfg.lora_r, cfg.lora_alpha)
+        model = base.learner(cfg, lora=cfg.lora)
         t1 = time.perf_counter()
         with run.progress(f"sft iteration {it}", total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
             stats = (
@@ -144,6 +145,7 @@ def main(cfg: StarConfig, run: Run) -> None:
                     batch_size=cfg.sft_batch_size,
                     seed=cfg.seed + it,
                     bar=bar,
+                    micro_batch_size=cfg.micro_batch_size,
                 )
                 if convs
                 else {}

@@ -9,43 +9,69 @@ the lower layers never import upwards (docs/architecture.md, "Layers").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from transformers import AutoTokenizer
 
 from .errors import UserError
 from .feedback.critics import get_critic
 from .loop import refine_batch
-from .models import resolve_model_path
-from .policies import load_policy
+from .models import resolve_device, resolve_dtype, resolve_model_path
+from .policies import HFPolicy, load_policy
+from .training import trainable_model
 from .types import Critic, Policy, Task, Trace, Verifier
 from .verifiers import get_verifier
 
 
 def served_policy(cfg, adapter: str | None = None) -> Policy:
-    """The policy a config's `model=`, `policy=`, `device=` and `batch_size=` describe: an
-    http(s):// model is an OpenAI-compatible endpoint, `policy=vllm` a vllm.LLM, anything
-    else transformers in process. `adapter` (a peft directory) is loaded and made active."""
+    """The policy a config's `model=`, `policy=`, `device=`, `dtype=` and `batch_size=`
+    describe: an http(s):// model is an OpenAI-compatible endpoint, `policy=vllm` a vllm.LLM,
+    anything else transformers in process. `adapter` (a peft directory) is loaded and made
+    active."""
     url = cfg.model.startswith(("http://", "https://"))
-    kw = {"device": cfg.device, "batch_size": cfg.batch_size} if cfg.policy == "hf" and not url else {}
+    if cfg.policy == "hf" and not url:
+        kw = {"device": cfg.device, "batch_size": cfg.batch_size, "dtype": cfg.dtype}
+    elif cfg.policy == "vllm":  # the same weights dtype as the learner's base (vLLM's "auto" is the checkpoint's)
+        kw = {"dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype, "seed": cfg.seed}
+    else:
+        kw = {}
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
     if adapter:
         policy.load_adapter(adapter, "adapter")
     return policy
 
 
-def learner_base(cfg, policy: Policy) -> tuple[Path, Any]:
-    """The base weights a recipe's learner trains an adapter on, and their tokenizer: the
-    served model's own (so the adapter fits what serves it). `base_model=` names them
+class LearnerBase(NamedTuple):
+    path: Path          # the base weights the adapter is trained on
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def learner(self, cfg, **kw):
+        """A trainable model here (`training.trainable_model`) with the config's LoRA rank and
+        alpha and gradient checkpointing; `kw`: lora, init_from, trainable_tokens."""
+        return trainable_model(self.path, r=cfg.lora_r, alpha=cfg.lora_alpha, device=self.device, dtype=self.dtype,
+                               gradient_checkpointing=cfg.gradient_checkpointing, **kw)
+
+
+def learner_base(cfg, policy: Policy) -> LearnerBase:
+    """The base weights a recipe's learner trains an adapter on, their tokenizer, and where
+    the learner lives: the served model's own weights, device and dtype (so the adapter fits
+    what serves it, and the canary compares like with like). `base_model=` names the weights
     explicitly; an OpenAI-compatible endpoint offers the path it loaded the model from
-    (`root` in /v1/models, as `vllm serve PATH` and `selfevolve serve` report it)."""
+    (`root` in /v1/models, as `vllm serve PATH` and `selfevolve serve` report it); for a
+    policy in another process the learner goes on `device=` in `dtype=`."""
     where = cfg.base_model or getattr(policy, "path", None) or getattr(policy, "root", None)
     if where is None:
         raise UserError(f"model={cfg.model} does not say where its weights are; pass base_model=PATH (the directory "
                         "the server loaded)")
     path = resolve_model_path(str(where))
     tokenizer = getattr(policy, "tokenizer", None) or AutoTokenizer.from_pretrained(path)
-    return path, tokenizer
+    if isinstance(policy, HFPolicy):
+        return LearnerBase(path, tokenizer, policy.device, policy.dtype)
+    device = resolve_device(cfg.device)
+    return LearnerBase(path, tokenizer, device, resolve_dtype(cfg.dtype, device))
 
 
 def critic_from_config(cfg, policy, verifier):

@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import Field
 
 from .config import DataKeys, FeedbackKeys, ModelKeys, VerifierKeys, build, help_text, parse_overrides, resolve
-from .errors import UserError, disk_full
+from .errors import NonFinite, SyncError, UserError, disk_full
 from .types import SamplingParams
 
 # recipe name -> (module, config class). One dict of short names (docs/architecture.md).
@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfevolve {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFinite, SyncError) as e:  # the run stopped before serving a broken update
+        if debug:
+            raise
+        print(f"selfevolve {cmd}: error: {e}; the last checkpoint is intact (resume=true continues from it)",
+              file=sys.stderr)
+        return 1
     except (OSError, sqlite3.OperationalError) as e:
         # Disk full (or a quota, or a file-size limit) while writing: say so in one line.
         # Every write of a run is atomic or rolled back, so what is on disk stays readable.

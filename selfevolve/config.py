@@ -40,7 +40,11 @@ class ModelKeys(Keys):
         pattern="^(hf|vllm|openai)$",
         description="serving engine: hf (transformers) | vllm | openai (model= is a URL)",
     )
-    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda (the learner's too)")
+    dtype: str = Field(
+        "auto", pattern="^(auto|float32|bfloat16|float16)$",
+        description="weights of the served model and the learner's base: auto = bfloat16 on CUDA, float32 on CPU",
+    )
     threads: int = Field(2, ge=1, description="torch CPU threads (fixed, so runs reproduce)")
     max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
@@ -94,6 +98,11 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys):
     eval_data: str | None = Field(None, description="held-out tasks from another file (else split off data)")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of a flat data file without eval_data")
     eval_limit: int = Field(500, ge=1, description="held-out tasks per evaluation")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per forward/backward pass; gradients accumulate to the full batch "
+        "(null: the whole batch at once). Less memory, the same update")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~1/3 more compute")
     logger: str = Field(
         "jsonl", description="also log to: tensorboard | wandb | trackio | mlflow (comma-separated; jsonl is always on)"
     )

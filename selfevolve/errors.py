@@ -20,6 +20,15 @@ class WriteFailed(OSError):
     prints one line and exits 2."""
 
 
+class SyncError(RuntimeError):
+    """The served policy is not serving the update it was given (sync.verify_sync)."""
+
+
+class NonFinite(RuntimeError):
+    """A loss, a gradient, a weight or a canary is NaN or infinite: the run stops before the
+    optimizer steps on it or the update is served; the last checkpoint stays resumable."""
+
+
 def disk_full(e: BaseException) -> bool:
     """Did a write fail for lack of room (disk full, quota, file-size limit)? SQLite says
     so only in its message.

@@ -1,8 +1,18 @@
-"""Where a model comes from: `tiny` (the bundled model), a local Hugging Face directory, and
-the device it runs on. Below policies and training, which both need it."""
+"""Where a model comes from: `tiny` (the bundled model), a local Hugging Face directory or a
+`.gguf` file, and the device it runs on. Below policies and training, which both need it.
+
+A `.gguf` file (llama.cpp's format, how many users keep local models) is converted once by
+transformers' GGUF loader (the optional `gguf` extra) into a Hugging Face directory under
+`$SELFEVOLVE_CACHE` (default ~/.cache/selfevolve), keyed by the file's path, size and time:
+the served policy, the learner and vLLM then all load the same ordinary directory. The
+weights are dequantized to fp32, so LoRA trains on what the quantized file holds.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -12,8 +22,11 @@ from .errors import UserError
 
 
 def resolve_model_path(model: str) -> Path:
-    """`tiny` -> the bundled model's directory; anything else must be a local HF model dir."""
+    """`tiny` -> the bundled model's directory; `x.gguf` -> its converted directory; anything
+    else must be a local HF model directory."""
     path = Path(str(files("selfevolve.tiny"))) if model == "tiny" else Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return gguf_directory(path)
     if not path.is_dir():
         raise UserError(f"model={model}: no such directory (use `tiny` or a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
@@ -28,3 +41,61 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device}: CUDA is not available on this machine")
     return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFEVOLVE_CACHE") or Path.home() / ".cache" / "selfevolve")
+
+
+def gguf_directory(path: Path) -> Path:
+    """The Hugging Face directory converted from the GGUF file `path` (converted on first use;
+    a half-written conversion is never used: it is renamed into place when complete)."""
+    if not path.is_file():
+        raise UserError(f"model={path}: no such file")
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise UserError(f"model={path}: reading .gguf files needs the gguf package "
+                        "(pip install \"selfevolve[gguf]\")") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {path.name} to a Hugging Face directory (once): {out}", file=sys.stderr, flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"model={path}: transformers cannot read this GGUF file "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    # transformers will not save a model loaded from GGUF: copy its (dequantized) weights
+    # into a plain one built from the same config
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -48,8 +48,9 @@ from .store import TraceStore
 from .types import SamplingParams
 from .verifiers import get_verifier
 
-# Keys that may change between a run and its resume without changing its result.
-RESUME_FREE_KEYS = {"resume", "debug", "run_dir", "logger"}
+# Keys that may change between a run and its resume without changing its result (the memory
+# knobs change only fp32 rounding: resume an out-of-memory run with smaller micro-batches).
+RESUME_FREE_KEYS = {"resume", "debug", "run_dir", "logger", "micro_batch_size", "gradient_checkpointing"}
 
 
 class Stopped(Exception):

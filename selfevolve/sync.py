@@ -22,20 +22,19 @@ previous adapter serving. Deleting old adapter directories is the run's business
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
-from .errors import UserError
+import torch
+
+from .errors import SyncError, UserError
 from .policies.hf import HFPolicy
 from .training import text_token_logprobs
 from .types import AdapterServing
 
 # A fixed, short text every model can score; its content does not matter.
 CANARY = "What is 2 + 3? 2 + 3 = 5. The answer is 5."
-
-
-class SyncError(RuntimeError):
-    """The served policy is not serving the update it was given."""
 
 
 def text_logprob(model, tokenizer, text: str = CANARY) -> float:
@@ -57,14 +56,35 @@ def canary_for(model, tokenizer) -> str:
     return CANARY + (" " + tokenizer.decode(ids) if ids else "")
 
 
+# Relative canary tolerance by the weights' dtype. The learner runs in the served model's
+# dtype (build.learner_base), so what is left is kernel and summation-order noise between two
+# implementations in that dtype. Its scale, measured as the canary's gap between the same
+# weights in fp32 and in the lower precision (2026-11-21, CPU): bf16 0.17% (tiny) and 2.7%
+# (SmolLM2-135M); fp16 0.04% and 0.09%. Two bf16 kernels differ by less than bf16 from fp32.
+CANARY_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def canary_tolerance(dtype: torch.dtype) -> float:
+    """The relative canary tolerance for weights in `dtype`.
+
+    >>> canary_tolerance(torch.float32), canary_tolerance(torch.bfloat16)
+    (0.001, 0.03)
+    """
+    return CANARY_TOL.get(dtype, 1e-3)
+
+
 def verify_sync(
     policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY
 ) -> float:
     """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
-    the learner did (`expected`). Returns the served log-probability."""
+    the learner did (`expected`), within `tol` relative; a non-finite value on either side
+    is an error too (a NaN would otherwise pass every comparison). Returns the served
+    log-probability."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
     served = float(policy.prompt_logprob(text))
+    if not (math.isfinite(served) and math.isfinite(expected)):
+        raise SyncError(f"canary log-prob is not finite: learner {expected}, served {served} (adapter {name!r})")
     if abs(served - expected) > tol * max(1.0, abs(expected)):
         raise SyncError(
             f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} (adapter {name!r}, tolerance {tol})"
@@ -94,11 +114,12 @@ def publish(
     path: str | Path,
     name: str,
     lora: bool = True,
-    tol: float = 1e-3,
+    tol: float | None = None,
     replaces: str | None = None,
 ) -> AdapterServing:
-    """Save the learner to `path`, serve it under `name`, verify, then unload the adapter it
-    `replaces` (if any); return the policy that now serves it."""
+    """Save the learner to `path`, serve it under `name`, verify (within `tol`, default the
+    learner's dtype's `canary_tolerance`), then unload the adapter it `replaces` (if any);
+    return the policy that now serves it."""
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
@@ -106,6 +127,7 @@ def publish(
         tokenizer.save_pretrained(path)
     served = serve_update(policy, path, name, lora)
     canary = canary_for(model, tokenizer)
+    tol = canary_tolerance(model.dtype) if tol is None else tol
     verify_sync(served, name if lora else None, text_logprob(model, tokenizer, canary), tol, canary)
     if lora and replaces is not None and replaces != name:
         served.unload_adapter(replaces)

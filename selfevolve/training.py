@@ -1,15 +1,26 @@
 """Training building blocks shared by the recipes: chat encoding with assistant-only labels,
-batching, per-token log-probabilities, one SFT step. Small functions, no trainer class
-(docs/architecture.md: recipes may repeat a few lines rather than inherit).
+batching, per-token log-probabilities, SFT, the LoRA learner and a checked optimizer step.
+Small functions, no trainer class (docs/architecture.md: recipes may repeat a few lines
+rather than inherit).
+
+Memory scales with the model, not the vocabulary: log-probabilities of the chosen tokens are
+computed one sequence at a time from the logits (never a B×T×V log-softmax in fp32), and
+every recipe can split a batch into micro-batches whose gradients accumulate
+(`micro_slices`), with batch-wide normalisation so the update equals the full batch's.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from transformers import AutoModelForCausalLM
 
+from .errors import NonFinite
 from .models import resolve_model_path
 from .types import Conversation
 
@@ -57,61 +68,117 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
+    """Slices that cover range(n) in micro-batches (one slice when micro_batch_size is None).
+
+    >>> micro_slices(5, 2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    size = micro_batch_size or max(n, 1)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def batch_slice(batch: dict[str, torch.Tensor], sl: slice) -> dict[str, torch.Tensor]:
+    """Rows `sl` of a right-padded batch, cut to their own longest row (less padding to run)."""
+    width = int(batch["attention_mask"][sl].sum(-1).max())
+    return {k: v[sl, :width] for k, v in batch.items()}
+
+
+def selective_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, in fp32, one sequence at a time:
+    logit[target] − logsumexp(logits). Peak extra memory is one sequence's T×V in fp32
+    instead of the batch's (TRL's selective_log_softmax does the same).
+
+    >>> x = torch.randn(2, 3, 5); t = torch.randint(0, 5, (2, 3))
+    >>> torch.allclose(selective_logprobs(x, t), torch.log_softmax(x, -1).gather(2, t[..., None])[..., 0])
+    True
+    """
+    rows = []
+    for row, tgt in zip(logits, target):
+        row = row.float()
+        rows.append(row.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(row, -1))
+    return torch.stack(rows)
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label token under `model`, and the mask of labelled tokens.
     Shapes (B, T-1): position t scores token t+1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
-    lp = torch.gather(F.log_softmax(logits, dim=-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask, mask
+    return selective_logprobs(logits, target.clamp(min=0)) * mask, mask
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens."""
+def sft_loss(model, batch: dict[str, torch.Tensor], tokens: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled tokens, divided by `tokens` (default:
+    this batch's count, the mean; a micro-batch passes its whole batch's count)."""
     lp, mask = token_logprobs(model, batch)
-    return -lp.sum() / mask.sum().clamp(min=1)
+    return -lp.sum() / (tokens if tokens is not None else mask.sum().clamp(min=1))
+
+
+def optimizer_step(opt, params: list[torch.Tensor], max_grad_norm: float, loss: float, where: str) -> float:
+    """Clip the gradients and step, after `backward` ran; returns the gradient norm. Raises
+    NonFinite naming `where` when the loss or the gradient norm is not finite (before the
+    optimizer moves) or when a weight is not finite after the step (a broken adapter is never
+    published)."""
+    if not math.isfinite(loss):
+        raise NonFinite(f"{where}: the loss is {loss}; stopped before the update")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not math.isfinite(norm):
+        raise NonFinite(f"{where}: the gradient norm is {norm}; stopped before the update")
+    opt.step()
+    if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        raise NonFinite(f"{where}: a weight is not finite after the update; it was not published")
+    return norm
 
 
 def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str | None = None, device="cpu",
-               trainable_tokens: list[int] | None = None):
+               trainable_tokens: list[int] | None = None, dtype: torch.dtype = torch.float32):
     """A fresh LoRA adapter (peft) on the base weights at `path`: what "fine-tune from the
-    base model" means for a recipe that resets each iteration. `target_modules=None` lets
-    peft pick the attention/MLP projections it knows for the architecture, falling back to
-    all linear layers. `trainable_tokens`: token ids whose embedding rows the adapter also
+    base model" means for a recipe that resets each iteration. The base is loaded in `dtype`
+    (the served model's); peft keeps the adapter's own weights in fp32. `target_modules=None`
+    lets peft pick the attention/MLP projections it knows for the architecture, falling back
+    to all linear layers. `trainable_tokens`: token ids whose embedding rows the adapter also
     trains (peft trainable tokens, tied output rows included), for words the base model
     never learned; LoRA alone cannot move an embedding."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(path).to(device)
-    kw = dict(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None
-    )
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+              trainable_token_indices=trainable_tokens or None)
     try:
         return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
     except ValueError:  # peft has no default modules for this architecture
         return get_peft_model(base, LoraConfig(target_modules="all-linear", **kw))
 
 
-def sft(
-    model,
-    tokenizer,
-    conversations: list,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    seed: int = 0,
-    bar=None,
-    token_lr: float | None = None,
-) -> dict[str, float]:
-    """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
-    seeded order, one optimizer step per batch). Returns mean loss and token count.
-    `token_lr`: the learning rate of trainable embedding rows (`lora_model(trainable_tokens=)`),
-    which start far from where they must go and need a larger step than the adapter."""
-    import random
+def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32, init_from: str | None = None,
+                    device: str | torch.device = "cpu", trainable_tokens: list[int] | None = None,
+                    dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
+    """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
+    from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
+    with lora=False all weights (in `dtype`), from `init_from` (a full model directory) or the
+    base. `trainable_tokens`: see `lora_model`. `gradient_checkpointing` recomputes
+    activations in the backward pass: less memory for about a third more compute."""
+    base = resolve_model_path(str(base))
+    if not lora:
+        model = AutoModelForCausalLM.from_pretrained(init_from or base, dtype=dtype).to(device)
+    else:
+        model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens, dtype=dtype)
+        if init_from:
+            set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            model.enable_input_require_grads()
+    return model
 
+
+def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
+        bar=None, token_lr: float | None = None, micro_batch_size: int | None = None) -> dict[str, float]:
+    """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
+    seeded order, one optimizer step per batch of `batch_size`, accumulated over micro-batches
+    of `micro_batch_size`). Returns mean loss and token count. `token_lr`: the learning rate
+    of trainable embedding rows (`lora_model(trainable_tokens=)`), which start far from where
+    they must go and need a larger step than the adapter."""
     rows = [encode_chat(tokenizer, c, train_on="last") for c in conversations]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -129,12 +196,15 @@ def sft(
         random.Random(f"{seed}:{epoch}").shuffle(order)
         for i in range(0, len(order), batch_size):
             batch = pad_batch([rows[j] for j in order[i : i + batch_size]], pad, device)
-            loss = sft_loss(model, batch)
+            n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
+            loss = 0.0
+            for sl in micro_slices(len(batch["input_ids"]), micro_batch_size):
+                part = sft_loss(model, batch_slice(batch, sl), tokens=max(n_tokens, 1))
+                part.backward()
+                loss += part.item()
+            optimizer_step(opt, params, 1.0, loss, f"sft step {len(losses) + 1}")
+            losses.append(loss)
             tokens += int((batch["labels"] != IGNORE).sum())
             if bar is not None:
                 bar.advance()
@@ -149,34 +219,6 @@ def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[fl
     was_training = model.training
     model.eval()
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=next(model.parameters()).device)
-    logits = model(input_ids=ids).logits.float()
-    lps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+    lps = selective_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0].tolist()
     model.train(was_training)
     return ids[0].tolist(), [None] + lps
-
-
-def trainable_model(
-    base: str | Path,
-    lora: bool = True,
-    r: int = 16,
-    alpha: int = 32,
-    init_from: str | None = None,
-    device: str = "cpu",
-    trainable_tokens: list[int] | None = None,
-):
-    """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
-    from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
-    with lora=False all weights, from `init_from` (a full model directory) or the base.
-    `trainable_tokens`: see `lora_model`."""
-    base = resolve_model_path(str(base))
-    if not lora:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(init_from or base).to(device)
-    model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens)
-    if init_from:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
-    return model

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import resolve_device, resolve_model_path
+from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..progress import progress
 from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
@@ -30,7 +30,7 @@ class HFPolicy:
     """
 
     def __init__(self, model="tiny", device: str = "auto", batch_size: int = 64,
-                 dtype: torch.dtype | None = None, tokenizer=None):
+                 dtype: str | torch.dtype = "auto", tokenizer=None):
         """`model` is `tiny`, a local model directory, or an in-memory PreTrainedModel (then
         pass its `tokenizer`): a recipe serves the very model object it trains."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,8 +43,8 @@ class HFPolicy:
         else:
             self.device = resolve_device(device)
             self.path = resolve_model_path(str(model))
-            if dtype is None:
-                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            if isinstance(dtype, str):
+                dtype = resolve_dtype(dtype, self.device)
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path)
                 self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
@@ -63,6 +63,10 @@ class HFPolicy:
         )
         self.adapters: dict[str, str] = {}
         self._active: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     # --- adapters ----------------------------------------------------------------------
 

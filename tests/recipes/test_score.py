@@ -120,3 +120,32 @@ def test_killed_after_a_publish_that_follows_a_checkpoint_resumes(tmp_path):
 def test_ctrl_c_checkpoints_and_resumes(tmp_path):
     # checkpoint_every is far away: the stop request itself makes the next step checkpoint
     check_sigint_and_resume([*SMALL[:-2], "checkpoint_every=100", "max_new_tokens=24"], tmp_path)
+
+
+def test_micro_batches_give_the_full_batch_loss_and_gradient(tiny, tmp_path):
+    """micro_batch_size changes memory, not the update: the same loss and the same gradient
+    (to fp32 rounding) as one pass over the whole batch, in both stages."""
+    from selfevolve.recipes.score import episode_batch, rollouts, score_loss
+    from selfevolve.run import Run
+    from selfevolve.training import trainable_model
+
+    cfg = _cfg(tmp_path)
+    traces, _, _ = rollouts(tiny, arith.tasks("train", n=10), Run(cfg).verifier, cfg, 0, Run(_cfg(tmp_path / "b")))
+    episode = episode_batch(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
+    r1, r2 = torch.tensor([1.0, 0.0] * 5), torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0] * 2)
+    learner = trainable_model("tiny", r=4, alpha=8)
+    torch.manual_seed(0)
+    for p in learner.parameters():  # a non-zero adapter, so the KL term has a gradient too
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    for stage in (1, 2):
+        grads = []
+        for mbs in (None, 3):
+            learner.zero_grad()
+            loss, parts = score_loss(learner, episode, r1, r2, stage, cfg.model_copy(update={"micro_batch_size": mbs}),
+                                     backward=True)
+            grads.append((float(loss), parts, torch.cat([p.grad.flatten() for p in params])))
+        (l_full, p_full, g_full), (l_mb, p_mb, g_mb) = grads
+        assert l_mb == pytest.approx(l_full, abs=1e-5) and p_mb == pytest.approx(p_full, abs=1e-4)
+        assert torch.allclose(g_mb, g_full, atol=1e-6, rtol=1e-4) and g_full.abs().sum() > 0

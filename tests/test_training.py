@@ -1,0 +1,80 @@
+"""Training primitives: micro-batched SFT equals the full batch, the learner lives where the
+served model does, and non-finite values stop before anything is stepped or served."""
+
+import math
+
+import pytest
+import torch
+
+from selfevolve import arith
+from selfevolve.build import learner_base
+from selfevolve.config import RecipeConfig
+from selfevolve.errors import NonFinite, SyncError
+from selfevolve.policies import HFPolicy
+from selfevolve.sync import canary_tolerance, publish, verify_sync
+from selfevolve.training import optimizer_step, sft, trainable_model
+from tests.test_cli import cli
+
+
+def _convs(n=12):
+    return [[{"role": "user", "content": t.prompt}, {"role": "assistant", "content": f"The answer is {t.reference}."}]
+            for t in arith.tasks("train", n, seed=3)]
+
+
+def test_micro_batched_sft_trains_the_same_adapter():
+    adapters = []
+    for mbs in (None, 5):
+        torch.manual_seed(0)
+        model = trainable_model("tiny", r=4, alpha=8)
+        stats = sft(model, HFPolicy("tiny", device="cpu").tokenizer, _convs(), batch_size=12, micro_batch_size=mbs)
+        adapters.append((stats, torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])))
+    (s_full, a_full), (s_mb, a_mb) = adapters
+    assert s_mb["sft_loss"] == pytest.approx(s_full["sft_loss"], abs=1e-5) and s_mb["sft_tokens"] == s_full["sft_tokens"]
+    assert torch.allclose(a_mb, a_full, atol=1e-6)
+
+
+def test_the_learner_lives_where_the_served_model_does_and_publishes_in_bf16(tmp_path):
+    """A bf16 served model gets a bf16 learner base (adapter weights stay fp32), and the canary
+    compares like with like: publishing passes at bf16's stated tolerance."""
+    cfg = RecipeConfig(model="tiny", device="cpu", dtype="bfloat16")
+    policy = HFPolicy("tiny", device="cpu", dtype="bfloat16")
+    base = learner_base(cfg, policy)
+    assert (base.device.type, base.dtype) == ("cpu", torch.bfloat16)
+    learner = trainable_model(base.path, r=4, alpha=8, device=base.device, dtype=base.dtype)
+    lora = [p for p in learner.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in lora)
+    assert any(p.dtype == torch.bfloat16 for p in learner.parameters() if not p.requires_grad)
+    for p in lora:
+        p.data.normal_(0, 0.02)
+    served = publish(policy, learner, base.tokenizer, tmp_path / "a", "a")
+    assert served.active_adapter == "a" and canary_tolerance(torch.bfloat16) > canary_tolerance(torch.float32)
+
+
+def test_non_finite_loss_gradient_or_weight_stops_the_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    with pytest.raises(NonFinite, match="step 7: the loss is nan"):
+        optimizer_step(opt, [w], 1.0, math.nan, "step 7")
+    w.grad = torch.tensor([1.0, math.inf, 0.0])
+    with pytest.raises(NonFinite, match="gradient norm"):
+        optimizer_step(opt, [w], 1.0, 0.5, "step 8")
+    assert torch.equal(w.detach(), torch.ones(3))  # the optimizer did not move
+    w.grad = torch.tensor([1e18, 0.0, 0.0])
+    opt = torch.optim.SGD([w], lr=1e21)  # a finite gradient, a step past fp32's range
+    with pytest.raises(NonFinite, match="step 9: a weight is not finite"):
+        optimizer_step(opt, [w], 1e19, 0.5, "step 9")
+
+
+def test_a_nan_canary_is_a_sync_error(tiny):
+    """`abs(nan - x) > tol` is False: without an explicit check a NaN would pass."""
+    with pytest.raises(SyncError, match="not finite"):
+        verify_sync(tiny, tiny.active_adapter, math.nan)
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_step(tmp_path):
+    r = cli("run", "recipe=score", "stage1_steps=1", "stage2_steps=1", "batch_tasks=4", "train_tasks=8",
+            "eval_limit=2", "max_new_tokens=8", "lr=1e30", f"run_dir={tmp_path / 'r'}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if "error" in x]
+    assert ("step 2: the loss is nan" in line or "'step-1'" in line) and "resume=true" in line, line
+    assert not (tmp_path / "r" / "summary.json").exists()
