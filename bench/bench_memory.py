@@ -109,8 +109,8 @@ def run() -> dict:
         episodes(model, traces)
         results = {}
         for variant in ("before", "after", "after_whole_batch", "plain"):
-            out = subprocess.run([sys.executable, __file__, model, str(traces), variant], capture_output=True, text=True,
-                                 check=True, env={**os.environ, "SELFEVOLVE_QUIET": "1"})
+            out = subprocess.run([sys.executable, __file__, model, str(traces), variant], capture_output=True,
+                                 text=True, check=True, env={**os.environ, "SELFEVOLVE_QUIET": "1"})
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     tps = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
     names = {"before": "before (3c5f1bd: whole batch, fp32 log-softmax)", "after": "after (micro_batch_size=8)",

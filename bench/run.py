@@ -14,12 +14,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_generation  # noqa: E402
+import bench_memory  # noqa: E402
 import bench_score  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_score]
+BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_score, bench_memory]
 
 
 def machine() -> str:
@@ -41,7 +42,7 @@ def machine() -> str:
 
 def main() -> None:
     """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
-    verifiers, sft, serve, score); sections of benchmarks not run stay as they were, each with its
+    verifiers, sft, serve, score, memory); sections of benchmarks not run stay as they were, each with its
     own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]

@@ -29,7 +29,8 @@ def test_micro_batched_sft_trains_the_same_adapter():
         stats = sft(model, HFPolicy("tiny", device="cpu").tokenizer, _convs(), batch_size=12, micro_batch_size=mbs)
         adapters.append((stats, torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])))
     (s_full, a_full), (s_mb, a_mb) = adapters
-    assert s_mb["sft_loss"] == pytest.approx(s_full["sft_loss"], abs=1e-5) and s_mb["sft_tokens"] == s_full["sft_tokens"]
+    assert s_mb["sft_loss"] == pytest.approx(s_full["sft_loss"], abs=1e-5)
+    assert s_mb["sft_tokens"] == s_full["sft_tokens"]
     assert torch.allclose(a_mb, a_full, atol=1e-6)
 
 
