@@ -90,7 +90,7 @@ def update_throughput() -> tuple[float, float, int]:
     opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
     opt_b = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-5)
     tok, pad = policy.tokenizer, policy.pad_id
-    _, m1, m2 = episode_batch(traces, tok, pad, cfg.instruction)
+    _, m1, m2, _ = episode_batch(traces, tok, pad, cfg.instruction)
     tokens = int(m1.sum() + m2.sum())
 
     def selfevolve_step():

@@ -55,15 +55,7 @@ from selfevolve.loop import refine_batch
 from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import (
-    IGNORE,
-    batch_slice,
-    encode_chat,
-    micro_slices,
-    optimizer_step,
-    pad_batch,
-    token_logprobs,
-)
+from selfevolve.training import batch_slice, encode_turns, micro_slices, optimizer_step, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -106,32 +98,37 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     flat = [(t.task, turn) for t in traces for turn in t.turns]
     for (_, turn), fb in zip(flat, verifier.verify_batch([x for x, _ in flat], [turn.response for _, turn in flat])):
         turn.feedback = fb
+    for t in traces:  # what the update will train on (HF and vLLM report their samples; an endpoint does not)
+        t.meta["tokens"] = "sampled" if all(x.token_ids is not None for x in t.turns) else "retokenized"
     return traces, t1 - t0, time.perf_counter() - t1
 
 
+def attempt_message(turn) -> dict:
+    """An attempt as the learner sees it: the sampled tokens where the policy reported them,
+    and whether it was cut at the budget (then no end of turn is taught)."""
+    return {"role": "assistant", "content": turn.response, "token_ids": turn.token_ids,
+            "unfinished": turn.finish_reason == "length"}
+
+
 def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
-    """One teacher-forced batch of whole episodes (x, y1, I, y2) and the masks of the first
-    and the second attempt's tokens: one forward pass scores both attempts (the first
-    attempt's context is the same prefix either way)."""
-    rows = [
-        encode_chat(
-            tokenizer,
-            [
-                {"role": "user", "content": t.task.prompt},
-                {"role": "assistant", "content": t.turns[0].response},
-                {"role": "user", "content": instruction},
-                {"role": "assistant", "content": t.turns[1].response},
-            ],
-            "assistant",
-        )
-        for t in traces
-    ]
-    batch = pad_batch(rows, pad_id)
-    labelled = batch["labels"][:, 1:] != IGNORE
-    # the second attempt's span starts at the last labelled run: cumsum of run starts
-    starts = labelled & ~torch.nn.functional.pad(labelled, (1, 0))[:, :-1]
-    run_index = starts.long().cumsum(-1)
-    return batch, labelled & (run_index == 1), labelled & (run_index == 2)
+    """Teacher-forced rows of whole episodes (x, y1, I, y2) built by `training.encode_turns`
+    from the sampled tokens, the masks of the first and the second attempt's tokens, and the
+    episode of each row: one row scores both attempts where that is exact, else (a template
+    that rewrites history, a response that does not re-tokenize to its samples) one row per
+    attempt, each in the context the policy had when it sampled."""
+    rows, episode = [], []
+    for e, t in enumerate(traces):
+        msgs = [{"role": "user", "content": t.task.prompt}, attempt_message(t.turns[0]),
+                {"role": "user", "content": instruction}, attempt_message(t.turns[1])]
+        for row in encode_turns(tokenizer, msgs):
+            rows.append(row)
+            episode.append(e)
+    batch = pad_batch([(ids, labels) for ids, labels, _ in rows], pad_id)
+    which = torch.zeros_like(batch["labels"])
+    for i, (_, _, attempt) in enumerate(rows):
+        which[i, : len(attempt)] = torch.tensor(attempt)
+    which = which[:, 1:]  # aligned with token_logprobs: position t scores token t+1
+    return batch, which == 1, which == 2, torch.tensor(episode)
 
 
 def score_loss(
@@ -153,17 +150,18 @@ def score_loss(
             baseline_advantage(shaped_reward(r1, r2, cfg.alpha), cfg.scale_advantages),
         )
         betas = (cfg.beta1, cfg.beta1)
-    batch, *masks = episode
-    device, n = next(learner.parameters()).device, len(r1)
+    batch, m1, m2, row_episode = episode
+    adv = tuple(a[row_episode] for a in adv)  # each row carries its episode's advantages
+    device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
     loss, sums = 0.0, {}
-    for sl in micro_slices(n, cfg.micro_batch_size):
+    for sl in micro_slices(len(row_episode), cfg.micro_batch_size):
         mb = {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
         width = mb["input_ids"].shape[1] - 1
         logp, _ = token_logprobs(learner, mb)
         with torch.no_grad(), learner.disable_adapter():
             ref, _ = token_logprobs(learner, mb)
         part, share = 0.0, (sl.stop - sl.start) / n
-        for k, (mask, a, beta) in enumerate(zip(masks, adv, betas), start=1):
+        for k, (mask, a, beta) in enumerate(zip((m1, m2), adv, betas), start=1):
             mask = mask[sl, :width].to(device)
             kl = kl_per_sequence(logp, ref, mask).mean() * share
             pg = reinforce_loss(logp, mask, a[sl].to(device)) * share

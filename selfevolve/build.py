@@ -31,9 +31,11 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
     active."""
     url = cfg.model.startswith(("http://", "https://"))
     if cfg.policy == "hf" and not url:
-        kw = {"device": cfg.device, "batch_size": cfg.batch_size, "dtype": cfg.dtype}
+        kw = {"device": cfg.device, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+              "sampling_from_model": cfg.sampling_from_model}
     elif cfg.policy == "vllm":  # the same weights dtype as the learner's base (vLLM's "auto" is the checkpoint's)
-        kw = {"dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype, "seed": cfg.seed}
+        kw = {"dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype, "seed": cfg.seed,
+              "sampling_from_model": cfg.sampling_from_model}
     else:
         kw = {}
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)

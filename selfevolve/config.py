@@ -46,6 +46,9 @@ class ModelKeys(Keys):
         description="weights of the served model and the learner's base: auto = bfloat16 on CUDA, float32 on CPU",
     )
     threads: int = Field(2, ge=1, description="torch CPU threads (fixed, so runs reproduce)")
+    sampling_from_model: bool = Field(
+        False, description="apply the checkpoint's own generation defaults (repetition_penalty, top_k, ...); "
+        "off: temperature 1 samples from the model's distribution itself")
     max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
 

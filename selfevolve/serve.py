@@ -314,15 +314,11 @@ class Server:
         }
         return out
 
-    @staticmethod
-    def _finish(turn, max_tokens) -> str:
-        return "length" if turn.token_ids is not None and len(turn.token_ids) >= max_tokens else "stop"
-
     def _chat_choice(self, i, turn, max_tokens, logprobs) -> dict:
         choice = {
             "index": i,
             "message": {"role": "assistant", "content": turn.response},
-            "finish_reason": self._finish(turn, max_tokens),
+            "finish_reason": turn.finish_reason or "stop",
             "logprobs": None,
         }
         if logprobs and turn.logprobs is not None:
@@ -374,7 +370,7 @@ class Server:
                 choice = {
                     "index": len(choices),
                     "text": (p if req.echo else "") + t.response,
-                    "finish_reason": self._finish(t, req.max_tokens),
+                    "finish_reason": t.finish_reason or "stop",
                     "logprobs": None,
                 }
                 if req.logprobs is not None:

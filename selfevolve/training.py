@@ -55,6 +55,51 @@ def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") 
     return ids, labels
 
 
+def encode_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
+    """Rows (input_ids, labels, attempt) that teach every assistant message exactly as the
+    policy produced it: the context is what the policy was given at generation time — the
+    template's rendering of the messages before it with the generation prompt, tokenized as
+    a policy tokenizes a prompt — then the message's sampled `token_ids` (else its text,
+    tokenized), then the template's end of turn up to its stop token, unless the message is
+    `unfinished` (cut at the budget: an end of turn the model never produced is not taught).
+    `attempt` is k on the tokens of the k-th assistant message, 0 elsewhere.
+
+    Attempts share one row when the earlier row is a token prefix of the later (prefix-stable
+    templates, round-tripping text): one forward pass then scores both, exactly. A template
+    that rewrites history (Qwen3's drops <think> from earlier turns) gives a row per attempt."""
+    def render(msgs, gen):
+        plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen) if msgs else ""
+
+    def tok(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    stops = set(tokenizer.all_special_ids)
+    rows, k = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        k += 1
+        lo, hi = render(messages[:i], True), render(messages[: i + 1], False)
+        at = hi.find(m["content"], len(lo)) if hi.startswith(lo) and m["content"] else -1
+        if at < 0:
+            raise ValueError("the chat template does not render an assistant message after its generation prompt")
+        prompt, pre = tok(lo), tok(hi[len(lo):at])
+        body = list(m.get("token_ids") or tok(m["content"]))
+        close = [] if m.get("unfinished") else tok(hi[at + len(m["content"]):])
+        end = next((j + 1 for j, t in enumerate(close) if t in stops), len(close))  # up to the stop token
+        context = prompt + pre
+        ids = context + body + close
+        labels = [IGNORE] * len(context) + body + close[:end] + [IGNORE] * (len(close) - end)
+        attempt = [0] * len(context) + [k] * (len(body) + end) + [0] * (len(close) - end)
+        if rows and ids[: len(rows[-1][0])] == rows[-1][0]:  # the previous row is this one's prefix
+            prev_ids, prev_labels, prev_attempt = rows.pop()
+            n = len(prev_ids)
+            labels, attempt = prev_labels + labels[n:], prev_attempt + attempt[n:]
+        rows.append((ids, labels, attempt))
+    return rows
+
+
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Right-pad (input_ids, labels) rows into tensors for teacher-forced training."""
     width = max(len(r[0]) for r in rows)

@@ -61,7 +61,10 @@ class Feedback(BaseModel):
 class Turn(BaseModel):
     """One attempt. `feedback` is the verifier's judgement of `response` (the reward);
     `critique` is the text a critic wrote about it, shown to the policy before the next
-    turn. Either may be absent (no verifier, no critic, or the last turn)."""
+    turn. Either may be absent (no verifier, no critic, or the last turn). `token_ids` are
+    the sampled tokens (without the stop token), where the policy reports them;
+    `finish_reason` is "stop" (the model ended its turn) or "length" (cut at the budget: it
+    is scored as given, and never trained with an end-of-turn it did not produce)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,6 +73,7 @@ class Turn(BaseModel):
     critique: Feedback | None = None
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
     @property
     def score(self) -> float | None:

@@ -59,7 +59,7 @@ def test_batched_loop_matches_one_task_at_a_time(tiny):
 
 def test_evaluate_reports_every_metric(tiny):
     m, traces = evaluate(tiny, arith.tasks("test", n=16), NumericVerifier(), max_turns=2, round=3, recipe="eval")
-    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n"}
+    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n"}
     assert m["n"] == 16 and abs(m["delta"] - (m["delta_i2c"] - m["delta_c2i"])) < 1e-3
     assert all(t.round == 3 and t.recipe == "eval" for t in traces)
 

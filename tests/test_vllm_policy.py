@@ -28,17 +28,23 @@ def test_missing_vllm_is_a_one_line_error():
 def test_sampling_kwargs():
     kw = vllm_sampling_kwargs(SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=7, n=4, seed=3, logprobs=True))
     assert kw == {"n": 4, "temperature": 1.0, "top_p": 0.9, "max_tokens": 7, "seed": 3, "logprobs": 0}
+    # every request of a batch its own seed: one seed for all would correlate the samples
+    seeds = [vllm_sampling_kwargs(SamplingParams(seed=3), i)["seed"] for i in range(4)]
+    assert seeds == [3, 4, 5, 6] and vllm_sampling_kwargs(SamplingParams(), 2)["seed"] is None
 
 
 def test_outputs_to_turns_and_prompt_logprob():
     lp = lambda x: NS(logprob=x)  # noqa: E731
     out = NS(
         outputs=[
-            NS(text=" The answer is 5. ", token_ids=[11, 12], logprobs=[{11: lp(-0.5)}, {12: lp(-0.25), 9: lp(-3)}])
+            NS(text=" The answer is 5. ", token_ids=[11, 12], logprobs=[{11: lp(-0.5)}, {12: lp(-0.25), 9: lp(-3)}],
+               finish_reason="stop"),
+            NS(text="The answer", token_ids=[11], logprobs=None, finish_reason="length"),
         ],
         prompt_token_ids=[1, 2, 3],
         prompt_logprobs=[None, {2: lp(-1.0)}, {3: lp(-2.0), 4: lp(-0.1)}],
     )
-    turn = turns_from_output(out)[0]
+    turn, cut = turns_from_output(out)
     assert turn.response == "The answer is 5." and turn.token_ids == [11, 12] and turn.logprobs == [-0.5, -0.25]
+    assert (turn.finish_reason, cut.finish_reason) == ("stop", "length")
     assert summed_prompt_logprob(out) == -3.0

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from ..errors import UserError
 from ..models import resolve_device, resolve_dtype, resolve_model_path
@@ -30,9 +31,11 @@ class HFPolicy:
     """
 
     def __init__(self, model="tiny", device: str = "auto", batch_size: int = 64,
-                 dtype: str | torch.dtype = "auto", tokenizer=None):
+                 dtype: str | torch.dtype = "auto", tokenizer=None, sampling_from_model: bool = False):
         """`model` is `tiny`, a local model directory, or an in-memory PreTrainedModel (then
-        pass its `tokenizer`): a recipe serves the very model object it trains."""
+        pass its `tokenizer`): a recipe serves the very model object it trains.
+        `sampling_from_model`: also apply the checkpoint's own generation defaults
+        (repetition_penalty, top_k, ...); off, temperature 1 samples from π itself."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.batch_size = batch_size
@@ -63,6 +66,10 @@ class HFPolicy:
         )
         self.adapters: dict[str, str] = {}
         self._active: str | None = None
+        if not sampling_from_model:  # sample from π itself: none of the checkpoint's sampling defaults
+            gc = self.model.generation_config  # (transformers fills unset generate() arguments from it)
+            self.model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
+                                                            pad_token_id=gc.pad_token_id)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -223,7 +230,8 @@ class HFPolicy:
         texts = self.tokenizer.batch_decode([toks[:cut] for toks, cut in zip(new, cuts)], skip_special_tokens=True)
         turns: list[list[Turn]] = []
         for r, (toks, cut, text) in enumerate(zip(new, cuts, texts)):
-            turn = Turn(response=text.strip(), token_ids=toks[:cut], logprobs=lps[r][:cut] if lps else None)
+            turn = Turn(response=text.strip(), token_ids=toks[:cut], logprobs=lps[r][:cut] if lps else None,
+                        finish_reason="stop" if cut < len(toks) else "length")
             if r % sampling.n == 0:
                 turns.append([])
             turns[-1].append(turn)

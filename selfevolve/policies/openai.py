@@ -71,6 +71,7 @@ class OpenAIPolicy:
                 Turn(
                     response=(c.message.content or "").strip(),
                     logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None,
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
                 )
                 for c in r.choices
             ]

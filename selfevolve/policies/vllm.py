@@ -20,9 +20,12 @@ from ..types import Conversation, SamplingParams, Turn
 MISSING = "policy=vllm needs vLLM (a GPU machine): pip install 'selfevolve[vllm]'"
 
 
-def vllm_sampling_kwargs(s: SamplingParams) -> dict:
-    """selfevolve SamplingParams -> vllm.SamplingParams keyword arguments."""
-    kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
+def vllm_sampling_kwargs(s: SamplingParams, i: int = 0) -> dict:
+    """selfevolve SamplingParams -> vllm.SamplingParams keyword arguments for the i-th request
+    of a batch. Each request gets its own seed (seed + i): one seed for all would give every
+    prompt the same random stream, i.e. correlated samples."""
+    kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+              seed=None if s.seed is None else s.seed + i)
     if s.logprobs:
         kw["logprobs"] = 0  # the sampled token's log-probability only
     return kw
@@ -33,7 +36,8 @@ def turns_from_output(request_output) -> list[Turn]:
     turns = []
     for c in request_output.outputs:
         lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)] if c.logprobs else None
-        turns.append(Turn(response=c.text.strip(), token_ids=list(c.token_ids), logprobs=lps))
+        turns.append(Turn(response=c.text.strip(), token_ids=list(c.token_ids), logprobs=lps,
+                          finish_reason="length" if c.finish_reason == "length" else "stop"))
     return turns
 
 
@@ -57,7 +61,10 @@ def check_lora_only(path: str) -> None:
 
 
 class VLLMPolicy:
-    def __init__(self, model: str = "tiny", max_lora_rank: int = 64, max_loras: int = 2, seed: int = 0, **llm_kwargs):
+    def __init__(self, model: str = "tiny", max_lora_rank: int = 64, max_loras: int = 2, seed: int = 0,
+                 sampling_from_model: bool = False, **llm_kwargs):
+        """`sampling_from_model`: apply the checkpoint's generation_config.json defaults
+        (vLLM's generation_config="auto"); off ("vllm"), samples come from π itself."""
         try:
             from vllm import LLM
         except ImportError:
@@ -66,7 +73,7 @@ class VLLMPolicy:
 
         self.path = resolve_model_path(model)
         self.llm = LLM(model=str(self.path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-                       seed=seed, **llm_kwargs)
+                       seed=seed, generation_config="auto" if sampling_from_model else "vllm", **llm_kwargs)
         self._ids = itertools.count(1)
         self.requests: dict[str, object] = {}
         self._active: str | None = None
@@ -97,13 +104,15 @@ class VLLMPolicy:
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         from vllm import SamplingParams as VSP
-        outs = self.llm.chat(conversations, VSP(**vllm_sampling_kwargs(sampling or SamplingParams())),
+        s = sampling or SamplingParams()
+        outs = self.llm.chat(conversations, [VSP(**vllm_sampling_kwargs(s, i)) for i in range(len(conversations))],
                              lora_request=self._lora(), use_tqdm=False)
         return [turns_from_output(o) for o in outs]
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         from vllm import SamplingParams as VSP
-        outs = self.llm.generate(texts, VSP(**vllm_sampling_kwargs(sampling or SamplingParams())),
+        s = sampling or SamplingParams()
+        outs = self.llm.generate(texts, [VSP(**vllm_sampling_kwargs(s, i)) for i in range(len(texts))],
                                  lora_request=self._lora(), use_tqdm=False)
         return [turns_from_output(o) for o in outs]
 
