@@ -31,8 +31,9 @@ verifier (no GPT-4); 1,000 prompts per phase; LoRA instead of full fine-tuning; 
 The adapter also trains the embedding rows of the words only feedback uses
 (`feedback_tokens`, peft trainable tokens, at `token_lr`): the bundled `tiny` never saw
 the critique's words, their embeddings are random, and LoRA alone cannot teach it to write
-or read a critique. A model that knows the words can turn it off (vLLM cannot load such
-an adapter yet). The critic learns the format and the verdicts' base rate, not to find
+or read a critique. It is on for `tiny` only (`feedback_tokens=null`): a real model knows the
+words, and at `token_lr` it would retrain the rows of common words (vLLM cannot load such an
+adapter yet either). The critic learns the format and the verdicts' base rate, not to find
 errors: README, "SELF", has the numbers.
 """
 
@@ -73,7 +74,8 @@ class SelfConfig(RecipeConfig):
     sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
-    feedback_tokens: bool = Field(True, description="also train the embeddings of the words only feedback uses")
+    feedback_tokens: bool | None = Field(None, description="also train the embeddings of the words only feedback "
+                                         "uses (null: only for the bundled tiny, which never saw them)")
     token_lr: float = Field(1e-2, gt=0, description="learning rate of those embedding rows (AdamW)")
 
 
@@ -245,7 +247,8 @@ def main(cfg: SelfConfig, run: Run) -> None:
                 JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
             )
             meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
-            state["tokens"] = feedback_token_ids(tokenizer, meta) if cfg.feedback_tokens else []
+            train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model == "tiny"
+            state["tokens"] = feedback_token_ids(tokenizer, meta) if train_rows else []
             convs = [c for t in meta for c in meta_examples(t)]
             extra = {"tuples": len(meta), "feedback_by": critic.source, "feedback_tokens": len(state["tokens"])}
         else:

@@ -20,8 +20,9 @@ step, the loss, the implicit rewards λ·(log pθ − log pθt) of gold and self
 and the mean log-probability of gold and of self responses.
 
 Deviations, for the tiny world on 2 CPU cores: `train_tasks=1000` prompts per iteration;
-the gold response is the data's reference in `gold_template` ("The answer is {reference}."
-on arith; a dataset whose answer column holds whole responses uses "{reference}"); pairs
+the gold response is the data's reference in `gold_template` (`auto`: "The answer is
+{reference}." on arith, the reference itself elsewhere — a user's answer column is taken to
+hold whole responses; set the template for short answers); pairs
 where y' equals y are dropped (their loss is the constant log 2, zero gradient); opponent
 samples at temperature 1; LoRA (the adapter continues across iterations) instead of full
 fine-tuning; 2 epochs per iteration.
@@ -51,7 +52,8 @@ class SpinConfig(RecipeConfig):
     iterations: int = Field(3, ge=1, description="self-play iterations")
     lam: float = Field(0.1, gt=0, description="λ in the SPIN loss (the paper's beta)")
     mix_previous: bool = Field(True, description="also train on the previous iteration's pairs (the paper)")
-    gold_template: str = Field("The answer is {reference}.", description="gold response built from the reference")
+    gold_template: str = Field("auto", description="gold response from the reference: auto = 'The answer is "
+                               "{reference}.' on arith, '{reference}' elsewhere; or a template with {reference}")
     train_split: str = Field("train", description="split the SFT prompts come from")
     train_tasks: int = Field(1000, ge=1, description="prompts per iteration")
     temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
@@ -65,7 +67,10 @@ class SpinConfig(RecipeConfig):
 
 
 def gold(task, cfg: SpinConfig) -> str:
-    return cfg.gold_template.format(reference=task.reference)
+    template = cfg.gold_template
+    if template == "auto":
+        template = "The answer is {reference}." if cfg.data == "arith" else "{reference}"
+    return template.format(reference=task.reference)
 
 
 def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -> list[Trace]:

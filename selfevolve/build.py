@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import AutoTokenizer
 
+from .data import default_verifier
 from .errors import UserError
 from .feedback.critics import get_critic
 from .loop import refine_batch
@@ -55,6 +56,15 @@ class LearnerBase(NamedTuple):
         alpha and gradient checkpointing; `kw`: lora, init_from, trainable_tokens."""
         return trainable_model(self.path, r=cfg.lora_r, alpha=cfg.lora_alpha, device=self.device, dtype=self.dtype,
                                gradient_checkpointing=cfg.gradient_checkpointing, **kw)
+
+
+def verifier_for(name: str, tasks: list[Task] | None, workers: int = 1) -> Verifier:
+    """The verifier `verifier=` names; `auto` is chosen from the tasks (`data.default_verifier`),
+    and is `math` (math-verify: numbers and expressions) where no tasks are known up front
+    (a server's refinement requests)."""
+    if name == "auto":
+        name = default_verifier(tasks) if tasks is not None else "math"
+    return get_verifier(name, workers=workers)
 
 
 def learner_base(cfg, policy: Policy) -> LearnerBase:

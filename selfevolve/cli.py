@@ -104,12 +104,11 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
-    from .build import critic_from_config, served_policy
+    from .build import critic_from_config, served_policy, verifier_for
     from .data import tasks_for
     from .evaluate import evaluate
     from .files import atomic_write
     from .run import print_summary
-    from .verifiers import get_verifier
 
     if want_help:
         print(f"selfevolve eval key=value ...\n\nGreedy evaluation with SCoRe's metrics.\n\n"
@@ -118,7 +117,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     cfg = build(EvalConfig, overrides)
     _threads(cfg)
     tasks = tasks_for(cfg, cfg.split, cfg.limit, holdout=False)
-    verifier = get_verifier(cfg.verifier, workers=cfg.verify_workers)
+    verifier = verifier_for(cfg.verifier, tasks, cfg.verify_workers)
     if cfg.out:
         _check_writable(cfg.out)
     policy = served_policy(cfg, adapter=cfg.adapter)
@@ -137,9 +136,8 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_refine(overrides: dict, want_help: bool) -> int:
-    from .build import critic_from_config, refine, served_policy
+    from .build import critic_from_config, refine, served_policy, verifier_for
     from .types import Task
-    from .verifiers import get_verifier
 
     if want_help:
         print(
@@ -149,7 +147,7 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     cfg = build(RefineConfig, overrides)
     _threads(cfg)
     task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
-    verifier = get_verifier(cfg.verifier) if cfg.reference is not None else None
+    verifier = verifier_for(cfg.verifier, [task]) if cfg.reference is not None else None
     policy = served_policy(cfg, adapter=cfg.adapter)
     trace = refine(
         task,
@@ -175,16 +173,17 @@ class CheckConfig(DataKeys, VerifierKeys):
 def cmd_check(overrides: dict, want_help: bool) -> int:
     """The sanity check before spending GPU hours on a new dataset: does the verifier
     accept every task's own reference answer?"""
+    from .build import verifier_for
     from .data import tasks_for
     from .files import atomic_write
-    from .verifiers import VerifierPool, get_verifier
+    from .verifiers import VerifierPool
 
     if want_help:
         print(f"selfevolve check data=... verifier=...\n\n{cmd_check.__doc__}\n\nkeys:\n{help_text(CheckConfig)}")
         return 0
     cfg = build(CheckConfig, overrides)
     tasks = tasks_for(cfg, cfg.split, cfg.limit, holdout=False)
-    verifier = get_verifier(cfg.verifier)
+    verifier = verifier_for(cfg.verifier, tasks)
     missing = [t.id for t in tasks if t.reference is None]
     if missing:
         raise UserError(

@@ -60,12 +60,16 @@ class DataKeys(Keys):
     prompt_field: str = Field("prompt", description="column holding the prompt in a user dataset")
     answer_field: str = Field("answer", description="column holding the reference answer")
     id_field: str = Field("id", description="column holding a task id (else file name + line)")
+    tests_field: str = Field("tests", description="column holding a code task's tests (asserts, or a check() program)")
+    entry_point_field: str = Field("entry_point", description="column holding a code task's function name")
     difficulty: int = Field(3, ge=1, le=8, description="arith: operators per expression")
     verify_workers: int = Field(1, ge=1, description="verifier worker processes (>1 runs a VerifierPool)")
 
 
 class VerifierKeys(Keys):
-    verifier: str = Field("numeric", description="short name or dotted import path of a Verifier")
+    verifier: str = Field(
+        "auto", description="auto (code for tasks with tests, numeric for numeric answers, else name one), "
+        "a short name (numeric, math, code, exact, regex, choice) or a dotted import path")
 
 
 class FeedbackKeys(VerifierKeys):

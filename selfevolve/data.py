@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,14 +36,17 @@ def humaneval() -> list[Task]:
 
 def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
-               difficulty: int = 3, holdout: float | None = None) -> list[Task]:
+               difficulty: int = 3, holdout: float | None = None, tests_field: str = "tests",
+               entry_point_field: str = "entry_point") -> list[Task]:
     """Load tasks. Built-in suites are generated (`limit` of them, default 500); files are
     read in order and truncated to `limit`.
 
     A source with named splits (a saved DatasetDict, a JSON object keyed by split) gives
     `split`. A flat file has no splits: with `holdout=f` a seeded fraction f of its tasks
     (by a hash of seed and task id, so stable under reordering) is `test` and the rest
-    `train`; without it, `split` is ignored and every task is returned."""
+    `train`; without it, `split` is ignored and every task is returned. Code tasks carry
+    their tests (a list of assert statements, or a `check(candidate)` program) in
+    `tests_field` and the function's name in `entry_point_field`."""
     if data == "arith":
         return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
     if data == "humaneval":
@@ -61,16 +65,44 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
                 f"{data}:{where}: missing field {prompt_field!r} (set prompt_field=; fields here: {sorted(row)})"
             )
         ref = row.get(answer_field)
-        meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field, id_field)}
+        tests, entry_point = row.get(tests_field), row.get(entry_point_field)
+        asserts = isinstance(tests, list) and all(isinstance(t, str) for t in tests)
+        if tests is not None and not (isinstance(tests, str) or asserts):
+            raise UserError(f"{data}:{where}: field {tests_field!r} must be a program or a list of assert statements, "
+                            f"got {type(tests).__name__}")
+        known = (prompt_field, answer_field, id_field, tests_field, entry_point_field)
+        meta = {k: v for k, v in row.items() if k not in known}
         tasks.append(
             Task(
                 id=_task_id(data, (where, row), id_field),
                 prompt=str(row[prompt_field]),
                 reference=None if ref is None else str(ref),
+                tests=tests,
+                entry_point=None if entry_point is None else str(entry_point),
                 meta=json.loads(json.dumps(meta, default=str)),
             )
         )
     return tasks
+
+
+def default_verifier(tasks: list[Task]) -> str:
+    """What `verifier=auto` means for these tasks: `code` when they carry tests, `numeric` when
+    every reference is a number; anything else has no safe default and is refused.
+
+    >>> default_verifier([Task(id="a", prompt="1+1?", reference="2"), Task(id="b", prompt="?", reference="-0.5")])
+    'numeric'
+    """
+    if tasks and all(t.tests for t in tasks):
+        return "code"
+    refs = [t.reference for t in tasks if t.reference is not None]
+    odd = [r for r in refs if not _NUMBER.fullmatch(r.strip().replace(",", ""))]
+    if refs and not odd:
+        return "numeric"
+    raise UserError(f"verifier=auto cannot tell how to check answers like {(odd or [None])[0]!r}; name one: "
+                    "verifier=math (math-verify), exact, regex, choice, code, or a dotted import path")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?(/\d+)?")
 
 
 def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[Task]:
@@ -85,6 +117,8 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
         answer_field=cfg.answer_field,
         id_field=cfg.id_field,
         difficulty=cfg.difficulty,
+        tests_field=cfg.tests_field,
+        entry_point_field=cfg.entry_point_field,
     )
     if holdout and getattr(cfg, "eval_data", None):
         if split == cfg.eval_split:

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 import yaml
+from rich.console import Console
+from rich.table import Table
 
-from .build import critic_from_config
+from .build import critic_from_config, verifier_for
 from .config import RecipeConfig
 from .data import tasks_for
 from .errors import UserError, WriteFailed
@@ -45,8 +47,8 @@ from .files import atomic_write, read_metrics
 from .metrics import CRITIC_KEYS, KEYS
 from .progress import progress
 from .store import TraceStore
+from .trackers import Trackers, selected
 from .types import SamplingParams
-from .verifiers import get_verifier
 
 # Keys that may change between a run and its resume without changing its result (the memory
 # knobs change only fp32 rounding: resume an out-of-memory run with smaller micro-batches).
@@ -63,7 +65,6 @@ class Run:
         self.stop_requested = False
         self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = self.dir.name
-        from .trackers import Trackers, selected
         selected(cfg.logger)  # a missing tracker package fails before anything is written
         self._claim_dir()
         (self.dir / "adapters").mkdir(exist_ok=True)
@@ -80,8 +81,15 @@ class Run:
         """The run's verifier (`verifier=`, pooled with verify_workers>1), built once and
         shared by the recipe and every evaluation."""
         if self._verifier is None:
-            self._verifier = get_verifier(self.cfg.verifier, workers=self.cfg.verify_workers)
+            self._verifier = verifier_for(self.cfg.verifier, self.eval_tasks, self.cfg.verify_workers)
         return self._verifier
+
+    @property
+    def eval_tasks(self):
+        """The held-out tasks every evaluation of the run uses (loaded once)."""
+        if self._eval_tasks is None:
+            self._eval_tasks = tasks_for(self.cfg, self.cfg.eval_split, self.cfg.eval_limit)
+        return self._eval_tasks
 
     def critic(self, policy):
         """The critic evaluation uses between attempts (`critic=`; none: SCoRe's instruction)."""
@@ -206,11 +214,9 @@ class Run:
         """Evaluate `policy` on the run's held-out tasks (greedy, `max_turns` attempts),
         store the traces tagged meta.eval=`which`, log and return the metrics."""
         c = self.cfg
-        if self._eval_tasks is None:
-            self._eval_tasks = tasks_for(c, c.eval_split, c.eval_limit)
         metrics, traces = evaluate(
             policy,
-            self._eval_tasks,
+            self.eval_tasks,
             self.verifier,
             max_turns=c.max_turns,
             critic=self.critic(policy),
@@ -233,7 +239,7 @@ class Run:
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(self.dir, before, after)
         try:  # the results are on disk already; a plotting problem must not fail the run
-            from .report import write_report
+            from .report import write_report  # matplotlib: imported at the end, only if a run gets there
 
             print(f"report: {write_report([self.dir])}")
         except Exception as e:  # noqa: BLE001
@@ -253,8 +259,6 @@ def metric_block(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"{run_dir}")
     table.add_column("metric")

@@ -36,13 +36,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .build import critic_from_config, served_policy
+from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
 from .errors import UserError
 from .loop import refine_batch
 from .store import TraceStore
 from .types import SamplingParams, Task
-from .verifiers import get_verifier
 
 REFINE_SUFFIX = "+refine"
 
@@ -170,7 +169,7 @@ class Server:
     @property
     def verifier(self):
         if self._verifier is None:
-            self._verifier = get_verifier(self.cfg.verifier)
+            self._verifier = verifier_for(self.cfg.verifier, None)
         return self._verifier
 
     def critic(self, name: str):

@@ -89,3 +89,40 @@ def test_flat_file_holdout_is_seeded_disjoint_and_stable_under_reordering(tmp_pa
     assert {t.id for t in load_tasks(b, "test", holdout=0.2)} == test
     assert {t.id for t in load_tasks(a, "test", holdout=0.2, seed=1)} != test
     assert len(load_tasks(a, "test")) == 200  # no holdout asked: every task
+
+
+def test_a_users_code_tasks_carry_their_tests_and_pick_the_code_verifier(tmp_path):
+    from tests.test_cli import cli
+
+    asserts = tmp_path / "code.jsonl"
+    add = {"id": "add", "prompt": "Write add(a, b).", "answer": "def add(a, b):\n    return a + b\n",
+           "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "entry_point": "add"}
+    asserts.write_text(json.dumps(add) + "\n")
+    program = tmp_path / "renamed.jsonl"  # other column names, a check() program as the tests
+    sq = {"id": "sq", "prompt": "Write sq(x).", "answer": "def sq(x):\n    return x * x\n",
+          "test": "def check(candidate):\n    assert candidate(3) == 9\n", "fn": "sq"}
+    program.write_text(json.dumps(sq) + "\n")
+    (task,) = load_tasks(str(asserts))
+    assert task.tests == ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"] and task.entry_point == "add"
+    assert "tests" not in task.meta
+    r = cli("check", f"data={asserts}")
+    assert r.returncode == 0 and "1/1 references pass" in r.stdout, r.stderr
+    r = cli("check", f"data={program}", "tests_field=test", "entry_point_field=fn")
+    assert r.returncode == 0 and "1/1 references pass" in r.stdout, r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "answer": "a", "tests": 3}) + "\n")
+    r = cli("check", f"data={bad}")
+    assert r.returncode == 2 and "bad.jsonl:1: field 'tests' must be a program or a list" in r.stderr
+
+
+def test_math_answers_need_a_named_verifier(tmp_path):
+    from tests.test_cli import cli
+
+    f = tmp_path / "math.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
+                         for p, a in [("Half of 1?", "\\frac{1}{2}"), ("sqrt(4)?", "2")]))
+    r = cli("check", f"data={f}")
+    assert r.returncode == 2 and "verifier=auto cannot tell how to check answers like" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("check", f"data={f}", "verifier=math")
+    assert r.returncode == 0 and "2/2 references pass verifier=math" in r.stdout, r.stderr

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from ..models import resolve_device, resolve_model_path
 from .hf import HFPolicy
 
@@ -17,7 +18,7 @@ __all__ = ["HFPolicy", "OpenAIPolicy", "VLLMPolicy", "LangChainPolicy", "load_po
 POLICIES = ("hf", "vllm", "openai")
 
 
-def __getattr__(name):
+def __getattr__(name):  # lazily: openai, vllm and langchain-core are imported only when used
     if name == "OpenAIPolicy":
         from .openai import OpenAIPolicy
         return OpenAIPolicy
@@ -34,8 +35,6 @@ def load_policy(model: str, policy: str = "auto", **kwargs):
     """The policy for `model=` and `policy=`: an http(s):// URL is an OpenAI-compatible
     endpoint (`policy=openai`), anything else a model directory or `tiny`, served by
     transformers (`policy=hf`, the default) or vLLM (`policy=vllm`)."""
-    from ..errors import UserError
-
     if policy == "auto":
         policy = "openai" if model.startswith(("http://", "https://")) else "hf"
     if policy == "openai":

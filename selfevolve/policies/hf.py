@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from peft import PeftModel, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..errors import UserError
 from ..models import resolve_device, resolve_dtype, resolve_model_path
@@ -36,8 +40,6 @@ class HFPolicy:
         pass its `tokenizer`): a recipe serves the very model object it trains.
         `sampling_from_model`: also apply the checkpoint's own generation defaults
         (repetition_penalty, top_k, ...); off, temperature 1 samples from π itself."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.batch_size = batch_size
         if not isinstance(model, (str, Path)):
             self.path = Path(getattr(model, "name_or_path", "") or "in-memory")
@@ -84,9 +86,6 @@ class HFPolicy:
     def load_adapter(self, path: str, name: str) -> None:
         """Load a peft LoRA adapter from `path` under `name` and make it active. Loading an
         existing name replaces its weights (a new version of the same adapter)."""
-        from peft import PeftModel, set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
         p = Path(path)
         if not (p / "adapter_config.json").is_file():
             raise UserError(f"adapter={path}: not a peft adapter directory (no adapter_config.json)")
@@ -142,7 +141,6 @@ class HFPolicy:
         self._active = name
 
     def _adapter_context(self):
-        from contextlib import nullcontext
 
         if self._active is None and hasattr(self.model, "disable_adapter"):
             return self.model.disable_adapter()
@@ -188,8 +186,6 @@ class HFPolicy:
         room = self.max_positions - min(sampling.max_new_tokens, max(1, self.max_positions // 4))
         if len(prompt) <= room:
             return prompt
-        import warnings
-
         warnings.warn(
             f"a prompt of {len(prompt)} tokens was cut to its last {room} (model context {self.max_positions})"
         )
