@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from .errors import UserError
 from .types import Task
 
 SPLITS = ("train", "test")
@@ -56,11 +57,13 @@ def question(expr: str) -> str:
 def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[tuple[list[int], list[str]]]:
     """`n` distinct problems of one split, drawn from a seeded stream."""
     if split not in SPLITS:
-        raise ValueError(f"arith has splits {SPLITS}, not {split!r}")
+        raise UserError(f"arith has splits {SPLITS}, not {split!r}")
     rng = random.Random(f"arith:{seed}:{difficulty}")
     available = 9 ** (difficulty + 1) * 2 ** difficulty
-    if n > available * TEST_FRACTION * 0.9 and split == "test" or n > available * (1 - TEST_FRACTION) * 0.95:
-        raise ValueError(f"arith difficulty={difficulty} has too few distinct {split} expressions for n={n}")
+    most = int(available * (TEST_FRACTION * 0.9 if split == "test" else (1 - TEST_FRACTION) * 0.95))
+    if n > most:
+        raise UserError(f"data=arith difficulty={difficulty} has about {most} distinct {split} tasks, not {n}: "
+                        "ask for fewer (limit=) or a higher difficulty=")
     seen: set[str] = set()
     out = []
     while len(out) < n:

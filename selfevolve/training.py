@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from .errors import NonFinite
 from .models import resolve_model_path
@@ -187,8 +188,10 @@ def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | s
     trains (peft trainable tokens, tied output rows included), for words the base model
     never learned; LoRA alone cannot move an embedding."""
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    # GPT-2-style Conv1D layers store weights transposed; say so (peft would warn, then do it)
+    conv1d = any(isinstance(m, Conv1D) for m in base.modules())
     kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-              trainable_token_indices=trainable_tokens or None)
+              trainable_token_indices=trainable_tokens or None, fan_in_fan_out=conv1d)
     try:
         return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
     except ValueError:  # peft has no default modules for this architecture
@@ -264,6 +267,7 @@ def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[fl
     was_training = model.training
     model.eval()
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=next(model.parameters()).device)
-    lps = selective_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0].tolist()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # one unpadded row
+    lps = selective_logprobs(logits[:, :-1], ids[:, 1:])[0].tolist()
     model.train(was_training)
     return ids[0].tolist(), [None] + lps

@@ -3,6 +3,7 @@ import random
 import pytest
 
 from selfevolve import arith
+from selfevolve.errors import UserError
 
 
 def test_deterministic_and_disjoint():
@@ -35,10 +36,10 @@ def test_solution_styles_and_slips():
 
 
 def test_too_many_tasks_is_an_error_not_a_hang():
-    with pytest.raises(ValueError, match="too few distinct"):
+    with pytest.raises(UserError, match="about 29 distinct test tasks, not 100"):
         arith.tasks("test", n=100, difficulty=1)
 
 
 def test_unknown_split():
-    with pytest.raises(ValueError, match="splits"):
+    with pytest.raises(UserError, match="splits"):
         arith.tasks("validation", 3)

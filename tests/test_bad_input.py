@@ -48,6 +48,8 @@ CASES = [  # (args with {d} for the fixture directory, words the one line must c
     (["run", "recipe=spin", "lr=-1"], "lr"),  # out of range
     (["eval", "limit"], "expected key=value"),  # not key=value
     (["frobnicate"], "unknown command"),
+    (["eval", "data=arith", "difficulty=1", "limit=50"], "distinct test tasks, not 50"),  # more tasks than exist
+    (["serve", "run_dir=x"], "unknown key 'run_dir'"),  # a key the command would ignore
     (["run", "recipe=scoree"], "did you mean 'score'"),
     (["run"], "recipe=NAME"),
     (["eval", "model=/nonexistent/model"], "no such directory"),  # missing path

@@ -10,6 +10,7 @@ serves the adapter it just trained without a copy.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from contextlib import nullcontext
@@ -25,6 +26,19 @@ from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..progress import progress
 from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
+
+
+class _MaskedAlready(logging.Filter):
+    """transformers warns "We strongly recommend passing in an `attention_mask`" from inside
+    generate(): rows that finished are padded while others decode, and its decode steps look
+    for pad tokens without the mask we passed. Nothing a user can act on; only this message
+    is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_MaskedAlready())
 
 
 class HFPolicy:
