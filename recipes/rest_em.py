@@ -32,7 +32,7 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft
+from selfevolve.training import answer_message, sft
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -95,7 +95,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         continue_from = None if cfg.reset_each_iteration else state["adapter"]
         model = base.learner(cfg, lora=cfg.lora, init_from=continue_from)
         convs = [
-            [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response}]
+            [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])]
             for t in kept
         ]
         t1 = time.perf_counter()

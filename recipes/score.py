@@ -42,6 +42,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from typing import TypedDict
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -55,8 +56,26 @@ from selfevolve.loop import refine_batch
 from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import batch_slice, encode_turns, micro_slices, optimizer_step, pad_batch, token_logprobs
+from selfevolve.training import (
+    answer_message,
+    batch_slice,
+    encode_turns,
+    micro_slices,
+    optimizer_step,
+    pad_batch,
+    token_logprobs,
+)
 from selfevolve.types import SamplingParams, Trace
+
+
+class ScoreState(TypedDict):
+    """What a checkpoint holds besides the learner's and the optimizer's state: a resumed run
+    continues at `step`, serving `adapter` (kept on disk until a later checkpoint)."""
+
+    step: int                   # updates done
+    before: dict                # the evaluation before training
+    history: list[dict]         # every evaluation since, with its step and stage
+    adapter: str | None         # the adapter the served policy has at `step`
 
 
 class ScoreConfig(RecipeConfig):
@@ -106,8 +125,7 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
 def attempt_message(turn) -> dict:
     """An attempt as the learner sees it: the sampled tokens where the policy reported them,
     and whether it was cut at the budget (then no end of turn is taught)."""
-    return {"role": "assistant", "content": turn.response, "token_ids": turn.token_ids,
-            "unfinished": turn.finish_reason == "length"}
+    return {**answer_message(turn), "token_ids": turn.token_ids}
 
 
 def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
@@ -207,7 +225,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     state = run.restore()
     if state is None:
         before = run.evaluate(policy, "before")
-        state = {"step": 0, "before": before, "history": [], "adapter": None}
+        state = ScoreState(step=0, before=before, history=[], adapter=None)
     else:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])

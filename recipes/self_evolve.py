@@ -52,7 +52,7 @@ from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft
+from selfevolve.training import answer_message, sft
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -255,7 +255,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
             chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks : phase * cfg.evolve_tasks]
             kept = evolve(policy, chunk, verifier, cfg, phase, run)
             convs = [
-                [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.final}] for t in kept
+                [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept
             ]
             convs += [c for t in meta for c in meta_examples(t)]
             extra = {

@@ -41,7 +41,7 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import sft
+from selfevolve.training import answer_message, sft
 from selfevolve.types import SamplingParams, Task, Trace
 
 
@@ -74,7 +74,7 @@ def mentions_hint(response: str) -> bool:
 def training_example(trace: Trace) -> list[dict[str, str]]:
     """The SFT conversation for a kept or rationalised sample: the task's own prompt (never
     the hinted one) and the rationale."""
-    return [{"role": "user", "content": trace.task.prompt}, {"role": "assistant", "content": trace.turns[0].response}]
+    return [{"role": "user", "content": trace.task.prompt}, answer_message(trace.turns[-1])]
 
 
 def sample(policy, tasks: list[Task], prompts: list[str], verifier, cfg: StarConfig, seed: int):

@@ -10,11 +10,14 @@
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
-keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback).
+keys. Bad input prints one line and exits 2 (`debug=true` shows the traceback). Each
+command imports what it needs when it runs (torch, transformers, FastAPI take seconds), so
+`--help` and a typo answer at once.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -62,7 +65,6 @@ class RefineConfig(ModelKeys, FeedbackKeys):
 
 def _recipe(name: str):
     if name not in RECIPES:
-        import difflib
         close = difflib.get_close_matches(name, list(RECIPES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"unknown recipe={name!r}{hint} (see `selfevolve recipes`)")

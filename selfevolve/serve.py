@@ -41,7 +41,7 @@ from .config import FeedbackKeys, ModelKeys
 from .errors import UserError
 from .loop import refine_batch
 from .store import TraceStore
-from .types import SamplingParams, Task
+from .types import AdapterServing, SamplingParams, Task
 
 REFINE_SUFFIX = "+refine"
 
@@ -152,7 +152,7 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, policy=None):
         self.cfg = cfg
-        self.policy = policy or served_policy(cfg)
+        self.policy: AdapterServing = policy or served_policy(cfg)
         self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
         self.root = (
             "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))

@@ -12,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
 
 from .errors import UserError
+from .store import TraceStore, flat_row
 from .types import Trace
 
 
@@ -36,8 +39,6 @@ class TracesConfig(BaseModel):
 
 
 def matching(cfg: TracesConfig) -> list[Trace]:
-    from .store import TraceStore
-
     path = Path(cfg.run_dir) / "traces.sqlite"
     if not path.is_file():
         raise UserError(f"run_dir={cfg.run_dir}: no traces.sqlite there")
@@ -69,9 +70,6 @@ def show(t: Trace) -> str:
 
 
 def main(cfg: TracesConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     traces = matching(cfg)
     console = Console(soft_wrap=True)
     if cfg.show:
@@ -87,9 +85,8 @@ def main(cfg: TracesConfig) -> None:
             with open(cfg.export, "w", encoding="utf-8") as f:
                 f.writelines(t.model_dump_json() + "\n" for t in traces)
         else:
-            from datasets import Dataset
+            from datasets import Dataset  # a second to import: only for exports
 
-            from .store import flat_row
             Dataset.from_list([flat_row(t) for t in traces]).to_parquet(cfg.export)
         console.print(f"{len(traces)} traces -> {cfg.export}")
         return

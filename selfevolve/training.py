@@ -31,14 +31,17 @@ IGNORE = -100
 def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation; labels are IGNORE except on the tokens the
     model should learn to write: every assistant message (`train_on="assistant"`) or only
-    the last one (`"last"`).
+    the last one (`"last"`). An assistant message marked `"unfinished": True` (cut at the
+    generation budget) is taught without the template's end of turn, which the model never
+    produced.
 
     The template is rendered as text for each prefix (cheap) to find where each assistant
     message starts and ends; the full text is tokenized once and tokens are labelled by
     their character offsets. Works for any chat template whose renderings of prefixes are
     prefixes of the full rendering (the bundled model's and the common HF ones)."""
     def render(msgs, gen=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+        plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen) if msgs else ""
 
     text = render(messages)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -48,7 +51,10 @@ def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") 
             lo, hi = render(messages[:i], gen=True), render(messages[: i + 1])
             if not (text.startswith(hi) and hi.startswith(lo)):
                 raise ValueError("chat template is not prefix-stable; cannot locate assistant tokens")
-            spans.append((len(lo), len(hi)))
+            end = len(hi)
+            if m.get("unfinished") and m["content"] and hi.find(m["content"], len(lo)) >= 0:
+                end = hi.find(m["content"], len(lo)) + len(m["content"])
+            spans.append((len(lo), end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [t if any(lo <= start < hi for lo, hi in spans) else IGNORE
@@ -112,6 +118,12 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def answer_message(turn) -> dict:
+    """A sampled Turn as the assistant message an SFT recipe trains on: its text, and, when it
+    was cut at the budget, `unfinished` (no end of turn is taught after it)."""
+    return {"role": "assistant", "content": turn.response, "unfinished": turn.finish_reason == "length"}
 
 
 def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:

@@ -79,3 +79,29 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step(tmp_path):
     (line,) = [x for x in r.stderr.splitlines() if "error" in x]
     assert ("step 2: the loss is nan" in line or "'step-1'" in line) and "resume=true" in line, line
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_sft_never_teaches_an_end_of_turn_after_a_cut_response(tiny):
+    from selfevolve.training import IGNORE, encode_chat
+
+    conv = [{"role": "user", "content": "Q"}]
+    full = encode_chat(tiny.tokenizer, conv + [{"role": "assistant", "content": "The answer is 5."}], "last")
+    cut = encode_chat(tiny.tokenizer, conv + [{"role": "assistant", "content": "The answer is 5.", "unfinished": True}],
+                      "last")
+    taught = [[t for t, y in zip(ids, labels) if y != IGNORE] for ids, labels in (full, cut)]
+    assert taught[0][:-1] == taught[1] and taught[0][-1] in tiny.tokenizer.all_special_ids
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    from selfevolve.training import encode_chat, pad_batch, sft_loss
+
+    tok = HFPolicy("tiny", device="cpu").tokenizer
+    batch = pad_batch([encode_chat(tok, c, "last") for c in _convs(6)], tok.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = trainable_model("tiny", r=4, alpha=8, gradient_checkpointing=checkpointing)
+        model.train()
+        sft_loss(model, batch).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0

@@ -21,6 +21,8 @@ import threading
 
 from selfevolve.types import Feedback, Task
 
+from .pool import VerifierPool
+
 ANCHORS = [
     ("boxed", None),
     ("gsm8k", re.compile(r"####\s*([^\n]+)")),
@@ -127,7 +129,6 @@ class MathVerifier:
         if threading.current_thread() is threading.main_thread():
             return [self.verify(t, r) for t, r in zip(tasks, responses)]
         if self._pool is None:  # started once, reused by every later call from a thread
-            from .pool import VerifierPool
 
             self._pool = VerifierPool(self, workers=2).start()
         return self._pool.map(tasks, responses)
