@@ -46,7 +46,8 @@ def test_eval_writes_metrics(tmp_path):
     r = cli("eval", "model=tiny", "data=arith", "split=test", "limit=8", "max_turns=2", f"out={out}")
     assert r.returncode == 0, r.stderr
     m = json.loads(out.read_text())
-    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "n"} and m["n"] == 8
+    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n"}
+    assert m["n"] == 8
     assert "acc_t1" in r.stdout
 
 

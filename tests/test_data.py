@@ -112,7 +112,7 @@ def test_a_users_code_tasks_carry_their_tests_and_pick_the_code_verifier(tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "answer": "a", "tests": 3}) + "\n")
     r = cli("check", f"data={bad}")
-    assert r.returncode == 2 and "bad.jsonl:1: field 'tests' must be a program or a list" in r.stderr
+    assert r.returncode == 2 and "bad.jsonl:line 1: field 'tests' must be a program or a list" in r.stderr
 
 
 def test_math_answers_need_a_named_verifier(tmp_path):
