@@ -4,6 +4,8 @@ import pytest
 
 os.environ.setdefault("SELFEVOLVE_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
+# one cache (converted .gguf models) for this process and the CLI subprocesses (which get HOME=/tmp)
+os.environ.setdefault("SELFEVOLVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfevolve"))
 
 
 @pytest.fixture(scope="session")
