@@ -22,10 +22,9 @@ EXE = script("selfevolve")
 
 def cli(*args, cwd=None, env=None):
     assert EXE, "the selfevolve console script is not installed"
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp",
-                               **{k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "VIRTUAL", "SELFEVOLVE_CACHE"))},
-                               **(env or {})})
+    passed = {k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "VIRTUAL", "SELFEVOLVE_CACHE"))}
+    env = {"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp", **passed, **(env or {})}
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "recipe=pretrain", "--help"], ["eval", "--help"],
