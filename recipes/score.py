@@ -33,8 +33,11 @@ Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_step
 `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
 the baseline above, per-attempt credit (γ = 0 between attempts: giving y1 the return-to-go
 r(y1) + r̂(y2) would reward wrong first attempts through the bonus); the std scaling of
-advantages; the k3 KL estimator; log-probabilities of the re-tokenized responses (as SFT
-sees them). Ablations: `stage1_steps=0` (no Stage I), `alpha=0` (no reward shaping).
+advantages; the k3 KL estimator. Log-probabilities are of the sampled tokens in the context
+each attempt was sampled in (`episode_batch`), re-tokenized text only where the policy does
+not report its tokens (an OpenAI endpoint; `meta.tokens` on each trace says which); a
+response cut at `max_new_tokens` is trained without an end of turn. Ablations:
+`stage1_steps=0` (no Stage I), `alpha=0` (no reward shaping).
 """
 
 from __future__ import annotations
