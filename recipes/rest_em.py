@@ -32,7 +32,7 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import answer_message, sft
+from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -69,7 +69,8 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
         if keep:
             seen.add(turn.response)
         traces.append(Trace(task=task, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe,
-                            run=run.name, round=iteration, meta={"phase": "e_step", "kept": keep}))
+                            run=run.name, round=iteration,
+                            meta={"phase": "e_step", "kept": keep, "tokens": trained_tokens([turn])}))
     run.store.append(traces)
     return [t for t in traces if t.meta["kept"]]
 

@@ -67,6 +67,7 @@ from selfevolve.training import (
     optimizer_step,
     pad_batch,
     token_logprobs,
+    trained_tokens,
 )
 from selfevolve.types import SamplingParams, Trace
 
@@ -121,14 +122,8 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     for (_, turn), fb in zip(flat, verifier.verify_batch([x for x, _ in flat], [turn.response for _, turn in flat])):
         turn.feedback = fb
     for t in traces:  # what the update will train on (HF and vLLM report their samples; an endpoint does not)
-        t.meta["tokens"] = "sampled" if all(x.token_ids is not None for x in t.turns) else "retokenized"
+        t.meta["tokens"] = trained_tokens(t.turns)
     return traces, t1 - t0, time.perf_counter() - t1
-
-
-def attempt_message(turn) -> dict:
-    """An attempt as the learner sees it: the sampled tokens where the policy reported them,
-    and whether it was cut at the budget (then no end of turn is taught)."""
-    return {**answer_message(turn), "token_ids": turn.token_ids}
 
 
 def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
@@ -139,8 +134,8 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
     attempt, each in the context the policy had when it sampled."""
     rows, episode = [], []
     for e, t in enumerate(traces):
-        msgs = [{"role": "user", "content": t.task.prompt}, attempt_message(t.turns[0]),
-                {"role": "user", "content": instruction}, attempt_message(t.turns[1])]
+        msgs = [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[0]),
+                {"role": "user", "content": instruction}, answer_message(t.turns[1])]
         for row in encode_turns(tokenizer, msgs):
             rows.append(row)
             episode.append(e)

@@ -52,7 +52,7 @@ from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import answer_message, sft
+from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Trace
 
 
@@ -204,6 +204,7 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
             t.turns[-1].critique = f
     for t in traces:
         t.meta["kept"] = keep(t, cfg.filter)
+        t.meta["tokens"] = trained_tokens(t.turns[-1:])
     run.store.append(traces)
     return [t for t in traces if t.meta["kept"]]
 

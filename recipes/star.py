@@ -41,7 +41,7 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
-from selfevolve.training import answer_message, sft
+from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Task, Trace
 
 
@@ -90,7 +90,8 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
     """Generate, keep, rationalise; store every sample with its outcome. Returns counts."""
     def trace(task, turn, phase, outcome, **meta):
         return Trace(task=task, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe, run=run.name,
-                     round=iteration, meta={"phase": phase, "outcome": outcome, **meta})
+                     round=iteration,
+                     meta={"phase": phase, "outcome": outcome, "tokens": trained_tokens([turn]), **meta})
 
     seed = cfg.seed * 1000 + iteration
     turns = sample(policy, tasks, [t.prompt for t in tasks], verifier, cfg, seed)

@@ -62,7 +62,8 @@ def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") 
     return ids, labels
 
 
-def encode_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
+def encode_turns(tokenizer, messages: list[dict], last_only: bool = False
+                 ) -> list[tuple[list[int], list[int], list[int]]]:
     """Rows (input_ids, labels, attempt) that teach every assistant message exactly as the
     policy produced it: the context is what the policy was given at generation time — the
     template's rendering of the messages before it with the generation prompt, tokenized as
@@ -73,7 +74,8 @@ def encode_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[
 
     Attempts share one row when the earlier row is a token prefix of the later (prefix-stable
     templates, round-tripping text): one forward pass then scores both, exactly. A template
-    that rewrites history (Qwen3's drops <think> from earlier turns) gives a row per attempt."""
+    that rewrites history (Qwen3's drops <think> from earlier turns) gives a row per attempt.
+    `last_only`: teach only the last assistant message (SFT); earlier ones are context."""
     def render(msgs, gen):
         plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
         return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen) if msgs else ""
@@ -82,11 +84,14 @@ def encode_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     stops = set(tokenizer.all_special_ids)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     rows, k = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         k += 1
+        if last_only and i != last:
+            continue
         lo, hi = render(messages[:i], True), render(messages[: i + 1], False)
         at = hi.find(m["content"], len(lo)) if hi.startswith(lo) and m["content"] else -1
         if at < 0:
@@ -121,9 +126,17 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"
 
 
 def answer_message(turn) -> dict:
-    """A sampled Turn as the assistant message an SFT recipe trains on: its text, and, when it
-    was cut at the budget, `unfinished` (no end of turn is taught after it)."""
-    return {"role": "assistant", "content": turn.response, "unfinished": turn.finish_reason == "length"}
+    """A sampled Turn as the assistant message a recipe trains on (`encode_turns`): its text,
+    the sampled token ids where the policy reported them, and, when it was cut at the
+    budget, `unfinished` (no end of turn is taught after it)."""
+    return {"role": "assistant", "content": turn.response, "token_ids": turn.token_ids,
+            "unfinished": turn.finish_reason == "length"}
+
+
+def trained_tokens(turns) -> str:
+    """What `encode_turns` trains these turns on, for the trace: "sampled" ids, or text
+    "retokenized" (a policy that does not report its tokens, such as an OpenAI endpoint)."""
+    return "sampled" if all(t.token_ids is not None for t in turns) else "retokenized"
 
 
 def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
@@ -239,7 +252,7 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
     of `micro_batch_size`). Returns mean loss and token count. `token_lr`: the learning rate
     of trainable embedding rows (`lora_model(trainable_tokens=)`), which start far from where
     they must go and need a larger step than the adapter."""
-    rows = [encode_chat(tokenizer, c, train_on="last") for c in conversations]
+    rows = [encode_turns(tokenizer, c, last_only=True)[0][:2] for c in conversations]  # as generated
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     tokens = [p for n, p in named if "trainable_tokens" in n]

@@ -105,3 +105,16 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         sft_loss(model, batch).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+def test_sft_trains_the_sampled_ids_when_the_policy_reported_them(tiny):
+    from selfevolve.training import IGNORE, answer_message, encode_turns
+    from selfevolve.types import Turn
+
+    conv = [{"role": "user", "content": "What is 2 + 3?"}]
+    sampled = tiny.tokenizer(" The answer is 5.", add_special_tokens=False)["input_ids"]  # with the space the text lost
+    turn = Turn(response="The answer is 5.", token_ids=sampled, finish_reason="stop")
+    ((ids, labels, _),) = encode_turns(tiny.tokenizer, conv + [answer_message(turn)], last_only=True)
+    taught = [t for t, y in zip(ids, labels) if y != IGNORE]
+    assert taught[:-1] == sampled and taught[-1] in tiny.tokenizer.all_special_ids
+    assert ids[: len(tiny.encode_prompts([conv])[0])] == tiny.encode_prompts([conv])[0]  # the prompt it was given
