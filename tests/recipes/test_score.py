@@ -2,6 +2,7 @@
 end through the CLI (stored traces, adapters, metrics, ablation flags, resume)."""
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -149,3 +150,36 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(tiny, tmp_path):
         (l_full, p_full, g_full), (l_mb, p_mb, g_mb) = grads
         assert l_mb == pytest.approx(l_full, abs=1e-5) and p_mb == pytest.approx(p_full, abs=1e-4)
         assert torch.allclose(g_mb, g_full, atol=1e-6, rtol=1e-4) and g_full.abs().sum() > 0
+
+
+def test_a_run_stopped_by_a_non_finite_value_resumes_from_its_last_good_checkpoint(tmp_path, monkeypatch):
+    """A divergence at step 3 (injected: the checked step raises as it would on a NaN) stops
+    the run after the step-2 checkpoint; its adapter is still there, and resuming ends as an
+    uninterrupted run does."""
+    from selfevolve.config import resolve
+    from selfevolve.errors import NonFinite
+    from selfevolve.recipes import score
+    from selfevolve.run import Run
+
+    args = [*SMALL[:2], "stage2_steps=3", *SMALL[3:-2], "checkpoint_every=2", "max_new_tokens=24"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli("run", *args, f"run_dir={whole}").returncode == 0
+    real = score.optimizer_step
+
+    def diverge_at_step_3(opt, params, max_norm, loss, where):
+        if where == "step 3":
+            raise NonFinite(f"{where}: the loss is nan; stopped before the update")
+        return real(opt, params, max_norm, loss, where)
+
+    monkeypatch.setattr(score, "optimizer_step", diverge_at_step_3)
+    overrides = dict(a.split("=", 1) for a in args[1:])
+    yaml_path = pathlib.Path(score.__file__).parent / "configs" / "score.yaml"
+    cfg = resolve(score.ScoreConfig, yaml_path, {**overrides, "recipe": "score", "run_dir": str(cut)})
+    torch.manual_seed(cfg.seed)
+    with pytest.raises(NonFinite, match="step 3"):
+        score.main(cfg, Run(cfg))
+    state = torch.load(cut / "checkpoint" / "state.pt", weights_only=False)["recipe_state"]
+    assert state["step"] == 2 and (cut / "adapters" / "step-2" / "adapter_config.json").exists()
+    r = cli("run", *args, f"run_dir={cut}", "resume=true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
