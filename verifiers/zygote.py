@@ -160,17 +160,22 @@ def _child(req: dict, w: int) -> None:
 
 
 def _kill_all(pid: int) -> None:
-    """Kill the program and everything it started, and reap them."""
+    """Kill the program and everything it started, and reap them. (A hot loop after a fork
+    bomb: plain try/except, not contextlib.suppress, which costs a context manager per kill.)"""
     for _ in range(10000):
         if IN_NS:
             others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1]
             for p in others:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
         else:
             others = []
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass

@@ -35,7 +35,10 @@ def run(verifier, body, task=TASK):
     t0 = time.monotonic()
     fb = verifier.verify(task, body)
     elapsed = time.monotonic() - t0
-    assert elapsed < TIMEOUT + 2, f"took {elapsed:.1f}s"
+    # No hang: the answer comes within the timeout plus the time to kill what the program
+    # started. Killing and reaping a fork bomb's thousands of processes took 3.6-6.0 s on a
+    # loaded 2-core VM (2026-11-21), so the margin is generous; speed lives in bench/.
+    assert elapsed < TIMEOUT + 8, f"took {elapsed:.1f}s"
     return fb
 
 
