@@ -85,6 +85,9 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     return tasks
 
 
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?(/\d+)?")
+
+
 def default_verifier(tasks: list[Task]) -> str:
     """What `verifier=auto` means for these tasks: `code` when they carry tests, `numeric` when
     every reference is a number; anything else has no safe default and is refused.
@@ -100,9 +103,6 @@ def default_verifier(tasks: list[Task]) -> str:
         return "numeric"
     raise UserError(f"verifier=auto cannot tell how to check answers like {(odd or [None])[0]!r}; name one: "
                     "verifier=math (math-verify), exact, regex, choice, code, or a dotted import path")
-
-
-_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?(/\d+)?")
 
 
 def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[Task]:

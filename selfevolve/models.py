@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -96,6 +97,5 @@ def gguf_directory(path: Path) -> Path:
     try:
         tmp.rename(out)
     except OSError:  # another process converted it first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return out

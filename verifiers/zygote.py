@@ -207,15 +207,14 @@ def wipe(scratch: str) -> None:
                 os.unlink(p)
 
 
-def _read_available(r: int, chunks: list, size: int) -> int:
-    """Whatever the pipe still holds (up to 1 MiB in all); returns the new size."""
+def _read_available(r: int, chunks: list, size: int) -> None:
+    """Whatever the pipe still holds, into `chunks` (up to 1 MiB in all, `size` so far)."""
     os.set_blocking(r, False)
     with contextlib.suppress(BlockingIOError, OSError):
         while data := os.read(r, 65536):
             if size < 1 << 20:
                 chunks.append(data)
                 size += len(data)
-    return size
 
 
 def serve_one(req: dict) -> dict:
