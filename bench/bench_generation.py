@@ -46,14 +46,10 @@ def _naive(policy: HFPolicy, texts: list[str]) -> int:
     for text in texts:
         p = _encode(policy, text)
         with torch.no_grad():
-            out = policy.model.generate(
-                input_ids=torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=NEW,
-                do_sample=False,
-                pad_token_id=policy.pad_id,
-                eos_token_id=sorted(policy.eos_ids),
-            )
+            out = policy.model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p),
+                                                                                               dtype=torch.long),
+                                        max_new_tokens=NEW, do_sample=False, pad_token_id=policy.pad_id,
+                                        eos_token_id=sorted(policy.eos_ids))
         row = out[0, len(p) :].tolist()
         tokens += next((k for k, t in enumerate(row) if t in policy.eos_ids), len(row))
     return tokens

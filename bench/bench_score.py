@@ -42,10 +42,8 @@ def plain_update(model, ref_model, opt, traces, tokenizer, pad_id, instruction, 
         for t in traces:
             conv = [{"role": "user", "content": t.task.prompt}, {"role": "assistant", "content": t.turns[0].response}]
             if k == 2:
-                conv += [
-                    {"role": "user", "content": instruction},
-                    {"role": "assistant", "content": t.turns[1].response},
-                ]
+                conv += [{"role": "user", "content": instruction}, {"role": "assistant",
+                                                                    "content": t.turns[1].response}]
             rows.append(encode_chat(tokenizer, conv, "last"))
         b = pad_batch(rows, pad_id)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()

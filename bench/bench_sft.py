@@ -71,9 +71,8 @@ def run() -> dict:
     tokens = sum(len(encode_chat(tokenizer, c, train_on="last")[0]) for c in convs)
     ours(path, tokenizer, convs[:64])  # warm-up
     ours_s = ours(path, tokenizer, convs)
-    rows = [
-        ("selfevolve M-step (training.sft)", f"{tokens / ours_s:,.0f} tokens/s", f"{N} conversations in {ours_s:.2f} s")
-    ]
+    rows = [("selfevolve M-step (training.sft)", f"{tokens / ours_s:,.0f} tokens/s",
+             f"{N} conversations in {ours_s:.2f} s")]
     ratios = []
     try:
         import trl
@@ -81,17 +80,8 @@ def run() -> dict:
         rows.append(("TRL SFTTrainer", "skipped", "pip install trl to compare"))
     else:
         trl_s = trl_sft(path, tokenizer, convs)
-        rows.append(
-            (
-                f"TRL {trl.__version__} SFTTrainer",
-                f"{tokens / trl_s:,.0f} tokens/s",
-                f"{N} conversations in {trl_s:.2f} s",
-            )
-        )
+        rows.append((f"TRL {trl.__version__} SFTTrainer", f"{tokens / trl_s:,.0f} tokens/s",
+                     f"{N} conversations in {trl_s:.2f} s"))
         ratios.append(("selfevolve / TRL (target >= 1.0)", trl_s / ours_s))
-    return {
-        "title": "SFT: the ReST-EM/STaR M-step versus TRL's SFTTrainer",
-        "doc": __doc__.strip(),
-        "rows": rows,
-        "ratios": ratios,
-    }
+    return {"title": "SFT: the ReST-EM/STaR M-step versus TRL's SFTTrainer", "doc": __doc__.strip(), "rows": rows,
+            "ratios": ratios}

@@ -62,19 +62,12 @@ def math_pairs(n: int = 2000) -> tuple[list[Task], list[str]]:
     tasks, responses = [], []
     for i in range(n):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
-        gold, style = rng.choice(
-            [(str(a + b), "int"), (f"\\frac{{{a}}}{{{b}}}", "frac"), (f"{a}\\sqrt{{{b}}}", "sqrt")]
-        )
+        gold, style = rng.choice([(str(a + b), "int"), (f"\\frac{{{a}}}{{{b}}}", "frac"), (f"{a}\\sqrt{{{b}}}",
+                                                                                           "sqrt")])
         right = rng.random() < 0.5
         pred = gold if right else f"{gold}+1"
-        fmt = rng.choice(
-            [
-                "\\boxed{{{}}}",
-                "#### {}",
-                "The answer is ${}$.",
-                "Final Answer: The final answer is ${}$. I hope it is correct.",
-            ]
-        )
+        fmt = rng.choice(["\\boxed{{{}}}", "#### {}", "The answer is ${}$.",
+                          "Final Answer: The final answer is ${}$. I hope it is correct."])
         tasks.append(Task(id=f"m{i}", prompt="q", reference=gold))
         responses.append(fmt.format(pred))
     return tasks, responses
@@ -114,11 +107,9 @@ def run() -> dict:
     ):
         pool.map(tasks[:4], refs[:4])  # warm the workers and their sandboxes
         pool3.map(tasks[:6], refs[:6])
-        code = _interleaved(
-            lambda: [verifier.verify(t, r) for t, r in zip(tasks, refs)],
-            lambda: pool.map(tasks, refs),
-            lambda: pool3.map(tasks, refs),
-        )
+        code = _interleaved(lambda: [verifier.verify(t, r) for t, r in zip(tasks, refs)], lambda: pool.map(tasks,
+                                                                                                           refs),
+                            lambda: pool3.map(tasks, refs))
     (seq, seq_s, _), (par, par_s, _), (par3, par3_s, _) = code
     assert sum(f.score for f in seq) == sum(f.score for f in par) == sum(f.score for f in par3) == 164, (
         "canonical solutions must all pass"

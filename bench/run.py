@@ -26,14 +26,8 @@ BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_scor
 def machine() -> str:
     import torch
 
-    cpu = (
-        next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-            platform.processor(),
-        )
-        if os.path.exists("/proc/cpuinfo")
-        else platform.processor()
-    )
+    cpu = (next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor())
     return (
         f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
         f"{platform.system()} {platform.release()}"
@@ -50,31 +44,17 @@ def main() -> None:
     sections = _sections(path.read_text()) if path.exists() else {}
     for b in chosen:
         r = b.run()
-        lines = [
-            f"## {r['title']}",
-            "",
-            f"{datetime.date.today().isoformat()}, {machine()}",
-            "",
-            r["doc"],
-            "",
-            "| what | throughput | detail |",
-            "|---|---|---|",
-        ]
+        lines = [f"## {r['title']}", "", f"{datetime.date.today().isoformat()}, {machine()}", "", r["doc"], "",
+                 "| what | throughput | detail |", "|---|---|---|"]
         lines += [f"| {a} | {t} | {d} |" for a, t, d in r["rows"]]
-        lines += (
-            ["", "| ratio | value |", "|---|---|"]
-            + [f"| {k} | {v if isinstance(v, str) else f'{v:.2f}x'} |" for k, v in r["ratios"]]
-            + [""]
-        )
+        lines += (["", "| ratio | value |",
+                   "|---|---|"] + [f"| {k} | {v if isinstance(v, str) else f'{v:.2f}x'} |" for k,
+                                                            v in r["ratios"]] + [""])
         sections[r["title"]] = "\n".join(lines)
         print(sections[r["title"]])
-    head = [
-        "# Benchmarks",
-        "",
-        '- command: `pip install -e ".[bench]" && python bench/run.py [generation|verifiers|sft|serve|score]`',
-        "- each section names the date and machine it was measured on",
-        "",
-    ]
+    head = ["# Benchmarks", "",
+            '- command: `pip install -e ".[bench]" && python bench/run.py [generation|verifiers|sft|serve|score]`',
+            "- each section names the date and machine it was measured on", ""]
     path.write_text("\n".join(head) + "\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
 
 

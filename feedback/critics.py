@@ -75,12 +75,8 @@ class VerifierCritic:
     source = "verifier"
 
     def __init__(self, verifier: Verifier, reveal_reference: bool = False, memory: int = 3, tail_lines: int = 6):
-        self.verifier, self.reveal_reference, self.memory, self.tail_lines = (
-            verifier,
-            reveal_reference,
-            memory,
-            tail_lines,
-        )
+        self.verifier, self.reveal_reference, self.memory, self.tail_lines = (verifier, reveal_reference, memory,
+                                                                              tail_lines)
 
     def _words(self, task: Task, fb: Feedback) -> str:
         if fb.score is not None and fb.score >= 1.0:
@@ -113,14 +109,8 @@ class VerifierCritic:
         for i, (task, turns) in enumerate(zip(tasks, turns_lists)):
             fb = fresh.get(i) or turns[-1].feedback
             text = self._words(task, fb) + _notes(turns, self.memory)
-            out.append(
-                Feedback(
-                    text=text,
-                    source=self.source,
-                    details={"score": fb.score},
-                    verdict="correct" if fb.score is not None and fb.score >= 1.0 else "wrong",
-                )
-            )
+            out.append(Feedback(text=text, source=self.source, details={"score": fb.score},
+                                verdict="correct" if fb.score is not None and fb.score >= 1.0 else "wrong"))
         return out
 
     def critique(self, task: Task, turns: list[Turn]) -> Feedback:
@@ -130,16 +120,8 @@ class VerifierCritic:
 CRITICS = ("none", "self", "verifier", "judge")
 
 
-def get_critic(
-    name: str,
-    policy=None,
-    verifier: Verifier | None = None,
-    judge=None,
-    template: str | None = None,
-    reveal_reference: bool = False,
-    memory: int = 3,
-    max_new_tokens: int = 128,
-):
+def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=None, template: str | None = None,
+               reveal_reference: bool = False, memory: int = 3, max_new_tokens: int = 128):
     """The critic `critic=NAME` selects: none | self | verifier | judge."""
     from ..errors import UserError
 

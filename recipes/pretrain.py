@@ -70,9 +70,8 @@ CHAT_TEMPLATE = (
 class PretrainConfig(RecipeConfig):
     recipe: str = "pretrain"
     data: str = "arith"
-    difficulties: list[int] = Field(
-        [1, 2, 2, 3], description="difficulty of each corpus problem, drawn uniformly from this list"
-    )
+    difficulties: list[int] = Field([1, 2, 2, 3],
+                                    description="difficulty of each corpus problem, drawn uniformly from this list")
     p_direct: float = Field(0.6, ge=0, le=1, description="share of single-turn answers in the direct style")
     p_two_turn: float = Field(0.2, ge=0, le=1, description="share of two-turn correction transcripts")
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
@@ -154,45 +153,24 @@ def build_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerFast:
     rng = random.Random(f"tokenizer:{cfg.seed}")
     texts = [m["content"] for _ in range(3000) for m in corpus_example(rng, cfg)]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size,
-            special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", model_max_length=cfg.n_positions
-    )
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+                                   model_max_length=cfg.n_positions)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
 def build_model(cfg: PretrainConfig, tokenizer) -> GPT2LMHeadModel:
     torch.manual_seed(cfg.seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-    )
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=True)
     return GPT2LMHeadModel(config)
 
 
@@ -229,11 +207,9 @@ def main(cfg: PretrainConfig, run: Run) -> None:
     model = build_model(cfg, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
+                                                                                   "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.95))
 
     state = run.restore()
     if state is None:
@@ -257,13 +233,8 @@ def main(cfg: PretrainConfig, run: Run) -> None:
             optimizer_step(opt, list(model.parameters()), 1.0, loss.item(), f"step {step + 1}")
             bar.advance()
             if (step + 1) % cfg.log_every == 0:
-                run.log(
-                    step=step + 1,
-                    loss=round(loss.item(), 5),
-                    lr=lr_at(cfg, step),
-                    tokens=int(batch["attention_mask"].sum()),
-                    time_train=round(time.perf_counter() - t0, 4),
-                )
+                run.log(step=step + 1, loss=round(loss.item(), 5), lr=lr_at(cfg, step),
+                        tokens=int(batch["attention_mask"].sum()), time_train=round(time.perf_counter() - t0, 4))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or run.stop_requested:
                 run.checkpoint({**state, "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
 

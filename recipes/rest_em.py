@@ -95,54 +95,24 @@ def main(cfg: RestEMConfig, run: Run) -> None:
 
         continue_from = None if cfg.reset_each_iteration else state["adapter"]
         model = base.learner(cfg, lora=cfg.lora, init_from=continue_from)
-        convs = [
-            [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])]
-            for t in kept
-        ]
+        convs = [[{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept]
         t1 = time.perf_counter()
         steps = cfg.epochs * -(-len(convs) // cfg.sft_batch_size)
         with run.progress(f"sft iteration {it}", total=steps) as bar:
-            stats = (
-                sft(
-                    model,
-                    tokenizer,
-                    convs,
-                    epochs=cfg.epochs,
-                    lr=cfg.lr,
-                    batch_size=cfg.sft_batch_size,
-                    seed=cfg.seed + it,
-                    bar=bar,
-                    micro_batch_size=cfg.micro_batch_size,
-                )
-                if convs
-                else {}
-            )
+            stats = (sft(model, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,
+                         seed=cfg.seed + it, bar=bar, micro_batch_size=cfg.micro_batch_size) if convs else {})
         t_train = time.perf_counter() - t1
 
         # Sync: save the update, serve it, verify the served policy is the learner.
         path = run.dir / "adapters" / f"iter-{it}"
-        policy = publish(
-            policy,
-            model,
-            tokenizer,
-            path,
-            f"iter-{it}",
-            lora=cfg.lora,
-            replaces=f"iter-{it - 1}" if state["adapter"] else None,
-        )
+        policy = publish(policy, model, tokenizer, path, f"iter-{it}", lora=cfg.lora,
+                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         kept_n = len(kept)
         total = len(tasks) * cfg.num_samples
-        run.log(
-            iteration=it,
-            kept=kept_n,
-            rejected=total - kept_n,
-            tasks_with_kept=len({t.task.id for t in kept}),
-            time_sample=round(t_sample, 2),
-            time_train=round(t_train, 2),
-            **stats,
-        )
+        run.log(iteration=it, kept=kept_n, rejected=total - kept_n, tasks_with_kept=len({t.task.id for t in kept}),
+                time_sample=round(t_sample, 2), time_train=round(t_train, 2), **stats)
         state["history"].append({"iteration": it, "kept": kept_n, **metrics})
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint(state)
@@ -150,10 +120,5 @@ def main(cfg: RestEMConfig, run: Run) -> None:
     best = max(state["history"], key=lambda h: h["acc_t1"])
     print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); "
           f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    run.finish(
-        before=state["before"],
-        after=best,
-        best_iteration=best["iteration"],
-        best_adapter=f"adapters/iter-{best['iteration']}",
-        iterations=state["history"],
-    )
+    run.finish(before=state["before"], after=best, best_iteration=best["iteration"],
+               best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])

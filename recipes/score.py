@@ -147,9 +147,8 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
     return batch, which == 1, which == 2, torch.tensor(episode)
 
 
-def score_loss(
-    learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig, backward: bool = False
-) -> tuple[torch.Tensor, dict]:
+def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
+               backward: bool = False) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
     Advantages use the whole batch's rewards; the forward passes (policy, and the reference
@@ -161,10 +160,8 @@ def score_loss(
         adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))  # only r(y2) is maximised
         betas = (cfg.beta2, cfg.beta1)
     else:
-        adv = (
-            baseline_advantage(r1, cfg.scale_advantages),
-            baseline_advantage(shaped_reward(r1, r2, cfg.alpha), cfg.scale_advantages),
-        )
+        adv = (baseline_advantage(r1, cfg.scale_advantages), baseline_advantage(shaped_reward(r1, r2, cfg.alpha),
+                                                                                cfg.scale_advantages))
         betas = (cfg.beta1, cfg.beta1)
     batch, m1, m2, row_episode = episode
     adv = tuple(a[row_episode] for a in adv)  # each row carries its episode's advantages
@@ -251,26 +248,17 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             name = f"step-{step + 1}"
             path = run.dir / "adapters" / name
-            policy = publish(
-                policy, learner, tokenizer, path, name, replaces=f"step-{step}" if state["adapter"] else None
-            )
+            policy = publish(policy, learner, tokenizer, path, name,
+                             replaces=f"step-{step}" if state["adapter"] else None)
             if state["adapter"]:
                 run.retire(state["adapter"])  # deleted once a checkpoint no longer refers to it
             state["adapter"] = str(path)
             t_sync = time.perf_counter() - t0
 
-            run.log(
-                step=step + 1,
-                stage=stage,
-                reward_t1=round(r1.mean().item(), 4),
-                reward_t2=round(r2.mean().item(), 4),
-                **parts,
-                time_generate=round(t_gen, 3),
-                time_verify=round(t_ver, 3),
-                time_train=round(t_train, 3),
-                time_sync=round(t_sync, 3),
-                time_checkpoint=round(t_ckpt, 3),
-            )
+            run.log(step=step + 1, stage=stage, reward_t1=round(r1.mean().item(), 4), reward_t2=round(r2.mean().item(),
+                                                                                                      4), **parts,
+                    time_generate=round(t_gen, 3), time_verify=round(t_ver, 3), time_train=round(t_train, 3),
+                    time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
             t_ckpt = 0.0
             state["step"] = step + 1
             if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
@@ -286,9 +274,5 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     final = run.dir / "adapters" / "final"
     if state["adapter"]:
         shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
-    run.finish(
-        before=state["before"],
-        after=state["history"][-1] if state["history"] else state["before"],
-        adapter="adapters/final",
-        evaluations=state["history"],
-    )
+    run.finish(before=state["before"], after=state["history"][-1] if state["history"] else state["before"],
+               adapter="adapters/final", evaluations=state["history"])

@@ -58,9 +58,8 @@ from selfevolve.types import SamplingParams, Trace
 
 class SelfConfig(RecipeConfig):
     recipe: str = "self_evolve"
-    critic: str = Field(
-        "self", pattern="^(none|self|verifier|judge)$", description="critic used by evaluation (SELF: self)"
-    )
+    critic: str = Field("self", pattern="^(none|self|verifier|judge)$",
+                        description="critic used by evaluation (SELF: self)")
     iterations: int = Field(2, ge=1, description="self-evolution iterations after meta-skill learning")
     meta_tasks: int = Field(1000, ge=1, description="prompts for the meta-skill tuples")
     evolve_tasks: int = Field(1000, ge=1, description="unlabeled prompts per self-evolution iteration")
@@ -87,12 +86,8 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
     answering questions while it learns to critique."""
     x, first = trace.task.prompt, trace.turns[0]
     f = first.critique.text
-    out = [
-        [
-            {"role": "user", "content": CRITIQUE.format(question=x, answer=first.response, notes="")},
-            {"role": "assistant", "content": f},
-        ]
-    ]
+    out = [[{"role": "user", "content": CRITIQUE.format(question=x, answer=first.response, notes="")},
+            {"role": "assistant", "content": f}]]
     if len(trace.turns) > 1:
         out.append(
             [
@@ -211,18 +206,8 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
 
 def fine_tune(learner, tokenizer, convs, cfg: SelfConfig, seed: int, run: Run, label: str) -> dict:
     with run.progress(label, total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
-        return sft(
-            learner,
-            tokenizer,
-            convs,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            batch_size=cfg.sft_batch_size,
-            seed=seed,
-            bar=bar,
-            token_lr=cfg.token_lr,
-            micro_batch_size=cfg.micro_batch_size,
-        )
+        return sft(learner, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size, seed=seed,
+                   bar=bar, token_lr=cfg.token_lr, micro_batch_size=cfg.micro_batch_size)
 
 
 def main(cfg: SelfConfig, run: Run) -> None:
@@ -244,9 +229,8 @@ def main(cfg: SelfConfig, run: Run) -> None:
         t0 = time.perf_counter()
         meta = run.store.query(meta={"phase": "meta"}) if phase else None
         if phase == 0:
-            critic = (
-                JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier, reveal_reference=False)
-            )
+            critic = (JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier,
+                                                                                           reveal_reference=False))
             meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
             train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model == "tiny"
             state["tokens"] = feedback_token_ids(tokenizer, meta) if train_rows else []
@@ -255,16 +239,10 @@ def main(cfg: SelfConfig, run: Run) -> None:
         else:
             chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks : phase * cfg.evolve_tasks]
             kept = evolve(policy, chunk, verifier, cfg, phase, run)
-            convs = [
-                [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept
-            ]
+            convs = [[{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept]
             convs += [c for t in meta for c in meta_examples(t)]
-            extra = {
-                "kept": len(kept),
-                "evolved": len(chunk),
-                "filter": cfg.filter,
-                "refined": sum(len(t.turns) > 1 for t in kept),
-            }
+            extra = {"kept": len(kept), "evolved": len(chunk), "filter": cfg.filter,
+                     "refined": sum(len(t.turns) > 1 for t in kept)}
         t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
         learner = base.learner(cfg, init_from=state["adapter"], trainable_tokens=state.get("tokens"))
@@ -272,25 +250,14 @@ def main(cfg: SelfConfig, run: Run) -> None:
         t_train = time.perf_counter() - t0
 
         path = run.dir / "adapters" / f"phase-{phase}"
-        policy = publish(
-            policy,
-            learner,
-            tokenizer,
-            path,
-            f"phase-{phase}",
-            replaces=f"phase-{phase - 1}" if state["adapter"] else None,
-        )
+        policy = publish(policy, learner, tokenizer, path, f"phase-{phase}",
+                         replaces=f"phase-{phase - 1}" if state["adapter"] else None)
         metrics = run.evaluate(policy, f"phase-{phase}", round=phase)
-        run.log(
-            phase=phase, examples=len(convs), time_data=round(t_data, 2), time_train=round(t_train, 2), **extra, **stats
-        )
+        run.log(phase=phase, examples=len(convs), time_data=round(t_data, 2), time_train=round(t_train, 2), **extra,
+                **stats)
         state["history"].append({"phase": phase, **extra, **metrics})
         state.update(phase=phase + 1, adapter=str(path))
         run.checkpoint(state)
 
-    run.finish(
-        before=state["before"],
-        after=state["history"][-1],
-        adapter=f"adapters/phase-{cfg.iterations}",
-        phases=state["history"],
-    )
+    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/phase-{cfg.iterations}",
+               phases=state["history"])

@@ -58,9 +58,8 @@ class SpinConfig(RecipeConfig):
     train_tasks: int = Field(1000, ge=1, description="prompts per iteration")
     temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
     epochs: int = Field(2, ge=1, description="passes over the pairs per iteration")
-    lr: float = Field(
-        3e-5, gt=0, description="AdamW learning rate (higher rates collapse the gold likelihood, see README)"
-    )
+    lr: float = Field(3e-5, gt=0,
+                      description="AdamW learning rate (higher rates collapse the gold likelihood, see README)")
     pair_batch_size: int = Field(32, ge=1, description="pairs per optimizer step")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
@@ -75,9 +74,8 @@ def gold(task, cfg: SpinConfig) -> str:
 
 def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -> list[Trace]:
     """y' from the current opponent for every prompt; stored with the gold response."""
-    sampling = SamplingParams(
-        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration
-    )
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                              seed=cfg.seed * 1000 + iteration)
     outs = policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling)
     traces = [
         Trace(
@@ -97,10 +95,8 @@ def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -
 
 def sequence_logprobs(model, tokenizer, pad_id: int, prompts: list[str], responses: list[str]) -> torch.Tensor:
     """Σ log p(response | prompt) per pair (the response's tokens and its end token)."""
-    rows = [
-        encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}], "last")
-        for x, y in zip(prompts, responses)
-    ]
+    rows = [encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}],
+                        "last") for x, y in zip(prompts, responses)]
     lp, _ = token_logprobs(model, pad_batch(rows, pad_id, next(model.parameters()).device))
     return lp.sum(-1)
 
@@ -119,9 +115,8 @@ def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> 
     return out
 
 
-def train_iteration(
-    learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run, bar
-) -> dict:
+def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run,
+                    bar) -> dict:
     """Epochs of the SPIN loss over the pairs; one metrics line per step (`step` counts the
     optimizer steps of the whole run)."""
     refs = opponent_logprobs(learner, tokenizer, pad_id, pairs)
@@ -164,13 +159,8 @@ def train_iteration(
             bar.advance()
     learner.eval()
     last = step_stats[-max(1, len(step_stats) // cfg.epochs) :]
-    return {
-        "steps": step,
-        **{
-            k: round(sum(s[k] for s in last) / len(last), 5)
-            for k in ("loss", "reward_margin", "logp_gold", "logp_self")
-        },
-    }
+    return {"steps": step, **{k: round(sum(s[k] for s in last) / len(last), 5) for k in ("loss", "reward_margin",
+                                                                                         "logp_gold", "logp_self")}}
 
 
 def main(cfg: SpinConfig, run: Run) -> None:
@@ -208,11 +198,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:
-            stats = (
-                train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state["steps"], run, bar)
-                if pairs
-                else {}
-            )
+            stats = (train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg, it, state["steps"], run,
+                                     bar) if pairs else {})
         state["steps"] = stats.pop("steps", state["steps"])
         t_train = time.perf_counter() - t0
 
@@ -240,9 +227,5 @@ def main(cfg: SpinConfig, run: Run) -> None:
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
 
-    run.finish(
-        before=state["before"],
-        after=state["history"][-1],
-        adapter=f"adapters/iter-{cfg.iterations - 1}",
-        iterations=state["history"],
-    )
+    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/iter-{cfg.iterations - 1}",
+               iterations=state["history"])

@@ -129,40 +129,19 @@ def main(cfg: StarConfig, run: Run) -> None:
         t_sample = time.perf_counter() - t0
 
         # M-step from the base model, on this iteration's kept + rationalised samples (from the store).
-        chosen = run.store.query(round=it, meta={"outcome": "kept"}) + run.store.query(
-            round=it, meta={"outcome": "rationalised"}
-        )
+        chosen = run.store.query(round=it, meta={"outcome": "kept"}) + run.store.query(round=it,
+                                                                                       meta={"outcome": "rationalised"})
         convs = [training_example(t) for t in chosen]
         model = base.learner(cfg, lora=cfg.lora)
         t1 = time.perf_counter()
         with run.progress(f"sft iteration {it}", total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
-            stats = (
-                sft(
-                    model,
-                    tokenizer,
-                    convs,
-                    epochs=cfg.epochs,
-                    lr=cfg.lr,
-                    batch_size=cfg.sft_batch_size,
-                    seed=cfg.seed + it,
-                    bar=bar,
-                    micro_batch_size=cfg.micro_batch_size,
-                )
-                if convs
-                else {}
-            )
+            stats = (sft(model, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,
+                         seed=cfg.seed + it, bar=bar, micro_batch_size=cfg.micro_batch_size) if convs else {})
         t_train = time.perf_counter() - t1
 
         path = run.dir / "adapters" / f"iter-{it}"
-        policy = publish(
-            policy,
-            model,
-            tokenizer,
-            path,
-            f"iter-{it}",
-            lora=cfg.lora,
-            replaces=f"iter-{it - 1}" if state["adapter"] else None,
-        )
+        policy = publish(policy, model, tokenizer, path, f"iter-{it}", lora=cfg.lora,
+                         replaces=f"iter-{it - 1}" if state["adapter"] else None)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
         best_before = max([state["before"]["acc_t1"]] + [h["acc_t1"] for h in state["history"]])
@@ -175,10 +154,5 @@ def main(cfg: StarConfig, run: Run) -> None:
     best = max(state["history"], key=lambda h: h["acc_t1"])
     print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); "
           f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    run.finish(
-        before=state["before"],
-        after=best,
-        best_iteration=best["iteration"],
-        best_adapter=f"adapters/iter-{best['iteration']}",
-        iterations=state["history"],
-    )
+    run.finish(before=state["before"], after=best, best_iteration=best["iteration"],
+               best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])

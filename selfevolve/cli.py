@@ -123,14 +123,9 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     if cfg.out:
         _check_writable(cfg.out)
     policy = served_policy(cfg, adapter=cfg.adapter)
-    metrics, _ = evaluate(
-        policy,
-        tasks,
-        verifier,
-        max_turns=cfg.max_turns,
-        critic=critic_from_config(cfg, policy, verifier),
-        sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens),
-    )
+    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=critic_from_config(cfg, policy,
+                                                                                                      verifier),
+                          sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
     print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
     if cfg.out:
         atomic_write(Path(cfg.out), json.dumps(metrics, indent=2) + "\n")
@@ -262,16 +257,8 @@ def cmd_report(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-COMMANDS = {
-    "traces": cmd_traces,
-    "report": cmd_report,
-    "run": cmd_run,
-    "eval": cmd_eval,
-    "refine": cmd_refine,
-    "check": cmd_check,
-    "recipes": cmd_recipes,
-    "serve": cmd_serve,
-}
+COMMANDS = {"traces": cmd_traces, "report": cmd_report, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine,
+            "check": cmd_check, "recipes": cmd_recipes, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,9 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print(
-            f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true", file=sys.stderr
-        )
+        print(f"selfevolve {cmd}: interrupted; a run continues from its last checkpoint with resume=true",
+              file=sys.stderr)
         return 130
 
 

@@ -35,11 +35,8 @@ class ModelKeys(Keys):
     """The served model: what answers, where, and how much per call."""
 
     model: str = Field("tiny", description="`tiny` (bundled), a local HF model directory, or an http(s):// endpoint")
-    policy: str = Field(
-        "hf",
-        pattern="^(hf|vllm|openai)$",
-        description="serving engine: hf (transformers) | vllm | openai (model= is a URL)",
-    )
+    policy: str = Field("hf", pattern="^(hf|vllm|openai)$",
+                        description="serving engine: hf (transformers) | vllm | openai (model= is a URL)")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda (the learner's too)")
     dtype: str = Field(
         "auto", pattern="^(auto|float32|bfloat16|float16)$",
@@ -75,11 +72,8 @@ class VerifierKeys(Keys):
 class FeedbackKeys(VerifierKeys):
     """What happens between attempts: the critic, and how many attempts."""
 
-    critic: str = Field(
-        "none",
-        pattern="^(none|self|verifier|judge)$",
-        description="who critiques between turns: none (SCoRe's instruction) | self | verifier | judge",
-    )
+    critic: str = Field("none", pattern="^(none|self|verifier|judge)$",
+                        description="who critiques between turns: none (SCoRe's instruction) | self | verifier | judge")
     judge: str | None = Field(None, description="critic=judge: a model directory, `tiny`, or an http(s):// endpoint")
     reveal_reference: bool = Field(False, description="critic=verifier: include the expected answer in the critique")
     memory: int = Field(3, ge=0, description="earlier critiques carried into later turns (Reflexion-style), at most")

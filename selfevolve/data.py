@@ -72,16 +72,10 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
                             f"got {type(tests).__name__}")
         known = (prompt_field, answer_field, id_field, tests_field, entry_point_field)
         meta = {k: v for k, v in row.items() if k not in known}
-        tasks.append(
-            Task(
-                id=_task_id(data, (where, row), id_field),
-                prompt=str(row[prompt_field]),
-                reference=None if ref is None else str(ref),
-                tests=tests,
-                entry_point=None if entry_point is None else str(entry_point),
-                meta=json.loads(json.dumps(meta, default=str)),
-            )
-        )
+        tasks.append(Task(id=_task_id(data, (where, row), id_field), prompt=str(row[prompt_field]),
+                          reference=None if ref is None else str(ref), tests=tests,
+                          entry_point=None if entry_point is None else str(entry_point),
+                          meta=json.loads(json.dumps(meta, default=str))))
     return tasks
 
 
@@ -110,16 +104,9 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
     tasks come from `eval_data` when set, else from the source's own split, else from a
     seeded `eval_fraction` slice of a flat file (seed and fraction are in config.yaml), so
     training never sees them. The `eval` and `check` commands read every task."""
-    kw = dict(
-        limit=limit,
-        seed=cfg.seed,
-        prompt_field=cfg.prompt_field,
-        answer_field=cfg.answer_field,
-        id_field=cfg.id_field,
-        difficulty=cfg.difficulty,
-        tests_field=cfg.tests_field,
-        entry_point_field=cfg.entry_point_field,
-    )
+    kw = dict(limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+              id_field=cfg.id_field, difficulty=cfg.difficulty, tests_field=cfg.tests_field,
+              entry_point_field=cfg.entry_point_field)
     if holdout and getattr(cfg, "eval_data", None):
         if split == cfg.eval_split:
             return load_tasks(cfg.eval_data, split=split, **kw)

@@ -55,33 +55,19 @@ def to_task(value: Any, i: int = 0) -> Task:
 class SelfRefiner(Runnable):
     """The selfevolve loop as an LCEL step: answer, get feedback, revise."""
 
-    def __init__(
-        self, policy, verifier=None, critic=None, max_turns: int = 3, sampling: SamplingParams | None = None, store=None
-    ):
+    def __init__(self, policy, verifier=None, critic=None, max_turns: int = 3, sampling: SamplingParams | None = None,
+                 store=None):
         self.policy, self.verifier, self.critic, self.max_turns = policy, verifier, critic, max_turns
         self.sampling = sampling or SamplingParams(temperature=0.0, max_new_tokens=128)
         self.store = store  # a TraceStore to keep every trace, or None
 
     def _run(self, inputs: list) -> list[AIMessage]:
-        traces = refine_batch(
-            [to_task(x, i) for i, x in enumerate(inputs)],
-            self.policy,
-            self.verifier,
-            self.critic,
-            self.max_turns,
-            sampling=self.sampling,
-            stop_when_correct=False,
-            recipe="langchain",
-        )
+        traces = refine_batch([to_task(x, i) for i, x in enumerate(inputs)], self.policy, self.verifier, self.critic,
+                              self.max_turns, sampling=self.sampling, stop_when_correct=False, recipe="langchain")
         if self.store is not None:
             self.store.append(traces)
-        return [
-            AIMessage(
-                content=t.final,
-                response_metadata={"trace_id": t.id, "turns": len(t.turns), "scores": [x.score for x in t.turns]},
-            )
-            for t in traces
-        ]
+        return [AIMessage(content=t.final, response_metadata={"trace_id": t.id, "turns": len(t.turns),
+                                                              "scores": [x.score for x in t.turns]}) for t in traces]
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
         return self._call_with_config(lambda x: self._run([x])[0], input, config)

@@ -63,9 +63,8 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
             traces[i].turns.append(out[0])
         if verifier is not None:
             scored = [i for i in active if traces[i].task.reference is not None or traces[i].task.tests]
-            fbs = verifier.verify_batch(
-                [traces[i].task for i in scored], [traces[i].turns[-1].response for i in scored]
-            )
+            fbs = verifier.verify_batch([traces[i].task for i in scored],
+                                        [traces[i].turns[-1].response for i in scored])
             for i, fb in zip(scored, fbs):
                 traces[i].turns[-1].feedback = fb
         going = [

@@ -184,13 +184,8 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
         parts = list(dict.fromkeys(p for s in splits.values() for p in s))
         for i, p in enumerate(parts):
             lefts = [sum(s.get(q, 0) / (sum(s.values()) or 1) for q in parts[:i]) for s in splits.values()]
-            ax.barh(
-                list(splits),
-                [s.get(p, 0) / (sum(s.values()) or 1) for s in splits.values()],
-                left=lefts,
-                color=colours[i % len(colours)],
-                label=p,
-            )
+            ax.barh(list(splits), [s.get(p, 0) / (sum(s.values()) or 1) for s in splits.values()], left=lefts,
+                    color=colours[i % len(colours)], label=p)
         ax.set_xlim(0, 1)
         ax.set_xlabel("share of logged wall-clock time")
         ax.legend(
@@ -199,11 +194,8 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
             loc="upper center",
             bbox_to_anchor=(0.5, -0.45 if len(runs) == 1 else -0.2),
         )
-        save(
-            fig,
-            "time_split.png",
-            "Where the time of the logged steps went (generation, verification, training, sync, ...).",
-        )
+        save(fig, "time_split.png",
+             "Where the time of the logged steps went (generation, verification, training, sync, ...).")
     return made
 
 

@@ -157,13 +157,8 @@ class Run:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save the recipe's state atomically, with RNG states and the current lengths of
         the metrics log and the trace store; then delete what was retired before it."""
-        full = {
-            "recipe_state": state,
-            "metrics_lines": self._metrics_lines(),
-            "trace_seq": self.store.last_seq(),
-            "rng_torch": torch.get_rng_state(),
-            "rng_python": random.getstate(),
-        }
+        full = {"recipe_state": state, "metrics_lines": self._metrics_lines(), "trace_seq": self.store.last_seq(),
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
         path = self.dir / "checkpoint" / "state.pt"
         tmp = path.with_name("state.pt.tmp")
         try:
@@ -243,10 +238,8 @@ class Run:
 
             print(f"report: {write_report([self.dir])}")
         except Exception as e:  # noqa: BLE001
-            print(
-                f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`",
-                file=sys.stderr,
-            )
+            print(f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`",
+                  file=sys.stderr)
         return summary
 
     def progress(self, description: str, total: int | None, completed: int = 0):

@@ -53,9 +53,8 @@ class ServeConfig(ModelKeys, FeedbackKeys):
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 exposes it to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SELFEVOLVE_API_KEY)")
-    name: str | None = Field(
-        None, description="the base model's id in /v1/models (default: the model directory's name)"
-    )
+    name: str | None = Field(None,
+                             description="the base model's id in /v1/models (default: the model directory's name)")
     max_batch: int = Field(64, ge=1, description="requests answered together at most")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
@@ -174,9 +173,8 @@ class Server:
 
     def critic(self, name: str):
         if name not in self._critics:
-            self._critics[name] = critic_from_config(
-                self.cfg.model_copy(update={"critic": name}), self.policy, self.verifier
-            )
+            self._critics[name] = critic_from_config(self.cfg.model_copy(update={"critic": name}), self.policy,
+                                                     self.verifier)
         return self._critics[name]
 
     def models(self) -> list[str]:
@@ -188,9 +186,8 @@ class Server:
             return None
         if base in getattr(self.policy, "adapters", {}):
             return base
-        raise HTTPError(
-            404, f"model {model!r} does not exist; available: {', '.join(self.models())}", "not_found_error"
-        )
+        raise HTTPError(404, f"model {model!r} does not exist; available: {', '.join(self.models())}",
+                        "not_found_error")
 
     # --- the worker ---------------------------------------------------------------------------
 
@@ -214,9 +211,8 @@ class Server:
                 groups.setdefault((j.kind, j.key), []).append(j)
             for (kind, key), group in groups.items():
                 try:
-                    results = await loop.run_in_executor(
-                        self.executor, self._run, kind, key, [j.payload for j in group]
-                    )
+                    results = await loop.run_in_executor(self.executor, self._run, kind, key,
+                                                         [j.payload for j in group])
                 except Exception as e:  # one bad group must not stop the server
                     for j in group:
                         if not j.future.done():
@@ -236,17 +232,8 @@ class Server:
             return self.policy.generate(payloads, sampling)
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
-        traces = refine_batch(
-            payloads,
-            self.policy,
-            self.verifier,
-            self.critic(key.critic),
-            key.max_turns,
-            sampling=sampling,
-            stop_when_correct=False,
-            recipe="serve",
-            run="serve",
-        )
+        traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
+                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve")
         self.store.append(traces)
         return traces
 
@@ -261,9 +248,8 @@ class Server:
             raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.cfg.max_tokens_limit}")
         if n > self.cfg.max_n:
             raise HTTPError(400, f"n={n} exceeds this server's limit of {self.cfg.max_n}")
-        return SamplingParams(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed, logprobs=bool(logprobs)
-        )
+        return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
+                              logprobs=bool(logprobs))
 
     def check_length(self, ids_len: int) -> None:
         limit = getattr(self.policy, "max_positions", None)
@@ -295,9 +281,8 @@ class Server:
             raise HTTPError(400, "a refinement request is one user message (optionally after a system message)")
         max_turns = refine.max_turns or self.cfg.max_turns
         if max_turns > self.cfg.max_turns_limit:
-            raise HTTPError(
-                400, f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}"
-            )
+            raise HTTPError(400,
+                            f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}")
         critic = refine.critic or self.cfg.critic
         if critic == "verifier" and refine.reference is None:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
@@ -305,29 +290,17 @@ class Server:
         trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic), task)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
-        out["selfevolve"] = {
-            "trace_id": trace.id,
-            "turns": len(trace.turns),
-            "scores": [t.score for t in trace.turns],
-            "critiques": [t.critique.text if t.critique else None for t in trace.turns],
-        }
+        out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns), "scores": [t.score for t in trace.turns],
+                             "critiques": [t.critique.text if t.critique else None for t in trace.turns]}
         return out
 
     def _chat_choice(self, i, turn, max_tokens, logprobs) -> dict:
-        choice = {
-            "index": i,
-            "message": {"role": "assistant", "content": turn.response},
-            "finish_reason": turn.finish_reason or "stop",
-            "logprobs": None,
-        }
+        choice = {"index": i, "message": {"role": "assistant", "content": turn.response},
+                  "finish_reason": turn.finish_reason or "stop", "logprobs": None}
         if logprobs and turn.logprobs is not None:
             tok = self.policy.tokenizer
-            choice["logprobs"] = {
-                "content": [
-                    {"token": tok.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                    for t, lp in zip(turn.token_ids, turn.logprobs)
-                ]
-            }
+            choice["logprobs"] = {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": None,
+                                               "top_logprobs": []} for t, lp in zip(turn.token_ids, turn.logprobs)]}
         return choice
 
     def _chat_response(self, model, created, choices, prompt: int, turns) -> dict:
@@ -353,35 +326,24 @@ class Server:
         ids = [tok(p)["input_ids"] for p in prompts]
         for x in ids:
             self.check_length(len(x))
-        results = await asyncio.gather(
-            *[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()), p) for p in prompts]
-        )
+        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
+                                                     p) for p in prompts])
         echoed = {}
         if req.echo and req.logprobs is not None:
-            echoed = {
-                i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a))
-                for i, p in enumerate(prompts)
-            }
+            echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a)) for i,
+                      p in enumerate(prompts)}
         choices, completion = [], 0
         for i, (p, turns) in enumerate(zip(prompts, results)):
             for t in turns:
                 completion += len(t.token_ids or [])
-                choice = {
-                    "index": len(choices),
-                    "text": (p if req.echo else "") + t.response,
-                    "finish_reason": t.finish_reason or "stop",
-                    "logprobs": None,
-                }
+                choice = {"index": len(choices), "text": (p if req.echo else "") + t.response,
+                          "finish_reason": t.finish_reason or "stop", "logprobs": None}
                 if req.logprobs is not None:
                     gen_toks = [tok.decode([x]) for x in (t.token_ids or [])]
                     ptoks, plps = echoed.get(i, ([], []))
                     toks, lps = ptoks + gen_toks, plps + list(t.logprobs or [])
-                    choice["logprobs"] = {
-                        "tokens": toks,
-                        "token_logprobs": lps,
-                        "top_logprobs": None,
-                        "text_offset": None,
-                    }
+                    choice["logprobs"] = {"tokens": toks, "token_logprobs": lps, "top_logprobs": None,
+                                          "text_offset": None}
                 choices.append(choice)
         prompt_tokens = sum(len(x) for x in ids)
         return {
@@ -491,13 +453,8 @@ def create_app(server: Server):
     @app.get("/v1/models")
     async def models():
         now = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": m, "object": "model", "created": now, "owned_by": "selfevolve", "root": server.root}
-                for m in server.models()
-            ],
-        }
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "selfevolve",
+                                            "root": server.root} for m in server.models()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -33,12 +33,8 @@ class ServerProcess:
     def __init__(self, *args: str, start_timeout: float = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "selfevolve.cli", "serve", f"port={self.port}", "threads=2", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.proc = subprocess.Popen([sys.executable, "-m", "selfevolve.cli", "serve", f"port={self.port}",
+                                      "threads=2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + start_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -87,22 +87,9 @@ class TraceStore:
 
     def append(self, traces: list[Trace]) -> int:
         """Append a batch in one transaction (all or nothing). Returns how many."""
-        rows = [
-            (
-                t.id,
-                t.run,
-                t.recipe,
-                t.round,
-                t.task.id,
-                t.policy_version,
-                len(t.turns),
-                t.turns[0].score if t.turns else None,
-                t.turns[-1].score if t.turns else None,
-                t.created,
-                t.model_dump_json(),
-            )
-            for t in traces
-        ]
+        rows = [(t.id, t.run, t.recipe, t.round, t.task.id, t.policy_version, len(t.turns),
+                 t.turns[0].score if t.turns else None, t.turns[-1].score if t.turns else None, t.created,
+                 t.model_dump_json()) for t in traces]
         with self.lock, self.db:
             self.db.executemany(
                 "INSERT INTO traces (id, run, recipe, round, task_id, policy_version, n_turns,"
@@ -163,9 +150,8 @@ class TraceStore:
         return self.db.execute(f"SELECT COUNT(*) FROM traces{where}", args).fetchone()[0]
 
     def get(self, trace_id: str) -> Trace | None:
-        row = self.db.execute(
-            "SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id, trace_id + "%")
-        ).fetchone()
+        row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id,
+                                                                                    trace_id + "%")).fetchone()
         return Trace.model_validate_json(row[0]) if row else None
 
     # --- export / import ---------------------------------------------------------------
@@ -212,19 +198,8 @@ class TraceStore:
 def flat_row(t: Trace) -> dict[str, Any]:
     """Columns for tabular export: ids, prompt, reference, per-turn responses/scores/
     critiques as lists, and the full trace as JSON (so nothing is lost)."""
-    return {
-        "id": t.id,
-        "run": t.run,
-        "recipe": t.recipe,
-        "round": t.round,
-        "task_id": t.task.id,
-        "prompt": t.task.prompt,
-        "reference": t.task.reference,
-        "policy_version": t.policy_version,
-        "n_turns": len(t.turns),
-        "responses": [x.response for x in t.turns],
-        "scores": [x.score for x in t.turns],
-        "critiques": [x.critique.text if x.critique else None for x in t.turns],
-        "meta": json.dumps(t.meta),
-        "trace": t.model_dump_json(),
-    }
+    return {"id": t.id, "run": t.run, "recipe": t.recipe, "round": t.round, "task_id": t.task.id,
+            "prompt": t.task.prompt, "reference": t.task.reference, "policy_version": t.policy_version,
+            "n_turns": len(t.turns), "responses": [x.response for x in t.turns], "scores": [x.score for x in t.turns],
+            "critiques": [x.critique.text if x.critique else None for x in t.turns], "meta": json.dumps(t.meta),
+            "trace": t.model_dump_json()}

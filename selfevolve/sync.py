@@ -73,9 +73,8 @@ def canary_tolerance(dtype: torch.dtype) -> float:
     return CANARY_TOL.get(dtype, 1e-3)
 
 
-def verify_sync(
-    policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3, text: str = CANARY
-) -> float:
+def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3,
+                text: str = CANARY) -> float:
     """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
     the learner did (`expected`), within `tol` relative; a non-finite value on either side
     is an error too (a NaN would otherwise pass every comparison). Returns the served
@@ -107,16 +106,8 @@ def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool
     return HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
 
 
-def publish(
-    policy: AdapterServing,
-    model,
-    tokenizer,
-    path: str | Path,
-    name: str,
-    lora: bool = True,
-    tol: float | None = None,
-    replaces: str | None = None,
-) -> AdapterServing:
+def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
+            tol: float | None = None, replaces: str | None = None) -> AdapterServing:
     """Save the learner to `path`, serve it under `name`, verify (within `tol`, default the
     learner's dtype's `canary_tolerance`), then unload the adapter it `replaces` (if any);
     return the policy that now serves it."""

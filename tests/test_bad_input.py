@@ -35,9 +35,8 @@ def world(tmp_path_factory):
     Run(build(RestEMConfig, {"recipe": "rest_em", "run_dir": str(d / "rest_em_run"), "iterations": 2}))
     torch.manual_seed(0)
     other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64))
-    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(
-        d / "other_adapter"
-    )
+    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"],
+                                     fan_in_fan_out=True)).save_pretrained(d / "other_adapter")
     return d
 
 
@@ -126,14 +125,8 @@ def test_disk_full_is_one_line_and_the_run_resumes(tmp_path, limit, whole):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     cut = tmp_path / "cut"
-    r = subprocess.run(
-        [EXE, "run", *SMALL, f"run_dir={cut}"],
-        preexec_fn=small_disk,
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp"},
-        timeout=600,
-    )
+    r = subprocess.run([EXE, "run", *SMALL, f"run_dir={cut}"], preexec_fn=small_disk, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "SELFEVOLVE_QUIET": "1", "HOME": "/tmp"}, timeout=600)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "disk full?" in err[-1] and "resume=true" in err[-1] and "Traceback" not in r.stderr
     assert not list(cut.rglob("*.tmp"))

@@ -33,19 +33,16 @@ def test_verifier_critic_hides_a_reference_the_verifier_quotes():
 
 
 def test_verifier_critic_names_the_failing_test_and_the_traceback_tail():
-    task = Task(
-        id="c", prompt="Write add(a, b).", tests=["assert add(1, 2) == 3", "assert add(2, 2) == 4"], entry_point="add"
-    )
+    task = Task(id="c", prompt="Write add(a, b).", tests=["assert add(1, 2) == 3", "assert add(2, 2) == 4"],
+                entry_point="add")
     fb = VerifierCritic(get_verifier("code")).critique(task, [Turn(response="def add(a, b):\n    return a - b\n")])
     assert fb.verdict == "wrong"
     assert "The failing test: assert add(1, 2) == 3" in fb.text and "AssertionError" in fb.text
 
 
 def test_reflexion_memory_carries_earlier_critiques_capped():
-    turns = [
-        Turn(response=f"The answer is {i}.", critique=Feedback(text=f"critique {i}", source="verifier"))
-        for i in range(5)
-    ]
+    turns = [Turn(response=f"The answer is {i}.", critique=Feedback(text=f"critique {i}",
+                                                                    source="verifier")) for i in range(5)]
     turns.append(Turn(response="The answer is 15."))
     fb = VerifierCritic(get_verifier("numeric"), memory=2).critique(TASK, turns)
     assert "critique 3" in fb.text and "critique 4" in fb.text and "critique 2" not in fb.text
@@ -56,9 +53,8 @@ def test_reflexion_memory_carries_earlier_critiques_capped():
 
 def test_self_critic_on_tiny_writes_a_critique_and_a_verdict(tiny):
     critic = SelfCritic(tiny, sampling=GREEDY)
-    fbs = critic.critique_batch(
-        [TASK, TASK], [[Turn(response="The answer is 15.")], [Turn(response="The answer is 16.")]]
-    )
+    fbs = critic.critique_batch([TASK, TASK], [[Turn(response="The answer is 15.")],
+                                               [Turn(response="The answer is 16.")]])
     assert all(fb.source == "self" and fb.text and fb.verdict in ("correct", "wrong") for fb in fbs)
     assert critic.prompt(TASK, [Turn(response="The answer is 15.")]).count("What is 7 + 8 - 3 + 4?") == 1
 
@@ -92,15 +88,8 @@ def test_the_loop_stops_when_the_critic_sees_nothing_to_fix(tiny):
 def test_refine_api_by_name_single_and_batched():
     trace = refine("What is 7 + 8 - 3 + 4?", policy="tiny", max_turns=2, sampling=GREEDY)
     assert trace.final == trace.turns[-1].response and len(trace.turns) == 2
-    many = refine(
-        [TASK, TASK.model_copy(update={"id": "u"})],
-        policy="tiny",
-        verifier="numeric",
-        critic="verifier",
-        max_turns=2,
-        sampling=GREEDY,
-        stop_when_correct=False,
-    )
+    many = refine([TASK, TASK.model_copy(update={"id": "u"})], policy="tiny", verifier="numeric", critic="verifier",
+                  max_turns=2, sampling=GREEDY, stop_when_correct=False)
     assert len(many) == 2 and all(t.turns[0].feedback is not None for t in many)
 
 

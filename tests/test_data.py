@@ -33,11 +33,8 @@ def test_jsonl_json_csv_parquet_and_saved_dataset(tmp_path):
     kw = dict(prompt_field="question", answer_field="gold")
     check(load_tasks(write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n"), **kw))
     check(load_tasks(write(tmp_path, "d.json", json.dumps(ROWS)), **kw))
-    check(
-        load_tasks(
-            write(tmp_path, "d.csv", "question,gold,id,topic\nWhat is 2 + 2?,4,a,add\nWhat is 5 - 3?,2,b,sub\n"), **kw
-        )
-    )
+    check(load_tasks(write(tmp_path, "d.csv",
+                           "question,gold,id,topic\nWhat is 2 + 2?,4,a,add\nWhat is 5 - 3?,2,b,sub\n"), **kw))
     from datasets import Dataset, DatasetDict
 
     Dataset.from_list(ARROW_ROWS).to_parquet(str(tmp_path / "d.parquet"))

@@ -52,9 +52,7 @@ def chat_model(tmp_path_factory):
 def test_a_langchain_chat_model_as_policy_and_judge(chat_model, tiny):
     policy = LangChainPolicy(chat_model)
     out = policy.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]], GREEDY)
-    assert (
-        out[0][0].response
-        == tiny.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]], GREEDY)[0][0].response
-    )
+    assert (out[0][0].response == tiny.generate([[{"role": "user", "content": "What is 7 + 8 - 3?"}]],
+                                                GREEDY)[0][0].response)
     msg = SelfRefiner(tiny, critic=JudgeCritic(policy), max_turns=2, sampling=GREEDY).invoke("What is 3 + 4 - 1?")
     assert msg.content and msg.response_metadata["turns"] in (1, 2)

@@ -50,12 +50,8 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_graph_sees_the_package():
     g = import_graph()
-    assert {
-        "selfevolve.loop",
-        "selfevolve.recipes.score",
-        "selfevolve.verifiers.code",
-        "selfevolve.feedback.critics",
-    } <= set(g)
+    assert {"selfevolve.loop", "selfevolve.recipes.score", "selfevolve.verifiers.code",
+            "selfevolve.feedback.critics"} <= set(g)
     assert g.has_edge("selfevolve.recipes.score", "selfevolve.run")
     assert g.has_edge("selfevolve.policies.hf", "selfevolve.training")  # a relative import resolved
 

@@ -26,9 +26,8 @@ def test_refine_a_prompt_string(tiny):
 
 
 def test_conversation_follows_turns():
-    t = Trace(
-        task=Task(id="x", prompt="Q"), turns=[Turn(response="A1"), Turn(response="A2", critique=Feedback(text="C"))]
-    )
+    t = Trace(task=Task(id="x", prompt="Q"), turns=[Turn(response="A1"), Turn(response="A2",
+                                                                              critique=Feedback(text="C"))])
     msgs = conversation(t)
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
     assert msgs[2]["content"] == SCORE_INSTRUCTION and msgs[4]["content"].startswith("C\n")

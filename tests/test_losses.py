@@ -37,9 +37,8 @@ def test_leave_one_out_baseline_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
     # leave-one-out means: 1/3, 2/3, 2/3, 1/3; std (unbiased) = sqrt(1/3)
     s = math.sqrt(1 / 3)
-    assert baseline_advantage(r, scale=True).tolist() == pytest.approx(
-        [(2 / 3) / s, (-2 / 3) / s, (-2 / 3) / s, (2 / 3) / s], abs=1e-5
-    )
+    assert baseline_advantage(r, scale=True).tolist() == pytest.approx([(2 / 3) / s, (-2 / 3) / s, (-2 / 3) / s,
+                                                                        (2 / 3) / s], abs=1e-5)
     assert baseline_advantage(torch.ones(5), scale=True).tolist() == [0.0] * 5
     assert baseline_advantage(r).tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3], abs=1e-6)
     assert baseline_advantage(torch.tensor([3.0])).tolist() == [0.0]

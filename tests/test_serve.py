@@ -72,16 +72,9 @@ def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
 
 def test_concurrent_clients_all_answered(client):
     def ask(i):
-        return (
-            client.chat.completions.create(
-                model="tiny",
-                messages=[{"role": "user", "content": f"What is {i % 9 + 1} + 3?"}],
-                temperature=0,
-                max_tokens=24,
-            )
-            .choices[0]
-            .message.content
-        )
+        return (client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                        "content": f"What is {i % 9 + 1} + 3?"}],
+                                               temperature=0, max_tokens=24) .choices[0] .message.content)
 
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(ask, range(48)))
@@ -108,11 +101,8 @@ def test_concurrent_clients_all_answered(client):
     ],
 )
 def test_malformed_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, client, body, status, words):
-    r = httpx.post(
-        server.url + "/v1/chat/completions",
-        content=body,
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-    )
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}",
+                                                                               "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
     assert client.chat.completions.create(model="tiny", messages=Q, max_tokens=4).choices
@@ -164,9 +154,6 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     publish(policy, learner, tok, tmp_path / "a1v2", "a1")  # a new version under the same name
     policy.unload_adapter("a1")
     assert policy.active_adapter is None and policy.prompt_logprob(CANARY) == pytest.approx(base_lp, abs=1e-4)
-    r = httpx.post(
-        server.url + "/v1/load_lora_adapter",
-        json={"lora_name": "bad", "lora_path": str(tmp_path)},
-        headers={"Authorization": f"Bearer {KEY}"},
-    )
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path)},
+                   headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "not a peft adapter" in r.json()["error"]["message"]

@@ -7,9 +7,8 @@ from selfevolve.policies import HFPolicy
 from selfevolve.sync import CANARY, SyncError, publish, text_logprob, verify_sync
 from selfevolve.training import sft, trainable_model
 
-CONVS = [
-    [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."}]
-] * 8
+CONVS = [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant",
+                                                          "content": "1 + 1 = 2. The answer is 2."}]] * 8
 
 
 def test_publish_serves_the_learner_and_the_canary_agrees(tmp_path):

@@ -47,9 +47,8 @@ def test_trace_json_round_trip():
 def test_verdict_is_a_typed_field_and_old_traces_still_load():
     fb = Feedback(text="Looks right.", verdict="correct")
     assert fb.verdict == "correct" and "verdict" not in fb.details
-    old = Feedback.model_validate(
-        {"text": "x", "source": "self", "details": {"verdict": "wrong", "critic_adapter": None}}
-    )
+    old = Feedback.model_validate({"text": "x", "source": "self", "details": {"verdict": "wrong",
+                                                                              "critic_adapter": None}})
     assert old.verdict == "wrong" and old.details == {"critic_adapter": None}
     import pydantic
     import pytest

@@ -88,9 +88,8 @@ class CodeVerifier:
         return self._feedback(reply["results"], nonce, reply["timed_out"], reply["returncode"], reply["output"],
                               reply["seconds"])
 
-    def _feedback(
-        self, raw: str, nonce: str, timed_out: bool, returncode: int | None, output: str, seconds: float
-    ) -> Feedback:
+    def _feedback(self, raw: str, nonce: str, timed_out: bool, returncode: int | None, output: str,
+                  seconds: float) -> Feedback:
         tests, done, load_error = [], None, None
         for line in raw.splitlines():
             parts = line.split("\t", 4)
@@ -104,29 +103,17 @@ class CodeVerifier:
                 done = ok == "1"
             elif kind == "load":
                 load_error = msg
-        details = {
-            "tests": tests,
-            "passed": sum(t["passed"] for t in tests),
-            "total": len(tests),
-            "timed_out": timed_out,
-            "returncode": returncode,
-            "seconds": round(seconds, 3),
-            "output_tail": output,
-        }
+        details = {"tests": tests, "passed": sum(t["passed"] for t in tests), "total": len(tests),
+                   "timed_out": timed_out, "returncode": returncode, "seconds": round(seconds, 3),
+                   "output_tail": output}
         if load_error is not None:
             return Feedback(score=0.0, text=f"the program failed before the tests:\n{load_error}", details=details)
         if timed_out:
-            return Feedback(
-                score=0.0,
-                text=f"timed out after {self.timeout:g} s ({details['passed']} tests passed)",
-                details=details,
-            )
+            return Feedback(score=0.0, text=f"timed out after {self.timeout:g} s ({details['passed']} tests passed)",
+                            details=details)
         if done is None:
-            return Feedback(
-                score=0.0,
-                text=f"the program stopped before the tests finished (exit code {returncode})",
-                details=details,
-            )
+            return Feedback(score=0.0, text=f"the program stopped before the tests finished (exit code {returncode})",
+                            details=details)
         if done and tests:
             return Feedback(score=1.0, text=f"all {len(tests)} tests passed", details=details)
         failed = next((t for t in tests if not t["passed"]), None)

@@ -187,15 +187,11 @@ class VerifierPool:
             return True
         if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
             w.proc.join(timeout=5)
-            fb = Feedback(
-                score=0.0,
-                text=f"verifier worker crashed (exit code {w.proc.exitcode})",
-                details={"error": "crashed", "exitcode": w.proc.exitcode},
-            )
+            fb = Feedback(score=0.0, text=f"verifier worker crashed (exit code {w.proc.exitcode})",
+                          details={"error": "crashed", "exitcode": w.proc.exitcode})
         elif time.monotonic() >= w.deadline:
-            fb = Feedback(
-                score=0.0, text=f"verification timed out after {self.timeout:g} s", details={"error": "timeout"}
-            )
+            fb = Feedback(score=0.0, text=f"verification timed out after {self.timeout:g} s",
+                          details={"error": "timeout"})
         else:
             return False
         results[w.pending.popleft()] = fb

@@ -47,12 +47,8 @@ class RewardFunctionVerifier:
         scores = self.fn([t.prompt for t in tasks], list(responses), **_columns(tasks))
         if len(scores) != len(tasks):
             raise ValueError(f"reward function {self.name} returned {len(scores)} scores for {len(tasks)} completions")
-        return [
-            Feedback(
-                score=None if s is None else float(s), text=f"{self.name} = {s}", details={"reward_function": self.name}
-            )
-            for s in scores
-        ]
+        return [Feedback(score=None if s is None else float(s), text=f"{self.name} = {s}",
+                         details={"reward_function": self.name}) for s in scores]
 
     def verify(self, task: Task, response: str) -> Feedback:
         return self.verify_batch([task], [response])[0]
@@ -73,15 +69,9 @@ def reward_function(verifier) -> Callable[..., list[float]]:
         tasks = []
         for i, p in enumerate(prompts):
             col = lambda k: columns[k][i] if k in columns and columns[k] is not None else None  # noqa: E731
-            tasks.append(
-                Task(
-                    id=str(col("task_id") or i),
-                    prompt=_text(p),
-                    reference=None if gold[i] is None else str(gold[i]),
-                    tests=col("tests"),
-                    entry_point=col("entry_point"),
-                )
-            )
+            tasks.append(Task(id=str(col("task_id") or i), prompt=_text(p),
+                              reference=None if gold[i] is None else str(gold[i]), tests=col("tests"),
+                              entry_point=col("entry_point")))
         return [float(fb.score or 0.0) for fb in verifier.verify_batch(tasks, [_text(c) for c in completions])]
 
     fn.__name__ = f"{getattr(verifier, 'name', type(verifier).__name__)}_reward"

@@ -118,37 +118,17 @@ class Sandbox:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         if self.namespaces:
             env.update(SANDBOX_DIR=self.scratch, SANDBOX_HIDE=":".join(hidden_paths()))
-            cmd = [
-                "unshare",
-                "--mount",
-                "--pid",
-                "--fork",
-                "--net",
-                "--mount-proc",
-                "--kill-child",
-                "sh",
-                "-c",
-                ISOLATE_SH,
-                "sandbox",
-                *cmd,
-            ]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=self.scratch,
-            env=env,
-            start_new_session=True,
-        )
+            cmd = ["unshare", "--mount", "--pid", "--fork", "--net", "--mount-proc", "--kill-child", "sh", "-c",
+                   ISOLATE_SH, "sandbox", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     cwd=self.scratch, env=env, start_new_session=True)
 
     def run(self, job: dict, nonce: str, timeout: float, limits: dict, env: dict) -> dict:
         """Run one program; returns the zygote's reply (results text, timed_out, returncode,
         output tail, seconds). A zygote that does not answer in time is killed and the
         program reported as timed out."""
-        req = (
-            json.dumps({"job": job, "nonce": nonce, "timeout": timeout, "limits": limits, "env": env}) + "\n"
-        ).encode()
+        req = (json.dumps({"job": job, "nonce": nonce, "timeout": timeout, "limits": limits,
+                           "env": env}) + "\n").encode()
         with self.lock:
             for attempt in range(2):  # a zygote found dead (not timed out) is replaced once
                 if self.proc is None or self.proc.poll() is not None:
@@ -165,14 +145,8 @@ class Sandbox:
                 self.close()
                 if line is None:  # no answer in time
                     break
-            return {
-                "results": "",
-                "timed_out": True,
-                "returncode": None,
-                "output": "",
-                "seconds": timeout,
-                "error": "the sandbox stopped answering",
-            }
+            return {"results": "", "timed_out": True, "returncode": None, "output": "", "seconds": timeout,
+                    "error": "the sandbox stopped answering"}
 
     def close(self) -> None:
         if self.proc is not None:

@@ -38,11 +38,8 @@ class ExactVerifier:
     def verify(self, task: Task, response: str) -> Feedback:
         got = normalize(final_text(response))
         ok = bool(got) and got == normalize(task.reference or "")
-        return Feedback(
-            score=float(ok),
-            text="correct" if ok else f"expected a different answer, got {got[:80]!r}",
-            details={"answer": got},
-        )
+        return Feedback(score=float(ok), text="correct" if ok else f"expected a different answer, got {got[:80]!r}",
+                        details={"answer": got})
 
     def verify_batch(self, tasks, responses):
         return [self.verify(t, r) for t, r in zip(tasks, responses)]
@@ -86,9 +83,8 @@ class ChoiceVerifier:
         stated = final_text(response)
         letters = set(re.findall(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])", stated))
         if len(letters) != 1:
-            return Feedback(
-                score=0.0, text="no single option chosen" if not letters else f"several options: {sorted(letters)}"
-            )
+            return Feedback(score=0.0,
+                            text="no single option chosen" if not letters else f"several options: {sorted(letters)}")
         (got,) = letters
         return Feedback(score=float(got == gold), text="correct" if got == gold else f"chose {got}")
 

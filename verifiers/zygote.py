@@ -101,12 +101,8 @@ def run_job(job: dict, nonce: str, fd: int) -> None:
             else:
                 _exec(_compile(ast.Module([node], []), "<tests>", "exec"), g)
         if check is None or job["entry_point"] not in g:
-            emit(
-                "load",
-                0,
-                False,
-                "no check() in the tests" if check is None else "no function %r defined" % job["entry_point"],
-            )
+            emit("load", 0, False,
+                 "no check() in the tests" if check is None else "no function %r defined" % job["entry_point"])
             return
         g[check.args.args[0].arg if check.args.args else "candidate"] = g[job["entry_point"]]
         tests = [ast.Module([s], []) for s in check.body]
@@ -259,13 +255,9 @@ def serve_one(req: dict) -> dict:
     except OSError:
         tail = ""
     wipe(SCRATCH)
-    return {
-        "results": b"".join(chunks).decode("utf-8", "replace"),
-        "timed_out": timed_out,
-        "returncode": None if status is None else os.waitstatus_to_exitcode(status),
-        "output": tail,
-        "seconds": time.monotonic() - t0,
-    }
+    return {"results": b"".join(chunks).decode("utf-8", "replace"), "timed_out": timed_out,
+            "returncode": None if status is None else os.waitstatus_to_exitcode(status), "output": tail,
+            "seconds": time.monotonic() - t0}
 
 
 def main() -> None:

@@ -77,9 +77,8 @@ class HFPolicy:
         )
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", 4096
-        )
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config,
+                                                                                                    "n_positions", 4096)
         self.adapters: dict[str, str] = {}
         self._active: str | None = None
         if not sampling_from_model:  # sample from π itself: none of the checkpoint's sampling defaults
@@ -107,9 +106,8 @@ class HFPolicy:
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name).to(self.device)
             elif name in self.model.peft_config:  # a new version of a loaded adapter
-                set_peft_model_state_dict(
-                    self.model, load_peft_weights(str(p), device=str(self.device)), adapter_name=name
-                )
+                set_peft_model_state_dict(self.model, load_peft_weights(str(p), device=str(self.device)),
+                                          adapter_name=name)
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -164,9 +162,8 @@ class HFPolicy:
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]:
         """Render every chat template, then tokenize all prompts in one batched call."""
-        texts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-        ]
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False,
+                                                    add_generation_prompt=True) for c in conversations]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
@@ -214,14 +211,8 @@ class HFPolicy:
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
-        kwargs = dict(
-            max_new_tokens=budget,
-            num_return_sequences=sampling.n,
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
-            return_dict_in_generate=True,
-            output_logits=sampling.logprobs,
-        )
+        kwargs = dict(max_new_tokens=budget, num_return_sequences=sampling.n, pad_token_id=self.pad_id,
+                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_logits=sampling.logprobs)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:

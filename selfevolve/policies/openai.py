@@ -57,16 +57,10 @@ class OpenAIPolicy:
         sampling = sampling or SamplingParams()
 
         def one(conv):
-            r = self.client.chat.completions.create(
-                model=self._model(),
-                messages=conv,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
-                n=sampling.n,
-                seed=sampling.seed,
-                logprobs=sampling.logprobs or None,
-            )
+            r = self.client.chat.completions.create(model=self._model(), messages=conv,
+                                                    temperature=sampling.temperature, top_p=sampling.top_p,
+                                                    max_tokens=sampling.max_new_tokens, n=sampling.n,
+                                                    seed=sampling.seed, logprobs=sampling.logprobs or None)
             return [
                 Turn(
                     response=(c.message.content or "").strip(),
@@ -82,24 +76,17 @@ class OpenAIPolicy:
         sampling = sampling or SamplingParams()
 
         def one(text):
-            r = self.client.completions.create(
-                model=self._model(),
-                prompt=text,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
-                n=sampling.n,
-                seed=sampling.seed,
-            )
+            r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
+                                               top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
+                                               seed=sampling.seed)
             return [Turn(response=c.text) for c in r.choices]
 
         return self._map(one, texts) if texts else []
 
     def prompt_logprob(self, text: str) -> float:
         """Σ_{i≥1} log p(t_i | t_<i) of `text`, from the server's echoed prompt log-probabilities."""
-        r = self.client.completions.create(
-            model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True, logprobs=1
-        )
+        r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True,
+                                           logprobs=1)
         lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
         return float(sum(lp for lp in lps[1:] if lp is not None))
 

@@ -25,9 +25,8 @@ def check_kill_and_resume(args: list[str], tmp_path) -> tuple:
     for attempt in range(4):
         cut = tmp_path / f"cut{attempt}"
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            [EXE, "run", *args, f"run_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen([EXE, "run", *args, f"run_dir={cut}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while time.time() < deadline and not (cut / "checkpoint" / "state.pt").exists():
             time.sleep(0.005)
@@ -70,9 +69,8 @@ def check_sigint_and_resume(args: list[str], tmp_path) -> None:
     naming the resume command, and resuming it ends as an uninterrupted run does."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert cli("run", *args, f"run_dir={whole}").returncode == 0
-    proc = subprocess.Popen(
-        [EXE, "run", *args, f"run_dir={cut}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([EXE, "run", *args, f"run_dir={cut}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 300
     while time.time() < deadline and '"step"' not in _read(cut / "metrics.jsonl"):
         time.sleep(0.02)

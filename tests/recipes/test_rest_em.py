@@ -17,9 +17,8 @@ def test_e_step_keeps_only_verified_distinct_answers_up_to_the_cap(tiny, tmp_pat
     from selfevolve.run import Run
     from selfevolve.verifiers import NumericVerifier
 
-    cfg = build(
-        RestEMConfig, {"recipe": "rest_em", "num_samples": 6, "max_per_task": 2, "run_dir": str(tmp_path / "r")}
-    )
+    cfg = build(RestEMConfig, {"recipe": "rest_em", "num_samples": 6, "max_per_task": 2,
+                               "run_dir": str(tmp_path / "r")})
     run = Run(cfg)
     tasks = arith.tasks("train", n=20)
     kept = e_step(tiny, tasks, NumericVerifier(), cfg, 0, run)
@@ -62,26 +61,11 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
     import yaml
 
     data = tmp_path / "my_tasks.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"uid": t.id, "question": t.prompt, "gold": t.reference}) + "\n"
-            for t in arith.tasks("train", n=60)
-        )
-    )
+    data.write_text("".join(json.dumps({"uid": t.id, "question": t.prompt,
+                                        "gold": t.reference}) + "\n" for t in arith.tasks("train", n=60)))
     d = tmp_path / "run"
-    r = cli(
-        "run",
-        "recipe=rest_em",
-        f"data={data}",
-        "prompt_field=question",
-        "answer_field=gold",
-        "id_field=uid",
-        "iterations=1",
-        "num_samples=2",
-        "epochs=1",
-        "max_new_tokens=32",
-        f"run_dir={d}",
-    )
+    r = cli("run", "recipe=rest_em", f"data={data}", "prompt_field=question", "answer_field=gold", "id_field=uid",
+            "iterations=1", "num_samples=2", "epochs=1", "max_new_tokens=32", f"run_dir={d}")
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load((d / "config.yaml").read_text())["eval_fraction"] == 0.2
     store = TraceStore(d / "traces.sqlite")
@@ -92,23 +76,11 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
     assert json.loads((d / "summary.json").read_text())["after"]["n"] == len(held_out)
 
     other = tmp_path / "held_out.jsonl"
-    other.write_text(
-        "".join(json.dumps({"question": t.prompt, "gold": t.reference}) + "\n" for t in arith.tasks("test", n=7))
-    )
+    other.write_text("".join(json.dumps({"question": t.prompt,
+                                         "gold": t.reference}) + "\n" for t in arith.tasks("test", n=7)))
     d2 = tmp_path / "run2"
-    r = cli(
-        "run",
-        "recipe=rest_em",
-        f"data={data}",
-        f"eval_data={other}",
-        "prompt_field=question",
-        "answer_field=gold",
-        "iterations=1",
-        "num_samples=1",
-        "epochs=1",
-        "max_new_tokens=32",
-        f"run_dir={d2}",
-    )
+    r = cli("run", "recipe=rest_em", f"data={data}", f"eval_data={other}", "prompt_field=question",
+            "answer_field=gold", "iterations=1", "num_samples=1", "epochs=1", "max_new_tokens=32", f"run_dir={d2}")
     assert r.returncode == 0, r.stderr
     assert json.loads((d2 / "summary.json").read_text())["before"]["n"] == 7
     assert len({t.task.id for t in TraceStore(d2 / "traces.sqlite").query(meta={"phase": "e_step"})}) == 60

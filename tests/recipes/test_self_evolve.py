@@ -45,9 +45,8 @@ def test_meta_skill_examples_teach_feedback_and_refinement():
     assert refinement[-1]["content"].endswith("The answer is 16.") and "wrong answer 15" in refinement[2]["content"]
     assert "16" not in json.dumps(feedback)  # the feedback never gives the reference away
     assert answer == [{"role": "user", "content": TASK.prompt}, {"role": "assistant", "content": t.turns[1].response}]
-    right = Turn(
-        response="The answer is 16.", feedback=Feedback(score=1.0), critique=Feedback(text="The answer has no errors.")
-    )
+    right = Turn(response="The answer is 16.", feedback=Feedback(score=1.0),
+                 critique=Feedback(text="The answer has no errors."))
     assert [m[-1]["content"] for m in meta_examples(Trace(task=TASK, turns=[right]))] == [
         "The answer has no errors.",
         "The answer is 16.",

@@ -54,9 +54,8 @@ def test_collect_records_every_outcome_and_trains_only_on_correct_answers(tiny, 
     assert all(t.turns[0].score == 1.0 for t in chosen)
     assert all("Hint" not in training_example(t)[0]["content"] for t in chosen)
 
-    ablation = build(
-        StarConfig, {"recipe": "star", "run_dir": str(tmp_path / "a"), "rationalize": False, "max_new_tokens": 32}
-    )
+    ablation = build(StarConfig, {"recipe": "star", "run_dir": str(tmp_path / "a"), "rationalize": False,
+                                  "max_new_tokens": 32})
     run2 = Run(ablation)
     counts = collect(tiny, tasks, NumericVerifier(), ablation, 0, run2)
     assert counts["rationalised"] == counts["rejected"] == 0 and run2.store.count(meta={"phase": "rationalize"}) == 0
@@ -84,17 +83,8 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"q": t.prompt, "a": t.reference}) + "\n" for t in arith.tasks("train", n=50)))
     d = tmp_path / "run"
-    r = cli(
-        "run",
-        "recipe=star",
-        f"data={data}",
-        "prompt_field=q",
-        "answer_field=a",
-        "iterations=1",
-        "epochs=1",
-        "max_new_tokens=32",
-        f"run_dir={d}",
-    )
+    r = cli("run", "recipe=star", f"data={data}", "prompt_field=q", "answer_field=a", "iterations=1", "epochs=1",
+            "max_new_tokens=32", f"run_dir={d}")
     assert r.returncode == 0, r.stderr
     store = TraceStore(d / "traces.sqlite")
     trained = {t.task.id for t in store.query(meta={"phase": "generate"})}

@@ -67,10 +67,8 @@ def test_infinite_loop(verifier):
 
 
 def test_ignoring_sigterm(verifier):
-    fb = run(
-        verifier,
-        "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n",
-    )
+    fb = run(verifier,
+             "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n")
     assert fb.score == 0.0
 
 

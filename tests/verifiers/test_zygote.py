@@ -34,19 +34,15 @@ def test_guard_refuses_a_rigged_return_value():
 def test_run_job_reports_each_assert_with_the_nonce():
     lines = _report({"program": "def f(x):\n    return x + 1\n", "tests": ["assert f(1) == 2", "assert f(2) == 4"],
                      "style": "asserts", "entry_point": "f"})
-    assert [x[:4] for x in lines] == [
-        ["NONCE", "test", "0", "1"],
-        ["NONCE", "test", "1", "0"],
-        ["NONCE", "done", "2", "0"],
-    ]
+    assert [x[:4] for x in lines] == [["NONCE", "test", "0", "1"], ["NONCE", "test", "1", "0"], ["NONCE", "done", "2",
+                                                                                                 "0"]]
     assert "AssertionError" in lines[1][4]
 
 
 def test_run_job_humaneval_style_and_a_program_that_does_not_load():
     tests = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
-    ok = _report(
-        {"program": "def sq(x):\n    return x * x\n", "tests": tests, "style": "humaneval", "entry_point": "sq"}
-    )
+    ok = _report({"program": "def sq(x):\n    return x * x\n", "tests": tests, "style": "humaneval",
+                  "entry_point": "sq"})
     assert ok[-1][:4] == ["NONCE", "done", "2", "1"]
     broken = _report({"program": "def sq(x) return x", "tests": tests, "style": "humaneval", "entry_point": "sq"})
     assert broken[0][1:4] == ["load", "0", "0"] and "SyntaxError" in broken[0][4]
