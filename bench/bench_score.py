@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 def time_split() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["selfevolve", "run", "recipe=score", "stage1_steps=5", "stage2_steps=15", "eval_limit=50",
-                        "eval_every=100", "checkpoint_every=10", f"run_dir={tmp}/r"], check=True, capture_output=True)
+                        "val_limit=50", "eval_every=100", "checkpoint_every=10", f"run_dir={tmp}/r"], check=True,
+                       capture_output=True)
         lines = [json.loads(x) for x in Path(f"{tmp}/r/metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "time_generate" in m]
     keys = ["time_generate", "time_verify", "time_train", "time_sync", "time_checkpoint"]

@@ -12,7 +12,7 @@ The loss covers the last assistant message only: in a transcript the model learn
 second answer given a draft, not to write wrong drafts (its own first-turn errors come
 from its weakness, as a real model's do).
 
-The corpus (all built from `arith` *train* expressions; the test split is never seen):
+The corpus (all built from `arith` *train* expressions; validation and test are never seen):
 - single-turn answers in two styles, `direct` ("The answer is 73.") and `steps`
   ("47 + 38 = 85. 85 - 12 = 73. The answer is 73."), mixed by `p_direct`;
 - two-turn transcripts (answer, SCoRe's correction instruction, second answer), so the
@@ -99,7 +99,7 @@ def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, st
     d = rng.choice(cfg.difficulties)
     while True:
         nums, ops = arith.random_expression(rng, d)
-        if not arith._in_test(arith.render(nums, ops)):
+        if arith.split_of(arith.render(nums, ops)) == "train":
             break
     q = arith.question(arith.render(nums, ops))
     ans = arith.evaluate(nums, ops)
@@ -214,7 +214,7 @@ def main(cfg: PretrainConfig, run: Run) -> None:
     state = run.restore()
     if state is None:
         model.eval()
-        before = run.evaluate(HFPolicy(model, tokenizer=tokenizer), "before")
+        before = run.evaluate(HFPolicy(model, tokenizer=tokenizer), "before", test=True)
         state = {"step": 0, "before": before}
     else:
         model.load_state_dict(state["model"])
@@ -242,5 +242,5 @@ def main(cfg: PretrainConfig, run: Run) -> None:
     out = run.dir / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    after = run.evaluate(HFPolicy(str(out), device="cpu", batch_size=cfg.batch_size), "after")
+    after = run.evaluate(HFPolicy(str(out), device="cpu", batch_size=cfg.batch_size), "after", test=True)
     run.finish(before=state["before"], after=after)

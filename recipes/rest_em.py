@@ -11,9 +11,10 @@ Models" (arXiv 2312.06585). Expectation-maximisation with a binary reward r ∈ 
 
 Each iteration samples from the latest model, fine-tunes a fresh LoRA adapter on the
 base model (`reset_each_iteration=true`, as the paper; `false` continues from the last
-adapter), loads it into the served policy, and evaluates on held-out tasks. The paper saw
-later iterations overfit, so the run keeps the best iteration by held-out `acc_t1` and says
-which it was; `summary.json`'s `after` is that iteration.
+adapter), loads it into the served policy, and evaluates on the validation tasks. The paper
+saw later iterations overfit, so the run keeps the best iteration by *validation* `acc_t1`
+and says which it was; that iteration alone is evaluated on the test tasks, once, and is
+`summary.json`'s `after` (selecting on the test tasks would bias `after` upward).
 
 Deviations from the paper, for the tiny world on 2 CPU cores: `num_samples=4` samples per
 task (paper: 32 on MATH), `max_per_task=2` (paper: 10), `train_tasks=1000` prompts per
@@ -84,7 +85,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
+        state = {"iteration": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
         policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
 
@@ -117,8 +118,12 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint(state)
 
-    best = max(state["history"], key=lambda h: h["acc_t1"])
-    print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); "
+    best = max(state["history"], key=lambda h: h["acc_t1"])  # validation
+    print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
           f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    run.finish(before=state["before"], after=best, best_iteration=best["iteration"],
+    if best["iteration"] != cfg.iterations - 1:
+        policy = serve_update(policy, run.dir / "adapters" / f"iter-{best['iteration']}",
+                              f"iter-{best['iteration']}-selected", cfg.lora)
+    after = run.evaluate(policy, "after", round=best["iteration"], test=True)
+    run.finish(before=state["before"], after=after, selected_on="validation", best_iteration=best["iteration"],
                best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])

@@ -99,9 +99,10 @@ class ScoreConfig(RecipeConfig):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     scale_advantages: bool = Field(True, description="divide each attempt's advantages by the batch std")
-    eval_every: int = Field(40, ge=1, description="held-out evaluation every this many steps (and at each stage's end)")
+    eval_every: int = Field(40, ge=1, description="validation evaluation every this many steps "
+                            "(and at each stage's end)")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
-    collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the held-out edit ratio falls below this")
+    collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the validation edit ratio falls below this")
     collapse_patience: int = Field(2, ge=1, description="warn after this many Stage II evaluations with delta <= 0")
 
 
@@ -219,7 +220,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        before = run.evaluate(policy, "before")
+        before = run.evaluate(policy, "before", test=True)
         state = ScoreState(step=0, before=before, history=[], adapter=None)
     else:
         set_peft_model_state_dict(learner, state["learner"])
@@ -274,5 +275,5 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     final = run.dir / "adapters" / "final"
     if state["adapter"]:
         shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
-    run.finish(before=state["before"], after=state["history"][-1] if state["history"] else state["before"],
-               adapter="adapters/final", evaluations=state["history"])
+    after = run.evaluate(policy, "after", round=state["step"], test=True)  # the final model, no selection
+    run.finish(before=state["before"], after=after, adapter="adapters/final", evaluations=state["history"])

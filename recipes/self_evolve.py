@@ -220,7 +220,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        state = {"phase": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
+        state = {"phase": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
         policy = serve_update(policy, state["adapter"], f"phase-{state['phase'] - 1}")
 
@@ -259,5 +259,6 @@ def main(cfg: SelfConfig, run: Run) -> None:
         state.update(phase=phase + 1, adapter=str(path))
         run.checkpoint(state)
 
-    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/phase-{cfg.iterations}",
+    after = run.evaluate(policy, "after", round=cfg.iterations, test=True)  # the final model, no selection
+    run.finish(before=state["before"], after=after, adapter=f"adapters/phase-{cfg.iterations}",
                phases=state["history"])

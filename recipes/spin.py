@@ -179,7 +179,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        state = {"iteration": 0, "steps": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None}
+        state = {"iteration": 0, "steps": 0, "before": run.evaluate(policy, "before", test=True), "history": [],
+                 "adapter": None}
     else:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
@@ -227,5 +228,6 @@ def main(cfg: SpinConfig, run: Run) -> None:
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
 
-    run.finish(before=state["before"], after=state["history"][-1], adapter=f"adapters/iter-{cfg.iterations - 1}",
+    after = run.evaluate(policy, "after", round=cfg.iterations - 1, test=True)  # the final model, no selection
+    run.finish(before=state["before"], after=after, adapter=f"adapters/iter-{cfg.iterations - 1}",
                iterations=state["history"])

@@ -11,7 +11,8 @@ outer iteration n, with M_{n-1} the latest model and M_0 the base:
                   Dʰ_n  = { (x, r̂ʰ, ŷʰ) : ŷʰ = y }              hint removed: trained on x alone
     fine-tune:    M_n   = SFT(M_0, D_n ∪ Dʰ_n)                  from the base model, every iteration
 
-and stop early when held-out accuracy plateaus. `rationalize=false` is the paper's
+and stop early when validation accuracy plateaus. The best iteration by validation `acc_t1`
+is evaluated once on the test tasks: that is `summary.json`'s `after`. `rationalize=false` is the paper's
 "STaR without rationalisation" ablation.
 
 A rationalised example must teach the model to reach y from x alone, so (1) the training
@@ -52,8 +53,9 @@ class StarConfig(RecipeConfig):
     train_tasks: int = Field(2000, ge=1, description="training prompts per iteration")
     temperature: float = Field(1.0, ge=0, description="sampling temperature for rationales (0 = greedy)")
     rationalize: bool = Field(True, description="rationalise failures with the answer as a hint (false: the ablation)")
-    patience: int = Field(1, ge=1, description="stop after this many iterations without a held-out gain")
-    min_gain: float = Field(0.0, ge=0, description="held-out acc_t1 gain that counts as progress")
+    patience: int = Field(1, ge=1, description="stop after this many iterations without a validation gain")
+    min_gain: float = Field(0.0, ge=0, description="validation acc_t1 gain over the best earlier iteration that "
+                            "counts as progress")
     lora: bool = Field(True, description="train a LoRA adapter (false: all weights)")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
@@ -116,13 +118,14 @@ def main(cfg: StarConfig, run: Run) -> None:
 
     state = run.restore()
     if state is None:
-        state = {"iteration": 0, "before": run.evaluate(policy, "before"), "history": [], "adapter": None, "stalled": 0}
+        state = {"iteration": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None,
+                 "stalled": 0}
     elif state["adapter"]:
         policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
 
     for it in range(state["iteration"], cfg.iterations):
         if state["stalled"] >= cfg.patience:
-            print(f"held-out acc_t1 plateaued for {state['stalled']} iteration(s); stopping before iteration {it}")
+            print(f"validation acc_t1 plateaued for {state['stalled']} iteration(s); stopping before iteration {it}")
             break
         t0 = time.perf_counter()
         counts = collect(policy, tasks, run.verifier, cfg, it, run)
@@ -144,15 +147,20 @@ def main(cfg: StarConfig, run: Run) -> None:
                          replaces=f"iter-{it - 1}" if state["adapter"] else None)
 
         metrics = run.evaluate(policy, f"iteration-{it}", round=it)
-        best_before = max([state["before"]["acc_t1"]] + [h["acc_t1"] for h in state["history"]])
-        state["stalled"] = 0 if metrics["acc_t1"] > best_before + cfg.min_gain else state["stalled"] + 1
+        best_before = max((h["acc_t1"] for h in state["history"]), default=None)
+        gain = best_before is None or metrics["acc_t1"] > best_before + cfg.min_gain
+        state["stalled"] = 0 if gain else state["stalled"] + 1
         run.log(iteration=it, **counts, time_sample=round(t_sample, 2), time_train=round(t_train, 2), **stats)
         state["history"].append({"iteration": it, **counts, **metrics})
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint(state)
 
-    best = max(state["history"], key=lambda h: h["acc_t1"])
-    print(f"best iteration: {best['iteration']} (acc_t1 {best['acc_t1']}); "
+    best = max(state["history"], key=lambda h: h["acc_t1"])  # validation
+    print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
           f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    run.finish(before=state["before"], after=best, best_iteration=best["iteration"],
+    if best["iteration"] != state["history"][-1]["iteration"]:
+        policy = serve_update(policy, run.dir / "adapters" / f"iter-{best['iteration']}",
+                              f"iter-{best['iteration']}-selected", cfg.lora)
+    after = run.evaluate(policy, "after", round=best["iteration"], test=True)
+    run.finish(before=state["before"], after=after, selected_on="validation", best_iteration=best["iteration"],
                best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])

@@ -2,10 +2,11 @@
 
 A task is an integer expression of one-digit numbers joined by + and -, e.g.
 "What is 7 + 8 - 3 + 4?" with reference "16". `difficulty` is the number of operators
-(1 = "a + b", 2 = "a + b - c", 3 = "a + b - c + d", the default; difficulty 2 has 583
-test expressions, difficulty 3 about 10,500). Train and test are disjoint whatever their sizes:
-an expression belongs to `test` iff a hash of its text falls in the test bucket, so no
-test expression can ever be drawn for `train` (or for the pretraining corpus).
+(1 = "a + b", 2 = "a + b - c", 3 = "a + b - c + d", the default; difficulty 2 has about
+290 test expressions, difficulty 3 about 5,250). Train, validation and test are disjoint
+whatever their sizes: a hash of an expression's text puts it in exactly one split (10% test,
+10% validation, 80% train), so no validation or test expression can ever be drawn for
+`train` (or for the pretraining corpus, which the bundled `tiny` was trained on).
 
 Solutions come in two styles, which gives recipes something to learn: `direct`
 ("The answer is 12.") asks the model for mental arithmetic over all operands at once,
@@ -21,13 +22,15 @@ import random
 from .errors import UserError
 from .types import Task
 
-SPLITS = ("train", "test")
-TEST_FRACTION = 0.2
+SPLITS = ("train", "validation", "test")
+FRACTIONS = {"test": 0.1, "validation": 0.1, "train": 0.8}
 
 
-def _in_test(expr: str) -> bool:
-    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big")
-    return h % 1000 < TEST_FRACTION * 1000
+def split_of(expr: str) -> str:
+    """The one split an expression belongs to (the old 20% test bucket, halved into test and
+    validation, so neither was ever in the pretraining corpus)."""
+    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big") % 1000
+    return "test" if h < 100 else "validation" if h < 200 else "train"
 
 
 def random_expression(rng: random.Random, difficulty: int) -> tuple[list[int], list[str]]:
@@ -60,7 +63,7 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[
         raise UserError(f"arith has splits {SPLITS}, not {split!r}")
     rng = random.Random(f"arith:{seed}:{difficulty}")
     available = 9 ** (difficulty + 1) * 2 ** difficulty
-    most = int(available * (TEST_FRACTION * 0.9 if split == "test" else (1 - TEST_FRACTION) * 0.95))
+    most = int(available * FRACTIONS[split] * 0.9)
     if n > most:
         raise UserError(f"data=arith difficulty={difficulty} has about {most} distinct {split} tasks, not {n}: "
                         "ask for fewer (limit=) or a higher difficulty=")
@@ -69,7 +72,7 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[
     while len(out) < n:
         nums, ops = random_expression(rng, difficulty)
         expr = render(nums, ops)
-        if expr in seen or _in_test(expr) != (split == "test"):
+        if expr in seen or split_of(expr) != split:
             continue
         seen.add(expr)
         out.append((nums, ops))
@@ -82,8 +85,9 @@ def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 3)
     >>> t = tasks("test", n=2, seed=0)
     >>> t[0].prompt.startswith("What is "), t[0].reference.lstrip("-").isdigit()
     (True, True)
-    >>> {x.prompt for x in tasks("train", 300)} & {x.prompt for x in tasks("test", 300)}
-    set()
+    >>> sets = [{x.prompt for x in tasks(s, 300)} for s in SPLITS]
+    >>> sets[0] & sets[1], sets[0] & sets[2], sets[1] & sets[2]
+    (set(), set(), set())
     """
     out = []
     for i, (nums, ops) in enumerate(sample_problems(seed, split, n, difficulty)):

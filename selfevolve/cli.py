@@ -7,6 +7,7 @@
     selfevolve serve model=... port=8000          OpenAI-compatible server (plain or self-refining)
     selfevolve traces RUN_DIR key=value ...       list, filter, show and export a run's traces
     selfevolve report RUN_DIR [RUN_DIR ...]       HTML report with plots (several runs overlaid)
+    selfevolve compare RUN_A RUN_B                paired difference B − A of two runs' test metrics, with intervals
     selfevolve recipes                            list the recipes
 
 Every command takes `key=value` words, validated by a pydantic config; `--help` lists the
@@ -30,7 +31,17 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import DataKeys, FeedbackKeys, ModelKeys, VerifierKeys, build, help_text, parse_overrides, resolve
+from .config import (
+    DataKeys,
+    FeedbackKeys,
+    ModelKeys,
+    ProtocolKeys,
+    VerifierKeys,
+    build,
+    help_text,
+    parse_overrides,
+    resolve,
+)
 from .errors import NonFinite, SyncError, UserError, disk_full
 from .types import SamplingParams
 
@@ -47,8 +58,9 @@ RECIPES = {
 USAGE = __doc__.split("\n\n")[1]
 
 
-class EvalConfig(ModelKeys, DataKeys, FeedbackKeys):
-    split: str = Field("test", description="split to evaluate")
+class EvalConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
+    split: str | None = Field(None, description="split or role to evaluate (train|validation|test carve a flat file "
+                              "as a recipe does); default: arith's and a split source's test, all of a flat file")
     limit: int = Field(500, ge=1, description="number of tasks")
     adapter: str | None = Field(None, description="LoRA adapter directory to evaluate with")
     out: str | None = Field(None, description="write the metrics as JSON to this file")
@@ -87,8 +99,15 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
         raise UserError("run needs recipe=NAME (see `selfevolve recipes`)")
     mod, cls = _recipe(str(name))
     if want_help:
-        print(f"selfevolve run recipe={name} key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(cls)}")
+        print(f"selfevolve run recipe={name} key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(cls)}\n"
+              f"  seeds=null          run once per seed into RUN_DIR/seed-S and write mean ± std (seeds=0,1,2)")
         return 0
+    if "seeds" in overrides:
+        from .seeds import parse_seeds, run_seeds
+
+        seeds = parse_seeds(overrides.pop("seeds"))
+        resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})  # every key checked before seed 0 runs
+        return run_seeds(str(name), seeds, overrides, lambda o: cmd_run({**o, "recipe": name}, False))
     cfg = resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})
     torch.manual_seed(cfg.seed)
     run = Run(cfg)
@@ -107,13 +126,15 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
     from .build import critic_from_config, served_policy, verifier_for
-    from .data import tasks_for
+    from .data import splits_of, tasks_for
     from .evaluate import evaluate
     from .files import atomic_write
+    from .protocol import feedback_kind
     from .run import print_summary
 
     if want_help:
-        print(f"selfevolve eval key=value ...\n\nGreedy evaluation with SCoRe's metrics.\n\n"
+        print(f"selfevolve eval key=value ...\n\nGreedy evaluation with the protocol: SCoRe's metrics with 95% "
+              f"intervals, p_flip, maj@k / pass@k at the same budget, and the feedback label.\n\n"
               f"keys:\n{help_text(EvalConfig)}")
         return 0
     cfg = build(EvalConfig, overrides)
@@ -123,10 +144,14 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
     if cfg.out:
         _check_writable(cfg.out)
     policy = served_policy(cfg, adapter=cfg.adapter)
-    metrics, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns, critic=critic_from_config(cfg, policy,
-                                                                                                      verifier),
-                          sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-    print_summary(Path(f"{cfg.model} on {cfg.data}:{cfg.split}"), None, metrics)
+    metrics, _, _ = evaluate(policy, tasks, verifier, max_turns=cfg.max_turns,
+                             critic=critic_from_config(cfg, policy, verifier),
+                             sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens),
+                             feedback=feedback_kind(cfg.critic), baseline_temperature=cfg.baseline_temperature,
+                             seed=cfg.seed, bootstrap=cfg.bootstrap)
+    split = cfg.split or ("test" if cfg.data == "arith" or splits_of(cfg.data) else "all")
+    metrics = {"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "split": split, **metrics}
+    print_summary(f"{cfg.model} on {cfg.data}:{metrics['split']}", None, metrics)
     if cfg.out:
         atomic_write(Path(cfg.out), json.dumps(metrics, indent=2) + "\n")
     return 0
@@ -161,7 +186,7 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
 
 class CheckConfig(DataKeys, VerifierKeys):
     verify_workers: int = Field(2, ge=1, description="verifier worker processes")
-    split: str = Field("test", description="split to check")
+    split: str | None = Field(None, description="split or role to check (default: every task of a flat file)")
     limit: int | None = Field(None, ge=1, description="check only the first N tasks")
     timeout: float = Field(30.0, gt=0, description="seconds per task before it counts as failed")
     out: str | None = Field(None, description='write {"passed": N, "total": M, "failures": [...]} to this file')
@@ -245,6 +270,18 @@ def cmd_traces(overrides: dict, want_help: bool) -> int:
     return 0
 
 
+def cmd_compare(overrides: dict, want_help: bool) -> int:
+    from . import compare
+
+    if want_help:
+        print(f"{compare.__doc__.strip()}\n\nkeys:\n{help_text(compare.CompareConfig)}")
+        return 0
+    if len(json.loads(overrides.get("runs", "[]"))) != 2:
+        raise UserError("compare needs two run directories: selfevolve compare RUN_A RUN_B")
+    compare.main(build(compare.CompareConfig, overrides))
+    return 0
+
+
 def cmd_report(overrides: dict, want_help: bool) -> int:
     from . import report
 
@@ -257,8 +294,8 @@ def cmd_report(overrides: dict, want_help: bool) -> int:
     return 0
 
 
-COMMANDS = {"traces": cmd_traces, "report": cmd_report, "run": cmd_run, "eval": cmd_eval, "refine": cmd_refine,
-            "check": cmd_check, "recipes": cmd_recipes, "serve": cmd_serve}
+COMMANDS = {"traces": cmd_traces, "report": cmd_report, "compare": cmd_compare, "run": cmd_run, "eval": cmd_eval,
+            "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "traces" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"run_dir={rest[0]}", *rest[1:]]  # `selfevolve traces RUN_DIR ...`
-    if cmd == "report":  # `selfevolve report A B ...`: the words without `=` are run directories
+    if cmd in ("report", "compare"):  # `selfevolve report A B ...`: the words without `=` are run directories
         runs = [a for a in rest if "=" not in a and not a.startswith("-")]
         rest = [a for a in rest if a not in runs] + ([f"runs={json.dumps(runs)}"] if runs else [])
     want_help = any(a in ("-h", "--help") for a in rest)

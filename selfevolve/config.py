@@ -60,6 +60,10 @@ class DataKeys(Keys):
     tests_field: str = Field("tests", description="column holding a code task's tests (asserts, or a check() program)")
     entry_point_field: str = Field("entry_point", description="column holding a code task's function name")
     difficulty: int = Field(3, ge=1, le=8, description="arith: operators per expression")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="test share carved (seeded) from a source without a "
+                                 "test split (a flat file, humaneval)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share carved (seeded) from a source without "
+                                "a validation split")
     verify_workers: int = Field(1, ge=1, description="verifier worker processes (>1 runs a VerifierPool)")
 
 
@@ -83,7 +87,15 @@ class FeedbackKeys(VerifierKeys):
     max_turns: int = Field(2, ge=1, description="attempts per task in evaluation")
 
 
-class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys):
+class ProtocolKeys(Keys):
+    """How an evaluation is reported (selfevolve/protocol.py): intervals and the equal-budget baselines."""
+
+    baseline_temperature: float = Field(1.0, gt=0, description="temperature of the k independent first-turn samples "
+                                        "behind maj@k / pass@k (k = max_turns; 1 = the model's own distribution)")
+    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples behind each 95% interval (seeded)")
+
+
+class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     """Keys every recipe shares (`selfevolve run recipe=NAME`): the groups above, plus the
     run directory, the learner's base and the held-out evaluation."""
 
@@ -95,10 +107,15 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys):
     )
     run_dir: str | None = Field(None, description="output directory (default runs/<recipe>-<timestamp>)")
     resume: bool = Field(False, description="continue a killed run in run_dir")
-    eval_split: str = Field("test", description="held-out split evaluated before and after")
-    eval_data: str | None = Field(None, description="held-out tasks from another file (else split off data)")
-    eval_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of a flat data file without eval_data")
-    eval_limit: int = Field(500, ge=1, description="held-out tasks per evaluation")
+    eval_split: str = Field("test", description="test split: evaluated before training and, for the selected "
+                            "model, once at the end")
+    eval_data: str | None = Field(None, description="test tasks from another file (else the source's split or a slice)")
+    eval_limit: int = Field(500, ge=1, description="test tasks per evaluation")
+    val_split: str = Field("validation", description="validation split: every evaluation during the run, "
+                           "selection and early stopping")
+    val_data: str | None = Field(None, description="validation tasks from another file (else the source's split "
+                                 "or a slice)")
+    val_limit: int = Field(500, ge=1, description="validation tasks per evaluation")
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward pass; gradients accumulate to the full batch "
         "(null: the whole batch at once). Less memory, the same update")

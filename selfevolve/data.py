@@ -34,28 +34,53 @@ def humaneval() -> list[Task]:
             for p in read_problems().values()]
 
 
+ROLES = ("train", "validation", "test")
+
+
 def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
-               difficulty: int = 3, holdout: float | None = None, tests_field: str = "tests",
-               entry_point_field: str = "entry_point") -> list[Task]:
-    """Load tasks. Built-in suites are generated (`limit` of them, default 500); files are
-    read in order and truncated to `limit`.
+               difficulty: int = 3, holdout: tuple[float, float] | None = None, tests_field: str = "tests",
+               entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test")) -> list[Task]:
+    """Load tasks. Built-in `arith` is generated (`limit` of them, default 500) with its own
+    train / validation / test splits; files are read in order and truncated to `limit`.
 
     A source with named splits (a saved DatasetDict, a JSON object keyed by split) gives
-    `split`. A flat file has no splits: with `holdout=f` a seeded fraction f of its tasks
-    (by a hash of seed and task id, so stable under reordering) is `test` and the rest
-    `train`; without it, `split` is ignored and every task is returned. Code tasks carry
-    their tests (a list of assert statements, or a `check(candidate)` program) in
+    `split`. Roles a source does not define are carved out of it when `holdout=(test,
+    validation)` fractions are given: a seeded hash of seed and task id (stable under
+    reordering) puts each task of the pool (the source's `train` split, or all of a flat
+    file, or all of HumanEval) in exactly one of train / validation / test. `carve` names the
+    roles to carve (a role served by another file, `eval_data=` / `val_data=`, is not).
+    Without `holdout`, a flat source ignores `split` and every task is returned. Code tasks
+    carry their tests (a list of assert statements, or a `check(candidate)` program) in
     `tests_field` and the function's name in `entry_point_field`."""
     if data == "arith":
         return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
     if data == "humaneval":
-        return humaneval()[: limit or None]
-    rows = list(_rows(data, split))
+        rows = [(t.id, t) for t in humaneval()]
+        named: set[str] = set()
+    else:
+        rows, named = None, splits_of(data)
+    if split in named and not (split == "train" and holdout is not None and set(carve) - named):
+        rows = list(_rows(data, split))
+    elif holdout is not None:
+        if split not in ROLES:
+            raise UserError(f"data={data}: no split {split!r} (roles: {', '.join(ROLES)})")
+        if rows is None:
+            if named and "train" not in named:
+                raise UserError(f"data={data}: no split {split!r} and no 'train' split to carve it from "
+                                f"(splits: {sorted(named)})")
+            rows = list(_rows(data, "train" if named else split))
+        carved = tuple(r for r in carve if r not in named)
+        rows = [r for r in rows if _role(seed, _task_id(data, r, id_field), holdout, carved) == split]
+    elif rows is None:
+        rows = list(_rows(data, split))
+    if data == "humaneval":
+        return [t for _, t in rows][: limit or None]
     if not rows:
-        raise UserError(f"{data}: the dataset is empty")
-    if holdout is not None and not _has_split(data, split):
-        rows = [r for r in rows if _held_out(seed, _task_id(data, r, id_field), holdout) == (split != "train")]
+        if holdout is None:
+            raise UserError(f"{data}: the dataset is empty")
+        raise UserError(f"data={data}: its seeded {split} slice is empty (eval_fraction/val_fraction = {holdout}); "
+                        "use more tasks, larger fractions, or eval_data= / val_data=")
     tasks = []
     for where, row in rows[: limit or None]:
         if not isinstance(row, dict):
@@ -100,18 +125,23 @@ def default_verifier(tasks: list[Task]) -> str:
 
 
 def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[Task]:
-    """`load_tasks` with the data keys of a config. For a recipe (`holdout=True`), held-out
-    tasks come from `eval_data` when set, else from the source's own split, else from a
-    seeded `eval_fraction` slice of a flat file (seed and fraction are in config.yaml), so
-    training never sees them. The `eval` and `check` commands read every task."""
+    """`load_tasks` with the data keys of a config, in the three disjoint roles
+    (docs/architecture.md, "Data roles"): `train`, `validation` (selection, early stopping)
+    and `test` (reported once). A recipe's test tasks come from `eval_data` when set, its
+    validation tasks from `val_data`; a role with no file of its own comes from the source's
+    own split, else a seeded slice of the source (`eval_fraction`, `val_fraction`; seed and
+    fractions are in config.yaml), so training never sees them. The `eval` and `check`
+    commands (`holdout=False`) read every task of a flat file unless asked for a role."""
     kw = dict(limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
               id_field=cfg.id_field, difficulty=cfg.difficulty, tests_field=cfg.tests_field,
               entry_point_field=cfg.entry_point_field)
-    if holdout and getattr(cfg, "eval_data", None):
-        if split == cfg.eval_split:
-            return load_tasks(cfg.eval_data, split=split, **kw)
-        return load_tasks(cfg.data, split=split, **kw)
-    return load_tasks(cfg.data, split=split, holdout=cfg.eval_fraction if holdout else None, **kw)
+    files = {"test": getattr(cfg, "eval_data", None), "validation": getattr(cfg, "val_data", None)} if holdout else {}
+    if files.get(split):
+        return load_tasks(files[split], split=split, **kw)
+    if not holdout and (split is None or split not in ROLES):
+        return load_tasks(cfg.data, split=split or "test", **kw)
+    carve = tuple(r for r in ("validation", "test") if not files.get(r))
+    return load_tasks(cfg.data, split=split, holdout=(cfg.eval_fraction, cfg.val_fraction), carve=carve, **kw)
 
 
 def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:
@@ -119,23 +149,37 @@ def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:
     return str(row.get(id_field, f"{Path(data).stem}-{where.split(' ')[-1]}")) if isinstance(row, dict) else where
 
 
-def _held_out(seed: int, task_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{task_id}".encode()).digest()[:8], "big")
-    return h % 10_000 < fraction * 10_000
+def _role(seed: int, task_id: str, fractions: tuple[float, float], carved: tuple[str, ...]) -> str:
+    """The role of a task in a carved source: hash < test fraction -> test, the next
+    validation fraction -> validation, else train (a role not carved stays train)."""
+    test, val = fractions
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{task_id}".encode()).digest()[:8], "big") % 10_000 / 10_000
+    if h < test:
+        return "test" if "test" in carved else "train"
+    if h < test + val:
+        return "validation" if "validation" in carved else "train"
+    return "train"
 
 
-def _has_split(data: str, split: str) -> bool:
-    """Does the source itself define `split` (a saved DatasetDict or a JSON object keyed by split)?"""
+def splits_of(data: str) -> set[str]:
+    """The splits the source itself defines (a saved DatasetDict or a JSON object keyed by
+    split); empty for a flat file."""
     path = Path(data).expanduser()
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
-        ds = load_from_disk(str(path))
-        return isinstance(ds, DatasetDict) and split in ds
-    if path.suffix.lower() == ".json":
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        return isinstance(obj, dict) and split in obj
-    return False
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError):
+            return set()  # _rows reports it
+        return set(ds) if isinstance(ds, DatasetDict) else set()
+    if path.suffix.lower() == ".json" and path.is_file():
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return set()  # _rows reports it
+        return {k for k, v in obj.items() if isinstance(v, list)} if isinstance(obj, dict) else set()
+    return set()
 
 
 def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import UserError
 from .files import atomic_write, read_metrics
 from .metrics import KEYS
+from .protocol import with_interval
 
 
 class ReportConfig(BaseModel):
@@ -53,6 +54,8 @@ class RunData:
         self.summary = json.loads(summary.read_text()) if summary.is_file() else None
         rows = read_metrics(path / "metrics.jsonl")
         self.evals = [r for r in rows if "eval" in r]
+        # the curves follow one split: validation during the run (test is only before / after)
+        self.curve = [r for r in self.evals if r.get("split") == "validation"] or self.evals
         self.logged = [r for r in rows if "eval" not in r]
         self.steps = [r for r in rows if "step" in r and "eval" not in r and "warning" not in r]
         self.iterations = [r for r in rows if "kept" in r and "eval" not in r]
@@ -61,10 +64,10 @@ class RunData:
     def eval_x(self) -> tuple[list[float], str]:
         """Evaluations are placed by training step when rounds are steps (SCoRe), else by
         their order (0 = before)."""
-        rounds = [r.get("round", 0) for r in self.evals]
+        rounds = [r.get("round", 0) for r in self.curve]
         if all(b > a for a, b in zip(rounds, rounds[1:])):
             return rounds, "step" if self.recipe == "score" else "round"
-        return list(range(len(self.evals))), "evaluation (0 = before)"
+        return list(range(len(self.curve))), "evaluation"
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -110,21 +113,21 @@ def _plots(runs: list[RunData], out: Path) -> dict[str, str]:
         made[name] = caption
 
     def eval_plot(name: str, caption: str, keys: list[str], title: str) -> None:
-        if not any(r.evals for r in runs):
+        if not any(r.curve for r in runs):
             return
         fig, ax = plt.subplots(figsize=(7, 4))
         styles = ["-o", "--s", ":^"]
         for c, run in zip(colours * 10, runs):
             xs, xlabel = run.eval_x()
             for style, k in zip(styles, keys):
-                ax.plot(xs, [e.get(k) for e in run.evals], style, color=c, label=f"{label(run)} {k}".strip())
+                ax.plot(xs, [e.get(k) for e in run.curve], style, color=c, label=f"{label(run)} {k}".strip())
             ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, name, caption)
 
-    eval_plot("accuracy.png", "Held-out accuracy of the first and the last attempt, and their difference.",
+    eval_plot("accuracy.png", "Validation accuracy of the first and the last attempt, and their difference.",
               ["acc_t1", "acc_t2", "delta"], "accuracy per evaluation")
     eval_plot("flips.png", "Share of tasks fixed by the revision (i2c) and broken by it (c2i).",
               ["delta_i2c", "delta_c2i"], "incorrect→correct vs correct→incorrect")
@@ -207,10 +210,12 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
 
 def _run_section(run: RunData) -> str:
     s = run.summary
+    keys = KEYS + tuple(k for k in ("maj_at_k", "pass_at_k", "p_flip") if s and k in s["after"])
     if s and s.get("before"):
-        summary = _table([[k, s["before"].get(k), s["after"].get(k)] for k in KEYS], ["metric", "before", "after"])
+        summary = _table([[k, with_interval(s["before"], k), with_interval(s["after"], k)] for k in keys],
+                         ["metric", "before", "after"])
     elif s:
-        summary = _table([[k, s["after"].get(k)] for k in KEYS], ["metric", "value"])
+        summary = _table([[k, with_interval(s["after"], k)] for k in keys], ["metric", "value"])
     else:
         summary = "<p><b>unfinished run</b> (no summary.json): the evaluations below are all it logged.</p>"
     evals = _table([[e["eval"]] + [e.get(k) for k in KEYS] for e in run.evals], ["evaluation", *KEYS])
@@ -218,9 +223,11 @@ def _run_section(run: RunData) -> str:
         f"<p class=warn>step {html.escape(str(w.get('step')))}: {html.escape(w['warning'])}</p>" for w in run.warnings
     )
     config = html.escape(yaml.safe_dump(run.config, sort_keys=False))
+    protocol = ", ".join(f"{k}: {v}" for k, v in (s or {}).get("protocol", {}).items())
     return (
         f"<h2>{html.escape(run.name)} <small>recipe={html.escape(run.recipe)}</small></h2>"
-        f"<p>{html.escape(str(run.path.resolve()))}</p>{summary}{warnings}"
+        f"<p>{html.escape(str(run.path.resolve()))}</p><p>{html.escape(protocol)} (95% intervals)</p>"
+        f"{summary}{warnings}"
         f"<details><summary>all evaluations</summary>{evals}</details>"
         f"<details><summary>config</summary><pre>{config}</pre></details>"
     )
@@ -231,14 +238,29 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3}img{max-width:100%}.warn{color:#a60}figure{margin:1.5em 0}"""
 
 
+def _seeds_section(path: Path) -> str:
+    """Mean ± std over the seeds of a `seeds=` directory (seeds.json)."""
+    sj = json.loads((path / "seeds.json").read_text())
+    cols = [w for w in ("before", "after") if w in sj]
+    rows = [[k] + [f"{sj[w][k]['mean']:.3f} ± {sj[w][k]['std']:.3f}" if k in sj[w] else "" for w in cols]
+            for k in sj.get("after", {})]
+    return (f"<h2>{html.escape(path.resolve().name)} <small>recipe={html.escape(sj['recipe'])}, seeds "
+            f"{html.escape(str(sj['seeds']))}: mean ± std (test split)</small></h2>{_table(rows, ['metric', *cols])}")
+
+
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
-    """Render the report of one or several runs; return the path of report.html."""
-    runs = []
+    """Render the report of one or several runs; return the path of report.html. A `seeds=`
+    directory shows its mean ± std and each seed's run."""
+    runs, spreads = [], []
     for d in run_dirs:
         d = Path(d)
         if not d.is_dir():
             raise UserError(f"run directory not found: {d}")
-        runs.append(RunData(d))
+        if (d / "seeds.json").is_file():
+            spreads.append(_seeds_section(d))
+            runs += [RunData(d / r) for r in json.loads((d / "seeds.json").read_text())["runs"]]
+        else:
+            runs.append(RunData(d))
     out = Path(out) if out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +277,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        + "".join(_run_section(r) for r in runs)
+        + "".join(spreads) + "".join(_run_section(r) for r in runs)
         + f"<h2>plots</h2>{figures or '<p>nothing logged yet</p>'}</body></html>"
     )
     atomic_write(out / "report.html", page)

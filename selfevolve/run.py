@@ -46,9 +46,10 @@ from .evaluate import evaluate
 from .files import atomic_write, read_metrics
 from .metrics import CRITIC_KEYS, KEYS
 from .progress import progress
+from .protocol import PROTOCOL_KEYS, feedback_kind, with_interval
 from .store import TraceStore
 from .trackers import Trackers, selected
-from .types import SamplingParams
+from .types import SamplingParams, Trace
 
 # Keys that may change between a run and its resume without changing its result (the memory
 # knobs change only fp32 rounding: resume an out-of-memory run with smaller micro-batches).
@@ -72,7 +73,7 @@ class Run:
         self.store = TraceStore(self.dir / "traces.sqlite")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.trackers = Trackers(cfg.logger, self.dir, self.name, cfg.model_dump(exclude=RESUME_FREE_KEYS))
-        self._eval_tasks = None
+        self._tasks: dict[str, list] = {}
         self._verifier = None
         self._retired: list[Path] = []
 
@@ -86,10 +87,22 @@ class Run:
 
     @property
     def eval_tasks(self):
-        """The held-out tasks every evaluation of the run uses (loaded once)."""
-        if self._eval_tasks is None:
-            self._eval_tasks = tasks_for(self.cfg, self.cfg.eval_split, self.cfg.eval_limit)
-        return self._eval_tasks
+        """The test tasks: evaluated before training and, for the model the run selected,
+        once at the end (loaded once)."""
+        return self._held_out("test")
+
+    @property
+    def val_tasks(self):
+        """The validation tasks every evaluation during the run uses: selection and early
+        stopping happen here, never on the test tasks."""
+        return self._held_out("validation")
+
+    def _held_out(self, role: str):
+        if role not in self._tasks:
+            c = self.cfg
+            split, limit = (c.eval_split, c.eval_limit) if role == "test" else (c.val_split, c.val_limit)
+            self._tasks[role] = tasks_for(c, split, limit)
+        return self._tasks[role]
 
     def critic(self, policy):
         """The critic evaluation uses between attempts (`critic=`; none: SCoRe's instruction)."""
@@ -205,32 +218,39 @@ class Run:
 
     # --- evaluation and the end --------------------------------------------------------
 
-    def evaluate(self, policy, which: str, round: int = 0) -> dict[str, float]:
-        """Evaluate `policy` on the run's held-out tasks (greedy, `max_turns` attempts),
-        store the traces tagged meta.eval=`which`, log and return the metrics."""
+    def evaluate(self, policy, which: str, round: int = 0, test: bool = False) -> dict[str, Any]:
+        """Evaluate `policy` (greedy, `max_turns` attempts) on the validation tasks, or with
+        `test=True` on the test tasks, which also draws the equal-budget baseline samples;
+        store the traces (meta.eval=`which`, meta.split; one trace per baseline sample with
+        meta.baseline=`which`), log and return the protocol metrics (selfevolve/protocol.py)."""
         c = self.cfg
-        metrics, traces = evaluate(
-            policy,
-            self.eval_tasks,
-            self.verifier,
-            max_turns=c.max_turns,
-            critic=self.critic(policy),
-            sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
-            recipe=c.recipe,
-            run=self.name,
-            round=round,
-            meta={"eval": which},
+        split = "test" if test else "validation"
+        metrics, traces, samples = evaluate(
+            policy, self.eval_tasks if test else self.val_tasks, self.verifier, max_turns=c.max_turns,
+            critic=self.critic(policy), sampling=SamplingParams(temperature=0.0, max_new_tokens=c.max_new_tokens),
+            feedback=feedback_kind(c.critic), baseline_temperature=c.baseline_temperature if test else None,
+            seed=c.seed, bootstrap=c.bootstrap, recipe=c.recipe, run=self.name, round=round,
+            meta={"eval": which, "split": split},
         )
+        for trace, turns in zip(traces, samples or []):
+            self.store.append([Trace(task=trace.task, turns=[x], policy_version=trace.policy_version, recipe=c.recipe,
+                                     run=self.name, round=round, meta={"baseline": which, "split": split})
+                               for x in turns])
         self.store.append(traces)
-        self.log(eval=which, round=round, **metrics)
-        return metrics
+        self.log(eval=which, round=round, split=split, **metrics)
+        return {"split": split, **metrics}
 
-    def finish(self, before: dict | None, after: dict, **extra: Any) -> dict[str, Any]:
-        """Write summary.json: `before` and `after` are evaluation metrics (a history entry
-        will do: only the metric keys are kept), `extra` whatever else the recipe reports."""
+    def finish(self, before: dict | None, after: dict, selected_on: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Write summary.json: `before` and `after` are test evaluations (only the metric keys
+        are kept), `selected_on` the split that chose the reported model (None: the run's
+        final model, no choice made), `extra` whatever else the recipe reports."""
         self.trackers.close()
+        if after.get("split") != "test" or (before is not None and before.get("split") != "test"):
+            raise ValueError("summary.json reports test evaluations only (Run.evaluate(..., test=True))")
         before, after = (None if before is None else metric_block(before)), metric_block(after)
-        summary = {"recipe": self.cfg.recipe, "before": before, "after": after, **extra}
+        protocol = {"selected_on": selected_on or "none (the final model)", "reported_on": "test",
+                    "feedback": after.get("feedback")}
+        summary = {"recipe": self.cfg.recipe, "protocol": protocol, "before": before, "after": after, **extra}
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(self.dir, before, after)
         try:  # the results are on disk already; a plotting problem must not fail the run
@@ -248,17 +268,31 @@ class Run:
 
 def metric_block(metrics: dict[str, Any]) -> dict[str, Any]:
     """The evaluation metrics of a dict that may hold more (an iteration's history entry)."""
-    return {k: metrics[k] for k in KEYS + CRITIC_KEYS if k in metrics}
+    return {k: metrics[k] for k in KEYS + CRITIC_KEYS + PROTOCOL_KEYS if k in metrics}
 
 
-def print_summary(run_dir: Path, before: dict | None, after: dict) -> None:
-
-    table = Table(title=f"{run_dir}")
+def print_summary(run_dir: Path | str, before: dict | None, after: dict) -> None:
+    """The protocol as two tables: the self-correction metrics (95% intervals, p_flip, the
+    feedback label in the title), then revising vs sampling more at the same budget."""
+    table = Table(title=f"{run_dir} — {after.get('split', 'test')} split, feedback: {after.get('feedback', '?')}")
     table.add_column("metric")
     if before:
         table.add_column("before", justify="right")
     table.add_column("after" if before else "value", justify="right")
-    for k in KEYS + tuple(k for k in CRITIC_KEYS if k in after):
-        row = [k] + ([str(before.get(k))] if before else []) + [str(after.get(k))]
-        table.add_row(*row)
+    for k in KEYS + tuple(k for k in CRITIC_KEYS + ("p_flip",) if k in after):
+        table.add_row(*[k] + ([with_interval(before, k)] if before else []) + [with_interval(after, k)])
     Console(stderr=False).print(table)
+    budget = after.get("budget")
+    if budget:
+        k = budget["k"]
+        same = Table(title=f"equal budget, k = {k} (baseline samples at temperature {budget['temperature']})")
+        for col in ("method", "samples", "tokens", "accuracy"):
+            same.add_column(col, justify="left" if col == "method" else "right")
+        rows = [("first turn (greedy)", "first_turn", "acc_t1"), (f"revise: {k} turns", "refine", "acc_t2"),
+                (f"maj@{k} (self-consistency)", "maj_at_k", "maj_at_k"),
+                (f"pass@{k} (oracle pick)", "pass_at_k", "pass_at_k")]
+        for name, spent, key in rows:
+            b = budget[spent]
+            same.add_row(name, str(b["samples"]), str(b["tokens"] if b["tokens"] is not None else "—"),
+                         with_interval(after, key))
+        Console(stderr=False).print(same)

@@ -40,14 +40,28 @@ def test_recipes_lists_pretrain():
     assert "pretrain" in cli("recipes").stdout
 
 
-def test_eval_writes_metrics(tmp_path):
+def test_eval_writes_the_protocol(tmp_path):
+    """The issue's command, as written: intervals, p_flip, maj@k / pass@k with their budget, feedback."""
     out = tmp_path / "m.json"
-    r = cli("eval", "model=tiny", "data=arith", "split=test", "limit=8", "max_turns=2", f"out={out}")
+    r = cli("eval", "model=tiny", "data=arith", "limit=300", "max_turns=2", f"out={out}")
     assert r.returncode == 0, r.stderr
     m = json.loads(out.read_text())
-    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n"}
-    assert m["n"] == 8
-    assert "acc_t1" in r.stdout
+    assert {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n"} <= set(m)
+    assert m["n"] == 300 and m["split"] == "test" and m["feedback"] == "intrinsic" and 0 < m["p_flip"] <= 1
+    for k in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "maj_at_k", "pass_at_k"):
+        lo, hi = m["intervals"][k]
+        assert lo <= m[k] <= hi and hi - lo < 0.3, k
+    b = m["budget"]
+    assert b["k"] == 2 and b["maj_at_k"]["samples"] == b["pass_at_k"]["samples"] == b["refine"]["samples"] == 600
+    assert b["maj_at_k"]["tokens"] > 0 and b["refine"]["tokens"] > 0
+    assert "acc_t1" in r.stdout and "maj@2" in r.stdout and "feedback: intrinsic" in r.stdout
+
+
+def test_eval_labels_oracle_feedback(tmp_path):
+    out = tmp_path / "m.json"
+    r = cli("eval", "model=tiny", "data=arith", "limit=8", "critic=verifier", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["feedback"] == "oracle" and "feedback: oracle" in r.stdout
 
 
 def test_refine_prints_answer_and_json():

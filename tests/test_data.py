@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from selfevolve.data import load_tasks
+from selfevolve.data import ROLES, load_tasks, tasks_for
 from selfevolve.errors import UserError
 
 ROWS = [{"question": "What is 2 + 2?", "gold": 4, "id": "a", "topic": "add"},
@@ -76,16 +76,65 @@ def test_missing_split_in_saved_dataset(tmp_path):
         load_tasks(str(tmp_path / "saved"), prompt_field="question")
 
 
-def test_flat_file_holdout_is_seeded_disjoint_and_stable_under_reordering(tmp_path):
+def test_flat_file_roles_are_seeded_disjoint_and_stable_under_reordering(tmp_path):
     rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(200)]
     a = write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     b = write(tmp_path, "b.jsonl", "".join(json.dumps(r) + "\n" for r in reversed(rows)))
-    train = {t.id for t in load_tasks(a, "train", holdout=0.2)}
-    test = {t.id for t in load_tasks(a, "test", holdout=0.2)}
-    assert not train & test and len(train | test) == 200 and 20 < len(test) < 60
-    assert {t.id for t in load_tasks(b, "test", holdout=0.2)} == test
-    assert {t.id for t in load_tasks(a, "test", holdout=0.2, seed=1)} != test
+    roles = {r: {t.id for t in load_tasks(a, r, holdout=(0.2, 0.1))} for r in ROLES}
+    assert len(set().union(*roles.values())) == 200 and sum(map(len, roles.values())) == 200
+    assert 20 < len(roles["test"]) < 60 and 5 < len(roles["validation"]) < 40
+    assert {t.id for t in load_tasks(b, "test", holdout=(0.2, 0.1))} == roles["test"]
+    assert {t.id for t in load_tasks(a, "test", holdout=(0.2, 0.1), seed=1)} != roles["test"]
     assert len(load_tasks(a, "test")) == 200  # no holdout asked: every task
+
+
+def _roles(**keys):
+    from selfevolve.config import RecipeConfig, build
+
+    cfg = build(RecipeConfig, keys)
+    return {role: {t.id for t in tasks_for(cfg, role, None)} for role in ROLES}
+
+
+def _disjoint(roles):
+    assert all(roles.values()), {k: len(v) for k, v in roles.items()}
+    assert not roles["train"] & roles["validation"] and not roles["train"] & roles["test"]
+    assert not roles["validation"] & roles["test"]
+
+
+def test_train_validation_and_test_are_disjoint_for_every_source_kind(tmp_path):
+    """Every kind of source a recipe takes gives three disjoint roles. HumanEval used to
+    ignore `split` (all 164 tasks in every role), and a flat file had no validation."""
+    from datasets import Dataset, DatasetDict
+
+    _disjoint(_roles(data="arith"))
+    he = _roles(data="humaneval")
+    _disjoint(he)
+    assert len(set().union(*he.values())) == 164
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(120)]
+    flat = write(tmp_path, "flat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _disjoint(_roles(data=flat))
+    keyed = write(tmp_path, "keyed.json", json.dumps({"train": rows[:100], "test": rows[100:]}))
+    k = _roles(data=keyed)  # validation carved out of train; test is the file's own
+    _disjoint(k)
+    assert k["test"] == {f"q{i}" for i in range(100, 120)} and len(k["train"] | k["validation"]) == 100
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    _disjoint(_roles(data=str(tmp_path / "saved")))
+    three = {"train": rows[:80], "validation": rows[80:100], "test": rows[100:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in three.items()}).save_to_disk(str(tmp_path / "three"))
+    t = _roles(data=str(tmp_path / "three"))
+    assert {r: len(v) for r, v in t.items()} == {"train": 80, "validation": 20, "test": 20}
+    other = [{"id": f"o{i}", "prompt": f"What is {i} - 1?", "answer": str(i - 1)} for i in range(10)]
+    test_f = write(tmp_path, "test.jsonl", "".join(json.dumps(r) + "\n" for r in other[:5]))
+    val_f = write(tmp_path, "val.jsonl", "".join(json.dumps(r) + "\n" for r in other[5:]))
+    files = _roles(data=flat, eval_data=test_f, val_data=val_f)
+    _disjoint(files)
+    assert files["train"] == {r["id"] for r in rows}  # nothing carved when both roles have files
+
+
+def test_an_empty_role_is_a_clear_error(tmp_path):
+    one = write(tmp_path, "one.jsonl", json.dumps({"id": "x", "prompt": "p", "answer": "1"}) + "\n")
+    with pytest.raises(UserError, match="seeded (test|validation) slice is empty"):
+        _roles(data=one)
 
 
 def test_a_users_code_tasks_carry_their_tests_and_pick_the_code_verifier(tmp_path):

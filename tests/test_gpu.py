@@ -39,7 +39,7 @@ def test_learner_on_cuda_in_bf16_and_verified_sync(tmp_path):
 
 def test_one_score_step_on_cuda(tmp_path):
     r = cli("run", "recipe=score", "device=cuda", "stage1_steps=1", "stage2_steps=1", "batch_tasks=16",
-            "train_tasks=32", "eval_limit=16", "micro_batch_size=8", f"run_dir={tmp_path / 'run'}")
+            "train_tasks=32", "eval_limit=16", "val_limit=16", "micro_batch_size=8", f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["after"]["n"] == 16
 

@@ -56,11 +56,20 @@ def test_batched_loop_matches_one_task_at_a_time(tiny):
     assert [[x.response for x in t.turns] for t in batched] == [[x.response for x in t.turns] for t in single]
 
 
-def test_evaluate_reports_every_metric(tiny):
-    m, traces = evaluate(tiny, arith.tasks("test", n=16), NumericVerifier(), max_turns=2, round=3, recipe="eval")
-    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n"}
+def test_evaluate_reports_every_metric_with_the_protocol(tiny):
+    m, traces, samples = evaluate(tiny, arith.tasks("test", n=16), NumericVerifier(), max_turns=2, round=3,
+                                  recipe="eval")
+    assert set(m) == {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "edit_ratio", "truncated", "n",
+                      "maj_at_k", "pass_at_k", "vs_maj_at_k", "p_flip", "feedback", "budget", "intervals"}
     assert m["n"] == 16 and abs(m["delta"] - (m["delta_i2c"] - m["delta_c2i"])) < 1e-3
     assert all(t.round == 3 and t.recipe == "eval" for t in traces)
+    assert len(samples) == 16 and all(len(s) == 2 and s[0].feedback is not None for s in samples)
+    assert m["maj_at_k"] <= m["pass_at_k"] and m["feedback"] == "intrinsic" and 0 <= m["p_flip"] <= 1
+    for k, (lo, hi) in m["intervals"].items():
+        assert lo <= m[k] <= hi, k
+    spent = m["budget"]
+    assert spent["k"] == 2 and spent["refine"]["samples"] == 32 and spent["maj_at_k"]["samples"] == 32
+    assert spent["refine"]["tokens"] == sum(len(x.token_ids) for t in traces for x in t.turns)
 
 
 class OnlyVerify:
@@ -77,6 +86,6 @@ def test_a_verify_only_verifier_works_in_the_loop(tiny):
         assert isinstance(verifier, Verifier) or not hasattr(verifier, "verify_batch")
         traces = refine_batch(tasks, tiny, verifier, LengthCritic(), max_turns=2, sampling=S, stop_when_correct=False)
         assert all(t.turns[0].feedback.text == "checked by OnlyVerify" for t in traces)
-        metrics, _ = evaluate(tiny, tasks, verifier, max_turns=2, sampling=S)
+        metrics, _, _ = evaluate(tiny, tasks, verifier, max_turns=2, sampling=S)
         assert metrics["n"] == 4
     assert isinstance(get_verifier("tests.test_loop:OnlyVerify"), Verifier)

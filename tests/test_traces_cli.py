@@ -11,8 +11,8 @@ from tests.test_cli import cli
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tr") / "run"
-    r = cli("run", "recipe=rest_em", "iterations=1", "train_tasks=16", "num_samples=2", "eval_limit=30", "epochs=1",
-            "max_new_tokens=24", f"run_dir={d}")
+    r = cli("run", "recipe=rest_em", "iterations=1", "train_tasks=16", "num_samples=2", "eval_limit=30", "val_limit=30",
+            "epochs=1", "max_new_tokens=24", f"run_dir={d}")
     assert r.returncode == 0, r.stderr
     return d
 

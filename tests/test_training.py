@@ -74,7 +74,7 @@ def test_a_nan_canary_is_a_sync_error(tiny):
 
 def test_a_diverging_run_stops_with_one_line_naming_the_step(tmp_path):
     r = cli("run", "recipe=score", "stage1_steps=1", "stage2_steps=1", "batch_tasks=4", "train_tasks=8",
-            "eval_limit=2", "max_new_tokens=8", "lr=1e30", f"run_dir={tmp_path / 'r'}")
+            "eval_limit=2", "val_limit=2", "max_new_tokens=8", "lr=1e30", f"run_dir={tmp_path / 'r'}")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     (line,) = [x for x in r.stderr.splitlines() if "error" in x]
     assert ("step 2: the loss is nan" in line or "'step-1'" in line) and "resume=true" in line, line

@@ -9,7 +9,7 @@ from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli
 
 SMALL = ["recipe=pretrain", "steps=12", "n_layer=1", "n_embd=32", "n_head=2", "batch_size=8", "warmup=2",
-         "eval_limit=4", "max_new_tokens=8", "checkpoint_every=3", "log_every=2"]
+         "eval_limit=4", "val_limit=4", "max_new_tokens=8", "checkpoint_every=3", "log_every=2"]
 
 
 def test_run_directory(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from selfevolve.server_process import ServerProcess
 from tests.test_cli import cli
 
-SMALL = ["eval_limit=4", "max_new_tokens=16", "threads=2"]
+SMALL = ["eval_limit=4", "val_limit=4", "max_new_tokens=16", "threads=2"]
 
 
 @pytest.fixture(scope="module")

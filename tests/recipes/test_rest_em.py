@@ -5,10 +5,11 @@ import json
 from selfevolve import arith
 from selfevolve.store import TraceStore
 from tests.recipes.resume import check_kill_and_resume
+from tests.recipes.selection import check_selected_on_validation
 from tests.test_cli import cli
 
-SMALL = ["recipe=rest_em", "iterations=2", "train_tasks=24", "num_samples=3", "eval_limit=12", "epochs=1",
-         "max_new_tokens=32", "sft_batch_size=8"]
+SMALL = ["recipe=rest_em", "iterations=2", "train_tasks=24", "num_samples=3", "eval_limit=12", "val_limit=12",
+         "epochs=1", "max_new_tokens=32", "sft_batch_size=8"]
 
 
 def test_e_step_keeps_only_verified_distinct_answers_up_to_the_cap(tiny, tmp_path):
@@ -43,6 +44,7 @@ def test_run_directory_adapters_and_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((d / "summary.json").read_text())
     assert summary["best_iteration"] in (0, 1) and [h["iteration"] for h in summary["iterations"]] == [0, 1]
+    check_selected_on_validation(d)
     assert (d / summary["best_adapter"] / "adapter_config.json").exists()
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     its = [m for m in lines if "kept" in m]
@@ -71,7 +73,9 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
     store = TraceStore(d / "traces.sqlite")
     trained = {t.task.id for t in store.query(meta={"phase": "e_step"})}
     held_out = {t.task.id for t in store.query(meta={"eval": "before"})}
-    assert trained and held_out and not trained & held_out and len(trained | held_out) == 60
+    validation = {t.task.id for t in store.query(meta={"eval": "iteration-0"})}
+    assert trained and held_out and validation and len(trained | held_out | validation) == 60
+    assert not trained & held_out and not trained & validation and not validation & held_out
     assert all(i.startswith("arith-") for i in trained)  # ids came from the uid column
     assert json.loads((d / "summary.json").read_text())["after"]["n"] == len(held_out)
 
@@ -83,4 +87,7 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
             "answer_field=gold", "iterations=1", "num_samples=1", "epochs=1", "max_new_tokens=32", f"run_dir={d2}")
     assert r.returncode == 0, r.stderr
     assert json.loads((d2 / "summary.json").read_text())["before"]["n"] == 7
-    assert len({t.task.id for t in TraceStore(d2 / "traces.sqlite").query(meta={"phase": "e_step"})}) == 60
+    store2 = TraceStore(d2 / "traces.sqlite")  # eval_data serves test; validation is still carved from data
+    trained, validation = ({t.task.id for t in store2.query(meta=m)} for m in ({"phase": "e_step"},
+                                                                            {"eval": "iteration-0"}))
+    assert validation and not trained & validation and len(trained | validation) == 60

@@ -13,7 +13,7 @@ from tests.recipes.resume import check_kill_and_resume, check_kill_at_and_resume
 from tests.test_cli import cli
 
 SMALL = ["recipe=score", "stage1_steps=1", "stage2_steps=2", "batch_tasks=8", "train_tasks=40", "eval_limit=8",
-         "eval_every=2", "checkpoint_every=1", "max_new_tokens=24"]
+         "val_limit=8", "eval_every=2", "checkpoint_every=1", "max_new_tokens=24"]
 
 
 def _cfg(tmp_path, **kw):
@@ -88,10 +88,13 @@ def test_two_step_run_through_the_cli(tmp_path):
     assert [m["step"] for m in train] == [1, 2, 3] and [m["stage"] for m in train] == [1, 2, 2]
     for k in ("reward_t2", "kl_t1", "kl_t2", "loss", "time_generate", "time_verify", "time_train", "time_sync"):
         assert all(k in m for m in train)
-    evals = [m["eval"] for m in lines if "eval" in m]
-    assert evals == ["before", "step-1", "step-2", "step-3"]
+    evals = [(m["eval"], m["split"]) for m in lines if "eval" in m]  # the test split: before, and the final model
+    assert evals == [("before", "test"), ("step-1", "validation"), ("step-2", "validation"),
+                     ("step-3", "validation"), ("after", "test")]
     summary = json.loads((d / "summary.json").read_text())
     assert summary["after"]["n"] == 8 and [e["step"] for e in summary["evaluations"]] == [1, 2, 3]
+    assert summary["protocol"]["reported_on"] == "test" and summary["protocol"]["feedback"] == "intrinsic"
+    assert summary["after"]["budget"]["k"] == 2 and "maj_at_k" in summary["after"]
 
 
 def test_ablation_without_stage_one(tmp_path):

@@ -9,8 +9,8 @@ from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli
 
-SMALL = ["recipe=self_evolve", "iterations=1", "meta_tasks=16", "evolve_tasks=16", "eval_limit=8", "epochs=1",
-         "max_new_tokens=24", "critique_tokens=16", "sft_batch_size=8"]
+SMALL = ["recipe=self_evolve", "iterations=1", "meta_tasks=16", "evolve_tasks=16", "eval_limit=8", "val_limit=8",
+         "epochs=1", "max_new_tokens=24", "critique_tokens=16", "sft_batch_size=8"]
 TASK = Task(id="t", prompt="What is 7 + 8 - 3 + 4?", reference="16")
 
 

@@ -7,8 +7,8 @@ from selfevolve.store import TraceStore
 from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli
 
-SMALL = ["recipe=spin", "iterations=2", "train_tasks=24", "eval_limit=8", "epochs=1", "max_new_tokens=24",
-         "pair_batch_size=8"]
+SMALL = ["recipe=spin", "iterations=2", "train_tasks=24", "eval_limit=8", "val_limit=8", "epochs=1",
+         "max_new_tokens=24", "pair_batch_size=8"]
 
 
 def test_run_through_the_cli(tmp_path):

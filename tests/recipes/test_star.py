@@ -8,9 +8,10 @@ from selfevolve.recipes.star import StarConfig, collect, hinted, mentions_hint, 
 from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.resume import check_kill_and_resume
+from tests.recipes.selection import check_selected_on_validation
 from tests.test_cli import cli
 
-SMALL = ["recipe=star", "iterations=2", "patience=2", "train_tasks=24", "eval_limit=12", "epochs=1",
+SMALL = ["recipe=star", "iterations=2", "patience=2", "train_tasks=24", "eval_limit=12", "val_limit=12", "epochs=1",
          "max_new_tokens=32", "sft_batch_size=8"]
 TASK = Task(id="t", prompt="What is 7 + 8 - 3 + 4?", reference="16")
 
@@ -67,6 +68,7 @@ def test_run_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((d / "summary.json").read_text())
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1]
+    check_selected_on_validation(d)
     assert (d / summary["best_adapter"] / "adapter_config.json").exists()
     its = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"kept"' in x]
     assert all(m["kept"] + m["failed"] == 24 and m["rationalised"] + m["rejected"] == m["failed"] for m in its)
@@ -89,4 +91,6 @@ def test_on_a_user_file_with_renamed_fields(tmp_path):
     store = TraceStore(d / "traces.sqlite")
     trained = {t.task.id for t in store.query(meta={"phase": "generate"})}
     held_out = {t.task.id for t in store.query(meta={"eval": "before"})}
-    assert trained and held_out and not trained & held_out and len(trained | held_out) == 50
+    validation = {t.task.id for t in store.query(meta={"eval": "iteration-0"})}
+    assert trained and held_out and validation and len(trained | held_out | validation) == 50
+    assert not trained & held_out and not trained & validation and not validation & held_out
