@@ -8,36 +8,50 @@ Kumar et al., "Training Language Models to Self-Correct via Reinforcement Learni
 question. Please correct the error, if any, and rewrite the solution.", y2 ~ π(·|x, y1, I).
 r ∈ {0, 1} is the verifier's score; π_ref is the base model (the adapter switched off).
 
-    Stage I  (stage1_steps):  max  E[ r(y2) ] − β2·KL(π(·|x) ‖ π_ref) − β1·KL(π(·|x,y1,I) ‖ π_ref)
-        the second attempt learns to fix, the first is held at the base model by the strong β2.
+    Stage I  (stage1_steps, Eq. 3):   max  E[ r(y2) ] − β2·KL(π(·|x) ‖ π_ref)
+        the second attempt learns to fix; the first is held at the base model by the strong
+        β2 (the paper's Eq. 3 has no KL on y2 in Stage I, and neither does this code).
 
-    Stage II (stage2_steps):  max  E[ r(y1) + r̂(y2) ] − β1·(KL₁ + KL₂),
-                              r̂(y2) = r(y2) + α·(r(y2) − r(y1))
-        both attempts learn; the bonus makes right→wrong cost −α and wrong→right earn +α.
+    Stage II (stage2_steps, Eq. 4):   max  E[ r(y1) + r̂(y2) ] − β1·(KL₁ + KL₂),
+                                      r̂(y2) = r(y2) + α·(r(y2) − r(y1))
 
-Estimator: on-policy REINFORCE, one gradient step per batch of `batch_tasks` fresh episodes.
-Each attempt's tokens are credited with that attempt's own reward (r(y1) for y1, r̂(y2) for
-y2); the baseline is the leave-one-out batch mean per attempt, and advantages are divided
-by the batch std (`losses.baseline_advantage`; `scale_advantages=false` keeps raw scale).
-KL per token with the k3 estimator against the frozen base.
+Credit (`credit=`, `losses.attempt_credit`). Eq. 4 is an expectation over the joint draw of
+(y1, y2), so its gradient credits y1 with its return-to-go r(y1) + r̂(y2) =
+(1 − α)·r(y1) + (1 + α)·r(y2) and y2 with r̂(y2): `credit=trajectory`, the default. This is
+what makes the bonus matter: α changes the direction of learning, rewarding first attempts
+the second one fixes and penalising right first answers that get broken, a pressure on y1
+that β1's KL holds at the base model. `credit=per_attempt` (y1 gets r(y1), y2 gets
+r̂(y2)/(1 + α)) is potential-based shaping: the −α·r(y1) part is a constant given (x, y1),
+so the expected gradient equals α = 0's and only the variance differs — with it the
+`alpha=0` ablation is a fair, same-scale comparison, and α cannot change what is learned.
+tests/test_losses.py checks both statements on an exact two-attempt bandit.
+
+Estimator: on-policy REINFORCE, one gradient step per batch of `batch_tasks` fresh episodes,
+each attempt's baseline the leave-one-out batch mean of its credit. Advantages keep the
+paper's reward scale (r ∈ {0, 1}, bonus ±α) so β1 = 0.01 and β2 = 0.1 weigh against rewards
+as in the paper; `scale_advantages=true` divides by the batch std instead (then β is relative
+to unit-variance advantages). The KL penalty is the per-token k2 loss, whose expected
+gradient is ∇KL(π ‖ π_ref) (`losses.kl_loss`; the k3 estimator as a loss would give the
+gradient of KL(π_ref ‖ π)); the log shows k3's unbiased KL value.
 
 Every step: rollouts through the selfevolve loop (`refine_batch`, temperature 1), rewards
 from the run's verifier, every episode stored in the TraceStore (round = step, meta.stage,
 policy_version = the adapter that sampled it), the update applied to a LoRA adapter, which
 is saved to `run_dir/adapters/` and loaded into the served policy through verified sync, so
-the next rollouts come from the updated model. Held-out evaluation every `eval_every` steps
-and at the end of each stage; a warning when the model collapses (edit ratio near zero, or
-`delta` ≤ 0 for `collapse_patience` Stage II evaluations in a row).
+the next rollouts come from the updated model. Validation evaluation every `eval_every`
+steps and at the end of each stage, with a warning when the model collapses (edit ratio near
+zero, or `delta` ≤ 0 for `collapse_patience` Stage II evaluations in a row); the final model
+is evaluated once on the test split (`summary.json`'s `after`).
 
 Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_steps`,
 `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
-the baseline above, per-attempt credit (γ = 0 between attempts: giving y1 the return-to-go
-r(y1) + r̂(y2) would reward wrong first attempts through the bonus); the std scaling of
-advantages; the k3 KL estimator. Log-probabilities are of the sampled tokens in the context
-each attempt was sampled in (`episode_batch`), re-tokenized text only where the policy does
-not report its tokens (an OpenAI endpoint; `meta.tokens` on each trace says which); a
-response cut at `max_new_tokens` is trained without an end of turn. Ablations:
-`stage1_steps=0` (no Stage I), `alpha=0` (no reward shaping).
+the baseline above; the per-token KL (above). Log-probabilities are of the sampled tokens in
+the context each attempt was sampled in (`episode_batch`), re-tokenized text only where the
+policy does not report its tokens (an OpenAI endpoint; `meta.tokens` on each trace says
+which); a response cut at `max_new_tokens` is trained without an end of turn. Every step's
+two turns draw from seeds no other step uses (`rollout_seed`). Ablations: `stage1_steps=0`
+(no Stage I), `alpha=0` (no bonus; compare with `credit=per_attempt` for the variance-only
+effect).
 """
 
 from __future__ import annotations
@@ -56,7 +70,7 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import refine_batch
-from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
+from selfevolve.losses import CREDITS, attempt_credit, baseline_advantage, kl_estimate, kl_loss, reinforce_loss
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import (
@@ -85,7 +99,7 @@ class ScoreState(TypedDict):
 class ScoreConfig(RecipeConfig):
     recipe: str = "score"
     alpha: float = Field(10.0, ge=0, description="Stage II reward-shaping bonus α (0: the 'without shaping' ablation)")
-    beta1: float = Field(0.01, ge=0, description="KL weight β1 (both attempts in Stage II, the second in Stage I)")
+    beta1: float = Field(0.01, ge=0, description="KL weight β1 on both attempts in Stage II")
     beta2: float = Field(0.1, ge=0, description="KL weight β2 on the first attempt in Stage I")
     temperature: float = Field(1.0, gt=0, description="rollout sampling temperature")
     instruction: str = Field(SCORE_INSTRUCTION, description="the second-turn instruction")
@@ -98,7 +112,11 @@ class ScoreConfig(RecipeConfig):
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    scale_advantages: bool = Field(True, description="divide each attempt's advantages by the batch std")
+    credit: str = Field("trajectory", pattern=f"^({'|'.join(CREDITS)})$",
+                        description="Stage II credit: trajectory (y1 gets r(y1) + r̂(y2), the gradient of Eq. 4) | "
+                        "per_attempt (y1 gets r(y1), y2 r̂(y2)/(1+α): α changes only the variance)")
+    scale_advantages: bool = Field(False, description="divide each attempt's advantages by the batch std "
+                                   "(false: the paper's reward scale, which β1/β2 are set against)")
     eval_every: int = Field(40, ge=1, description="validation evaluation every this many steps "
                             "(and at each stage's end)")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
@@ -110,13 +128,24 @@ def stage_of(step: int, cfg: ScoreConfig) -> int:
     return 1 if step < cfg.stage1_steps else 2
 
 
+def rollout_seed(cfg: ScoreConfig, step: int) -> int:
+    """The sampling seed of step `step`'s first turn; the loop adds 1 for the second, so
+    steps are 2 apart and no two turns of the run share a seed.
+
+    >>> c = ScoreConfig()
+    >>> len({rollout_seed(c, s) + turn for s in range(100) for turn in (0, 1)})
+    200
+    """
+    return 2 * (cfg.seed * 1_000_003 + step)
+
+
 def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> tuple[list[Trace], float, float]:
     """Two attempts per task from the served policy, then both scored. Returns the traces
     and the generation / verification seconds."""
     t0 = time.perf_counter()
     traces = refine_batch(tasks, policy, None, None, max_turns=2, instruction=cfg.instruction, stop_when_correct=False,
                           sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                                  seed=cfg.seed * 1_000_003 + step),
+                                                  seed=rollout_seed(cfg, step)),
                           recipe=cfg.recipe, run=run.name, round=step, meta={"stage": stage_of(step, cfg)})
     t1 = time.perf_counter()
     flat = [(t.task, turn) for t in traces for turn in t.turns]
@@ -157,13 +186,11 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     by its share of the batch, so the sum is the full batch's loss. With `backward=True`
     each micro-batch's part is back-propagated at once (its graph freed: memory is one
     micro-batch's) and the returned loss is detached."""
-    if stage == 1:
-        adv = (torch.zeros_like(r1), baseline_advantage(r2, cfg.scale_advantages))  # only r(y2) is maximised
-        betas = (cfg.beta2, cfg.beta1)
-    else:
-        adv = (baseline_advantage(r1, cfg.scale_advantages), baseline_advantage(shaped_reward(r1, r2, cfg.alpha),
-                                                                                cfg.scale_advantages))
-        betas = (cfg.beta1, cfg.beta1)
+    if stage == 1:  # Eq. 3: only r(y2) is maximised; β2 holds y1, no KL on y2
+        credit, betas = (torch.zeros_like(r1), r2), (cfg.beta2, 0.0)
+    else:  # Eq. 4
+        credit, betas = attempt_credit(r1, r2, cfg.alpha, cfg.credit), (cfg.beta1, cfg.beta1)
+    adv = tuple(baseline_advantage(c, cfg.scale_advantages) for c in credit)
     batch, m1, m2, row_episode = episode
     adv = tuple(a[row_episode] for a in adv)  # each row carries its episode's advantages
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
@@ -177,11 +204,12 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         part, share = 0.0, (sl.stop - sl.start) / n
         for k, (mask, a, beta) in enumerate(zip((m1, m2), adv, betas), start=1):
             mask = mask[sl, :width].to(device)
-            kl = kl_per_sequence(logp, ref, mask).mean() * share
             pg = reinforce_loss(logp, mask, a[sl].to(device)) * share
-            part = part + pg + beta * kl
-            sums[f"kl_t{k}"] = sums.get(f"kl_t{k}", 0.0) + kl.item()
-            sums[f"pg_t{k}"] = sums.get(f"pg_t{k}", 0.0) + pg.item()
+            penalty = beta * kl_loss(logp, ref, mask).mean() * share
+            part = part + pg + penalty
+            kl = kl_estimate(logp, ref, mask).mean() * share  # the KL value, for the log
+            for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
+                sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v)
         if backward:
             part.backward()
             part = part.detach()

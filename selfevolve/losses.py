@@ -1,6 +1,7 @@
-"""Policy-gradient pieces shared by the RL recipes (SCoRe): a per-token KL estimator,
-SCoRe's shaped reward, the variance-reducing baseline, and the REINFORCE loss. Pure
-tensor functions, tested against hand-computed values.
+"""Policy-gradient pieces shared by the RL recipes (SCoRe): the KL penalty (and its logged
+value), SCoRe's shaped reward and the credit each attempt gets, the variance-reducing
+baseline, and the REINFORCE loss. Pure tensor functions, tested against hand-computed
+values and, for what they are differentiated for, against the exact expected gradient.
 
 Shapes: `logp`, `ref_logp`, `mask` are (B, T) per-token values of the sampled tokens (the
 output of `training.token_logprobs`), `adv` is (B,).
@@ -11,24 +12,65 @@ from __future__ import annotations
 import torch
 
 
-def kl_per_sequence(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t KL estimate per sequence, with the "k3" estimator (Schulman, 2020)
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t KL(π ‖ π_ref) *value* per sequence, with the "k3" estimator (Schulman, 2020)
 
         k3_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1  ≥ 0,
 
-    an unbiased, non-negative, low-variance estimate of KL(π ‖ π_ref) from samples of π,
-    differentiable in π's log-probs (the reference's are constants).
-    """
-    d = (ref_logp.detach() - logp) * mask
-    return ((torch.exp(d) - d - 1) * mask).sum(-1)
+    unbiased and non-negative on samples of π. For the log only (computed without grad):
+    used as a loss, its gradient has expectation Σ (π − π_ref)∇log π = ∇KL(π_ref ‖ π), the
+    *other* direction; `kl_loss` is the one to differentiate."""
+    with torch.no_grad():
+        d = (ref_logp - logp) * mask
+        return ((torch.exp(d) - d - 1) * mask).sum(-1)
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t ½ (log π_t − log π_ref,t)² per sequence ("k2"): a KL penalty whose gradient is the
+    paper's direction. On samples y ~ π its expected gradient per token is
+    Σ_y π(y)(log π(y) − log π_ref(y))∇log π(y) = ∇KL(π ‖ π_ref) (Σ_y π ∇log π = 0), checked
+    against autograd of the exact KL in tests/test_losses.py. Per token: the dependence of
+    later tokens' KL on an earlier token (a score-function term) is left out, as in the
+    per-token KL penalties of PPO/GRPO-style trainers. Its value is ≈ KL for small gaps."""
+    d = (logp - ref_logp.detach()) * mask
+    return (0.5 * d * d).sum(-1)
 
 
 def shaped_reward(r1: torch.Tensor, r2: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SCoRe Stage II reward of the second attempt: r(y2) + α·(r(y2) − r(y1)).
+    """SCoRe Stage II reward of the second attempt: r̂(y2) = r(y2) + α·(r(y2) − r(y1)).
 
     With α = 10 a right→wrong change costs −10, wrong→right earns 11, and keeping a right
-    answer earns 1: the policy is pushed toward correcting, not toward copying."""
+    answer earns 1."""
     return r2 + alpha * (r2 - r1)
+
+
+CREDITS = ("trajectory", "per_attempt")
+
+
+def attempt_credit(r1: torch.Tensor, r2: torch.Tensor, alpha: float,
+                   credit: str = "trajectory") -> tuple[torch.Tensor, torch.Tensor]:
+    """The return each attempt's tokens are credited with in Stage II.
+
+    `trajectory` (the gradient of the paper's Eq. 4, E[r(y1) + r̂(y2)]): y1 gets the
+    return-to-go r(y1) + r̂(y2) = (1 − α)·r(y1) + (1 + α)·r(y2), y2 gets r̂(y2). α changes
+    the direction of learning: y1 is pushed toward first answers that the second attempt
+    then fixes (with α = 10, a right y1 is credited −9 unless y2 stays right), a pressure
+    the β1 KL on y1 holds back.
+
+    `per_attempt` (y1 gets r(y1), y2 gets r̂(y2)/(1 + α)): given x and y1, −α·r(y1) is a
+    constant, so the bonus is a baseline in disguise and the expected gradient is that of
+    α = 0; dividing by (1 + α) keeps its scale too, so α changes only the variance.
+
+    >>> r1, r2 = torch.tensor([1., 1., 0., 0.]), torch.tensor([1., 0., 1., 0.])
+    >>> [c.tolist() for c in attempt_credit(r1, r2, 10.0)]
+    [[2.0, -9.0, 11.0, 0.0], [1.0, -10.0, 11.0, 0.0]]
+    """
+    if credit not in CREDITS:
+        raise ValueError(f"credit must be one of {CREDITS}, not {credit!r}")
+    shaped = shaped_reward(r1, r2, alpha)
+    if credit == "trajectory":
+        return r1 + shaped, shaped
+    return r1, shaped / (1 + alpha)
 
 
 def baseline_advantage(rewards: torch.Tensor, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:

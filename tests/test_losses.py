@@ -5,25 +5,103 @@ import math
 import pytest
 import torch
 
-from selfevolve.losses import baseline_advantage, kl_per_sequence, reinforce_loss, shaped_reward
+from selfevolve.losses import attempt_credit, baseline_advantage, kl_estimate, kl_loss, reinforce_loss, shaped_reward
 
 
-def test_k3_kl_by_hand():
+def test_k3_kl_value_by_hand():
     logp = torch.tensor([[math.log(0.5), math.log(0.25), 0.0]])
     ref = torch.tensor([[math.log(0.25), math.log(0.25), 5.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third position is padding
     # token 1: d = log(0.25/0.5) = -log 2 -> 0.5 + log 2 - 1; token 2: d = 0 -> 0
     expected = 0.5 + math.log(2) - 1
-    assert kl_per_sequence(logp, ref, mask).item() == pytest.approx(expected, abs=1e-6)
-    assert kl_per_sequence(ref, ref, mask).item() == 0.0
+    assert kl_estimate(logp, ref, mask).item() == pytest.approx(expected, abs=1e-6)
+    assert kl_estimate(ref, ref, mask).item() == 0.0
 
 
 def test_k3_is_an_unbiased_kl_estimate():
     torch.manual_seed(0)
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
     x = torch.multinomial(p, 200_000, replacement=True)
-    est = kl_per_sequence(p.log()[x][:, None], q.log()[x][:, None], torch.ones(len(x), 1)).mean()
+    est = kl_estimate(p.log()[x][:, None], q.log()[x][:, None], torch.ones(len(x), 1)).mean()
     assert est.item() == pytest.approx((p * (p / q).log()).sum().item(), abs=5e-3)
+
+
+def _categorical():
+    torch.manual_seed(1)
+    theta, ref = torch.randn(6, requires_grad=True), torch.log_softmax(torch.randn(6), -1)
+    return theta, ref
+
+
+def _expected_grad(estimator, theta, ref):
+    """∇ of E_{y~π}[estimator(y)] with the sampling distribution held fixed: exactly what a
+    loss built from the estimator on samples of π gives on average."""
+    logp = torch.log_softmax(theta, -1)
+    per_y = estimator(logp[:, None], ref[:, None], torch.ones(6, 1))
+    (g,) = torch.autograd.grad((logp.exp().detach() * per_y).sum(), theta)
+    return g
+
+
+def test_the_kl_loss_has_the_gradient_of_kl_pi_to_ref():
+    theta, ref = _categorical()
+    logp = torch.log_softmax(theta, -1)
+    (exact,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)  # ∇ KL(π ‖ π_ref)
+    assert torch.allclose(_expected_grad(kl_loss, theta, ref), exact, atol=1e-6)
+
+
+def test_k3_as_a_loss_would_follow_the_other_kl():
+    """Why k3 is for the log only: as a loss its expected gradient is ∇KL(π_ref ‖ π)."""
+    theta, ref = _categorical()
+
+    def k3(logp, ref, mask):  # k3 with gradients, as the old code used it
+        d = (ref - logp) * mask
+        return ((torch.exp(d) - d - 1) * mask).sum(-1)
+
+    logp = torch.log_softmax(theta, -1)
+    (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta, retain_graph=True)
+    (forward,) = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta)
+    g = _expected_grad(k3, theta, ref)
+    assert torch.allclose(g, forward, atol=1e-6) and not torch.allclose(g, reverse, atol=1e-2)
+
+
+def _bandit_gradient(alpha: float, credit: str) -> torch.Tensor:
+    """Exact expected policy gradient of SCoRe Stage II's surrogate on a two-attempt bandit:
+    y1 is right with p1 = σ(a); y2 is right with σ(b_right) after a right y1 and σ(b_wrong)
+    after a wrong one. Every outcome is enumerated and weighted by its probability."""
+    theta = torch.tensor([0.3, 1.0, -0.5], requires_grad=True)  # a, b_right, b_wrong
+    p1 = torch.sigmoid(theta[0])
+    total = 0.0
+    for y1 in (1.0, 0.0):
+        p2 = torch.sigmoid(theta[1] if y1 else theta[2])
+        for y2 in (1.0, 0.0):
+            lp1 = torch.log(p1 if y1 else 1 - p1)
+            lp2 = torch.log(p2 if y2 else 1 - p2)
+            c1, c2 = attempt_credit(torch.tensor([y1]), torch.tensor([y2]), alpha, credit)
+            prob = (lp1 + lp2).exp().detach()
+            total = total + prob * (c1[0] * lp1 + c2[0] * lp2)
+    (g,) = torch.autograd.grad(total, theta)
+    return g
+
+
+def test_trajectory_credit_is_the_gradient_of_eq_4_and_alpha_changes_its_direction():
+    theta = torch.tensor([0.3, 1.0, -0.5], requires_grad=True)
+    p1, pr, pw = torch.sigmoid(theta)
+    for alpha in (0.0, 10.0):  # E[r1 + r̂2] = E[(1 - α) r1 + (1 + α) r2] in closed form
+        objective = (1 - alpha) * p1 + (1 + alpha) * (p1 * pr + (1 - p1) * pw)
+        (exact,) = torch.autograd.grad(objective, theta, retain_graph=True)
+        assert torch.allclose(_bandit_gradient(alpha, "trajectory"), exact, atol=1e-6)
+    g0, g10 = _bandit_gradient(0.0, "trajectory"), _bandit_gradient(10.0, "trajectory")
+    assert g0[0] > 0 > g10[0]  # α = 10 pushes y1 toward answers the second attempt fixes
+    assert torch.nn.functional.cosine_similarity(g0, g10, dim=0) < 0.9
+
+
+def test_per_attempt_credit_leaves_the_expected_gradient_of_alpha_zero():
+    g0, g10 = _bandit_gradient(0.0, "per_attempt"), _bandit_gradient(10.0, "per_attempt")
+    assert torch.allclose(g0, g10, atol=1e-6)  # same direction and, with the 1/(1+α), the same scale
+    theta = torch.tensor([0.3, 1.0, -0.5], requires_grad=True)
+    p1, pr, pw = torch.sigmoid(theta)
+    (d_r1,) = torch.autograd.grad(p1, theta, retain_graph=True)  # y1 follows ∇E[r1] alone ...
+    (d_r2,) = torch.autograd.grad(p1 * pr + (1 - p1) * pw, theta)  # ... and y2 ∇E[r2] with y1 held
+    assert torch.allclose(g0, torch.stack([d_r1[0], d_r2[1], d_r2[2]]), atol=1e-6)
 
 
 def test_shaped_reward_table():
