@@ -15,8 +15,31 @@ passed to the critic (at most `memory` of them), and the loop shows them to the 
 
 from __future__ import annotations
 
+import re
+
 from ..types import Feedback, SamplingParams, Task, Turn, Verifier
 from . import prompts
+
+_VERDICT_LINE = re.compile(r"^\W*verdict\W*[:=\-]\W*(correct|right|wrong|incorrect)\b", re.I | re.M)
+_QUALIFIED = re.compile(r"\b(not|n't|but|however|except|although|unless)\b|n't\b", re.I)
+
+
+def parse_verdict(text: str, no_errors: str = prompts.NO_ERRORS) -> str:
+    """The critic's verdict in the prompt's explicit format: a last line `Verdict: correct`
+    (or `wrong`) decides; else "correct" iff one sentence states the prompt's phrase (`The
+    answer has no errors.`) unqualified — not negated, not followed by "but". Anything
+    else asks for a revision.
+
+    >>> [parse_verdict(t) for t in ("The answer has no errors.", "I can't say it has no errors.",
+    ...  "No errors in step 1, but 8 - 3 is 5.", "Step 2 is wrong.\\nVerdict: wrong", "Verdict: correct")]
+    ['correct', 'wrong', 'wrong', 'wrong', 'correct']
+    """
+    explicit = _VERDICT_LINE.findall(text)
+    if explicit:
+        return "correct" if explicit[-1].lower() in ("correct", "right") else "wrong"
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
+    ok = any(no_errors.lower() in s.lower() and not _QUALIFIED.search(s) for s in sentences)
+    return "correct" if ok else "wrong"
 
 
 def _notes(turns: list[Turn], memory: int) -> str:
@@ -26,7 +49,8 @@ def _notes(turns: list[Turn], memory: int) -> str:
 
 
 class PolicyCritic:
-    """A policy writes the critique from a template; the verdict is read from its text."""
+    """A policy writes the critique from a template; the verdict is read from its text
+    (`parse_verdict`: the format the template asks for)."""
 
     source = "policy"
 
@@ -46,7 +70,7 @@ class PolicyCritic:
         convs = [[{"role": "user", "content": self.prompt(t, turns)}] for t, turns in zip(tasks, turns_lists)]
         outs = self.policy.generate(convs, self.sampling) if convs else []
         return [Feedback(text=o[0].response, source=self.source,
-                         verdict="correct" if self.no_errors in o[0].response.lower() else "wrong",
+                         verdict=parse_verdict(o[0].response, self.no_errors),
                          details={"critic_adapter": self.policy.active_adapter})
                 for o in outs]
 

@@ -18,7 +18,8 @@ STAR_HINT = "{prompt} (Hint: the answer is {answer}.)"
 
 # SELF / Self-Refine: the policy (SelfCritic) or another model (JudgeCritic) reviews the
 # latest answer. `{notes}` carries earlier critiques (Reflexion-style memory). The verdict is
-# read from the critique: a line containing NO_ERRORS means "nothing to fix" (stop).
+# read from the critique by critics.parse_verdict: an unqualified sentence stating NO_ERRORS, or
+# a last line "Verdict: correct", means "nothing to fix" (stop); anything else asks to revise.
 NO_ERRORS = "no errors"
 CRITIQUE = (
     "Check this answer. If it is right, reply \"The answer has no errors.\" Otherwise say what is wrong.\n"

@@ -25,7 +25,10 @@ the gold response is the data's reference in `gold_template` (`auto`: "The answe
 hold whole responses; set the template for short answers); pairs
 where y' equals y are dropped (their loss is the constant log 2, zero gradient); opponent
 samples at temperature 1; LoRA (the adapter continues across iterations) instead of full
-fine-tuning; 2 epochs per iteration.
+fine-tuning; 2 epochs per iteration. One AdamW runs the whole run: its moment estimates
+carry across iterations (the paper's code re-creates its trainer, and with it the optimizer,
+each iteration); θ_{t+1} starts from θ_t either way, and the carried moments only smooth
+the step size at an iteration's start. It is part of the checkpoint, so resume is exact.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ is evaluated once on the test tasks: that is `summary.json`'s `after`. `rational
 
 A rationalised example must teach the model to reach y from x alone, so (1) the training
 example is built from the task's own prompt, never the hinted one, and (2) a rationale that
-refers to the hint ("the hint says...") is rejected: it reached y by reading it, not by
-reasoning. Every sample is stored with `meta.outcome` = kept / rationalised / rejected, and
+reproduces the hint is rejected (`reproduces_hint`: it names the hint, copies the hint's own
+words, or copies a long reference such as a code task's canonical solution): it reached y by
+reading it, not by reasoning. Every sample is stored with `meta.outcome` = kept / rationalised / rejected, and
 the M-step reads its data back from the TraceStore.
 
 Deviations from the paper, for the tiny world on 2 CPU cores: sampling at temperature 1
@@ -68,9 +69,27 @@ def hinted(task: Task) -> str:
     return STAR_HINT.format(prompt=task.prompt, answer=task.reference)
 
 
-def mentions_hint(response: str) -> bool:
-    """A rationale that refers to the hint reached the answer by reading it."""
-    return re.search(r"\bhint", response, re.IGNORECASE) is not None
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def reproduces_hint(response: str, task: Task, n: int = 4) -> bool:
+    """A rationale that reached the answer by reading the hint, not by reasoning:
+    - it refers to the hint ("the hint says ...");
+    - it copies the hint's own words: any n-gram of the hinted prompt that is neither in the
+      task's prompt nor in a plain statement of the answer ("the answer is y");
+    - it copies a long reference (a code task's canonical solution, a worked solution): half
+      or more of the reference's n-grams, when it has at least 6 of them.
+    A short answer (a number) is not copying: the rationale must end in it."""
+    if re.search(r"\bhint", response, re.IGNORECASE):
+        return True
+    said = _ngrams(response, n)
+    own = _ngrams(task.prompt, n) | _ngrams(f"the answer is {task.reference}.", n)
+    if (_ngrams(hinted(task), n) - own) & said:
+        return True
+    ref = _ngrams(task.reference or "", n)
+    return len(ref) >= 6 and len(ref & said) >= len(ref) / 2
 
 
 def training_example(trace: Trace) -> list[dict[str, str]]:
@@ -102,9 +121,9 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
     if cfg.rationalize and failed:
         hints = [hinted(t) for t in failed]
         for task, hint, turn in zip(failed, hints, sample(policy, failed, hints, verifier, cfg, seed + 500)):
-            leak = mentions_hint(turn.response)
+            leak = reproduces_hint(turn.response, task)
             outcome = "rationalised" if turn.score == 1.0 and not leak else "rejected"
-            traces.append(trace(task, turn, "rationalize", outcome, hint_prompt=hint, mentions_hint=leak))
+            traces.append(trace(task, turn, "rationalize", outcome, hint_prompt=hint, reproduces_hint=leak))
     run.store.append(traces)
     counts = {k: sum(t.meta["outcome"] == k for t in traces) for k in ("kept", "failed", "rationalised", "rejected")}
     return counts

@@ -4,7 +4,7 @@ recipe end to end through the CLI (short run, a user's JSONL with renamed fields
 import json
 
 from selfevolve import arith
-from selfevolve.recipes.star import StarConfig, collect, hinted, mentions_hint, training_example
+from selfevolve.recipes.star import StarConfig, collect, hinted, reproduces_hint, training_example
 from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.resume import check_kill_and_resume
@@ -30,9 +30,22 @@ def test_a_rationalised_example_is_trained_without_the_hint():
 def test_a_rationale_that_reads_the_hint_is_not_a_rationale():
     # It reaches 16 only by quoting the hint: trained on the prompt alone it would teach
     # the model to state answers it cannot derive.
-    assert mentions_hint("The hint says the answer is 16. The answer is 16.")
-    assert mentions_hint("As HINTED, 16.")
-    assert not mentions_hint("7 + 8 = 15. 15 - 3 = 12. 12 + 4 = 16. The answer is 16.")
+    assert reproduces_hint("The hint says the answer is 16. The answer is 16.", TASK)
+    assert reproduces_hint("As HINTED, 16.", TASK)
+    assert not reproduces_hint("7 + 8 = 15. 15 - 3 = 12. 12 + 4 = 16. The answer is 16.", TASK)
+
+
+def test_a_rationale_that_copies_the_hints_words_or_a_code_reference_is_rejected():
+    capital = Task(id="c", prompt="Which city is the capital of Australia?",
+                   reference="Canberra, chosen as a compromise between Sydney and Melbourne")
+    assert reproduces_hint("Canberra, chosen as a compromise between Sydney and Melbourne.", capital)
+    assert not reproduces_hint("Sydney is the largest city, but the capital is Canberra.", capital)
+    solution = ("    seen = set()\n    for x in numbers:\n        if x in seen:\n            return True\n"
+                "        seen.add(x)\n    return False\n")
+    code = Task(id="dup", prompt="def has_duplicate(numbers):\n", reference=solution, entry_point="has_duplicate")
+    assert reproduces_hint(f"```python\ndef has_duplicate(numbers):\n{solution}```", code)
+    own = "```python\ndef has_duplicate(numbers):\n    return len(set(numbers)) != len(numbers)\n```"
+    assert not reproduces_hint(own, code)
 
 
 def test_collect_records_every_outcome_and_trains_only_on_correct_answers(tiny, tmp_path):
@@ -50,7 +63,7 @@ def test_collect_records_every_outcome_and_trains_only_on_correct_answers(tiny, 
     assert len(first) == 40
     for t in run.store.query(meta={"phase": "rationalize"}):
         assert t.meta["hint_prompt"] == hinted(t.task) and t.task.prompt in t.meta["hint_prompt"]
-        assert (t.meta["outcome"] == "rationalised") == (t.turns[0].score == 1.0 and not t.meta["mentions_hint"])
+        assert (t.meta["outcome"] == "rationalised") == (t.turns[0].score == 1.0 and not t.meta["reproduces_hint"])
     chosen = run.store.query(meta={"outcome": "kept"}) + run.store.query(meta={"outcome": "rationalised"})
     assert all(t.turns[0].score == 1.0 for t in chosen)
     assert all("Hint" not in training_example(t)[0]["content"] for t in chosen)
