@@ -67,6 +67,10 @@ class Run:
         self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = self.dir.name
         selected(cfg.logger)  # a missing tracker package fails before anything is written
+        held_out = {cfg.eval_split: "eval_split", cfg.val_split: "val_split"}
+        if getattr(cfg, "train_split", None) in held_out:
+            raise UserError(f"train_split={cfg.train_split} is the run's {held_out[cfg.train_split]}: "
+                            "training would see the tasks it is evaluated on")
         self._claim_dir()
         (self.dir / "adapters").mkdir(exist_ok=True)
         (self.dir / "checkpoint").mkdir(exist_ok=True)

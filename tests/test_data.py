@@ -131,6 +131,15 @@ def test_train_validation_and_test_are_disjoint_for_every_source_kind(tmp_path):
     assert files["train"] == {r["id"] for r in rows}  # nothing carved when both roles have files
 
 
+def test_training_on_a_held_out_split_is_refused(tmp_path):
+    from tests.test_cli import cli
+
+    for split in ("test", "validation"):
+        r = cli("run", "recipe=rest_em", f"train_split={split}", f"run_dir={tmp_path / split}")
+        assert r.returncode == 2 and f"train_split={split} is the run's" in r.stderr
+        assert not (tmp_path / split).exists()
+
+
 def test_an_empty_role_is_a_clear_error(tmp_path):
     one = write(tmp_path, "one.jsonl", json.dumps({"id": "x", "prompt": "p", "answer": "1"}) + "\n")
     with pytest.raises(UserError, match="seeded (test|validation) slice is empty"):
