@@ -209,7 +209,7 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
             part = part + pg + penalty
             kl = kl_estimate(logp, ref, mask).mean() * share  # the KL value, for the log
             for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
-                sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v)
+                sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v.detach())
         if backward:
             part.backward()
             part = part.detach()
