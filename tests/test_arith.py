@@ -36,10 +36,12 @@ def test_solution_styles_and_slips():
 
 
 def test_too_many_tasks_is_an_error_not_a_hang():
-    with pytest.raises(UserError, match="about 29 distinct test tasks, not 100"):
+    with pytest.raises(UserError, match="about 14 distinct test tasks, not 100"):
         arith.tasks("test", n=100, difficulty=1)
+    with pytest.raises(UserError, match="about 14 distinct validation tasks, not 100"):
+        arith.tasks("validation", n=100, difficulty=1)
 
 
 def test_unknown_split():
     with pytest.raises(UserError, match="splits"):
-        arith.tasks("validation", 3)
+        arith.tasks("dev", 3)
