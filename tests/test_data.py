@@ -134,10 +134,9 @@ def test_train_validation_and_test_are_disjoint_for_every_source_kind(tmp_path):
 def test_training_on_a_held_out_split_is_refused(tmp_path):
     from tests.test_cli import cli
 
-    for split in ("test", "validation"):
-        r = cli("run", "recipe=rest_em", f"train_split={split}", f"run_dir={tmp_path / split}")
-        assert r.returncode == 2 and f"train_split={split} is the run's" in r.stderr
-        assert not (tmp_path / split).exists()
+    r = cli("run", "recipe=rest_em", "train_split=validation", f"run_dir={tmp_path / 'r'}")
+    assert r.returncode == 2 and "train_split=validation is the run's val_split" in r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_empty_role_is_a_clear_error(tmp_path):
