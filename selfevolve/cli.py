@@ -278,7 +278,10 @@ def cmd_compare(overrides: dict, want_help: bool) -> int:
         return 0
     if len(json.loads(overrides.get("runs", "[]"))) != 2:
         raise UserError("compare needs two run directories: selfevolve compare RUN_A RUN_B")
-    compare.main(build(compare.CompareConfig, overrides))
+    cfg = build(compare.CompareConfig, overrides)
+    if cfg.out:
+        _check_writable(cfg.out)
+    compare.main(cfg)
     return 0
 
 

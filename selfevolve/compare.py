@@ -71,8 +71,6 @@ def main(cfg: CompareConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    if cfg.out and not Path(cfg.out).expanduser().resolve().parent.is_dir():
-        raise UserError(f"out={cfg.out}: its directory does not exist")
     result = compare(Path(cfg.runs[0]), Path(cfg.runs[1]), cfg.eval, cfg.bootstrap, cfg.seed)
     table = Table(title=f"B − A on {result['n']} paired tasks ({cfg.eval}); A = {cfg.runs[0]}, B = {cfg.runs[1]}")
     for col in ("metric", "B − A", "95% interval", "differs?"):

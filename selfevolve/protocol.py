@@ -162,15 +162,12 @@ def protocol_metrics(traces: list[Trace], samples: list[list[Turn]] | None, feed
         out["maj_at_k"] = round(float(cols["maj_at_k"].mean()), 4)
         out["pass_at_k"] = round(float(cols["pass_at_k"].mean()), 4)
         out["vs_maj_at_k"] = round(float(cols["vs_maj_at_k"].mean()), 4)
-        k = len(samples[0]) if samples else 0
-        out["budget"] = {"k": k, "temperature": temperature,
+        sampled = _spent([x for s in samples for x in s])  # maj@k and pass@k read the same samples
+        out["budget"] = {"k": len(samples[0]) if samples else 0, "temperature": temperature,
                          "first_turn": _spent([t.turns[0] for t in traces if t.turns]),
                          "refine": _spent([x for t in traces for x in t.turns]),
-                         "maj_at_k": _spent([x for s in samples for x in s]),
-                         "pass_at_k": _spent([x for s in samples for x in s])}
-    i2c = sum(1 for t in traces if not t.correct_at(1) and t.correct_at(2))
-    c2i = sum(1 for t in traces if t.correct_at(1) and not t.correct_at(2))
-    out["p_flip"] = mcnemar_p(i2c, c2i)
+                         "maj_at_k": sampled, "pass_at_k": dict(sampled)}
+    out["p_flip"] = mcnemar_p(int(cols["delta_i2c"].sum()), int(cols["delta_c2i"].sum()))
     out["feedback"] = feedback
     out["intervals"] = bootstrap(cols, resamples, seed)
     return out

@@ -236,11 +236,9 @@ class Run:
             seed=c.seed, bootstrap=c.bootstrap, recipe=c.recipe, run=self.name, round=round,
             meta={"eval": which, "split": split},
         )
-        for trace, turns in zip(traces, samples or []):
-            self.store.append([Trace(task=trace.task, turns=[x], policy_version=trace.policy_version, recipe=c.recipe,
-                                     run=self.name, round=round, meta={"baseline": which, "split": split})
-                               for x in turns])
-        self.store.append(traces)
+        self.store.append([Trace(task=t.task, turns=[x], policy_version=t.policy_version, recipe=c.recipe,
+                                 run=self.name, round=round, meta={"baseline": which, "split": split})
+                           for t, turns in zip(traces, samples or []) for x in turns] + traces)
         self.log(eval=which, round=round, split=split, **metrics)
         return {"split": split, **metrics}
 
