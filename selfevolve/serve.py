@@ -21,6 +21,8 @@ keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import os
 import time
@@ -53,6 +55,13 @@ class ServeConfig(ModelKeys, FeedbackKeys):
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 exposes it to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SELFEVOLVE_API_KEY)")
+    insecure: bool = Field(False, description="allow a non-loopback host without an api_key (anyone who reaches it "
+                           "is served)")
+    allow_adapter_updates: bool | None = Field(
+        None, description="accept /v1/load_lora_adapter and /v1/unload_lora_adapter (default: on when the server "
+        "listens on loopback only or requires an api_key; as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
+    adapter_root: str | None = Field(None, description="adapters load only from under this directory (a relative "
+                                     "lora_path is taken from here)")
     name: str | None = Field(None,
                              description="the base model's id in /v1/models (default: the model directory's name)")
     max_batch: int = Field(64, ge=1, description="requests answered together at most")
@@ -151,12 +160,21 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, policy=None):
         self.cfg = cfg
+        self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
+        if not (loopback(cfg.host) or self.api_key or cfg.insecure):
+            raise UserError(f"host={cfg.host} exposes the server to the network without an api_key: anyone who "
+                            "reaches it could use it and change its model; set api_key= (or SELFEVOLVE_API_KEY), "
+                            "or insecure=true")
+        self.adapter_root = Path(cfg.adapter_root).resolve() if cfg.adapter_root else None
+        if self.adapter_root and not self.adapter_root.is_dir():
+            raise UserError(f"adapter_root={cfg.adapter_root} is not a directory")
         self.policy: AdapterServing = policy or served_policy(cfg)
         self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
         self.root = (
             "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))
         )  # as vLLM: loaded from
-        self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
+        self.adapter_updates = (cfg.allow_adapter_updates if cfg.allow_adapter_updates is not None
+                                else loopback(cfg.host) or bool(self.api_key))
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
@@ -240,7 +258,8 @@ class Server:
     # --- request handling ---------------------------------------------------------------------
 
     def check_auth(self, header: str | None) -> None:
-        if self.api_key and header != f"Bearer {self.api_key}":
+        """Constant-time comparison: the time a wrong key takes says nothing about the right one."""
+        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
             raise HTTPError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", "authentication_error")
 
     def sampling(self, temperature, top_p, max_tokens, n, seed, logprobs=False) -> SamplingParams:
@@ -363,15 +382,32 @@ class Server:
         self.policy.set_adapter(adapter)
         return self.policy.prompt_token_logprobs(text)
 
+    def check_adapter_updates(self) -> None:
+        if not self.adapter_updates:
+            raise HTTPError(403, "adapter updates are off on this server (start it with allow_adapter_updates=true, "
+                            "or with an api_key)", "permission_error")
+
+    def adapter_path(self, lora_path: str) -> str:
+        """`lora_path` confined to `adapter_root` (when set): a path outside it is refused
+        without saying anything about what is there."""
+        if self.adapter_root is None:
+            return lora_path
+        path = (self.adapter_root / lora_path).resolve()
+        if not path.is_relative_to(self.adapter_root):
+            raise HTTPError(403, "lora_path is outside this server's adapter_root", "permission_error")
+        return str(path)
+
     async def load_adapter(self, req: LoadAdapter) -> str:
+        self.check_adapter_updates()
         if not req.lora_path:
             raise HTTPError(400, "lora_path is required")
         if req.lora_name in (self.name, self.name + REFINE_SUFFIX):
             raise HTTPError(400, f"lora_name {req.lora_name!r} is the base model's name")
+        path = self.adapter_path(req.lora_path)
 
-        def load():
+        def load():  # all or nothing (HFPolicy.load_adapter): a failed load leaves the model as it was
             try:
-                self.policy.load_adapter(req.lora_path, req.lora_name)
+                self.policy.load_adapter(path, req.lora_name)
             except UserError as e:
                 return HTTPError(400, str(e))
             finally:
@@ -383,10 +419,25 @@ class Server:
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     async def unload_adapter(self, req: LoadAdapter) -> str:
+        self.check_adapter_updates()
         if req.lora_name not in getattr(self.policy, "adapters", {}):
             raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
         await self.submit("call", SERIAL, lambda: self.policy.unload_adapter(req.lora_name))
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only.
+
+    >>> loopback("127.0.0.1"), loopback("localhost"), loopback("::1"), loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def create_app(server: Server):

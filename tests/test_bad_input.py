@@ -49,6 +49,8 @@ CASES = [  # (args with {d} for the fixture directory, words the one line must c
     (["frobnicate"], "unknown command"),
     (["eval", "data=arith", "difficulty=1", "limit=50"], "distinct test tasks, not 50"),  # more tasks than exist
     (["serve", "run_dir=x"], "unknown key 'run_dir'"),  # a key the command would ignore
+    (["serve", "host=0.0.0.0"], "without an api_key"),  # open to the network, unauthenticated
+    (["serve", "adapter_root={d}/nowhere"], "is not a directory"),
     (["run", "recipe=scoree"], "did you mean 'score'"),
     (["run"], "recipe=NAME"),
     (["eval", "model=/nonexistent/model"], "no such directory"),  # missing path

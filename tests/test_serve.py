@@ -157,3 +157,83 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path)},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "not a peft adapter" in r.json()["error"]["message"]
+
+
+def _other_base_adapter(path):
+    """A peft adapter trained for a different GPT-2 (other widths): it cannot load into tiny."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(path)
+    return path
+
+
+def test_a_failed_load_leaves_the_served_model_as_it_was(server, tmp_path):
+    """Over HTTP: an adapter that does not fit, loaded as a new name and as a new version of
+    a loaded one, is refused, and every served model scores the canary exactly as before."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from selfevolve.policies import OpenAIPolicy
+    from selfevolve.sync import CANARY
+    from selfevolve.training import trainable_model
+
+    learner = trainable_model("tiny", r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    learner.save_pretrained(tmp_path / "good")
+    policy = OpenAIPolicy(server.url, api_key=KEY)
+    policy.load_adapter(str(tmp_path / "good"), "kept")
+
+    def state():
+        models = sorted(m.id for m in policy.client.models.list().data)
+        scores = {}
+        for name in (None, "kept"):
+            policy.set_adapter(name)
+            scores[name] = policy.prompt_logprob(CANARY)
+        return models, scores
+
+    before = state()
+    # a new version whose last tensor has the wrong shape: the tensors before it would load
+    with torch.no_grad():
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    learner.save_pretrained(tmp_path / "half")
+    weights = load_file(tmp_path / "half" / "adapter_model.safetensors")
+    last = sorted(weights)[-1]
+    weights[last] = weights[last][:, :2].contiguous()
+    save_file(weights, tmp_path / "half" / "adapter_model.safetensors")
+    other = str(_other_base_adapter(tmp_path / "other"))
+    for name, path in (("new-name", other), ("kept", other), ("new-name", str(tmp_path / "half")),
+                       ("kept", str(tmp_path / "half"))):
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"], r.text
+        assert state() == before, (name, path)
+    policy.unload_adapter("kept")
+
+
+def test_adapter_updates_are_gated_and_confined(tmp_path):
+    """adapter_root confines lora_path and its errors say nothing about paths outside it;
+    allow_adapter_updates=false refuses updates even on loopback."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    with ServerProcess(f"adapter_root={root}", f"traces={tmp_path / 't.sqlite'}") as s:
+        for outside in ("/etc", "../", str(tmp_path)):
+            r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": outside})
+            assert r.status_code == 403, r.text
+            assert r.json()["error"]["message"] == "lora_path is outside this server's adapter_root"
+        (root / "empty").mkdir()
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "empty"})
+        assert r.status_code == 400 and "not a peft adapter" in r.json()["error"]["message"]
+    with ServerProcess("allow_adapter_updates=false", f"traces={tmp_path / 't.sqlite'}") as s:
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            r = httpx.post(s.url + path, json={"lora_name": "x", "lora_path": str(root)})
+            assert r.status_code == 403 and "allow_adapter_updates=true" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200

@@ -17,7 +17,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -98,19 +99,31 @@ class HFPolicy:
 
     def load_adapter(self, path: str, name: str) -> None:
         """Load a peft LoRA adapter from `path` under `name` and make it active. Loading an
-        existing name replaces its weights (a new version of the same adapter)."""
+        existing name replaces its weights (a new version of the same adapter).
+
+        All or nothing: an adapter that does not load (unreadable weights, another base model)
+        leaves the model exactly as it was — the served model, its loaded adapters and its
+        modules — because a half-applied update is the silent sync failure `sync` exists to
+        catch, and a server keeps serving others after a bad request."""
         p = Path(path)
         if not (p / "adapter_config.json").is_file():
             raise UserError(f"adapter={path}: not a peft adapter directory (no adapter_config.json)")
+        try:  # unreadable or truncated weights fail here, before the model is touched
+            weights = load_peft_weights(str(p), device=str(self.device))
+        except Exception as e:
+            raise UserError(f"adapter={path}: cannot read its weights ({type(e).__name__})") from None
+        replacing = isinstance(self.model, PeftModel) and name in self.model.peft_config
+        snapshot = ({k: v.clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+                    if replacing else None)
         try:
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name).to(self.device)
-            elif name in self.model.peft_config:  # a new version of a loaded adapter
-                set_peft_model_state_dict(self.model, load_peft_weights(str(p), device=str(self.device)),
-                                          adapter_name=name)
+            elif replacing:  # a new version of a loaded adapter
+                set_peft_model_state_dict(self.model, weights, adapter_name=name)
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
+            self._undo_load(name, snapshot)
             base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
             shapes = re.search(
                 r"shape torch.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
@@ -129,6 +142,25 @@ class HFPolicy:
         self.model.eval()
         self.adapters[name] = str(p)
         self.set_adapter(name)
+
+    def _undo_load(self, name: str, snapshot: dict | None) -> None:
+        """Put the model back as it was before a failed `load_adapter(…, name)`: the old
+        version's weights, or no trace of the new adapter (peft injects its layers before it
+        loads the weights, so a failed first load leaves LoRA layers in the base model)."""
+        if snapshot is not None:
+            set_peft_model_state_dict(self.model, snapshot, adapter_name=name)
+        elif isinstance(self.model, PeftModel):
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            if self._active is not None:
+                self.model.set_adapter(self._active)
+        else:
+            for path, module in list(self.model.named_modules()):
+                if isinstance(module, BaseTunerLayer):
+                    parent, _, child = path.rpartition(".")
+                    setattr(self.model.get_submodule(parent), child, module.get_base_layer())
+            if hasattr(self.model, "peft_config"):
+                del self.model.peft_config
 
     def unload_adapter(self, name: str) -> None:
         """Remove a loaded adapter; the base model serves if it was active."""
