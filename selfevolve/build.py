@@ -38,7 +38,7 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
         kw = {"dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype, "seed": cfg.seed,
               "sampling_from_model": cfg.sampling_from_model}
     else:
-        kw = {}
+        kw = {"keep_adapters": cfg.keep_adapters, "on_sync_error": cfg.on_sync_error}
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
     if adapter:
         policy.load_adapter(adapter, "adapter")

@@ -34,7 +34,8 @@ class Keys(BaseModel):
 class ModelKeys(Keys):
     """The served model: what answers, where, and how much per call."""
 
-    model: str = Field("tiny", description="`tiny` (bundled), a local HF model directory, or an http(s):// endpoint")
+    model: str = Field("tiny", description="`tiny` (bundled), a local HF model directory, or an http(s):// endpoint "
+                       "(several, comma-separated: a fleet of replicas)")
     policy: str = Field("hf", pattern="^(hf|vllm|openai)$",
                         description="serving engine: hf (transformers) | vllm | openai (model= is a URL)")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda (the learner's too)")
@@ -48,6 +49,9 @@ class ModelKeys(Keys):
         "off: temperature 1 samples from the model's distribution itself")
     max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
+    keep_adapters: int = Field(4, ge=2, description="openai: adapter versions a server keeps loaded at most")
+    on_sync_error: str = Field("raise", pattern="^(raise|drop)$", description="a fleet replica that fails an adapter "
+                               "sync: raise (roll every replica back, stop) | drop (go on without it)")
 
 
 class DataKeys(Keys):

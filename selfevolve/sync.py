@@ -91,35 +91,90 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: 
     return served
 
 
-def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool = True) -> AdapterServing:
-    """Load a saved update into the serving side and return the policy that serves it: the
-    same object for an adapter (under `name`), a new HFPolicy for full weights. `publish`
-    uses it after saving; a resumed run uses it to serve its last update again."""
+def load_everywhere(policy: AdapterServing, path: str | Path, name: str, check=None) -> None:
+    """Load adapter `name` from `path` on every replica that serves `policy` (a fleet's
+    `replicas`, else the policy itself) and run `check(replica)` on each — all or nothing.
+
+    A replica that fails (the load is refused, the server is unreachable, `check` raises) is
+    put back as it was; then either the fleet drops it (`FleetPolicy.should_drop`: with
+    `on_sync_error=drop`, or when it is unreachable) and the others go on, or every replica
+    already updated is rolled back too and SyncError names the replica: no replica ever
+    serves a different model from the others, and a failed sync leaves the previous adapter
+    serving."""
+    replicas = list(getattr(policy, "replicas", [policy]))
+    done = []
+    for replica in replicas:
+        before = (replica.active_adapter, replica.adapters.get(name))
+        try:
+            replica.load_adapter(str(path), name)
+            if check is not None:
+                check(replica)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the replica must be put back
+            why = f"{type(e).__name__}: {str(e)[:300]}"
+            _roll_back(replica, name, *before)
+            where = getattr(replica, "url", None)
+            if hasattr(policy, "should_drop") and policy.should_drop(e):
+                policy.drop(replica, f"adapter {name!r} did not sync: {why}")
+                continue
+            for other, *was in done:
+                _roll_back(other, name, *was)
+            rolled = f"; the other {len(done)} replica(s) were rolled back to {before[0]!r}" if done else ""
+            raise SyncError(f"{'replica ' + where if where else 'the policy'} did not take adapter {name!r} "
+                            f"({why}){rolled}") from None
+        done.append((replica, *before))
+
+
+def _roll_back(replica: AdapterServing, name: str, active: str | None, old_path: str | None) -> None:
+    """Undo `replica.load_adapter(..., name)`: the old version of `name` (or none), and the
+    adapter that was active. Best effort: an unreachable replica cannot be put back, and the
+    error that brought us here is the one to report."""
+    try:
+        if old_path is not None:
+            if replica.adapters.get(name) != old_path:
+                replica.load_adapter(old_path, name)
+        elif name in replica.adapters:
+            replica.unload_adapter(name)
+        replica.set_adapter(active)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool = True,
+                 check=None) -> AdapterServing:
+    """Load a saved update into the serving side (on every replica, `load_everywhere`, each
+    checked by `check`) and return the policy that serves it: the same object for an
+    adapter (under `name`), a new HFPolicy for full weights. `publish` uses it after saving;
+    a resumed run uses it to serve its last update again."""
     if lora:
-        policy.load_adapter(str(path), name)
+        load_everywhere(policy, path, name, check)
         return policy
     if not isinstance(policy, HFPolicy):
         raise UserError(
             f"lora=false trains all weights, which only policy=hf can reload; {type(policy).__name__} "
             "serves LoRA adapters (keep lora=true)"
         )
-    return HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
+    served = HFPolicy(str(path), device=str(policy.device), batch_size=policy.batch_size)
+    if check is not None:
+        check(served)
+    return served
 
 
 def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
             tol: float | None = None, replaces: str | None = None) -> AdapterServing:
-    """Save the learner to `path`, serve it under `name`, verify (within `tol`, default the
-    learner's dtype's `canary_tolerance`), then unload the adapter it `replaces` (if any);
-    return the policy that now serves it."""
+    """Save the learner to `path`, serve it under `name` on every replica, verify each
+    (within `tol`, default the learner's dtype's `canary_tolerance`), then unload the adapter
+    it `replaces` (if any); return the policy that now serves it. A replica that fails the
+    canary is rolled back with the others (`load_everywhere`)."""
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
     if not lora:
         tokenizer.save_pretrained(path)
-    served = serve_update(policy, path, name, lora)
     canary = canary_for(model, tokenizer)
     tol = canary_tolerance(model.dtype) if tol is None else tol
-    verify_sync(served, name if lora else None, text_logprob(model, tokenizer, canary), tol, canary)
-    if lora and replaces is not None and replaces != name:
+    expected = text_logprob(model, tokenizer, canary)
+    served = serve_update(policy, path, name, lora,
+                          check=lambda replica: verify_sync(replica, name if lora else None, expected, tol, canary))
+    if lora and replaces is not None and replaces != name and replaces in served.adapters:
         served.unload_adapter(replaces)
     return served

@@ -141,7 +141,7 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
                 p.normal_(0, 0.05)
     publish(policy, learner, tok, tmp_path / "a1", "a1")  # raises SyncError on disagreement
     assert policy.active_adapter == "a1"
-    assert "a1" in {m.id for m in policy.client.models.list().data}
+    assert policy.served_names["a1"] in {m.id for m in policy.client.models.list().data}
     served = policy.prompt_logprob(CANARY)
     assert served == pytest.approx(text_logprob(learner, tok), rel=1e-4) and abs(served - base_lp) > 1e-3
 

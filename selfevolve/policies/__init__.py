@@ -3,6 +3,7 @@
     HFPolicy        transformers in process (CPU or GPU); the training-side default
     VLLMPolicy      vllm.LLM with LoRA requests (GPU; `pip install selfevolve[vllm]`)
     OpenAIPolicy    any OpenAI-compatible endpoint: vllm serve, SGLang, `selfevolve serve`
+    FleetPolicy     several such endpoints serving one model (model=URL1,URL2)
     LangChainPolicy any LangChain chat model
 """
 
@@ -12,8 +13,8 @@ from ..errors import UserError
 from ..models import resolve_device, resolve_model_path
 from .hf import HFPolicy
 
-__all__ = ["HFPolicy", "OpenAIPolicy", "VLLMPolicy", "LangChainPolicy", "load_policy", "resolve_model_path",
-           "resolve_device"]
+__all__ = ["HFPolicy", "OpenAIPolicy", "FleetPolicy", "VLLMPolicy", "LangChainPolicy", "load_policy",
+           "resolve_model_path", "resolve_device"]
 
 POLICIES = ("hf", "vllm", "openai")
 
@@ -22,6 +23,9 @@ def __getattr__(name):  # lazily: openai, vllm and langchain-core are imported o
     if name == "OpenAIPolicy":
         from .openai import OpenAIPolicy
         return OpenAIPolicy
+    if name == "FleetPolicy":
+        from .fleet import FleetPolicy
+        return FleetPolicy
     if name == "VLLMPolicy":
         from .vllm import VLLMPolicy
         return VLLMPolicy
@@ -33,12 +37,18 @@ def __getattr__(name):  # lazily: openai, vllm and langchain-core are imported o
 
 def load_policy(model: str, policy: str = "auto", **kwargs):
     """The policy for `model=` and `policy=`: an http(s):// URL is an OpenAI-compatible
-    endpoint (`policy=openai`), anything else a model directory or `tiny`, served by
-    transformers (`policy=hf`, the default) or vLLM (`policy=vllm`)."""
+    endpoint (`policy=openai`; several, comma-separated, a fleet), anything else a model
+    directory or `tiny`, served by transformers (`policy=hf`, the default) or vLLM
+    (`policy=vllm`). `kwargs` go to the policy's constructor."""
     if policy == "auto":
         policy = "openai" if model.startswith(("http://", "https://")) else "hf"
     if policy == "openai":
+        urls = [u.strip() for u in model.split(",") if u.strip()]
+        if len(urls) > 1:
+            from .fleet import FleetPolicy
+            return FleetPolicy(urls, **kwargs)
         from .openai import OpenAIPolicy
+        kwargs.pop("on_sync_error", None)  # one server: a failed sync always raises
         return OpenAIPolicy(base_url=model, **kwargs)
     if policy == "vllm":
         from .vllm import VLLMPolicy

@@ -6,11 +6,18 @@ runtime LoRA API: `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` (vLLM 
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), after which the adapter is addressed as the request's
 `model`. The verified-sync canary is `/v1/completions` with `echo=true, logprobs=1`, which
 vLLM and selfevolve serve both answer with per-token log-probabilities of the prompt.
+
+Every load is a new version with a name of its own on the server (`NAME@SESSION-N`, `served_names`);
+nothing is reloaded under a name the server already used (reloading under the same name is
+where servers serve the stale weights or hang), and at most `keep_adapters` versions stay
+loaded (the least recently loaded inactive ones are unloaded first).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import UserError
@@ -19,7 +26,7 @@ from ..types import Conversation, SamplingParams, Turn
 
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 concurrency: int = 32, timeout: float = 300.0):
+                 concurrency: int = 32, timeout: float = 300.0, keep_adapters: int = 4, max_retries: int = 2):
         import httpx
         from openai import OpenAI
 
@@ -27,7 +34,8 @@ class OpenAIPolicy:
         if not base_url.endswith("/v1"):
             base_url += "/v1"
         key = api_key or os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=2)
+        self.url = base_url
+        self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
         self.concurrency = concurrency
         try:
@@ -39,7 +47,11 @@ class OpenAIPolicy:
             raise UserError(
                 f"model={base_url}: no OpenAI-compatible server answers ({type(e).__name__}: {str(e)[:120]})"
             ) from None
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}       # name -> path, oldest load first
+        self.served_names: dict[str, str] = {}   # name -> the version's name on the server
+        self.keep_adapters = keep_adapters
+        self._versions = itertools.count(1)
+        self._session = uuid.uuid4().hex[:6]     # another process's versions never collide with ours
         self._active: str | None = None
 
     @property
@@ -47,7 +59,7 @@ class OpenAIPolicy:
         return self._active
 
     def _model(self) -> str:
-        return self._active or self.base_model
+        return self.served_names[self._active] if self._active else self.base_model
 
     def _map(self, fn, items):
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
@@ -55,33 +67,33 @@ class OpenAIPolicy:
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
+        return self._map(lambda c: self.chat_one(c, sampling), conversations) if conversations else []
 
-        def one(conv):
-            r = self.client.chat.completions.create(model=self._model(), messages=conv,
-                                                    temperature=sampling.temperature, top_p=sampling.top_p,
-                                                    max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                                    seed=sampling.seed, logprobs=sampling.logprobs or None)
-            return [
-                Turn(
-                    response=(c.message.content or "").strip(),
-                    logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None,
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
-                )
-                for c in r.choices
-            ]
-
-        return self._map(one, conversations) if conversations else []
+    def chat_one(self, conv: Conversation, sampling: SamplingParams) -> list[Turn]:
+        """One /v1/chat/completions request: `sampling.n` Turns."""
+        r = self.client.chat.completions.create(model=self._model(), messages=conv,
+                                                temperature=sampling.temperature, top_p=sampling.top_p,
+                                                max_tokens=sampling.max_new_tokens, n=sampling.n,
+                                                seed=sampling.seed, logprobs=sampling.logprobs or None)
+        return [
+            Turn(
+                response=(c.message.content or "").strip(),
+                logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None,
+                finish_reason="length" if c.finish_reason == "length" else "stop",
+            )
+            for c in r.choices
+        ]
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
+        return self._map(lambda t: self.complete_one(t, sampling), texts) if texts else []
 
-        def one(text):
-            r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
-                                               top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                               seed=sampling.seed)
-            return [Turn(response=c.text) for c in r.choices]
-
-        return self._map(one, texts) if texts else []
+    def complete_one(self, text: str, sampling: SamplingParams) -> list[Turn]:
+        """One /v1/completions request: `sampling.n` Turns."""
+        r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
+                                           top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
+                                           seed=sampling.seed)
+        return [Turn(response=c.text) for c in r.choices]
 
     def prompt_logprob(self, text: str) -> float:
         """Σ_{i≥1} log p(t_i | t_<i) of `text`, from the server's echoed prompt log-probabilities."""
@@ -98,16 +110,25 @@ class OpenAIPolicy:
             raise UserError(f"{path} failed ({r.status_code}): {r.text[:200]}")
 
     def load_adapter(self, path: str, name: str) -> None:
-        """Load (or replace: unload, then load) a LoRA adapter on the server and use it."""
-        if name in self.adapters:
-            self._post("/unload_lora_adapter", {"lora_name": name})
-        self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        self.adapters[name] = str(path)
+        """Load `path` on the server as a new version of `name` and use it; the version it
+        replaces, and the oldest inactive ones beyond `keep_adapters`, are unloaded after."""
+        served = f"{name}@{self._session}-{next(self._versions)}"  # no dots: peft refuses them
+        self._post("/load_lora_adapter", {"lora_name": served, "lora_path": str(path)})
+        old = self.served_names.get(name)
+        self.adapters.pop(name, None)
+        self.adapters[name], self.served_names[name] = str(path), served
         self._active = name
+        if old:
+            self._post("/unload_lora_adapter", {"lora_name": old})
+        for extra in [n for n in self.adapters if n != name][: max(0, len(self.adapters) - self.keep_adapters)]:
+            self.unload_adapter(extra)
 
     def unload_adapter(self, name: str) -> None:
-        self._post("/unload_lora_adapter", {"lora_name": name})
-        self.adapters.pop(name, None)
+        if name not in self.adapters:
+            raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})")
+        self._post("/unload_lora_adapter", {"lora_name": self.served_names[name]})
+        self.adapters.pop(name)
+        self.served_names.pop(name)
         if self._active == name:
             self._active = None
 

@@ -82,6 +82,11 @@ class VLLMPolicy:
     def active_adapter(self) -> str | None:
         return self._active
 
+    @property
+    def adapters(self) -> dict[str, str]:
+        """name -> path of every loaded adapter (what `sync.load_everywhere` rolls back to)."""
+        return {n: r.lora_path for n, r in self.requests.items()}
+
     def _lora(self):
         return self.requests[self._active] if self._active else None
 
