@@ -72,7 +72,7 @@ from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import refine_batch
 from selfevolve.losses import CREDITS, attempt_credit, baseline_advantage, kl_estimate, kl_loss, reinforce_loss
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update
+from selfevolve.sync import publish, sampled_logprob_ratio, serve_update
 from selfevolve.training import (
     answer_message,
     batch_slice,
@@ -122,6 +122,8 @@ class ScoreConfig(RecipeConfig):
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
     collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the validation edit ratio falls below this")
     collapse_patience: int = Field(2, ge=1, description="warn after this many Stage II evaluations with delta <= 0")
+    logprob_check: float = Field(0.01, ge=0, description="warn when KL(server ‖ learner) estimated on the step's "
+                                 "sampled tokens exceeds this (0: do not ask the server for log-probs)")
 
 
 def stage_of(step: int, cfg: ScoreConfig) -> int:
@@ -145,7 +147,7 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     t0 = time.perf_counter()
     traces = refine_batch(tasks, policy, None, None, max_turns=2, instruction=cfg.instruction, stop_when_correct=False,
                           sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                                  seed=rollout_seed(cfg, step)),
+                                                  seed=rollout_seed(cfg, step), logprobs=cfg.logprob_check > 0),
                           recipe=cfg.recipe, run=run.name, round=step, meta={"stage": stage_of(step, cfg)})
     t1 = time.perf_counter()
     flat = [(t.task, turn) for t in traces for turn in t.turns]
@@ -178,14 +180,16 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
 
 
 def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
-               backward: bool = False) -> tuple[torch.Tensor, dict]:
+               backward: bool = False, served: list[tuple] | None = None) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
     Advantages use the whole batch's rewards; the forward passes (policy, and the reference
     under no_grad) run per micro-batch of `cfg.micro_batch_size` episodes, each term weighted
     by its share of the batch, so the sum is the full batch's loss. With `backward=True`
     each micro-batch's part is back-propagated at once (its graph freed: memory is one
-    micro-batch's) and the returned loss is detached."""
+    micro-batch's) and the returned loss is detached. `served`: each episode's (y1, y2)
+    token log-probabilities as the server reported them, for `logprob_ratio` and
+    `logprob_kl`, the learner/server check on the sampled tokens (`sync.sampled_logprob_ratio`)."""
     if stage == 1:  # Eq. 3: only r(y2) is maximised; β2 holds y1, no KL on y2
         credit, betas = (torch.zeros_like(r1), r2), (cfg.beta2, 0.0)
     else:  # Eq. 4
@@ -194,7 +198,7 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     batch, m1, m2, row_episode = episode
     adv = tuple(a[row_episode] for a in adv)  # each row carries its episode's advantages
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
-    loss, sums = 0.0, {}
+    loss, sums, check = 0.0, {}, [0.0, 0.0, 0]
     for sl in micro_slices(len(row_episode), cfg.micro_batch_size):
         mb = {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
         width = mb["input_ids"].shape[1] - 1
@@ -210,12 +214,34 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
             kl = kl_estimate(logp, ref, mask).mean() * share  # the KL value, for the log
             for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
                 sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v.detach())
+            if served is not None:
+                parts_k = sampled_logprob_ratio(logp, mask, [served[e][k - 1] for e in row_episode[sl].tolist()])
+                check = [a + b for a, b in zip(check, parts_k)]
         if backward:
             part.backward()
             part = part.detach()
         loss = loss + part
     parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss), 5)}
+    if check[2]:
+        parts |= {"logprob_ratio": round(check[0] / check[2], 5), "logprob_kl": round(check[1] / check[2], 6)}
     return loss, parts
+
+
+def check_logprob_ratio(cfg: ScoreConfig, parts: dict, step: int, run: Run) -> None:
+    """The learner scores the tokens the server sampled, with the weights the server was sent:
+    a KL between them above `logprob_check` means the server samples from another model (an
+    adapter that never arrived, a stale version, a different dtype or template)."""
+    if parts.get("logprob_kl", 0.0) > cfg.logprob_check:
+        why = (f"KL(server ‖ learner) on the sampled tokens is {parts['logprob_kl']:.4f} (ratio "
+               f"{parts['logprob_ratio']:.3f}): the server samples from another model?")
+        _warn(f"warning (step {step}): {why}")
+        run.log(step=step, warning=why)
+
+
+def _warn(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[yellow]{text}[/yellow]")
 
 
 def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
@@ -228,9 +254,7 @@ def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
     elif len(stage2) >= cfg.collapse_patience and all(h["delta"] <= 0 for h in stage2[-cfg.collapse_patience :]):
         why = f"delta <= 0 for {cfg.collapse_patience} Stage II evaluations: revisions do not help"
     if why:
-        from rich.console import Console
-
-        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning (step {last['step']}): collapse? {why}[/yellow]")
+        _warn(f"warning (step {last['step']}): collapse? {why}")
         run.log(step=last["step"], warning=why)
 
 
@@ -267,9 +291,11 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             t0 = time.perf_counter()
             r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
             r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
+            served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in traces] if cfg.logprob_check else None
             opt.zero_grad(set_to_none=True)
             loss, parts = score_loss(learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage,
-                                     cfg, backward=True)
+                                     cfg, backward=True, served=served)
+            check_logprob_ratio(cfg, parts, step + 1, run)
             optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
             t_train = time.perf_counter() - t0
 

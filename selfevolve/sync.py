@@ -91,6 +91,36 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: 
     return served
 
 
+def sampled_logprob_ratio(logp: torch.Tensor, mask: torch.Tensor, served: list[list[float] | None]
+                          ) -> tuple[float, float, int]:
+    """The continuous sync check on the sampled tokens whose log-probability the server
+    reported: Σ r and Σ (r − 1 − log r) with r = π_learner / π_served, and how many tokens.
+    Row i's first len(served[i]) masked positions are its sampled tokens (the mask goes on
+    over the end of turn, which the server did not sample).
+
+    The mean of r is about 1.0 when learner and server agree — but also, in expectation,
+    when they do not (E_{y~π_served}[π_learner(y)/π_served(y)] = Σ π_learner = 1), so it
+    shows a mismatch only through its noise. The mean of r − 1 − log r estimates
+    KL(π_served ‖ π_learner) (Schulman's k3): ≥ 0, zero only when they agree; that is the
+    number to alarm on. It catches on every step's real samples what the canary catches at
+    sync time: a server that samples from another model than the learner's.
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.25, 0.1]], dtype=torch.float64))
+    >>> sampled_logprob_ratio(lp, torch.tensor([[True, True, True]]), [[math.log(0.5), math.log(0.25)]])
+    (2.0, 0.0, 2)
+    >>> [round(x, 4) for x in sampled_logprob_ratio(lp, torch.tensor([[True, True, True]]), [[math.log(0.25)]])]
+    [2.0, 0.3069, 1]
+    """
+    ratio, kl, n = 0.0, 0.0, 0
+    for row, lps in enumerate(served):
+        pos = mask[row].nonzero()[:, 0]
+        if not lps or len(pos) < len(lps):  # not reported, or the row does not hold this attempt
+            continue
+        d = logp[row, pos[: len(lps)]].detach().double().cpu() - torch.tensor(lps, dtype=torch.float64)
+        ratio, kl, n = ratio + float(d.exp().sum()), kl + float((d.exp() - 1 - d).sum()), n + len(lps)
+    return ratio, kl, n
+
+
 def load_everywhere(policy: AdapterServing, path: str | Path, name: str, check=None) -> None:
     """Load adapter `name` from `path` on every replica that serves `policy` (a fleet's
     `replicas`, else the policy itself) and run `check(replica)` on each — all or nothing.

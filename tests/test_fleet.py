@@ -125,4 +125,7 @@ def test_a_run_finishes_when_a_replica_is_killed_mid_run(pair, tmp_path):
     assert f"replica {b.url}/v1 left the fleet" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["n"] == 4
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kls = [s["logprob_kl"] for s in steps if "logprob_kl" in s]
+    assert len(kls) == 4 and max(kls) < 1e-4, kls  # the learner scores the servers' samples as they did
     assert [v.split("@")[0] for v in served(load_policy(a.url))] == ["step-4"]  # the last update, only

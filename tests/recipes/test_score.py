@@ -35,8 +35,12 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     batches = episode_batch(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
     r1 = torch.tensor([1.0, 0.0] * 8)
     r2 = torch.tensor([1.0, 1.0, 0.0, 0.0] * 4)
-    # a fresh adapter is the base model: no KL yet
-    _, s1 = score_loss(learner, batches, r1, r2, 1, cfg)
+    # a fresh adapter is the base model: no KL yet, and the learner scores the sampled tokens
+    # as the policy that sampled them did (the continuous sync check)
+    served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in traces]
+    assert all(lps for pair in served for lps in pair)
+    _, s1 = score_loss(learner, batches, r1, r2, 1, cfg, served=served)
+    assert s1["logprob_ratio"] == pytest.approx(1.0, abs=1e-4) and s1["logprob_kl"] == pytest.approx(0.0, abs=1e-6)
     assert s1["pg_t1"] == 0.0 and s1["kl_t1"] == pytest.approx(0.0, abs=1e-6)  # Stage I: no reward on y1
     _, s2 = score_loss(learner, batches, r1, r2, 2, cfg)
     assert s2["pg_t1"] != 0.0
@@ -45,7 +49,8 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
         for n, p in learner.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    loss1, s1 = score_loss(learner, batches, r1, r2, 1, cfg)
+    loss1, s1 = score_loss(learner, batches, r1, r2, 1, cfg, served=served)
+    assert s1["logprob_kl"] > cfg.logprob_check  # the server never got these weights
     assert s1["kl_t1"] > 0 and s1["kl_t2"] > 0 and s1["penalty_t1"] > 0
     assert s1["penalty_t2"] == 0.0  # Eq. 3: no KL on the second attempt in Stage I
     assert loss1.item() == pytest.approx(s1["pg_t2"] + s1["penalty_t1"], abs=1e-4)
