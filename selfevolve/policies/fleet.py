@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -128,9 +127,7 @@ class FleetPolicy:
                 with self._lock:
                     self.outstanding[replica.url] -= 1
 
-    def _map(self, fn, items):
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
-            return list(pool.map(fn, items))
+    _map = OpenAIPolicy._map  # fn over items on up to `concurrency` threads, in order
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
