@@ -28,6 +28,7 @@ import time
 
 from pydantic import Field
 
+from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
@@ -35,6 +36,8 @@ from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Trace
+
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
 
 class RestEMConfig(RecipeConfig):
@@ -55,10 +58,12 @@ class RestEMConfig(RecipeConfig):
 
 
 def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run) -> list[Trace]:
-    """Sample, verify, keep up to max_per_task distinct correct answers per task; store all."""
+    """Sample, verify, keep up to max_per_task distinct correct answers per task; store all.
+    Under torchrun each rank samples its shard of the tasks and every rank gets them all."""
+    tasks = distributed.shard(tasks)
     convs = [[{"role": "user", "content": t.prompt}] for t in tasks]
-    sampling = SamplingParams(temperature=cfg.temperature, n=cfg.num_samples, seed=cfg.seed * 1000 + iteration,
-                              max_new_tokens=cfg.max_new_tokens)
+    sampling = SamplingParams(temperature=cfg.temperature, n=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                              seed=distributed.rank_seed(cfg.seed * 1000 + iteration))
     samples = policy.generate(convs, sampling)
     flat = [(t, turn) for t, turns in zip(tasks, samples) for turn in turns]
     feedback = verifier.verify_batch([t for t, _ in flat], [turn.response for _, turn in flat])
@@ -72,6 +77,7 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
         traces.append(Trace(task=task, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe,
                             run=run.name, round=iteration,
                             meta={"phase": "e_step", "kept": keep, "tokens": trained_tokens([turn])}))
+    traces = distributed.gather(traces)
     run.store.append(traces)
     return [t for t in traces if t.meta["kept"]]
 
@@ -119,8 +125,9 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         run.checkpoint(state)
 
     best = max(state["history"], key=lambda h: h["acc_t1"])  # validation
-    print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
-          f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
+    if run.main:
+        print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
+              f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
     if best["iteration"] != cfg.iterations - 1:
         policy = serve_update(policy, run.dir / "adapters" / f"iter-{best['iteration']}",
                               f"iter-{best['iteration']}-selected", cfg.lora)

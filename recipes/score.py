@@ -63,8 +63,9 @@ from typing import TypedDict
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
@@ -84,6 +85,8 @@ from selfevolve.training import (
     trained_tokens,
 )
 from selfevolve.types import SamplingParams, Trace
+
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
 
 class ScoreState(TypedDict):
@@ -125,6 +128,12 @@ class ScoreConfig(RecipeConfig):
     logprob_check: float = Field(0.01, ge=0, description="warn when KL(server ‖ learner) estimated on the step's "
                                  "sampled tokens exceeds this (0: do not ask the server for log-probs)")
 
+    @model_validator(mode="after")
+    def _every_rank_has_episodes(self):
+        if self.batch_tasks < self.nproc:
+            raise ValueError(f"batch_tasks={self.batch_tasks} < nproc={self.nproc}: every rank needs an episode")
+        return self
+
 
 def stage_of(step: int, cfg: ScoreConfig) -> int:
     return 1 if step < cfg.stage1_steps else 2
@@ -143,11 +152,13 @@ def rollout_seed(cfg: ScoreConfig, step: int) -> int:
 
 def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> tuple[list[Trace], float, float]:
     """Two attempts per task from the served policy, then both scored. Returns the traces
-    and the generation / verification seconds."""
+    and the generation / verification seconds. Under torchrun each rank runs its shard of
+    the step's tasks, with its own seeds (`distributed.rank_seed`)."""
     t0 = time.perf_counter()
     traces = refine_batch(tasks, policy, None, None, max_turns=2, instruction=cfg.instruction, stop_when_correct=False,
                           sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                                  seed=rollout_seed(cfg, step), logprobs=cfg.logprob_check > 0),
+                                                  seed=distributed.rank_seed(rollout_seed(cfg, step)),
+                                                  logprobs=cfg.logprob_check > 0),
                           recipe=cfg.recipe, run=run.name, round=step, meta={"stage": stage_of(step, cfg)})
     t1 = time.perf_counter()
     flat = [(t.task, turn) for t in traces for turn in t.turns]
@@ -183,7 +194,9 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
                backward: bool = False, served: list[tuple] | None = None) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
-    Advantages use the whole batch's rewards; the forward passes (policy, and the reference
+    Advantages use the whole batch's rewards `r1`, `r2` (every rank's: under torchrun
+    `episode` holds this rank's shard of the episodes, `distributed.shard`, and the logged
+    parts are summed over the ranks); the forward passes (policy, and the reference
     under no_grad) run per micro-batch of `cfg.micro_batch_size` episodes, each term weighted
     by its share of the batch, so the sum is the full batch's loss. With `backward=True`
     each micro-batch's part is back-propagated at once (its graph freed: memory is one
@@ -196,7 +209,8 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         credit, betas = attempt_credit(r1, r2, cfg.alpha, cfg.credit), (cfg.beta1, cfg.beta1)
     adv = tuple(baseline_advantage(c, cfg.scale_advantages) for c in credit)
     batch, m1, m2, row_episode = episode
-    adv = tuple(a[row_episode] for a in adv)  # each row carries its episode's advantages
+    first = distributed.bounds(len(r1))[0]  # this rank's first episode in the batch
+    adv = tuple(a[first + row_episode] for a in adv)  # each row carries its episode's advantages
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
     loss, sums, check = 0.0, {}, [0.0, 0.0, 0]
     for sl in micro_slices(len(row_episode), cfg.micro_batch_size):
@@ -221,10 +235,32 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
             part.backward()
             part = part.detach()
         loss = loss + part
+    if backward:  # the whole batch's loss and parts (a sum of the ranks' shares)
+        loss = torch.tensor(distributed.total(float(loss)))
+        sums = {k: distributed.total(v) for k, v in sums.items()}
+        check = [distributed.total(x) for x in check]
     parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss), 5)}
     if check[2]:
         parts |= {"logprob_ratio": round(check[0] / check[2], 5), "logprob_kl": round(check[1] / check[2], 6)}
     return loss, parts
+
+
+def train_step(learner, opt, traces: list[Trace], tokenizer, pad_id: int, stage: int, cfg: ScoreConfig,
+               step: int) -> dict:
+    """One update on the step's episodes (`traces`: the whole batch, on every rank). Each rank
+    back-propagates its shard's share of the batch loss, the gradients are summed over the
+    ranks, and every rank applies the same step. Returns the logged parts."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
+    r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
+    mine = distributed.shard(traces)
+    served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in mine] if cfg.logprob_check else None
+    opt.zero_grad(set_to_none=True)
+    loss, parts = score_loss(learner, episode_batch(mine, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg,
+                             backward=True, served=served)
+    distributed.sum_grads(params)
+    optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
+    return {"reward_t1": round(r1.mean().item(), 4), "reward_t2": round(r2.mean().item(), 4), **parts}
 
 
 def check_logprob_ratio(cfg: ScoreConfig, parts: dict, step: int, run: Run) -> None:
@@ -266,8 +302,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     pool = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
     learner = base.learner(cfg)
     learner.train()
-    params = [p for p in learner.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total = cfg.stage1_steps + cfg.stage2_steps
 
     state = run.restore()
@@ -285,18 +320,13 @@ def main(cfg: ScoreConfig, run: Run) -> None:
         for step in range(state["step"], total):
             stage = stage_of(step, cfg)
             batch = random.Random(f"{cfg.seed}:{step}").sample(pool, min(cfg.batch_tasks, len(pool)))
-            traces, t_gen, t_ver = rollouts(policy, batch, run.verifier, cfg, step, run)
+            mine, t_gen, t_ver = rollouts(policy, distributed.shard(batch), run.verifier, cfg, step, run)
+            traces = distributed.gather(mine)  # every rank's episodes, in the batch's order
             run.store.append(traces)
 
             t0 = time.perf_counter()
-            r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
-            r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
-            served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in traces] if cfg.logprob_check else None
-            opt.zero_grad(set_to_none=True)
-            loss, parts = score_loss(learner, episode_batch(traces, tokenizer, pad_id, cfg.instruction), r1, r2, stage,
-                                     cfg, backward=True, served=served)
+            parts = train_step(learner, opt, traces, tokenizer, pad_id, stage, cfg, step)
             check_logprob_ratio(cfg, parts, step + 1, run)
-            optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
             t_train = time.perf_counter() - t0
 
             # Sync: the next rollouts come from this update (and nothing else is kept around).
@@ -310,10 +340,8 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             state["adapter"] = str(path)
             t_sync = time.perf_counter() - t0
 
-            run.log(step=step + 1, stage=stage, reward_t1=round(r1.mean().item(), 4), reward_t2=round(r2.mean().item(),
-                                                                                                      4), **parts,
-                    time_generate=round(t_gen, 3), time_verify=round(t_ver, 3), time_train=round(t_train, 3),
-                    time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
+            run.log(step=step + 1, stage=stage, **parts, time_generate=round(t_gen, 3), time_verify=round(t_ver, 3),
+                    time_train=round(t_train, 3), time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
             t_ckpt = 0.0
             state["step"] = step + 1
             if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
@@ -327,7 +355,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
             bar.advance()
 
     final = run.dir / "adapters" / "final"
-    if state["adapter"]:
+    if state["adapter"] and run.main:
         shutil.copytree(state["adapter"], final, dirs_exist_ok=True)
     after = run.evaluate(policy, "after", round=state["step"], test=True)  # the final model, no selection
     run.finish(before=state["before"], after=after, adapter="adapters/final", evaluations=state["history"])

@@ -40,6 +40,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
 
+from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
@@ -48,6 +49,8 @@ from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
 from selfevolve.training import encode_chat, micro_slices, optimizer_step, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
+
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
 
 class SpinConfig(RecipeConfig):
@@ -76,9 +79,11 @@ def gold(task, cfg: SpinConfig) -> str:
 
 
 def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -> list[Trace]:
-    """y' from the current opponent for every prompt; stored with the gold response."""
+    """y' from the current opponent for every prompt; stored with the gold response. Under
+    torchrun each rank samples its shard of the prompts and every rank gets them all."""
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                              seed=cfg.seed * 1000 + iteration)
+                              seed=distributed.rank_seed(cfg.seed * 1000 + iteration))
+    tasks = distributed.shard(tasks)
     outs = policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling)
     traces = [
         Trace(
@@ -92,6 +97,7 @@ def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -
         )
         for t, o in zip(tasks, outs)
     ]
+    traces = distributed.gather(traces)
     run.store.append(traces)
     return traces
 
@@ -106,16 +112,45 @@ def sequence_logprobs(model, tokenizer, pad_id: int, prompts: list[str], respons
 
 @torch.no_grad()
 def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> list[tuple[float, float]]:
-    """log pθt(y|x) and log pθt(y'|x) for every pair, computed once before the iteration trains."""
+    """log pθt(y|x) and log pθt(y'|x) for every pair, computed once before the iteration trains
+    (each rank scores its shard; every rank gets them all)."""
     model.eval()
-    out = []
+    pairs, out = distributed.shard(pairs), []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         xs = [p["prompt"] for p in chunk]
         g = sequence_logprobs(model, tokenizer, pad_id, xs, [p["gold"] for p in chunk])
         s = sequence_logprobs(model, tokenizer, pad_id, xs, [p["self"] for p in chunk])
         out += list(zip(g.tolist(), s.tolist()))
-    return out
+    return distributed.gather(out)
+
+
+def spin_step(learner, opt, tokenizer, pad_id, pairs: list[dict], refs: list[tuple[float, float]],
+              cfg: SpinConfig, step: int) -> dict:
+    """One optimizer step on a batch of pairs (every rank passes the whole batch): each rank
+    back-propagates its shard's share of the batch's mean loss, in micro-batches; the
+    gradients are summed over the ranks. Returns the step's loss and the per-pair values."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    opt.zero_grad(set_to_none=True)
+    lo, hi = distributed.bounds(len(pairs))
+    loss, values = 0.0, []
+    for sl in micro_slices(hi - lo, cfg.micro_batch_size):
+        mb = list(range(lo, hi))[sl]
+        xs = [pairs[j]["prompt"] for j in mb]
+        g = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in mb])
+        s = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in mb])
+        refs_g, refs_s = (torch.tensor([refs[j][k] for j in mb], device=g.device) for k in (0, 1))
+        part, rg, rs = spin_loss(g, s, refs_g, refs_s, cfg.lam)
+        (part * len(mb) / len(pairs)).backward()  # the batch mean, whatever the shard
+        loss += part.item() * len(mb) / len(pairs)
+        values += zip(g.tolist(), s.tolist(), rg.tolist(), rs.tolist())
+    distributed.sum_grads(params)
+    loss = distributed.total(loss)
+    optimizer_step(opt, params, 1.0, loss, f"step {step + 1}")
+    lg, ls, r_gold, r_self = torch.tensor(distributed.gather(values)).T
+    return {"loss": round(loss, 5), "reward_gold": round(r_gold.mean().item(), 5),
+            "reward_self": round(r_self.mean().item(), 5), "reward_margin": round((r_gold - r_self).mean().item(), 5),
+            "logp_gold": round(lg.mean().item(), 4), "logp_self": round(ls.mean().item(), 4)}
 
 
 def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, iteration: int, step: int, run: Run,
@@ -124,39 +159,16 @@ def train_iteration(learner, opt, tokenizer, pad_id, pairs, cfg: SpinConfig, ite
     optimizer steps of the whole run)."""
     refs = opponent_logprobs(learner, tokenizer, pad_id, pairs)
     learner.train()
-    params = [p for p in learner.parameters() if p.requires_grad]
     step_stats = []
     for epoch in range(cfg.epochs):
         order = list(range(len(pairs)))
         random.Random(f"{cfg.seed}:{iteration}:{epoch}").shuffle(order)
         for i in range(0, len(order), cfg.pair_batch_size):
             idx = order[i : i + cfg.pair_batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss, lg, ls, r_gold, r_self = 0.0, [], [], [], []
-            for sl in micro_slices(len(idx), cfg.micro_batch_size):  # gradients accumulate to the pair batch's
-                mb = idx[sl]
-                xs = [pairs[j]["prompt"] for j in mb]
-                g = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in mb])
-                s = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in mb])
-                refs_g, refs_s = (torch.tensor([refs[j][k] for j in mb], device=g.device) for k in (0, 1))
-                part, rg, rs = spin_loss(g, s, refs_g, refs_s, cfg.lam)
-                (part * len(mb) / len(idx)).backward()
-                loss += part.item() * len(mb) / len(idx)
-                lg.append(g.detach()), ls.append(s.detach()), r_gold.append(rg), r_self.append(rs)
-            lg, ls, r_gold, r_self = (torch.cat(x) for x in (lg, ls, r_gold, r_self))
-            optimizer_step(opt, params, 1.0, loss, f"step {step + 1}")
+            values = spin_step(learner, opt, tokenizer, pad_id, [pairs[j] for j in idx], [refs[j] for j in idx], cfg,
+                               step)
             step += 1
-            stats = {
-                "step": step,
-                "iteration": iteration,
-                "epoch": epoch,
-                "loss": round(loss, 5),
-                "reward_gold": round(r_gold.mean().item(), 5),
-                "reward_self": round(r_self.mean().item(), 5),
-                "reward_margin": round((r_gold - r_self).mean().item(), 5),
-                "logp_gold": round(lg.mean().item(), 4),
-                "logp_self": round(ls.mean().item(), 4),
-            }
+            stats = {"step": step, "iteration": iteration, "epoch": epoch, **values}
             run.log(**stats)
             step_stats.append(stats)
             bar.advance()
@@ -194,11 +206,11 @@ def main(cfg: SpinConfig, run: Run) -> None:
         t0 = time.perf_counter()
         samples = opponent_samples(policy, tasks, cfg, it, run)
         rounds = [it - 1, it] if cfg.mix_previous and it > 0 else [it]
-        pairs = [
+        pairs = distributed.from_main(lambda: [  # rank 0's store holds every round, a resumed run's too
             {"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response}
             for r in rounds
             for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})
-        ]
+        ])
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with run.progress(f"spin iteration {it}", total=cfg.epochs * -(-len(pairs) // cfg.pair_batch_size)) as bar:

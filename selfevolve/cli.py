@@ -109,6 +109,17 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
         resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})  # every key checked before seed 0 runs
         return run_seeds(str(name), seeds, overrides, lambda o: cmd_run({**o, "recipe": name}, False))
     cfg = resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})
+    if cfg.nproc > 1 and not getattr(mod, "DATA_PARALLEL", False):
+        data_parallel = ", ".join(n for n in RECIPES if getattr(_recipe(n)[0], "DATA_PARALLEL", False))
+        raise UserError(f"nproc={cfg.nproc}: recipe={name} runs in one process (data-parallel: {data_parallel})")
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # every key is checked; now start the ranks
+        return _torchrun(cfg.nproc, {**overrides, "recipe": name})
+    from . import distributed
+
+    distributed.init()
+    if distributed.world() != cfg.nproc:
+        raise UserError(f"nproc={cfg.nproc}, but torchrun started {distributed.world()} processes: "
+                        f"pass nproc={distributed.world()}")
     torch.manual_seed(cfg.seed)
     run = Run(cfg)
     previous = signal.signal(signal.SIGINT, run.request_stop)
@@ -122,6 +133,17 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
         run.trackers.close()
     print(f"run directory: {run.dir}")
     return 0
+
+
+def _torchrun(nproc: int, overrides: dict) -> int:
+    """`selfevolve run ... nproc=N` is `torchrun --standalone --nproc-per-node=N -m
+    selfevolve.cli run ...` (one node; several nodes: call torchrun yourself with its
+    rendezvous flags and nproc=WORLD_SIZE). Its exit status is torchrun's."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "selfevolve.cli", "run", *(f"{k}={v}" for k, v in overrides.items())]
+    return subprocess.call(cmd)
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:

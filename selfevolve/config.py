@@ -120,6 +120,8 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     val_data: str | None = Field(None, description="validation tasks from another file (else the source's split "
                                  "or a slice)")
     val_limit: int = Field(500, ge=1, description="validation tasks per evaluation")
+    nproc: int = Field(1, ge=1, description="learner processes, data-parallel (torchrun; one per GPU, gloo on CPU): "
+                       "each samples and trains its shard of every batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward pass; gradients accumulate to the full batch "
         "(null: the whole batch at once). Less memory, the same update")
@@ -188,6 +190,8 @@ def build(cls: type[BaseModel], values: dict[str, Any], where: str = "command li
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
+        if not key:  # a check across keys (a model validator): its message names them
+            raise UserError(f"{err['msg'].removeprefix('Value error, ')} ({where})") from None
         raise UserError(
             f"bad value for {key}={json.dumps(err.get('input'), default=str)} ({where}): {err['msg']}"
         ) from None

@@ -14,6 +14,11 @@ Stopping: Ctrl-C (SIGINT) asks the run to stop at its next checkpoint: the recip
 `checkpoint_every`), `checkpoint` raises `Stopped`, and the CLI exits 130 with the resume
 command. A second Ctrl-C stops at once (the last checkpoint still holds).
 
+Under torchrun (`nproc=N`, selfevolve/distributed.py) rank 0 alone writes: the other ranks
+keep their trace store in memory (the recipe appends the gathered batch on every rank, so
+queries agree), log nothing, checkpoint nothing, receive rank 0's evaluations and write no
+summary; every rank restores from the checkpoint rank 0 wrote.
+
 Resume for free: a recipe calls `run.restore()` once (None on a fresh start) and
 `run.checkpoint(state)` at safe points. Restoring truncates metrics.jsonl and the trace
 store back to what they held at the checkpoint and restores the RNGs, so the work after it
@@ -38,6 +43,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .build import critic_from_config, verifier_for
 from .config import RecipeConfig
 from .data import tasks_for
@@ -66,17 +72,21 @@ class Run:
         self.stop_requested = False
         self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = self.dir.name
+        self.main = distributed.is_main()  # the one process that writes the run directory
         selected(cfg.logger)  # a missing tracker package fails before anything is written
         held_out = {cfg.eval_split: "eval_split", cfg.val_split: "val_split"}
         if getattr(cfg, "train_split", None) in held_out:
             raise UserError(f"train_split={cfg.train_split} is the run's {held_out[cfg.train_split]}: "
                             "training would see the tasks it is evaluated on")
-        self._claim_dir()
-        (self.dir / "adapters").mkdir(exist_ok=True)
-        (self.dir / "checkpoint").mkdir(exist_ok=True)
-        self.store = TraceStore(self.dir / "traces.sqlite")
+        if self.main:
+            self._claim_dir()
+            (self.dir / "adapters").mkdir(exist_ok=True)
+            (self.dir / "checkpoint").mkdir(exist_ok=True)
+        distributed.barrier()  # the other ranks start once rank 0 has claimed the directory
+        self.store = TraceStore(self.dir / "traces.sqlite" if self.main else ":memory:")
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.trackers = Trackers(cfg.logger, self.dir, self.name, cfg.model_dump(exclude=RESUME_FREE_KEYS))
+        self.trackers = Trackers(cfg.logger if self.main else "jsonl", self.dir, self.name,
+                                 cfg.model_dump(exclude=RESUME_FREE_KEYS))
         self._tasks: dict[str, list] = {}
         self._verifier = None
         self._retired: list[Path] = []
@@ -145,7 +155,9 @@ class Run:
 
     def log(self, **metrics: Any) -> None:
         """Append one JSON line to metrics.jsonl, durably (a failed write is cut back off, so
-        the file never ends in half a line), and send it to the trackers."""
+        the file never ends in half a line), and send it to the trackers. Rank 0 only."""
+        if not self.main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             size = f.tell()
             try:
@@ -173,7 +185,13 @@ class Run:
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save the recipe's state atomically, with RNG states and the current lengths of
-        the metrics log and the trace store; then delete what was retired before it."""
+        the metrics log and the trace store; then delete what was retired before it. Rank 0
+        writes; every rank stops here when a stop was requested."""
+        if not self.main:
+            self._retired.clear()
+            if self.stop_requested:
+                raise Stopped("stopped at a checkpoint")
+            return
         full = {"recipe_state": state, "metrics_lines": self._metrics_lines(), "trace_seq": self.store.last_seq(),
                 "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
         path = self.dir / "checkpoint" / "state.pt"
@@ -206,12 +224,14 @@ class Run:
         killed attempt left and return None."""
         path = self.dir / "checkpoint" / "state.pt"
         if not (self.cfg.resume and path.exists()):
-            self._truncate_metrics(0)
-            self.store.truncate_after(0)
+            if self.main:
+                self._truncate_metrics(0)
+                self.store.truncate_after(0)
             return None
         full = torch.load(path, weights_only=False)
-        self._truncate_metrics(full["metrics_lines"])
-        self.store.truncate_after(full["trace_seq"])
+        if self.main:
+            self._truncate_metrics(full["metrics_lines"])
+            self.store.truncate_after(full["trace_seq"])
         torch.set_rng_state(full["rng_torch"])
         random.setstate(full["rng_python"])
         return full["recipe_state"]
@@ -226,7 +246,12 @@ class Run:
         """Evaluate `policy` (greedy, `max_turns` attempts) on the validation tasks, or with
         `test=True` on the test tasks, which also draws the equal-budget baseline samples;
         store the traces (meta.eval=`which`, meta.split; one trace per baseline sample with
-        meta.baseline=`which`), log and return the protocol metrics (selfevolve/protocol.py)."""
+        meta.baseline=`which`), log and return the protocol metrics (selfevolve/protocol.py).
+        Under torchrun rank 0 evaluates (its policy serves what every rank's does) and sends
+        the metrics to the others."""
+        return distributed.from_main(lambda: self._evaluate(policy, which, round, test))
+
+    def _evaluate(self, policy, which: str, round: int, test: bool) -> dict[str, Any]:
         c = self.cfg
         split = "test" if test else "validation"
         metrics, traces, samples = evaluate(
@@ -245,8 +270,10 @@ class Run:
     def finish(self, before: dict | None, after: dict, selected_on: str | None = None, **extra: Any) -> dict[str, Any]:
         """Write summary.json: `before` and `after` are test evaluations (only the metric keys
         are kept), `selected_on` the split that chose the reported model (None: the run's
-        final model, no choice made), `extra` whatever else the recipe reports."""
+        final model, no choice made), `extra` whatever else the recipe reports. Rank 0 only."""
         self.trackers.close()
+        if not self.main:
+            return {}
         if after.get("split") != "test" or (before is not None and before.get("split") != "test"):
             raise ValueError("summary.json reports test evaluations only (Run.evaluate(..., test=True))")
         before, after = (None if before is None else metric_block(before)), metric_block(after)
@@ -265,7 +292,7 @@ class Run:
         return summary
 
     def progress(self, description: str, total: int | None, completed: int = 0):
-        return progress(description, total, completed)
+        return progress(description, total if self.main else None, completed)
 
 
 def metric_block(metrics: dict[str, Any]) -> dict[str, Any]:

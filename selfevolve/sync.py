@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .errors import SyncError, UserError
 from .policies.hf import HFPolicy
 from .training import text_token_logprobs
@@ -196,10 +197,12 @@ def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: st
     it `replaces` (if any); return the policy that now serves it. A replica that fails the
     canary is rolled back with the others (`load_everywhere`)."""
     path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-    model.save_pretrained(path)
-    if not lora:
-        tokenizer.save_pretrained(path)
+    if distributed.is_main():  # under torchrun the ranks hold the same weights; one writes them
+        shutil.rmtree(path, ignore_errors=True)
+        model.save_pretrained(path)
+        if not lora:
+            tokenizer.save_pretrained(path)
+    distributed.barrier()  # then every rank loads the file into its own engine and checks it
     canary = canary_for(model, tokenizer)
     tol = canary_tolerance(model.dtype) if tol is None else tol
     expected = text_logprob(model, tokenizer, canary)

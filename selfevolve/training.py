@@ -21,6 +21,7 @@ from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from . import distributed
 from .errors import NonFinite
 from .models import resolve_model_path
 from .types import Conversation
@@ -238,6 +239,7 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
         model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens, dtype=dtype)
         if init_from:
             set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
+    distributed.broadcast_params(model)  # under torchrun every rank starts from rank 0's adapter
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora:
@@ -249,7 +251,9 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
         bar=None, token_lr: float | None = None, micro_batch_size: int | None = None) -> dict[str, float]:
     """Supervised fine-tuning on the last assistant message of each conversation (AdamW,
     seeded order, one optimizer step per batch of `batch_size`, accumulated over micro-batches
-    of `micro_batch_size`). Returns mean loss and token count. `token_lr`: the learning rate
+    of `micro_batch_size`; under torchrun each rank runs its shard of every batch, normalised
+    by the whole batch's token count, and the gradients are summed: `selfevolve.distributed`).
+    Returns mean loss and token count. `token_lr`: the learning rate
     of trainable embedding rows (`lora_model(trainable_tokens=)`), which start far from where
     they must go and need a larger step than the adapter."""
     rows = [encode_turns(tokenizer, c, last_only=True)[0][:2] for c in conversations]  # as generated
@@ -268,17 +272,22 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
         order = list(range(len(rows)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         for i in range(0, len(order), batch_size):
-            batch = pad_batch([rows[j] for j in order[i : i + batch_size]], pad, device)
-            n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            full = [rows[j] for j in order[i : i + batch_size]]
+            n_tokens = sum(y != IGNORE for _, labels in full for y in labels[1:])  # the batch's, on every rank
             opt.zero_grad(set_to_none=True)
             loss = 0.0
-            for sl in micro_slices(len(batch["input_ids"]), micro_batch_size):
-                part = sft_loss(model, batch_slice(batch, sl), tokens=max(n_tokens, 1))
-                part.backward()
-                loss += part.item()
+            mine = distributed.shard(full)  # this rank's rows (all of them with one process)
+            if mine:
+                batch = pad_batch(mine, pad, device)
+                for sl in micro_slices(len(batch["input_ids"]), micro_batch_size):
+                    part = sft_loss(model, batch_slice(batch, sl), tokens=max(n_tokens, 1))
+                    part.backward()
+                    loss += part.item()
+            distributed.sum_grads(params)
+            loss = distributed.total(loss)
             optimizer_step(opt, params, 1.0, loss, f"sft step {len(losses) + 1}")
             losses.append(loss)
-            tokens += int((batch["labels"] != IGNORE).sum())
+            tokens += sum(y != IGNORE for _, labels in full for y in labels)
             if bar is not None:
                 bar.advance()
     model.eval()
