@@ -129,3 +129,25 @@ def test_a_run_finishes_when_a_replica_is_killed_mid_run(pair, tmp_path):
     kls = [s["logprob_kl"] for s in steps if "logprob_kl" in s]
     assert len(kls) == 4 and max(kls) < 1e-4, kls  # the learner scores the servers' samples as they did
     assert [v.split("@")[0] for v in served(load_policy(a.url))] == ["step-4"]  # the last update, only
+
+
+def test_rest_em_with_two_learner_processes_on_two_rollout_servers(pair, tmp_path):
+    """nproc=2 and model=URL1,URL2 together: each rank sends its shard to the fleet and loads
+    its own versioned copy of every adapter on both replicas; the run ends with the selected
+    adapter on both, from each rank."""
+    a, b = pair
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "selfevolve.cli", "run", "recipe=rest_em", "nproc=2", "iterations=2", "train_tasks=12",
+         "num_samples=2", "epochs=1", "eval_limit=4", "val_limit=4", "max_new_tokens=16", "policy=openai",
+         f"model={a.url},{b.url}", f"run_dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["n"] == 4
+    for replica in (a, b):
+        by_rank: dict[str, list[str]] = {}
+        for n in served(load_policy(replica.url)):  # NAME@SESSION-N: a session per rank
+            name, version = n.split("@")
+            by_rank.setdefault(version.rsplit("-", 1)[0], []).append(name)
+        assert len(by_rank) == 2 and len({tuple(v) for v in by_rank.values()}) == 1, by_rank
+        assert f"iter-{summary['best_iteration']}" in "".join(next(iter(by_rank.values())))
