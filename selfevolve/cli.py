@@ -113,6 +113,10 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
         data_parallel = ", ".join(n for n in RECIPES if getattr(_recipe(n)[0], "DATA_PARALLEL", False))
         raise UserError(f"nproc={cfg.nproc}: recipe={name} runs in one process (data-parallel: {data_parallel})")
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # every key is checked; now start the ranks
+        from .run import check_run_dir
+
+        if cfg.run_dir:
+            check_run_dir(cfg, Path(cfg.run_dir))  # a bad run_dir is exit 2 here, not a failed rank
         return _torchrun(cfg.nproc, {**overrides, "recipe": name})
     from . import distributed
 

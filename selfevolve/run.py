@@ -70,7 +70,8 @@ class Run:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
         self.stop_requested = False
-        self.dir = Path(cfg.run_dir or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        default = f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.dir = Path(distributed.from_main(lambda: cfg.run_dir or default))  # rank 0's clock names it for all
         self.name = self.dir.name
         self.main = distributed.is_main()  # the one process that writes the run directory
         selected(cfg.logger)  # a missing tracker package fails before anything is written
@@ -123,32 +124,14 @@ class Run:
         return critic_from_config(self.cfg, policy, self.verifier)
 
     def _claim_dir(self) -> None:
-        cfg_path = self.dir / "config.yaml"
-        mine = self.cfg.model_dump(exclude=RESUME_FREE_KEYS)
-        if cfg_path.exists():
-            if not self.cfg.resume:
-                raise UserError(
-                    f"run_dir={self.dir} already holds a run; pass resume=true to continue it or choose another run_dir"
-                )
-            old = yaml.safe_load(cfg_path.read_text()) or {}
-            if old.get("recipe") != self.cfg.recipe:
-                raise UserError(f"run_dir={self.dir} holds a {old.get('recipe')!r} run, not {self.cfg.recipe!r}")
-            changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS and old.get(k) != mine.get(k))
-            if changed:
-                k = changed[0]
-                raise UserError(
-                    f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}"
-                )
+        if check_run_dir(self.cfg, self.dir):
             return
-        if self.cfg.resume:
-            raise UserError(f"resume=true but run_dir={self.dir} holds no run (no config.yaml)")
-        if self.dir.exists() and any(self.dir.iterdir()):
-            raise UserError(f"run_dir={self.dir} exists and is not empty; choose another run_dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(
-            cfg_path,
+            self.dir / "config.yaml",
             f"# selfevolve run recipe={self.cfg.recipe}\n"
-            + yaml.safe_dump({**mine, "run_dir": str(self.dir)}, sort_keys=False),
+            + yaml.safe_dump({**self.cfg.model_dump(exclude=RESUME_FREE_KEYS), "run_dir": str(self.dir)},
+                             sort_keys=False),
         )
 
     # --- metrics -----------------------------------------------------------------------
@@ -293,6 +276,32 @@ class Run:
 
     def progress(self, description: str, total: int | None, completed: int = 0):
         return progress(description, total if self.main else None, completed)
+
+
+def check_run_dir(cfg: RecipeConfig, run_dir: Path) -> bool:
+    """True when `run_dir` holds this run to resume, False when it is free for a new one;
+    else a UserError (another run, another recipe, a changed config, resume=true with no
+    run). Writes nothing: `nproc=N` checks before it starts torchrun."""
+    cfg_path = run_dir / "config.yaml"
+    mine = cfg.model_dump(exclude=RESUME_FREE_KEYS)
+    if cfg_path.exists():
+        if not cfg.resume:
+            raise UserError(
+                f"run_dir={run_dir} already holds a run; pass resume=true to continue it or choose another run_dir"
+            )
+        old = yaml.safe_load(cfg_path.read_text()) or {}
+        if old.get("recipe") != cfg.recipe:
+            raise UserError(f"run_dir={run_dir} holds a {old.get('recipe')!r} run, not {cfg.recipe!r}")
+        changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS and old.get(k) != mine.get(k))
+        if changed:
+            k = changed[0]
+            raise UserError(f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}")
+        return True
+    if cfg.resume:
+        raise UserError(f"resume=true but run_dir={run_dir} holds no run (no config.yaml)")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run_dir={run_dir} exists and is not empty; choose another run_dir")
+    return False
 
 
 def metric_block(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,7 @@ CASES = [  # (args with {d} for the fixture directory, words the one line must c
     (["run", "recipe=score", "config={d}/missing.yaml"], "config file not found"),
     (["run", "recipe=score", "run_dir={d}/rest_em_run", "resume=true"], "holds a 'rest_em' run"),  # another recipe
     (["run", "recipe=rest_em", "run_dir={d}/rest_em_run"], "already holds a run"),  # no overwrite
+    (["run", "recipe=rest_em", "run_dir={d}/rest_em_run", "nproc=2"], "already holds a run"),  # before torchrun
     (["run", "recipe=rest_em", "run_dir={d}/rest_em_run", "resume=true"], "different config: iterations=3"),
     (["run", "recipe=rest_em", "run_dir={d}/plain_dir", "resume=true"], "holds no run"),
     (["run", "recipe=score", "logger=neptune"], "unknown logger"),
