@@ -60,13 +60,14 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def bounds(n: int, r: int | None = None) -> tuple[int, int]:
-    """[lo, hi) of rank `r`'s contiguous shard of n items (sizes differ by at most one).
+def bounds(n: int, r: int | None = None, w: int | None = None) -> tuple[int, int]:
+    """[lo, hi) of rank `r`'s contiguous shard of n items among `w` ranks (default: this
+    rank, this world); sizes differ by at most one.
 
-    >>> [bounds(5, r) for r in range(1)]
-    [(0, 5)]
+    >>> [bounds(5, r, 2) for r in range(2)], bounds(5)
+    ([(0, 2), (2, 5)], (0, 5))
     """
-    r, w = rank() if r is None else r, world()
+    r, w = rank() if r is None else r, world() if w is None else w
     return n * r // w, n * (r + 1) // w
 
 
@@ -135,5 +136,5 @@ def sum_grads(params: list[torch.Tensor]) -> None:
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()

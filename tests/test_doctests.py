@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["selfevolve.arith", "selfevolve.metrics", "selfevolve.store", "selfevolve.verifiers.numeric",
-           "selfevolve.types", "selfevolve.policies.hf", "selfevolve"]
+           "selfevolve.types", "selfevolve.policies.hf", "selfevolve.distributed", "selfevolve"]
 
 
 @pytest.mark.parametrize("name", MODULES)
