@@ -43,6 +43,17 @@ steps and at the end of each stage, with a warning when the model collapses (edi
 zero, or `delta` ≤ 0 for `collapse_patience` Stage II evaluations in a row); the final model
 is evaluated once on the test split (`summary.json`'s `after`).
 
+Bounded staleness (`max_staleness=K`, default 0; not in the paper). Rollouts and adapter
+loads run on one serving thread in submission order (`ServingThread`): step j's rollouts are
+queued once update j − K is, so they are generated while the learner trains and are sampled
+by an adapter exactly K updates old (fewer in the first K steps and after a resume, whose
+in-flight batches come from the checkpoint's adapter: with K > 0 a resumed run differs from
+the uninterrupted one there). Nothing staler is ever generated, so nothing is dropped; a
+stale batch is importance-corrected: each policy-gradient token is weighted by
+min(π/μ, is_cap), μ's log-probs being those its sampler reported (a row whose tokens it did
+not report, re-tokenised endpoint text, stays uncorrected); the KL term is not reweighted.
+K = 0 waits for every rollout and load: the synchronous run, exactly (tests/test_staleness.py).
+
 Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_steps`,
 `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
 the baseline above; the per-token KL (above). Log-probabilities are of the sampled tokens in
@@ -71,9 +82,19 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import refine_batch
-from selfevolve.losses import CREDITS, attempt_credit, baseline_advantage, kl_estimate, kl_loss, reinforce_loss
+from selfevolve.losses import (
+    CREDITS,
+    attempt_credit,
+    baseline_advantage,
+    behaviour_logprobs,
+    kl_estimate,
+    kl_loss,
+    reinforce_loss,
+    truncated_is_weights,
+)
 from selfevolve.run import Run
-from selfevolve.sync import publish, sampled_logprob_ratio, serve_update
+from selfevolve.serving_thread import ServingThread
+from selfevolve.sync import sampled_logprob_ratio, save_update, serve_update
 from selfevolve.training import (
     answer_message,
     batch_slice,
@@ -127,11 +148,18 @@ class ScoreConfig(RecipeConfig):
     collapse_patience: int = Field(2, ge=1, description="warn after this many Stage II evaluations with delta <= 0")
     logprob_check: float = Field(0.01, ge=0, description="warn when KL(server ‖ learner) estimated on the step's "
                                  "sampled tokens exceeds this (0: do not ask the server for log-probs)")
+    max_staleness: int = Field(0, ge=0, description="rollouts may be sampled by an adapter this many updates old, "
+                               "generated while the learner trains (0: synchronous)")
+    is_cap: float = Field(2.0, gt=0, description="with max_staleness>0: truncation of the per-token importance "
+                          "weights that correct stale rollouts")
 
     @model_validator(mode="after")
     def _every_rank_has_episodes(self):
         if self.batch_tasks < self.nproc:
             raise ValueError(f"batch_tasks={self.batch_tasks} < nproc={self.nproc}: every rank needs an episode")
+        if self.max_staleness and not self.logprob_check:
+            raise ValueError("max_staleness>0 corrects stale rollouts with the log-probs their sampler reports, "
+                             "which logprob_check=0 does not ask for")
         return self
 
 
@@ -191,7 +219,8 @@ def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str)
 
 
 def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
-               backward: bool = False, served: list[tuple] | None = None) -> tuple[torch.Tensor, dict]:
+               backward: bool = False, served: list[tuple] | None = None,
+               stale: bool = False) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
     Advantages use the whole batch's rewards `r1`, `r2` (every rank's: under torchrun
@@ -202,7 +231,9 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     each micro-batch's part is back-propagated at once (its graph freed: memory is one
     micro-batch's) and the returned loss is detached. `served`: each episode's (y1, y2)
     token log-probabilities as the server reported them, for `logprob_ratio` and
-    `logprob_kl`, the learner/server check on the sampled tokens (`sync.sampled_logprob_ratio`)."""
+    `logprob_kl`, the learner/server check on the sampled tokens (`sync.sampled_logprob_ratio`);
+    with `stale` (an older adapter sampled the batch) they also weight the policy gradient
+    (`losses.truncated_is_weights`, capped at `cfg.is_cap`; `is_weight` is their mean)."""
     if stage == 1:  # Eq. 3: only r(y2) is maximised; β2 holds y1, no KL on y2
         credit, betas = (torch.zeros_like(r1), r2), (cfg.beta2, 0.0)
     else:  # Eq. 4
@@ -212,7 +243,7 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     first = distributed.bounds(len(r1))[0]  # this rank's first episode in the batch
     adv = tuple(a[first + row_episode] for a in adv)  # each row carries its episode's advantages
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
-    loss, sums, check = 0.0, {}, [0.0, 0.0, 0]
+    loss, sums, check, weights = 0.0, {}, [0.0, 0.0, 0], [0.0, 0]
     for sl in micro_slices(len(row_episode), cfg.micro_batch_size):
         mb = {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
         width = mb["input_ids"].shape[1] - 1
@@ -222,15 +253,19 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         part, share = 0.0, (sl.stop - sl.start) / n
         for k, (mask, a, beta) in enumerate(zip((m1, m2), adv, betas), start=1):
             mask = mask[sl, :width].to(device)
-            pg = reinforce_loss(logp, mask, a[sl].to(device)) * share
+            sampled = [served[e][k - 1] for e in row_episode[sl].tolist()] if served is not None else None
+            w = None
+            if stale:  # sampled by an older adapter: importance-weight its tokens to this one
+                w = truncated_is_weights(logp, *behaviour_logprobs(mask, sampled), cfg.is_cap)
+                weights = [weights[0] + float((w * mask).sum()), weights[1] + int(mask.sum())]
+            pg = reinforce_loss(logp, mask, a[sl].to(device), w) * share
             penalty = beta * kl_loss(logp, ref, mask).mean() * share
             part = part + pg + penalty
             kl = kl_estimate(logp, ref, mask).mean() * share  # the KL value, for the log
             for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
                 sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v.detach())
             if served is not None:
-                parts_k = sampled_logprob_ratio(logp, mask, [served[e][k - 1] for e in row_episode[sl].tolist()])
-                check = [a + b for a, b in zip(check, parts_k)]
+                check = [a + b for a, b in zip(check, sampled_logprob_ratio(logp, mask, sampled))]
         if backward:
             part.backward()
             part = part.detach()
@@ -239,17 +274,21 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         loss = torch.tensor(distributed.total(float(loss)))
         sums = {k: distributed.total(v) for k, v in sums.items()}
         check = [distributed.total(x) for x in check]
+        weights = [distributed.total(x) for x in weights]
     parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss), 5)}
+    if weights[1]:
+        parts["is_weight"] = round(weights[0] / weights[1], 5)
     if check[2]:
         parts |= {"logprob_ratio": round(check[0] / check[2], 5), "logprob_kl": round(check[1] / check[2], 6)}
     return loss, parts
 
 
 def train_step(learner, opt, traces: list[Trace], tokenizer, pad_id: int, stage: int, cfg: ScoreConfig,
-               step: int) -> dict:
-    """One update on the step's episodes (`traces`: the whole batch, on every rank). Each rank
-    back-propagates its shard's share of the batch loss, the gradients are summed over the
-    ranks, and every rank applies the same step. Returns the logged parts."""
+               step: int, stale: bool = False) -> dict:
+    """One update on the step's episodes (`traces`: the whole batch, on every rank; `stale`:
+    sampled by an older adapter than the learner's). Each rank back-propagates its shard's
+    share of the batch loss, the gradients are summed over the ranks, and every rank applies
+    the same step. Returns the logged parts."""
     params = [p for p in learner.parameters() if p.requires_grad]
     r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
     r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
@@ -257,7 +296,7 @@ def train_step(learner, opt, traces: list[Trace], tokenizer, pad_id: int, stage:
     served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in mine] if cfg.logprob_check else None
     opt.zero_grad(set_to_none=True)
     loss, parts = score_loss(learner, episode_batch(mine, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg,
-                             backward=True, served=served)
+                             backward=True, served=served, stale=stale)
     distributed.sum_grads(params)
     optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
     return {"reward_t1": round(r1.mean().item(), 4), "reward_t2": round(r2.mean().item(), 4), **parts}
@@ -315,44 +354,59 @@ def main(cfg: ScoreConfig, run: Run) -> None:
         if state["adapter"]:
             policy = serve_update(policy, state["adapter"], f"step-{state['step']}")
 
-    t_ckpt = 0.0
-    with run.progress("score", total=total, completed=state["step"]) as bar:
+    # The serving thread runs rollouts and adapter loads in submission order: step j's rollouts
+    # are submitted once update j − max_staleness is queued, so they are sampled by it.
+    serving, inflight, t_ckpt = ServingThread(policy), {}, 0.0
+    with serving, run.progress("score", total=total, completed=state["step"]) as bar:
         for step in range(state["step"], total):
             stage = stage_of(step, cfg)
-            batch = random.Random(f"{cfg.seed}:{step}").sample(pool, min(cfg.batch_tasks, len(pool)))
-            mine, t_gen, t_ver = rollouts(policy, distributed.shard(batch), run.verifier, cfg, step, run)
+            for j in range(step, min(step + cfg.max_staleness + 1, total)):
+                if j not in inflight:  # sampled by the last update queued: `step`'s
+                    tasks = random.Random(f"{cfg.seed}:{j}").sample(pool, min(cfg.batch_tasks, len(pool)))
+                    inflight[j] = (serving.submit(rollouts, distributed.shard(tasks), run.verifier, cfg, j, run), step)
+            t0 = time.perf_counter()
+            future, version = inflight.pop(step)
+            mine, t_gen, t_ver = future.result()
+            t_wait = time.perf_counter() - t0
             traces = distributed.gather(mine)  # every rank's episodes, in the batch's order
             run.store.append(traces)
 
             t0 = time.perf_counter()
-            parts = train_step(learner, opt, traces, tokenizer, pad_id, stage, cfg, step)
+            parts = train_step(learner, opt, traces, tokenizer, pad_id, stage, cfg, step, stale=step > version)
             check_logprob_ratio(cfg, parts, step + 1, run)
             t_train = time.perf_counter() - t0
 
-            # Sync: the next rollouts come from this update (and nothing else is kept around).
+            # Sync: rollouts submitted from now on come from this update.
             t0 = time.perf_counter()
             name = f"step-{step + 1}"
             path = run.dir / "adapters" / name
-            policy = publish(policy, learner, tokenizer, path, name,
-                             replaces=f"step-{step}" if state["adapter"] else None)
+            loaded = serving.publish(save_update(learner, tokenizer, path), name,
+                                     replaces=f"step-{step}" if state["adapter"] else None)
+            if not cfg.max_staleness:
+                loaded.result()  # nothing overlaps: the synchronous order
             if state["adapter"]:
                 run.retire(state["adapter"])  # deleted once a checkpoint no longer refers to it
             state["adapter"] = str(path)
             t_sync = time.perf_counter() - t0
 
-            run.log(step=step + 1, stage=stage, **parts, time_generate=round(t_gen, 3), time_verify=round(t_ver, 3),
-                    time_train=round(t_train, 3), time_sync=round(t_sync, 3), time_checkpoint=round(t_ckpt, 3))
+            overlap = {"staleness": step - version, "time_wait": round(t_wait, 3)} if cfg.max_staleness else {}
+            run.log(step=step + 1, stage=stage, **parts, **overlap, time_generate=round(t_gen, 3),
+                    time_verify=round(t_ver, 3), time_train=round(t_train, 3), time_sync=round(t_sync, 3),
+                    time_checkpoint=round(t_ckpt, 3))
             t_ckpt = 0.0
             state["step"] = step + 1
             if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
+                policy = serving.drain()  # rollouts in flight finish first; then nothing runs beside evaluation
                 metrics = run.evaluate(policy, f"step-{state['step']}", round=state["step"])
                 state["history"].append({"step": state["step"], "stage": stage, **metrics})
                 warn_collapse(cfg, state["history"], run)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or run.stop_requested:
                 t0 = time.perf_counter()
+                serving.drain()  # every queued load has read its adapter before retired ones are deleted
                 run.checkpoint({**state, "learner": get_peft_model_state_dict(learner), "optimizer": opt.state_dict()})
                 t_ckpt = time.perf_counter() - t0  # logged with the next step
             bar.advance()
+        policy = serving.drain()
 
     final = run.dir / "adapters" / "final"
     if state["adapter"] and run.main:

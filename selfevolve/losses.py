@@ -93,10 +93,47 @@ def baseline_advantage(rewards: torch.Tensor, scale: bool = False, eps: float = 
     return adv
 
 
-def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """−mean_i A_i · Σ_t log π(y_i,t): the REINFORCE surrogate (its gradient is the policy
-    gradient; advantages are constants)."""
+def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """−mean_i A_i · Σ_t w_t log π(y_i,t): the REINFORCE surrogate (its gradient is the policy
+    gradient; advantages are constants). `weight` (B, T), constant: per-token importance
+    weights for tokens another policy sampled (`truncated_is_weights`); none = on-policy."""
+    if weight is not None:
+        logp = logp * weight.detach()
     return -(adv.detach() * (logp * mask).sum(-1)).mean()
+
+
+def behaviour_logprobs(mask: torch.Tensor, sampled: list[list[float] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probabilities the sampling policy reported for its tokens, placed where those
+    tokens are in (B, T) rows: row i's first len(sampled[i]) masked positions (the mask may go
+    on over an end of turn the sampler did not sample). Returns the values and where they are;
+    a row whose sampler reported nothing, or that does not hold the whole attempt, has none.
+
+    >>> behaviour_logprobs(torch.tensor([[False, True, True, True]]), [[-0.5, -1.0]])
+    (tensor([[ 0.0000, -0.5000, -1.0000,  0.0000]], dtype=torch.float64), tensor([[False,  True,  True, False]]))
+    """
+    values = torch.zeros(mask.shape, dtype=torch.float64)
+    where = torch.zeros(mask.shape, dtype=torch.bool)
+    for row, lps in enumerate(sampled):
+        pos = mask[row].nonzero()[:, 0].cpu()
+        if lps and len(pos) >= len(lps):
+            values[row, pos[: len(lps)]] = torch.tensor(lps, dtype=torch.float64)
+            where[row, pos[: len(lps)]] = True
+    return values, where
+
+
+def truncated_is_weights(logp: torch.Tensor, behaviour: torch.Tensor, where: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Per-token importance weights w_t = min(π(y_t) / μ(y_t), cap) for tokens sampled by a
+    stale policy μ (its log-probs `behaviour`, at `where`; 1 elsewhere), without grad.
+
+    With them REINFORCE on μ's samples estimates the gradient for π: Σ_y μ(y)·(π(y)/μ(y))·
+    A(y)∇log π(y) = ∇Σ_y π(y)A(y) (tests/test_losses.py, on an exact categorical). The cap
+    trades that bias for bounded variance (truncated IS, as IMPALA's ρ̄ and TIS in verl);
+    per token rather than per sequence, as PPO-style trainers weight tokens."""
+    with torch.no_grad():
+        ratio = torch.exp(logp.detach().double() - behaviour.to(logp.device)).clamp(max=cap)
+        return torch.where(where.to(logp.device), ratio, torch.ones_like(ratio)).to(logp.dtype)
 
 
 def spin_loss(logp_gold: torch.Tensor, logp_self: torch.Tensor, ref_gold: torch.Tensor, ref_self: torch.Tensor,

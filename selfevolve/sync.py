@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import distributed
 from .errors import SyncError, UserError
+from .losses import behaviour_logprobs
 from .policies.hf import HFPolicy
 from .training import text_token_logprobs
 from .types import AdapterServing
@@ -112,14 +114,9 @@ def sampled_logprob_ratio(logp: torch.Tensor, mask: torch.Tensor, served: list[l
     >>> [round(x, 4) for x in sampled_logprob_ratio(lp, torch.tensor([[True, True, True]]), [[math.log(0.25)]])]
     [2.0, 0.3069, 1]
     """
-    ratio, kl, n = 0.0, 0.0, 0
-    for row, lps in enumerate(served):
-        pos = mask[row].nonzero()[:, 0]
-        if not lps or len(pos) < len(lps):  # not reported, or the row does not hold this attempt
-            continue
-        d = logp[row, pos[: len(lps)]].detach().double().cpu() - torch.tensor(lps, dtype=torch.float64)
-        ratio, kl, n = ratio + float(d.exp().sum()), kl + float((d.exp() - 1 - d).sum()), n + len(lps)
-    return ratio, kl, n
+    values, where = behaviour_logprobs(mask, served)
+    d = (logp.detach().double().cpu() - values)[where]
+    return float(d.exp().sum()), float((d.exp() - 1 - d).sum()), int(where.sum())
 
 
 def load_everywhere(policy: AdapterServing, path: str | Path, name: str, check=None) -> None:
@@ -190,12 +187,33 @@ def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool
     return served
 
 
-def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
-            tol: float | None = None, replaces: str | None = None) -> AdapterServing:
-    """Save the learner to `path`, serve it under `name` on every replica, verify each
-    (within `tol`, default the learner's dtype's `canary_tolerance`), then unload the adapter
-    it `replaces` (if any); return the policy that now serves it. A replica that fails the
-    canary is rolled back with the others (`load_everywhere`)."""
+@dataclass(frozen=True)
+class SavedUpdate:
+    """A saved update and the canary score the served policy must reproduce: the learner's
+    half of `publish`. It runs where the learner lives (it writes, and under torchrun waits
+    for rank 0); `serve` is the serving half, which may run on the thread that drives the
+    served policy (`ServingThread`), so an update can be loaded between two rollouts while
+    the learner goes on."""
+
+    path: Path
+    lora: bool
+    canary: str
+    expected: float   # the learner's log-probability of `canary`
+    tol: float
+
+    def serve(self, policy: AdapterServing, name: str, replaces: str | None = None) -> AdapterServing:
+        """Serve the update under `name` on every replica, verify each, then unload the
+        adapter it `replaces` (if any); return the policy that now serves it."""
+        served = serve_update(policy, self.path, name, self.lora, check=lambda replica: verify_sync(
+            replica, name if self.lora else None, self.expected, self.tol, self.canary))
+        if self.lora and replaces is not None and replaces != name and replaces in served.adapters:
+            served.unload_adapter(replaces)
+        return served
+
+
+def save_update(model, tokenizer, path: str | Path, lora: bool = True, tol: float | None = None) -> SavedUpdate:
+    """Save the learner to `path` (rank 0 writes; every rank waits for the file) and score the
+    canary with it (`tol`: default the learner's dtype's `canary_tolerance`)."""
     path = Path(path)
     if distributed.is_main():  # under torchrun the ranks hold the same weights; one writes them
         shutil.rmtree(path, ignore_errors=True)
@@ -205,9 +223,13 @@ def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: st
     distributed.barrier()  # then every rank loads the file into its own engine and checks it
     canary = canary_for(model, tokenizer)
     tol = canary_tolerance(model.dtype) if tol is None else tol
-    expected = text_logprob(model, tokenizer, canary)
-    served = serve_update(policy, path, name, lora,
-                          check=lambda replica: verify_sync(replica, name if lora else None, expected, tol, canary))
-    if lora and replaces is not None and replaces != name and replaces in served.adapters:
-        served.unload_adapter(replaces)
-    return served
+    return SavedUpdate(path, lora, canary, text_logprob(model, tokenizer, canary), tol)
+
+
+def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
+            tol: float | None = None, replaces: str | None = None) -> AdapterServing:
+    """Save the learner to `path`, serve it under `name` on every replica, verify each
+    (within `tol`, default the learner's dtype's `canary_tolerance`), then unload the adapter
+    it `replaces` (if any); return the policy that now serves it. A replica that fails the
+    canary is rolled back with the others (`load_everywhere`)."""
+    return save_update(model, tokenizer, path, lora, tol).serve(policy, name, replaces)

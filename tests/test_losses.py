@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from selfevolve.losses import attempt_credit, baseline_advantage, kl_estimate, kl_loss, reinforce_loss, shaped_reward
+from selfevolve.losses import (
+    attempt_credit,
+    baseline_advantage,
+    behaviour_logprobs,
+    kl_estimate,
+    kl_loss,
+    reinforce_loss,
+    shaped_reward,
+    truncated_is_weights,
+)
 
 
 def test_k3_kl_value_by_hand():
@@ -132,6 +141,33 @@ def test_reinforce_gradient_is_advantage_times_score_function():
     soft = torch.full((3,), 1 / 3)
     expected = torch.stack([-1.0 * (torch.tensor([1.0, 0, 0]) - soft), 0.5 * (torch.tensor([0, 0, 1.0]) - soft)])
     assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_importance_weighted_reinforce_on_stale_samples_has_the_on_policy_gradient():
+    """Samples of a stale policy μ, weighted by π/μ: the expected REINFORCE gradient equals
+    ∇E_π[A], exactly (an uncapped weight); without the weights it is μ's gradient, not π's;
+    the cap bounds every weight and keeps the direction's sign on this case."""
+    theta, stale = _categorical()  # π = softmax(θ), the learner; μ = exp(stale), the sampler
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0])
+    logp = torch.log_softmax(theta, -1)
+    (exact,) = torch.autograd.grad((logp.exp() * adv).sum(), theta)  # ∇ E_π[A]
+
+    def expected_grad(cap):
+        logp = torch.log_softmax(theta, -1)[:, None]
+        values, where = behaviour_logprobs(torch.ones(6, 1, dtype=torch.bool), [[x] for x in stale.tolist()])
+        w = truncated_is_weights(logp, values, where, cap) if cap else None
+        per_y = torch.stack([reinforce_loss(logp[i : i + 1], torch.ones(1, 1), adv[i : i + 1],
+                                            None if w is None else w[i : i + 1]) for i in range(6)])
+        (g,) = torch.autograd.grad((stale.exp() * per_y).sum(), theta)  # E_{y~μ}
+        return -g, w
+
+    g, w = expected_grad(float("inf"))
+    assert torch.allclose(g, exact, atol=1e-6)
+    g, _ = expected_grad(None)
+    assert not torch.allclose(g, exact, atol=1e-2)  # uncorrected, stale samples give another gradient
+    g, w = expected_grad(1.5)
+    assert w.max() <= 1.5 and (w < (logp.detach() - stale).exp()[:, None] - 1e-6).any()
+    assert torch.dot(g, exact) > 0
 
 
 def test_spin_loss_by_hand():
