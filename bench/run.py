@@ -20,9 +20,11 @@ import bench_memory  # noqa: E402
 import bench_score  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
+import bench_staleness  # noqa: E402
 import bench_verifiers  # noqa: E402
 
-BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_fleet, bench_ddp, bench_score, bench_memory]
+BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_fleet, bench_ddp, bench_staleness,
+           bench_score, bench_memory]
 
 
 def machine() -> str:
@@ -38,8 +40,8 @@ def machine() -> str:
 
 def main() -> None:
     """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
-    verifiers, sft, serve, fleet, ddp, score, memory); sections of benchmarks not run stay as they were, each with its
-    own date."""
+    verifiers, sft, serve, fleet, ddp, staleness, score, memory); sections of benchmarks not run
+    stay as they were, each with its own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
     path = Path(__file__).parent.parent / "BENCHMARKS.md"
@@ -56,7 +58,7 @@ def main() -> None:
         print(sections[r["title"]])
     head = ["# Benchmarks", "",
             '- command: `pip install -e ".[bench]" && python bench/run.py [NAME ...]` (generation, verifiers, sft, '
-            'serve, fleet, ddp, score, memory; none: all)',
+            'serve, fleet, ddp, staleness, score, memory; none: all)',
             "- each section names the date and machine it was measured on", ""]
     path.write_text("\n".join(head) + "\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
 

@@ -52,7 +52,8 @@ the uninterrupted one there). Nothing staler is ever generated, so nothing is dr
 stale batch is importance-corrected: each policy-gradient token is weighted by
 min(π/μ, is_cap), μ's log-probs being those its sampler reported (a row whose tokens it did
 not report, re-tokenised endpoint text, stays uncorrected); the KL term is not reweighted.
-K = 0 waits for every rollout and load: the synchronous run, exactly (tests/test_staleness.py).
+K = 0 waits for every rollout and load: the synchronous run, exactly
+(tests/recipes/test_staleness.py).
 
 Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_steps`,
 `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with

@@ -101,6 +101,7 @@ def test_max_staleness_1_samples_with_the_previous_update_and_corrects(tmp_path)
     assert stored[1:] != _stored(k0.dir, 3)[0][1:]  # later ones come from other adapters
 
 
+@pytest.mark.slow
 def test_a_stopped_run_with_max_staleness_resumes(tmp_path):
     """Ctrl-C after the first update: the in-flight batch is dropped with the process, and the
     resumed run regenerates it from the checkpoint's adapter (staleness 0 there)."""
