@@ -6,8 +6,8 @@ learner in another (1 thread) — the shape of a GPU deployment, where generatio
 are on different devices. A real `selfevolve run recipe=score` of 20 steps (batch 64,
 checkpoint every 10, evaluations excluded); a step's time is what the learner's thread
 spends on it: waiting for its batch (K=1) or generating and verifying it (K=0), training,
-saving the update, checkpointing. On 2 cores the two threads or processes share the CPUs,
-so (a) can gain little; (b) shows what overlap buys when each side has its own core.
+saving the update, checkpointing. Both set-ups share the same 2 cores; neither generation
+nor training alone keeps both busy, and that idle capacity is what the overlap uses.
 """
 
 from __future__ import annotations
