@@ -190,10 +190,10 @@ def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool
 @dataclass(frozen=True)
 class SavedUpdate:
     """A saved update and the canary score the served policy must reproduce: the learner's
-    half of `publish`. It runs where the learner lives (it writes, and under torchrun waits
-    for rank 0); `serve` is the serving half, which may run on the thread that drives the
-    served policy (`ServingThread`), so an update can be loaded between two rollouts while
-    the learner goes on."""
+    half of `publish`, made by `save_update` where the learner lives (it writes, and under
+    torchrun waits for rank 0). `serve` is the serving half, which may run on the thread that
+    drives the served policy (`ServingThread`), so an update can be loaded between two
+    rollouts while the learner goes on."""
 
     path: Path
     lora: bool
