@@ -54,6 +54,7 @@ def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tmp_pa
         assert moved > 5e-3, (name, moved)
 
 
+@pytest.mark.slow  # the default run has rest_em with two learner processes (tests/test_fleet.py)
 def test_spin_runs_end_to_end_with_two_learner_processes(tmp_path):
     """nproc=2 launches torchrun; rank 0 alone writes the run directory, which holds what a
     one-process run's holds: every rank's samples in the store once, the summary. (rest_em

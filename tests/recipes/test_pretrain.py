@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from selfevolve.store import TraceStore
@@ -33,6 +34,7 @@ def test_run_directory(tmp_path):
     assert changed.returncode == 2 and "different config: steps=13" in changed.stderr
 
 
+@pytest.mark.slow  # test_run_directory resumes pretraining in the default run
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     whole, cut = check_kill_and_resume(SMALL, tmp_path)
 

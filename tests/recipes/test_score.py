@@ -114,6 +114,7 @@ def test_ablation_without_stage_one(tmp_path):
     assert store.count(meta={"stage": 1}) == 0 and store.count(meta={"stage": 2}) == 16
 
 
+@pytest.mark.slow  # the deterministic kill and the Ctrl-C tests below resume SCoRe in the default run
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     check_kill_and_resume(SMALL, tmp_path)
 

@@ -88,17 +88,14 @@ def test_max_staleness_0_is_the_synchronous_run(tmp_path):
 
 
 def test_max_staleness_1_samples_with_the_previous_update_and_corrects(tmp_path):
-    k0 = _run_recipe(_config(tmp_path / "k0"))
     run = _run_recipe(_config(tmp_path / "k1", max_staleness=1))
-    stored, store = _stored(run.dir, 3)
+    _, store = _stored(run.dir, 3)
     # step 2's batch was generated while update 1 trained: the base model sampled it
     assert [{t.policy_version for t in _rollouts(store, s)} for s in range(3)] == [{None}, {None}, {"step-1"}]
     train = [m for m in run.metrics() if "reward_t1" in m]
     assert [m["staleness"] for m in train] == [0, 1, 1]
     assert "is_weight" not in train[0]  # on-policy: no correction
     assert all(0 < m["is_weight"] <= 2.0 for m in train[1:])  # capped at is_cap
-    assert stored[0] == _stored(k0.dir, 1)[0][0]  # the first batch is the same base-model sample
-    assert stored[1:] != _stored(k0.dir, 3)[0][1:]  # later ones come from other adapters
 
 
 @pytest.mark.slow
