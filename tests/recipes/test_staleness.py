@@ -72,16 +72,15 @@ def _rollouts(store, step):
     return store.query(round=step, meta={"stage": 1 if step < KEYS["stage1_steps"] else 2})
 
 
-def _stored(run_dir, steps):
+def _responses(run_dir, steps):
     store = TraceStore(run_dir / "traces.sqlite")
-    return [[[turn.response for turn in t.turns] for t in _rollouts(store, s)] for s in range(steps)], store
+    return [[[turn.response for turn in t.turns] for t in _rollouts(store, s)] for s in range(steps)]
 
 
 def test_max_staleness_0_is_the_synchronous_run(tmp_path):
     run = _run_recipe(_config(tmp_path / "k0", max_staleness=0))
     responses, adapter = _synchronous(_config(tmp_path / "sync"))
-    stored, _ = _stored(run.dir, 3)
-    assert stored == responses  # the same samples, step for step
+    assert _responses(run.dir, 3) == responses  # the same samples, step for step
     final = load_file(run.dir / "adapters" / "final" / "adapter_model.safetensors")
     assert final.keys() == adapter.keys()
     assert all(torch.equal(final[k], adapter[k]) for k in adapter)  # and bit for bit the same adapter
@@ -89,7 +88,7 @@ def test_max_staleness_0_is_the_synchronous_run(tmp_path):
 
 def test_max_staleness_1_samples_with_the_previous_update_and_corrects(tmp_path):
     run = _run_recipe(_config(tmp_path / "k1", max_staleness=1))
-    _, store = _stored(run.dir, 3)
+    store = TraceStore(run.dir / "traces.sqlite")
     # step 2's batch was generated while update 1 trained: the base model sampled it
     assert [{t.policy_version for t in _rollouts(store, s)} for s in range(3)] == [{None}, {None}, {"step-1"}]
     train = [m for m in run.metrics() if "reward_t1" in m]
