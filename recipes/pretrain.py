@@ -29,6 +29,12 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
   *judge*. Without them the critique words are tokens the model never saw, whose
   embeddings a LoRA adapter does not train, so SELF cannot teach tiny to critique.
   `p_critique=0` draws exactly the corpus the bundled model was trained on.
+- optionally (`p_equation`, 0 for the bundled `tiny`), `equations` conversations ("Find x:
+  7 + x - 3 = 12."), answered only in the direct style; in their two-turn transcripts the
+  second answer is, `p_fix` of the time, a check of the draft by substitution that corrects
+  it ("Check x = 5: 7 + 5 = 12. 12 - 3 = 9. 12 - 9 = 3, so x = 5 + 3 = 8. The answer is 8.") or confirms
+  it. Solving stays mental arithmetic run backwards; checking is the forward steps the model
+  knows. `p_equation=0` draws exactly the bundled corpus too.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
@@ -47,7 +53,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from selfevolve import arith
+from selfevolve import arith, equations
 from selfevolve.config import RecipeConfig
 from selfevolve.feedback.prompts import (
     CRITIQUE,
@@ -78,6 +84,7 @@ class PretrainConfig(RecipeConfig):
     p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
     p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
+    p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")
     vocab_size: int = Field(384, ge=300)
     n_layer: int = 4
     n_embd: int = 128
@@ -95,12 +102,41 @@ class PretrainConfig(RecipeConfig):
 # --- corpus ------------------------------------------------------------------------------
 
 
-def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
+def train_expression(rng: random.Random, cfg: PretrainConfig) -> tuple[list[int], list[str]]:
     d = rng.choice(cfg.difficulties)
     while True:
         nums, ops = arith.random_expression(rng, d)
         if arith.split_of(arith.render(nums, ops)) == "train":
-            break
+            return nums, ops
+
+
+def equation_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
+    """An `equations` conversation: a direct answer, or a draft, SCoRe's instruction and a second
+    answer that checks the draft (`p_fix`), repeats it, or (after a wrong draft, or `p_break`
+    of the right ones) guesses another digit."""
+    nums, ops = train_expression(rng, cfg)
+    hidden = rng.choice(equations.hideable(ops))
+    q = equations.question(equations.render(nums, ops, hidden))
+    x = nums[hidden]
+    if rng.random() >= cfg.p_two_turn:
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": arith.final_line(x)}]
+    wrong = rng.random() < cfg.p_draft_wrong
+    guess = equations.wrong_guess(x, rng) if wrong else x
+    r = rng.random()
+    if r < cfg.p_fix:
+        second = equations.check_solution(nums, ops, hidden, guess)
+    elif r < (1 + cfg.p_fix) / 2 if wrong else r < cfg.p_fix + (1 - cfg.p_fix) * cfg.p_break:
+        second = arith.final_line(equations.wrong_guess(x, rng))
+    else:
+        second = arith.final_line(guess)
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": arith.final_line(guess)},
+            {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second}]
+
+
+def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
+    if cfg.p_equation and rng.random() < cfg.p_equation:
+        return equation_example(rng, cfg)
+    nums, ops = train_expression(rng, cfg)
     q = arith.question(arith.render(nums, ops))
     ans = arith.evaluate(nums, ops)
 

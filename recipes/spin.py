@@ -21,8 +21,8 @@ and the mean log-probability of gold and of self responses.
 
 Deviations, for the tiny world on 2 CPU cores: `train_tasks=1000` prompts per iteration;
 the gold response is the data's reference in `gold_template` (`auto`: "The answer is
-{reference}." on arith, the reference itself elsewhere — a user's answer column is taken to
-hold whole responses; set the template for short answers); pairs
+{reference}." on arith and equations, the reference itself elsewhere — a user's answer
+column is taken to hold whole responses; set the template for short answers); pairs
 where y' equals y are dropped (their loss is the constant log 2, zero gradient); opponent
 samples at temperature 1; LoRA (the adapter continues across iterations) instead of full
 fine-tuning; 2 epochs per iteration. One AdamW runs the whole run: its moment estimates
@@ -43,7 +43,7 @@ from pydantic import Field
 from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for
+from selfevolve.data import GENERATED, tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.run import Run
 from selfevolve.sync import publish, serve_update
@@ -59,7 +59,8 @@ class SpinConfig(RecipeConfig):
     lam: float = Field(0.1, gt=0, description="λ in the SPIN loss (the paper's beta)")
     mix_previous: bool = Field(True, description="also train on the previous iteration's pairs (the paper)")
     gold_template: str = Field("auto", description="gold response from the reference: auto = 'The answer is "
-                               "{reference}.' on arith, '{reference}' elsewhere; or a template with {reference}")
+                               "{reference}.' on arith and equations, '{reference}' elsewhere; or a template with "
+                               "{reference}")
     train_split: str = Field("train", description="split the SFT prompts come from")
     train_tasks: int = Field(1000, ge=1, description="prompts per iteration")
     temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
@@ -74,7 +75,7 @@ class SpinConfig(RecipeConfig):
 def gold(task, cfg: SpinConfig) -> str:
     template = cfg.gold_template
     if template == "auto":
-        template = "The answer is {reference}." if cfg.data == "arith" else "{reference}"
+        template = "The answer is {reference}." if cfg.data in GENERATED else "{reference}"
     return template.format(reference=task.reference)
 
 

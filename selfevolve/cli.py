@@ -60,7 +60,8 @@ USAGE = __doc__.split("\n\n")[1]
 
 class EvalConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     split: str | None = Field(None, description="split or role to evaluate (train|validation|test carve a flat file "
-                              "as a recipe does); default: arith's and a split source's test, all of a flat file")
+                              "as a recipe does); default: test of a generated suite or a split source, all of a "
+                              "flat file")
     limit: int = Field(500, ge=1, description="number of tasks")
     adapter: str | None = Field(None, description="LoRA adapter directory to evaluate with")
     out: str | None = Field(None, description="write the metrics as JSON to this file")
@@ -152,7 +153,7 @@ def _torchrun(nproc: int, overrides: dict) -> int:
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
     from .build import critic_from_config, served_policy, verifier_for
-    from .data import splits_of, tasks_for
+    from .data import GENERATED, splits_of, tasks_for
     from .evaluate import evaluate
     from .files import atomic_write
     from .protocol import feedback_kind
@@ -175,7 +176,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
                              sampling=SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens),
                              feedback=feedback_kind(cfg.critic), baseline_temperature=cfg.baseline_temperature,
                              seed=cfg.seed, bootstrap=cfg.bootstrap)
-    split = cfg.split or ("test" if cfg.data == "arith" or splits_of(cfg.data) else "all")
+    split = cfg.split or ("test" if cfg.data in GENERATED or splits_of(cfg.data) else "all")
     metrics = {"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "split": split, **metrics}
     print_summary(f"{cfg.model} on {cfg.data}:{metrics['split']}", None, metrics)
     if cfg.out:

@@ -63,7 +63,7 @@ class DataKeys(Keys):
     id_field: str = Field("id", description="column holding a task id (else file name + line)")
     tests_field: str = Field("tests", description="column holding a code task's tests (asserts, or a check() program)")
     entry_point_field: str = Field("entry_point", description="column holding a code task's function name")
-    difficulty: int = Field(3, ge=1, le=8, description="arith: operators per expression")
+    difficulty: int = Field(3, ge=1, le=8, description="arith, equations: operators per expression")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="test share carved (seeded) from a source without a "
                                  "test split (a flat file, humaneval)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share carved (seeded) from a source without "

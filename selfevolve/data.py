@@ -1,6 +1,6 @@
 """Tasks from a built-in suite or from a user's file.
 
-`data=` is a built-in name (`arith`) or a path: .jsonl, .json, .csv, .parquet, or a
+`data=` is a built-in name (`arith`, `equations`, `humaneval`) or a path: .jsonl, .json, .csv, .parquet, or a
 directory saved with `datasets.save_to_disk`. `prompt_field` / `answer_field` map the
 user's columns to `Task.prompt` / `Task.reference`; `id_field` (optional) to `Task.id`.
 Every problem is reported as one line naming the file, the line (or row) and the field.
@@ -15,11 +15,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import arith
+from . import arith, equations
 from .errors import UserError
 from .types import Task
 
-BUILTIN = {"arith", "humaneval"}
+GENERATED = {"arith": arith.tasks, "equations": equations.tasks}  # seeded suites with their own splits
+BUILTIN = {*GENERATED, "humaneval"}
 
 
 def humaneval() -> list[Task]:
@@ -41,7 +42,7 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
                difficulty: int = 3, holdout: tuple[float, float] | None = None, tests_field: str = "tests",
                entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test")) -> list[Task]:
-    """Load tasks. Built-in `arith` is generated (`limit` of them, default 500) with its own
+    """Load tasks. Built-in `arith` and `equations` are generated (`limit` of them, default 500) with its own
     train / validation / test splits; files are read in order and truncated to `limit`.
 
     A source with named splits (a saved DatasetDict, a JSON object keyed by split) gives
@@ -53,8 +54,8 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     Without `holdout`, a flat source ignores `split` and every task is returned. Code tasks
     carry their tests (a list of assert statements, or a `check(candidate)` program) in
     `tests_field` and the function's name in `entry_point_field`."""
-    if data == "arith":
-        return arith.tasks(split=split, n=limit or 500, seed=seed, difficulty=difficulty)
+    if data in GENERATED:
+        return GENERATED[data](split=split, n=limit or 500, seed=seed, difficulty=difficulty)
     if data == "humaneval":
         rows = [(t.id, t) for t in humaneval()]
         named: set[str] = set()

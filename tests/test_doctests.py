@@ -5,9 +5,9 @@ import importlib
 
 import pytest
 
-MODULES = ["selfevolve.arith", "selfevolve.metrics", "selfevolve.store", "selfevolve.verifiers.numeric",
-           "selfevolve.types", "selfevolve.policies.hf", "selfevolve.distributed", "selfevolve.losses",
-           "selfevolve.sync", "selfevolve.recipes.score", "selfevolve"]
+MODULES = ["selfevolve.arith", "selfevolve.equations", "selfevolve.metrics", "selfevolve.store",
+           "selfevolve.verifiers.numeric", "selfevolve.types", "selfevolve.policies.hf", "selfevolve.distributed",
+           "selfevolve.losses", "selfevolve.sync", "selfevolve.recipes.score", "selfevolve"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,104 @@
+"""`equations`: find the hidden operand of an `arith` expression, the tiny-world task where
+checking an answer is easier than producing it (README, SCoRe; issue 16).
+
+"Find x: 7 + x - 3 = 12." has the reference "8". Solving it means running the arithmetic
+backwards (x = 12 - 7 + 3) in one go, and the pretraining corpus teaches it only in the
+direct style ("The answer is 8."). Checking a candidate is the forward arithmetic `arith`
+already teaches step by step. x only ever opens the expression or follows a "+", so the left
+side grows with x, and a wrong candidate is fixed by one subtraction and one addition:
+
+    Check x = 5: 7 + 5 = 12. 12 - 3 = 9. 12 - 9 = 3, so x = 5 + 3 = 8. The answer is 8.
+
+On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
+answering worse first. Here a second attempt has something to find.
+
+An equation belongs to the split of the expression it hides an operand of (`arith.split_of`),
+so `equations` and `arith` share one train / validation / test partition of expressions.
+"""
+
+from __future__ import annotations
+
+import random
+
+from . import arith
+from .errors import UserError
+from .types import Task
+
+X = "x"
+
+
+def hideable(ops: list[str]) -> list[int]:
+    """Operand positions x may take: the first, or one that follows a '+'."""
+    return [0] + [k + 1 for k, op in enumerate(ops) if op == "+"]
+
+
+def render(nums: list[int], ops: list[str], hidden: int) -> str:
+    """"7 + x - 3 = 12" """
+    left = arith.render(nums, ops).split(" ")
+    left[2 * hidden] = X
+    return f"{' '.join(left)} = {arith.evaluate(nums, ops)}"
+
+
+def question(equation: str) -> str:
+    return f"Find {X}: {equation}."
+
+
+def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[tuple[list[int], list[str], int]]:
+    """`n` distinct equations of one split, from a seeded stream: (nums, ops, hidden index)."""
+    if split not in arith.SPLITS:
+        raise UserError(f"equations has splits {arith.SPLITS}, not {split!r}")
+    rng = random.Random(f"equations:{seed}:{difficulty}")
+    most = int(9 ** (difficulty + 1) * 2 ** difficulty * arith.FRACTIONS[split] * 0.9)
+    if n > most:
+        raise UserError(f"data=equations difficulty={difficulty} has about {most} distinct {split} tasks, not {n}: "
+                        "ask for fewer (limit=) or a higher difficulty=")
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        nums, ops = arith.random_expression(rng, difficulty)
+        hidden = rng.choice(hideable(ops))
+        eq = render(nums, ops, hidden)
+        if eq in seen or arith.split_of(arith.render(nums, ops)) != split:
+            continue
+        seen.add(eq)
+        out.append((nums, ops, hidden))
+    return out
+
+
+def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 3) -> list[Task]:
+    """The `equations` tasks of one split.
+
+    >>> t = tasks("test", n=1, seed=0)[0]
+    >>> t.prompt.startswith("Find x: "), t.reference.isdigit()
+    (True, True)
+    """
+    out = []
+    for i, (nums, ops, hidden) in enumerate(sample_problems(seed, split, n, difficulty)):
+        eq = render(nums, ops, hidden)
+        out.append(Task(id=f"equations-d{difficulty}-s{seed}-{split}-{i}", prompt=question(eq),
+                        reference=str(nums[hidden]), meta={"equation": eq, "difficulty": difficulty}))
+    return out
+
+
+# --- solutions (used by the pretraining corpus and by tests) ---------------------------
+
+
+def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> str:
+    """Substitute `guess`, evaluate step by step, and correct it by the difference from the
+    right side: "Check x = 5: 7 + 5 = 12. 12 - 3 = 9. 12 - 9 = 3, so x = 5 + 3 = 8. The
+    answer is 8." A right guess is confirmed ("Check x = 8: 7 + 8 = 15. 15 - 3 = 12. The
+    answer is 8.")."""
+    target = arith.evaluate(nums, ops)
+    tried = nums[:hidden] + [guess] + nums[hidden + 1:]
+    value = arith.evaluate(tried, ops)
+    out = f"Check {X} = {guess}: " + arith.step_solution(tried, ops).removesuffix(" " + arith.final_line(value))
+    if value != target:
+        diff = target - value
+        sign = "+" if diff > 0 else "-"
+        out += f" {target} - {value} = {diff}, so {X} = {guess} {sign} {abs(diff)} = {guess + diff}."
+    return f"{out} {arith.final_line(guess + target - value)}"
+
+
+def wrong_guess(answer: int, rng: random.Random) -> int:
+    """Another digit: a draft's plausible wrong answer."""
+    return rng.choice([d for d in range(1, 10) if d != answer])
