@@ -48,20 +48,21 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[
     if split not in arith.SPLITS:
         raise UserError(f"equations has splits {arith.SPLITS}, not {split!r}")
     rng = random.Random(f"equations:{seed}:{difficulty}")
-    most = int(9 ** (difficulty + 1) * 2 ** difficulty * arith.FRACTIONS[split] * 0.9)
-    if n > most:
-        raise UserError(f"data=equations difficulty={difficulty} has about {most} distinct {split} tasks, not {n}: "
-                        "ask for fewer (limit=) or a higher difficulty=")
     seen: set[str] = set()
-    out = []
+    out, misses = [], 0
     while len(out) < n:
         nums, ops = arith.random_expression(rng, difficulty)
         hidden = rng.choice(hideable(ops))
         eq = render(nums, ops, hidden)
         if eq in seen or arith.split_of(arith.render(nums, ops)) != split:
+            misses += 1
+            if misses > 100_000:  # every equation of the split has been drawn, in all likelihood
+                raise UserError(f"data=equations difficulty={difficulty} has about {len(out)} distinct {split} "
+                                f"tasks, not {n}: ask for fewer (limit=) or a higher difficulty=")
             continue
         seen.add(eq)
         out.append((nums, ops, hidden))
+        misses = 0
     return out
 
 

@@ -68,7 +68,7 @@ def test_built_in_and_scored_by_the_numeric_verifier():
 
 
 def test_too_many_tasks_is_an_error():
-    with pytest.raises(UserError, match="data=equations difficulty=1 has about 14 distinct test tasks"):
+    with pytest.raises(UserError, match="data=equations difficulty=1 has about 19 distinct test tasks, not 100"):
         equations.tasks("test", n=100, difficulty=1)
     with pytest.raises(UserError, match="splits"):
         equations.tasks("dev", 3)
