@@ -32,9 +32,9 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
 - optionally (`p_equation`, 0 for the bundled `tiny`), `equations` conversations ("Find x:
   7 + x - 3 = 12."), answered only in the direct style; in their two-turn transcripts the
   second answer is, `p_fix` of the time, a check of the draft by substitution that corrects
-  it ("Check x = 5: 7 + 5 = 12. 12 - 3 = 9. 12 - 9 = 3, so x = 5 + 3 = 8. The answer is 8.") or confirms
-  it. Solving stays mental arithmetic run backwards; checking is the forward steps the model
-  knows. `p_equation=0` draws exactly the bundled corpus too.
+  or confirms it ("Check x = 5: 7 + 5 = 12. 12 - 3 = 9. 12 - 9 = 3, so x = 5 + 3 = 8. The
+  answer is 8."). Solving stays mental arithmetic run backwards; checking is the forward
+  steps the model knows. `p_equation=0` draws exactly the bundled corpus too.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
@@ -125,10 +125,9 @@ def equation_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, 
     r = rng.random()
     if r < cfg.p_fix:
         second = equations.check_solution(nums, ops, hidden, guess)
-    elif r < (1 + cfg.p_fix) / 2 if wrong else r < cfg.p_fix + (1 - cfg.p_fix) * cfg.p_break:
-        second = arith.final_line(equations.wrong_guess(x, rng))
-    else:
-        second = arith.final_line(guess)
+    else:  # of the rest, half guess again after a wrong draft, p_break after a right one
+        guess_again = (r - cfg.p_fix) / (1 - cfg.p_fix) < (0.5 if wrong else cfg.p_break)
+        second = arith.final_line(equations.wrong_guess(x, rng) if guess_again else guess)
     return [{"role": "user", "content": q}, {"role": "assistant", "content": arith.final_line(guess)},
             {"role": "user", "content": SCORE_INSTRUCTION}, {"role": "assistant", "content": second}]
 
