@@ -33,7 +33,7 @@ def hideable(ops: list[str]) -> list[int]:
 
 
 def render(nums: list[int], ops: list[str], hidden: int) -> str:
-    """"7 + x - 3 = 12" """
+    """The equation's text, e.g. "7 + x - 3 = 12"."""
     left = arith.render(nums, ops).split(" ")
     left[2 * hidden] = X
     return f"{' '.join(left)} = {arith.evaluate(nums, ops)}"
