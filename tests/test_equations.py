@@ -44,10 +44,15 @@ def test_a_check_corrects_every_guess_with_right_arithmetic():
         nums, ops, hidden = _parse(t)
         for guess in range(1, 10):
             text = equations.check_solution(nums, ops, hidden, guess)
-            assert text.startswith(f"Check x = {guess}: ") and text.endswith(f"The answer is {t.reference}.")
-            for a, op, b, c in re.findall(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)", text):
-                assert eval(f"{a} {op} ({b})") == int(c), text
-            assert ("so x =" in text) == (guess != int(t.reference))
+            eq = t.meta["equation"]
+            assert text.startswith(f"Check x = {guess} in {eq}: ") and text.endswith(f"The answer is {t.reference}.")
+            for a, op, b, c in re.findall(r"(-?\d+) ([+-]) (\d+) = (-?\d+)", text.split(": ", 1)[1]):
+                assert eval(f"{a} {op} {b}") == int(c), text
+            assert "- -" not in text and "+ -" not in text  # only the forward forms arith teaches
+            wrong = guess != int(t.reference)
+            assert ("so x =" in text) == wrong == (f", not {eq.split(' = ')[1]}. " in text)
+            if wrong:  # the gap is positive
+                assert int(re.search(r"= (\d+), so x", text)[1]) > 0
 
 
 def _parse(task) -> tuple[list[int], list[str], int]:
