@@ -7,7 +7,7 @@ direct style ("The answer is 8."). Checking a candidate is the forward arithmeti
 already teaches step by step. x only ever opens the expression or follows a "+", so the left
 side grows with x, and a wrong candidate is fixed by one subtraction and one addition:
 
-    Check x = 5 in 7 + x - 3 = 12: 7 + 5 = 12. 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8.
+    Check x = 5 in 7 + x - 3 = 12: 7 + 5 - 3 = 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8.
     The answer is 8.
 
 On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
@@ -86,27 +86,31 @@ def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 3)
 
 
 def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> str:
-    """Substitute `guess`, evaluate step by step, and correct it by the gap to the right side:
-    "Check x = 5 in 7 + x - 3 = 12: 7 + 5 = 12. 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3
-    = 8. The answer is 8." A right guess is confirmed ("Check x = 8 in 7 + x - 3 = 12: 7 + 8 =
-    15. 15 - 3 = 12. The answer is 8.").
+    """Substitute `guess`, evaluate, and correct it by the gap to the right side: "Check x = 5
+    in 7 + x - 3 = 12: 7 + 5 - 3 = 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8. The answer
+    is 8." A right guess is confirmed ("Check x = 8 in 7 + x - 3 = 12: 7 + 8 - 3 = 15 - 3 = 12.
+    The answer is 8.").
 
-    Why this wording: a 0.8M model copies a number from a few tokens back far better than from
-    the question, so the check restates the equation and puts the right side next to the
-    value it is compared with; and the gap is the larger minus the smaller number, written as
-    the forward steps `arith` teaches (never "a - -b"), so it is always positive."""
+    Why this wording: measured teacher-forced, the 0.8M model copies numbers well but gets a
+    step wrong when it must find its operand in the question (`arith.step_solution`: 66% right
+    at the second step, 52% at the third for the bundled `tiny`). So the check restates the
+    equation and evaluates it as a chain that rewrites the rest of the expression at every
+    step: each step's operands are the first two numbers just before it. The right side stands
+    next to the value it is compared with, and the gap is the larger minus the smaller number
+    in the forward forms `arith` teaches (never "a - -b"), so it is always positive."""
     target = arith.evaluate(nums, ops)
     tried = nums[:hidden] + [guess] + nums[hidden + 1:]
     value = arith.evaluate(tried, ops)
-    steps = arith.step_solution(tried, ops).removesuffix(" " + arith.final_line(value))
-    out = f"Check {X} = {guess} in {render(nums, ops, hidden)}: {steps}"
+    chain = [arith.render(tried, ops)]
+    for k in range(len(ops)):
+        chain.append(arith.render([arith.evaluate(tried[:k + 2], ops[:k + 1])] + tried[k + 2:], ops[k + 1:]))
+    out = f"Check {X} = {guess} in {render(nums, ops, hidden)}: {' = '.join(chain)}"
     if value != target:
         hi, lo = max(target, value), min(target, value)
         gap = f"{hi} - {lo}" if lo >= 0 else f"{hi} + {-lo}"
         sign = "+" if target > value else "-"
-        out = f"{out.removesuffix('.')}, not {target}. {gap} = {hi - lo}, so {X} = {guess} {sign} {hi - lo} = " \
-              f"{guess + target - value}."
-    return f"{out} {arith.final_line(guess + target - value)}"
+        out += f", not {target}. {gap} = {hi - lo}, so {X} = {guess} {sign} {hi - lo} = {guess + target - value}"
+    return f"{out}. {arith.final_line(guess + target - value)}"
 
 
 def wrong_guess(answer: int, rng: random.Random) -> int:
