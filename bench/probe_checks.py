@@ -3,15 +3,24 @@
 
     python bench/probe_checks.py runs/pretrain-eq/model 300 2     # model, tasks, difficulty
 
-Each validation equation gets a forced first answer, wrong (another digit) or right, then
-SCoRe's instruction; the second turn is sampled at temperature 1. Prints how often it checks
-("Check x = ...") and how often a check ends right (the numeric verifier).
+Each validation equation gets a forced wrong (another digit) or right first answer, then
+SCoRe's instruction. Two measurements of the second turn:
+
+- sampled at temperature 1, as SCoRe's rollouts are: how often it checks ("Check x = ...")
+  and how often a check ends right (the numeric verifier);
+- teacher-forced on the right check of the wrong draft: how often the greedy next token is
+  right at every number the check computes (each step of the chain, the gap, the corrected
+  x), so a failing check can be traced to the step that fails.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import sys
+from collections import defaultdict
+
+import torch
 
 from selfevolve import arith, equations
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
@@ -20,20 +29,55 @@ from selfevolve.types import SamplingParams
 from selfevolve.verifiers.numeric import NumericVerifier
 
 
+def conversation(task, draft: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": arith.final_line(draft)},
+            {"role": "user", "content": SCORE_INSTRUCTION}]
+
+
+def computed_numbers(check: str) -> list[tuple[str, int, int]]:
+    """(role, start, end) of each number the check computes rather than copies."""
+    out = []
+    chain = re.search(r": (.*?)(?:, not|\. The)", check)
+    for k, m in enumerate(re.finditer(r" = (-?\d+)", chain[1])):
+        out.append((f"step {k + 1}", chain.start(1) + m.start(1), chain.start(1) + m.end(1)))
+    for role, pattern in (("gap", r"not -?\d+\. [^,]* = (\d+)"), ("corrected x", r"so x = [^=]* = (\d+)")):
+        if m := re.search(pattern, check):
+            out.append((role, m.start(1), m.end(1)))
+    return out
+
+
+def teacher_forced(policy: HFPolicy, tasks, drafts) -> dict[str, float]:
+    tok, model, right = policy.tokenizer, policy.model, defaultdict(list)
+    for t, draft in zip(tasks, drafts):
+        nums, ops, hidden = equations.parts(t)
+        prompt = tok.apply_chat_template(conversation(t, draft), tokenize=False, add_generation_prompt=True)
+        check = equations.check_solution(nums, ops, hidden, draft)
+        enc = tok(prompt + check, add_special_tokens=False, return_offsets_mapping=True)
+        with torch.no_grad():
+            greedy = model(torch.tensor([enc["input_ids"]])).logits[0].argmax(-1)
+        for role, lo, hi in computed_numbers(check):
+            lo, hi = lo + len(prompt), hi + len(prompt)
+            toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if lo <= a and b <= hi and a < b]
+            right[role].append(all(greedy[i - 1].item() == enc["input_ids"][i] for i in toks))
+    return {role: sum(v) / len(v) for role, v in right.items()}
+
+
 def main(model: str, n: int, difficulty: int) -> None:
     policy, verifier = HFPolicy(model, device="cpu", batch_size=64), NumericVerifier()
     tasks = equations.tasks("validation", n=n, seed=0, difficulty=difficulty)
     rng = random.Random(0)
+    wrong_drafts = [equations.wrong_guess(int(t.reference), rng) for t in tasks]
     for wrong in (True, False):
-        drafts = [equations.wrong_guess(int(t.reference), rng) if wrong else int(t.reference) for t in tasks]
-        convs = [[{"role": "user", "content": t.prompt}, {"role": "assistant", "content": arith.final_line(g)},
-                  {"role": "user", "content": SCORE_INSTRUCTION}] for t, g in zip(tasks, drafts)]
-        outs = [o[0].response for o in policy.generate(convs, SamplingParams(temperature=1.0, max_new_tokens=96,
-                                                                              seed=1))]
+        drafts = wrong_drafts if wrong else [int(t.reference) for t in tasks]
+        outs = [o[0].response for o in policy.generate([conversation(t, d) for t, d in zip(tasks, drafts)],
+                                                        SamplingParams(temperature=1.0, max_new_tokens=96, seed=1))]
         checked = [(t, o) for t, o in zip(tasks, outs) if o.startswith("Check")]
         right = sum(verifier.verify(t, o).score for t, o in checked)
         print(f"after a {'wrong' if wrong else 'right'} draft: checks {len(checked) / n:.2f}, "
               f"right when checking {right / max(1, len(checked)):.2f}")
+    rates = teacher_forced(policy, tasks, wrong_drafts)
+    print("teacher-forced check of a wrong draft, greedy token right at: "
+          + ", ".join(f"{role} {rate:.2f}" for role, rate in rates.items()))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,14 @@ def tasks(split: str = "test", n: int = 500, seed: int = 0, difficulty: int = 3)
     return out
 
 
+def parts(task: Task) -> tuple[list[int], list[str], int]:
+    """A task's operands (x filled in with the reference), operators and x's position."""
+    toks = task.meta["equation"].split(" = ")[0].split(" ")
+    hidden = toks[::2].index(X)
+    toks[2 * hidden] = task.reference
+    return [int(n) for n in toks[::2]], toks[1::2], hidden
+
+
 # --- solutions (used by the pretraining corpus and by tests) ---------------------------
 
 

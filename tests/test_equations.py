@@ -41,7 +41,7 @@ def test_the_left_side_grows_with_x():
 
 def test_a_check_corrects_every_guess_with_right_arithmetic():
     for t in equations.tasks("test", n=100, seed=0):
-        nums, ops, hidden = _parse(t)
+        nums, ops, hidden = equations.parts(t)
         for guess in range(1, 10):
             text = equations.check_solution(nums, ops, hidden, guess)
             eq = t.meta["equation"]
@@ -57,19 +57,11 @@ def test_a_check_corrects_every_guess_with_right_arithmetic():
                 assert int(re.search(r"= (\d+), so x", text)[1]) > 0
 
 
-def _parse(task) -> tuple[list[int], list[str], int]:
-    """The task's operands (x filled in with the reference), operators and x's position."""
-    toks = task.meta["equation"].split(" = ")[0].split(" ")
-    hidden = toks[::2].index("x")
-    toks[2 * hidden] = task.reference
-    return [int(n) for n in toks[::2]], toks[1::2], hidden
-
-
 def test_built_in_and_scored_by_the_numeric_verifier():
     t = load_tasks("equations", split="test", limit=3, seed=0, difficulty=2)[0]
     assert t.meta["difficulty"] == 2
     v, x = NumericVerifier(), int(t.reference)
-    nums, ops, hidden = _parse(t)
+    nums, ops, hidden = equations.parts(t)
     wrong = equations.wrong_guess(x, random.Random(0))
     assert v.verify(t, f"The answer is {x}.").score == 1.0
     assert v.verify(t, f"The answer is {wrong}.").score == 0.0
