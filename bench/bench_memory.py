@@ -67,7 +67,7 @@ def one_update(model: str, traces_path: str, variant: str, n: str) -> dict:
     from selfevolve.config import build
     from selfevolve.policies import HFPolicy
     from selfevolve.recipes import score
-    from selfevolve.training import trainable_model
+    from selfevolve.training import episode_batch, trainable_model
     from selfevolve.types import Trace
 
     torch.set_num_threads(2)
@@ -78,7 +78,7 @@ def one_update(model: str, traces_path: str, variant: str, n: str) -> dict:
     tok, pad = policy.tokenizer, policy.pad_id
     mbs = 8 if variant == "after" else None
     cfg = build(score.ScoreConfig, {"recipe": "score", "model": model, "micro_batch_size": mbs})
-    episode = score.episode_batch(traces, tok, pad, cfg.instruction)
+    episode = episode_batch(traces, tok, pad, cfg.instruction)
     tokens = int(episode[1].sum() + episode[2].sum())
     learner = trainable_model(policy.path)
     params = [p for p in learner.parameters() if p.requires_grad]

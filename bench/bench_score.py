@@ -71,9 +71,9 @@ def update_throughput() -> tuple[float, float, int]:
     from selfevolve import arith
     from selfevolve.config import build
     from selfevolve.policies import HFPolicy
-    from selfevolve.recipes.score import ScoreConfig, episode_batch, rollouts, score_loss
+    from selfevolve.recipes.score import ScoreConfig, rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import trainable_model
+    from selfevolve.training import episode_batch, trainable_model
 
     torch.set_num_threads(2)
     policy = HFPolicy("tiny", device="cpu")

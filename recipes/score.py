@@ -96,16 +96,7 @@ from selfevolve.losses import (
 from selfevolve.run import Run
 from selfevolve.serving_thread import ServingThread
 from selfevolve.sync import sampled_logprob_ratio, save_update, serve_update
-from selfevolve.training import (
-    answer_message,
-    batch_slice,
-    encode_turns,
-    micro_slices,
-    optimizer_step,
-    pad_batch,
-    token_logprobs,
-    trained_tokens,
-)
+from selfevolve.training import batch_slice, episode_batch, micro_slices, optimizer_step, token_logprobs, trained_tokens
 from selfevolve.types import SamplingParams, Trace
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
@@ -198,27 +189,6 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     return traces, t1 - t0, time.perf_counter() - t1
 
 
-def episode_batch(traces: list[Trace], tokenizer, pad_id: int, instruction: str):
-    """Teacher-forced rows of whole episodes (x, y1, I, y2) built by `training.encode_turns`
-    from the sampled tokens, the masks of the first and the second attempt's tokens, and the
-    episode of each row: one row scores both attempts where that is exact, else (a template
-    that rewrites history, a response that does not re-tokenize to its samples) one row per
-    attempt, each in the context the policy had when it sampled."""
-    rows, episode = [], []
-    for e, t in enumerate(traces):
-        msgs = [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[0]),
-                {"role": "user", "content": instruction}, answer_message(t.turns[1])]
-        for row in encode_turns(tokenizer, msgs):
-            rows.append(row)
-            episode.append(e)
-    batch = pad_batch([(ids, labels) for ids, labels, _ in rows], pad_id)
-    which = torch.zeros_like(batch["labels"])
-    for i, (_, _, attempt) in enumerate(rows):
-        which[i, : len(attempt)] = torch.tensor(attempt)
-    which = which[:, 1:]  # aligned with token_logprobs: position t scores token t+1
-    return batch, which == 1, which == 2, torch.tensor(episode)
-
-
 def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
                backward: bool = False, served: list[tuple] | None = None,
                stale: bool = False) -> tuple[torch.Tensor, dict]:
@@ -308,16 +278,8 @@ def check_logprob_ratio(cfg: ScoreConfig, parts: dict, step: int, run: Run) -> N
     a KL between them above `logprob_check` means the server samples from another model (an
     adapter that never arrived, a stale version, a different dtype or template)."""
     if parts.get("logprob_kl", 0.0) > cfg.logprob_check:
-        why = (f"KL(server ‖ learner) on the sampled tokens is {parts['logprob_kl']:.4f} (ratio "
-               f"{parts['logprob_ratio']:.3f}): the server samples from another model?")
-        _warn(f"warning (step {step}): {why}")
-        run.log(step=step, warning=why)
-
-
-def _warn(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[yellow]{text}[/yellow]")
+        run.warn(step, f"KL(server ‖ learner) on the sampled tokens is {parts['logprob_kl']:.4f} (ratio "
+                       f"{parts['logprob_ratio']:.3f}): the server samples from another model?")
 
 
 def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
@@ -330,8 +292,7 @@ def warn_collapse(cfg: ScoreConfig, history: list[dict], run: Run) -> None:
     elif len(stage2) >= cfg.collapse_patience and all(h["delta"] <= 0 for h in stage2[-cfg.collapse_patience :]):
         why = f"delta <= 0 for {cfg.collapse_patience} Stage II evaluations: revisions do not help"
     if why:
-        _warn(f"warning (step {last['step']}): collapse? {why}")
-        run.log(step=last["step"], warning=why)
+        run.warn(last["step"], f"collapse? {why}")
 
 
 def main(cfg: ScoreConfig, run: Run) -> None:

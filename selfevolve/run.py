@@ -152,6 +152,16 @@ class Run:
                 raise WriteFailed(e.errno, e.strerror, str(self.metrics_path)) from None
         self.trackers.log(metrics)
 
+    def warn(self, step: int, why: str) -> None:
+        """A warning about the run's health: printed in yellow to stderr and logged as
+        {"step": step, "warning": why}, so the report and a later reader see it too."""
+        if not self.main:
+            return
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning (step {step}): {why}[/yellow]")
+        self.log(step=step, warning=why)
+
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
 

@@ -140,6 +140,27 @@ def trained_tokens(turns) -> str:
     return "sampled" if all(t.token_ids is not None for t in turns) else "retokenized"
 
 
+def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str):
+    """SCoRe's teacher-forced rows of whole episodes (x, y1, I, y2) built by `encode_turns`
+    from the sampled tokens, the masks of the first and the second attempt's tokens, and the
+    episode of each row: one row scores both attempts where that is exact, else (a template
+    that rewrites history, a response that does not re-tokenize to its samples) one row per
+    attempt, each in the context the policy had when it sampled."""
+    rows, episode = [], []
+    for e, t in enumerate(traces):
+        msgs = [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[0]),
+                {"role": "user", "content": instruction}, answer_message(t.turns[1])]
+        for row in encode_turns(tokenizer, msgs):
+            rows.append(row)
+            episode.append(e)
+    batch = pad_batch([(ids, labels) for ids, labels, _ in rows], pad_id)
+    which = torch.zeros_like(batch["labels"])
+    for i, (_, _, attempt) in enumerate(rows):
+        which[i, : len(attempt)] = torch.tensor(attempt)
+    which = which[:, 1:]  # aligned with token_logprobs: position t scores token t+1
+    return batch, which == 1, which == 2, torch.tensor(episode)
+
+
 def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
     """Slices that cover range(n) in micro-batches (one slice when micro_batch_size is None).
 

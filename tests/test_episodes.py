@@ -5,8 +5,7 @@ rewrites history, as Qwen3's drops <think> from earlier turns — each attempt's
 import pytest
 
 from selfevolve.policies import HFPolicy
-from selfevolve.recipes.score import episode_batch
-from selfevolve.training import IGNORE, encode_chat, encode_turns
+from selfevolve.training import IGNORE, encode_chat, encode_turns, episode_batch
 from selfevolve.types import SamplingParams, Task, Trace
 
 # ChatML that, like Qwen3's template, renders an assistant turn before the last user turn

@@ -58,3 +58,6 @@ def test_vllm_generates_and_hot_loads_a_verified_adapter(tmp_path):
         replaces = "v1" if version == "v2" else None
         served = publish(policy, learner, base.tokenizer, tmp_path / version, version, replaces=replaces)
         assert served.active_adapter == version
+    old_id = policy.requests["v2"].lora_int_id  # a new version under an old name frees the old one's slot
+    policy.load_adapter(str(tmp_path / "v2"), "v2")
+    assert old_id not in policy.llm.llm_engine.list_loras()

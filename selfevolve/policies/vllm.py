@@ -5,7 +5,7 @@ max_loras, seed)`, `LLM.chat(conversations, SamplingParams, lora_request=...)`,
 `LLM.generate(prompts, SamplingParams(prompt_logprobs=0), lora_request=...)` and
 `vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)`. vLLM caches adapters by
 integer id, so every load — a new adapter, or a new version under an old name — gets a
-fresh id; reusing an id would serve the cached old weights.
+fresh id; reusing an id would serve the cached old weights. The version it replaces is removed.
 """
 
 from __future__ import annotations
@@ -93,8 +93,11 @@ class VLLMPolicy:
     def load_adapter(self, path: str, name: str) -> None:
         from vllm.lora.request import LoRARequest
         check_lora_only(path)
+        replaced = self.requests.get(name)
         self.requests[name] = LoRARequest(name, next(self._ids), str(path))
         self._active = name
+        if replaced is not None:  # free the old version's slot now rather than when vLLM's LRU evicts it
+            self.llm.llm_engine.remove_lora(replaced.lora_int_id)
 
     def unload_adapter(self, name: str) -> None:
         req = self.requests.pop(name)

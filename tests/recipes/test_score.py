@@ -23,9 +23,9 @@ def _cfg(tmp_path, **kw):
 
 
 def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
-    from selfevolve.recipes.score import episode_batch, rollouts, score_loss
+    from selfevolve.recipes.score import rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import trainable_model
+    from selfevolve.training import episode_batch, trainable_model
 
     cfg = _cfg(tmp_path)
     run = Run(cfg)
@@ -77,7 +77,7 @@ def test_collapse_warning(tmp_path, capsys):
     assert "copies the first" in capsys.readouterr().err
     warn_collapse(cfg, [{"step": 1, **ok, "delta": 0.0}, {"step": 2, **ok, "delta": -0.01}], run)
     assert "revisions do not help" in capsys.readouterr().err
-    assert [m["warning"] for m in run.metrics() if "warning" in m][-1].startswith("delta <= 0")
+    assert [m["warning"] for m in run.metrics() if "warning" in m][-1].startswith("collapse? delta <= 0")
 
 
 def test_two_step_run_through_the_cli(tmp_path):
@@ -139,9 +139,9 @@ def test_ctrl_c_checkpoints_and_resumes(tmp_path):
 def test_micro_batches_give_the_full_batch_loss_and_gradient(tiny, tmp_path):
     """micro_batch_size changes memory, not the update: the same loss and the same gradient
     (to fp32 rounding) as one pass over the whole batch, in both stages."""
-    from selfevolve.recipes.score import episode_batch, rollouts, score_loss
+    from selfevolve.recipes.score import rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import trainable_model
+    from selfevolve.training import episode_batch, trainable_model
 
     cfg = _cfg(tmp_path)
     traces, _, _ = rollouts(tiny, arith.tasks("train", n=10), Run(cfg).verifier, cfg, 0, Run(_cfg(tmp_path / "b")))
