@@ -32,9 +32,10 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
 - optionally (`p_equation`, 0 for the bundled `tiny`), `equations` conversations ("Find x:
   7 + x - 3 = 12."), answered only in the direct style; in their two-turn transcripts the
   second answer is, `p_fix` of the time, a check of the draft by substitution that corrects
-  or confirms it ("Check x = 5 in 7 + x - 3 = 12: 7 + 5 = 12. 12 - 3 = 9, not 12. 12 - 9 =
-  3, so x = 5 + 3 = 8. The answer is 8."). Solving stays mental arithmetic run backwards; checking is the forward
-  steps the model knows. `p_equation=0` draws exactly the bundled corpus too.
+  or confirms it (`equations.check_solution`: "Check x = 5 in 7 + x - 3 = 12: 7 + 5 - 3 =
+  12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8. The answer is 8."). Solving stays mental
+  arithmetic run backwards; checking is the forward steps the model knows. `p_equation=0`
+  draws exactly the bundled corpus too.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.

@@ -1,8 +1,9 @@
 """Tasks from a built-in suite or from a user's file.
 
 `data=` is a built-in name (`arith`, `equations`, `humaneval`) or a path: .jsonl, .json,
-.csv, .parquet, or a directory saved with `datasets.save_to_disk`. `prompt_field` / `answer_field` map the
-user's columns to `Task.prompt` / `Task.reference`; `id_field` (optional) to `Task.id`.
+.csv, .parquet, or a directory saved with `datasets.save_to_disk`. `prompt_field` /
+`answer_field` map the user's columns to `Task.prompt` / `Task.reference`; `id_field`
+(optional) to `Task.id`.
 Every problem is reported as one line naming the file, the line (or row) and the field.
 """
 
@@ -43,7 +44,8 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
                difficulty: int = 3, holdout: tuple[float, float] | None = None, tests_field: str = "tests",
                entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test")) -> list[Task]:
     """Load tasks. Built-in `arith` and `equations` are generated (`limit` of them, default
-    500) with their own train / validation / test splits; files are read in order and truncated to `limit`.
+    500) with their own train / validation / test splits; files are read in order and
+    truncated to `limit`.
 
     A source with named splits (a saved DatasetDict, a JSON object keyed by split) gives
     `split`. Roles a source does not define are carved out of it when `holdout=(test,
