@@ -1,13 +1,14 @@
 """Can a model check an `equations` answer? The probe behind the README's table (SCoRe,
 "A task where checking is easier than solving"); not a speed benchmark.
 
-    python bench/probe_checks.py runs/pretrain-eq/model 300 2     # model, tasks, difficulty
+    python bench/probe_checks.py runs/pretrain-eq/model 300 3     # model, tasks, difficulty
 
 Each validation equation gets a forced wrong (another digit) or right first answer, then
 SCoRe's instruction. Two measurements of the second turn:
 
-- sampled at temperature 1, as SCoRe's rollouts are: how often it checks ("Check x = ...")
-  and how often a check ends right (the numeric verifier);
+- sampled at temperature 1, as SCoRe's rollouts are: how often it checks ("Check x = ..."),
+  how often a check ends right, and how often the second answer is right at all (the
+  numeric verifier);
 - teacher-forced on the right check of the wrong draft: how often the greedy next token is
   right at every number the check computes (each step of the chain, the gap, the corrected
   x), so a failing check can be traced to the step that fails.
@@ -70,11 +71,12 @@ def main(model: str, n: int, difficulty: int) -> None:
     for wrong in (True, False):
         drafts = wrong_drafts if wrong else [int(t.reference) for t in tasks]
         outs = [o[0].response for o in policy.generate([conversation(t, d) for t, d in zip(tasks, drafts)],
-                                                        SamplingParams(temperature=1.0, max_new_tokens=96, seed=1))]
+                                                        SamplingParams(temperature=1.0, max_new_tokens=128, seed=1))]
         checked = [(t, o) for t, o in zip(tasks, outs) if o.startswith("Check")]
         right = sum(verifier.verify(t, o).score for t, o in checked)
+        right_at_all = sum(verifier.verify(t, o).score for t, o in zip(tasks, outs))
         print(f"after a {'wrong' if wrong else 'right'} draft: checks {len(checked) / n:.2f}, "
-              f"right when checking {right / max(1, len(checked)):.2f}")
+              f"right when checking {right / max(1, len(checked)):.2f}, right {right_at_all / n:.2f}")
     rates = teacher_forced(policy, tasks, wrong_drafts)
     print("teacher-forced check of a wrong draft, greedy token right at: "
           + ", ".join(f"{role} {rate:.2f}" for role, rate in rates.items()))

@@ -30,12 +30,13 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
   embeddings a LoRA adapter does not train, so SELF cannot teach tiny to critique.
   `p_critique=0` draws exactly the corpus the bundled model was trained on.
 - optionally (`p_equation`, 0 for the bundled `tiny`), `equations` conversations ("Find x:
-  7 + x - 3 = 12."), answered only in the direct style; in their two-turn transcripts the
+  2 + x - 3 = 4."), answered only in the direct style; in their two-turn transcripts the
   second answer is, `p_fix` of the time, a check of the draft by substitution that corrects
-  or confirms it (`equations.check_solution`: "Check x = 5 in 7 + x - 3 = 12: 7 + 5 - 3 =
-  12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8. The answer is 8."). Solving stays mental
-  arithmetic run backwards; checking is the forward steps the model knows. `p_equation=0`
-  draws exactly the bundled corpus too.
+  or confirms it (`equations.check_solution`: "Check x = 8 in 2 + x - 3 = 4: 2 + 8 - 3 =
+  10 - 3 = 7, not 4. 7 - 4 = 3, so x = 8 - 3 = 5. The answer is 5."). Solving stays mental
+  arithmetic run backwards; checking is the forward steps the model knows. Wrong drafts are
+  `equations.wrong_guess`'s, at a uniform distance from the answer. `p_equation=0` draws
+  exactly the bundled corpus too.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
@@ -115,8 +116,11 @@ def equation_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, 
     """An `equations` conversation: a direct answer, or a draft, SCoRe's instruction and a second
     answer that checks the draft (`p_fix`), repeats it, or (after a wrong draft, or `p_break`
     of the right ones) guesses another digit."""
-    nums, ops = train_expression(rng, cfg)
-    hidden = rng.choice(equations.hideable(ops))
+    d = rng.choice(cfg.difficulties)
+    while True:
+        nums, ops, hidden = equations.random_problem(rng, d)
+        if arith.split_of(arith.render(nums, ops)) == "train":
+            break
     q = equations.question(equations.render(nums, ops, hidden))
     x = nums[hidden]
     if rng.random() >= cfg.p_two_turn:

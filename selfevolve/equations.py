@@ -1,14 +1,21 @@
 """`equations`: find the hidden operand of an `arith` expression, the tiny-world task where
 checking an answer is easier than producing it (README, SCoRe; issue 16).
 
-"Find x: 7 + x - 3 = 12." has the reference "8". Solving it means running the arithmetic
-backwards (x = 12 - 7 + 3) in one go, and the pretraining corpus teaches it only in the
-direct style ("The answer is 8."). Checking a candidate is the forward arithmetic `arith`
+"Find x: 2 + x - 3 = 4." has the reference "5". Solving it means running the arithmetic
+backwards (x = 4 + 3 - 2) in one go, and the pretraining corpus teaches it only in the
+direct style ("The answer is 5."). Checking a candidate is the forward arithmetic `arith`
 already teaches step by step. x only ever opens the expression or follows a "+", so the left
 side grows with x, and a wrong candidate is fixed by one subtraction and one addition:
 
-    Check x = 5 in 7 + x - 3 = 12: 7 + 5 - 3 = 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8.
-    The answer is 8.
+    Check x = 8 in 2 + x - 3 = 4: 2 + 8 - 3 = 10 - 3 = 7, not 4. 7 - 4 = 3, so x = 8 - 3 = 5.
+    The answer is 5.
+
+Every running value of an equation (its left side evaluated left to right with the right x,
+and so its right side) is a digit, 0 to 9: a check's arithmetic then stays within a digit of
+the small sums and differences the models compute reliably. Measured on a 1.9M model without
+this rule (right sides up to 27), a check's second step and its gap were right only about a
+third of the time, teacher-forced, and a check after a wrong draft was worse than answering
+directly (README, SCoRe).
 
 On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
 answering worse first. Here a second attempt has something to find.
@@ -44,6 +51,20 @@ def question(equation: str) -> str:
     return f"Find {X}: {equation}."
 
 
+def small(nums: list[int], ops: list[str]) -> bool:
+    """Whether every running value of the expression is a digit (0 to 9)."""
+    return all(0 <= arith.evaluate(nums[:k + 1], ops[:k]) <= 9 for k in range(len(nums)))
+
+
+def random_problem(rng: random.Random, difficulty: int) -> tuple[list[int], list[str], int]:
+    """An equation with `difficulty` operators and digit running values: (nums, ops, hidden
+    index), uniform over such expressions, x uniform over the positions it may take."""
+    while True:
+        nums, ops = arith.random_expression(rng, difficulty)
+        if small(nums, ops):
+            return nums, ops, rng.choice(hideable(ops))
+
+
 def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[tuple[list[int], list[str], int]]:
     """`n` distinct equations of one split, from a seeded stream: (nums, ops, hidden index)."""
     if split not in arith.SPLITS:
@@ -52,8 +73,7 @@ def sample_problems(seed: int, split: str, n: int, difficulty: int = 3) -> list[
     seen: set[str] = set()
     out, misses = [], 0
     while len(out) < n:
-        nums, ops = arith.random_expression(rng, difficulty)
-        hidden = rng.choice(hideable(ops))
+        nums, ops, hidden = random_problem(rng, difficulty)
         eq = render(nums, ops, hidden)
         if eq in seen or arith.split_of(arith.render(nums, ops)) != split:
             misses += 1
@@ -94,10 +114,10 @@ def parts(task: Task) -> tuple[list[int], list[str], int]:
 
 
 def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> str:
-    """Substitute `guess`, evaluate, and correct it by the gap to the right side: "Check x = 5
-    in 7 + x - 3 = 12: 7 + 5 - 3 = 12 - 3 = 9, not 12. 12 - 9 = 3, so x = 5 + 3 = 8. The answer
-    is 8." A right guess is confirmed ("Check x = 8 in 7 + x - 3 = 12: 7 + 8 - 3 = 15 - 3 = 12.
-    The answer is 8.").
+    """Substitute `guess`, evaluate, and correct it by the gap to the right side: "Check x = 8
+    in 2 + x - 3 = 4: 2 + 8 - 3 = 10 - 3 = 7, not 4. 7 - 4 = 3, so x = 8 - 3 = 5. The answer
+    is 5." A right guess is confirmed ("Check x = 5 in 2 + x - 3 = 4: 2 + 5 - 3 = 7 - 3 = 4.
+    The answer is 5.").
 
     Why this wording: measured teacher-forced, the 0.8M model copies numbers well but gets a
     step wrong when it must find its operand in the question (`arith.step_solution`: 66% right
@@ -123,5 +143,9 @@ def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> 
 
 
 def wrong_guess(answer: int, rng: random.Random) -> int:
-    """Another digit: a draft's plausible wrong answer."""
-    return rng.choice([d for d in range(1, 10) if d != answer])
+    """Another digit (1 to 9), a draft's plausible wrong answer, at a distance from `answer`
+    drawn uniformly from those possible. A check's gap is that distance, so the corpus gives
+    the gap no prior to guess from: with uniform wrong digits, a gap of 1 was 8 times as
+    common as a gap of 8, and a 1.9M model learned to write the prior (README, SCoRe)."""
+    distance = rng.choice([d for d in range(1, 9) if answer - d >= 1 or answer + d <= 9])
+    return rng.choice([g for g in (answer - distance, answer + distance) if 1 <= g <= 9])

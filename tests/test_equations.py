@@ -39,6 +39,22 @@ def test_the_left_side_grows_with_x():
         assert lhs_value(eq, 9) - lhs_value(eq, 1) == 8
 
 
+def test_running_values_are_digits_and_wrong_drafts_carry_no_prior_on_the_gap():
+    """The two properties that make a check learnable by a small model (module docstring)."""
+    for t in equations.tasks("train", n=300, seed=2, difficulty=3):
+        toks = t.meta["equation"].split(" = ")[0].replace("x", t.reference).split(" ")
+        assert all(0 <= eval(" ".join(toks[:k + 1])) <= 9 for k in range(0, len(toks), 2)), t.meta["equation"]
+    rng = random.Random(0)
+    for answer in range(1, 10):
+        guesses = [equations.wrong_guess(answer, rng) for _ in range(4000)]
+        assert answer not in guesses and all(1 <= g <= 9 for g in guesses)
+        distances = [abs(g - answer) for g in guesses]
+        possible = {d for d in range(1, 9) if answer - d >= 1 or answer + d <= 9}
+        assert set(distances) == possible
+        for d in possible:  # uniform over the possible distances
+            assert abs(distances.count(d) / len(guesses) - 1 / len(possible)) < 0.03
+
+
 def test_a_check_corrects_every_guess_with_right_arithmetic():
     for t in equations.tasks("test", n=100, seed=0):
         nums, ops, hidden = equations.parts(t)
@@ -69,7 +85,7 @@ def test_built_in_and_scored_by_the_numeric_verifier():
 
 
 def test_too_many_tasks_is_an_error():
-    with pytest.raises(UserError, match="data=equations difficulty=1 has about 19 distinct test tasks, not 100"):
+    with pytest.raises(UserError, match="data=equations difficulty=1 has about 8 distinct test tasks, not 100"):
         equations.tasks("test", n=100, difficulty=1)
     with pytest.raises(UserError, match="splits"):
         equations.tasks("dev", 3)
