@@ -11,11 +11,11 @@ side grows with x, and a wrong candidate is fixed by one subtraction and one add
     The answer is 5.
 
 Every running value of an equation (its left side evaluated left to right with the right x,
-and so its right side) is a digit, 0 to 9: a check's arithmetic then stays within a digit of
-the small sums and differences the models compute reliably. Measured on a 1.9M model without
-this rule (right sides up to 27), a check's second step and its gap were right only about a
-third of the time, teacher-forced, and a check after a wrong draft was worse than answering
-directly (README, SCoRe).
+and so its right side) is a digit, 0 to 9, so a check's numbers stay within a digit's
+distance of the small sums and differences `arith` teaches most. Measured on a 1.9M model
+without this rule (right sides up to 27), a check's last step and its gap were right only
+about a third of the time, teacher-forced; with it, the gap is right 85% of the time and
+the last step is still the weak one (README, SCoRe).
 
 On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
 answering worse first. Here a second attempt has something to find.
@@ -41,7 +41,7 @@ def hideable(ops: list[str]) -> list[int]:
 
 
 def render(nums: list[int], ops: list[str], hidden: int) -> str:
-    """The equation's text, e.g. "7 + x - 3 = 12"."""
+    """The equation's text, e.g. "2 + x - 3 = 4"."""
     left = arith.render(nums, ops).split(" ")
     left[2 * hidden] = X
     return f"{' '.join(left)} = {arith.evaluate(nums, ops)}"
