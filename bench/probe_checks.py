@@ -11,7 +11,9 @@ SCoRe's instruction. Two measurements of the second turn:
   numeric verifier);
 - teacher-forced on the right check of the wrong draft: how often the greedy next token is
   right at every number the check computes (each step of the chain, the gap, the corrected
-  x), so a failing check can be traced to the step that fails.
+  x), so a failing check can be traced to the step that fails; and where the chain's last
+  value comes from (the arithmetic, or the right side it is compared with), also with the
+  right side changed to another digit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -47,20 +49,50 @@ def computed_numbers(check: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def greedy_numbers(policy: HFPolicy, task, draft: int, check: str) -> dict[str, tuple[str, str]]:
+    """Teacher-forced on `check` after `draft`: at each number the check computes, (what the
+    greedy model writes there, what the check says)."""
+    tok = policy.tokenizer
+    prompt = tok.apply_chat_template(conversation(task, draft), tokenize=False, add_generation_prompt=True)
+    enc = tok(prompt + check, add_special_tokens=False, return_offsets_mapping=True)
+    with torch.no_grad():
+        greedy = policy.model(torch.tensor([enc["input_ids"]])).logits[0].argmax(-1)
+    out = {}
+    for role, lo, hi in computed_numbers(check):
+        lo, hi = lo + len(prompt), hi + len(prompt)
+        toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo]  # a sign's " -" too
+        out[role] = (tok.decode(greedy[toks[0] - 1:toks[-1]]).strip(), (prompt + check)[lo:hi])
+    return out
+
+
 def teacher_forced(policy: HFPolicy, tasks, drafts) -> dict[str, float]:
-    tok, model, right = policy.tokenizer, policy.model, defaultdict(list)
+    right = defaultdict(list)
     for t, draft in zip(tasks, drafts):
         nums, ops, hidden = equations.parts(t)
-        prompt = tok.apply_chat_template(conversation(t, draft), tokenize=False, add_generation_prompt=True)
-        check = equations.check_solution(nums, ops, hidden, draft)
-        enc = tok(prompt + check, add_special_tokens=False, return_offsets_mapping=True)
-        with torch.no_grad():
-            greedy = model(torch.tensor([enc["input_ids"]])).logits[0].argmax(-1)
-        for role, lo, hi in computed_numbers(check):
-            lo, hi = lo + len(prompt), hi + len(prompt)
-            toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if lo <= a and b <= hi and a < b]
-            right[role].append(all(greedy[i - 1].item() == enc["input_ids"][i] for i in toks))
+        for role, (said, truth) in greedy_numbers(policy, t, draft, equations.check_solution(nums, ops, hidden,
+                                                                                              draft)).items():
+            right[role].append(said == truth)
     return {role: sum(v) / len(v) for role, v in right.items()}
+
+
+def last_step(policy: HFPolicy, tasks, drafts, change: str = "") -> Counter:
+    """Where the check's last chain value comes from: the arithmetic, the right side, or neither.
+    `change="restated"` / `"both"` replaces the right side by another digit in the restated
+    equation / there and in the question (for right drafts, whose last value is the right side)."""
+    rng, sources = random.Random(1), Counter()
+    for t, draft in zip(tasks, drafts):
+        nums, ops, hidden = equations.parts(t)
+        check, side = equations.check_solution(nums, ops, hidden, draft), t.meta["equation"].split(" = ")[1]
+        if change:
+            new = str(rng.choice([d for d in range(10) if str(d) != side]))
+            head, rest = check.split(": ", 1)
+            check, side = f"{head.rsplit(' = ', 1)[0]} = {new}: {rest}", new
+            if change == "both":
+                t = t.model_copy(update={"prompt": f"{t.prompt.rsplit(' = ', 1)[0]} = {new}."})
+        said, truth = greedy_numbers(policy, t, draft, check)[f"step {len(ops)}"]
+        sources["the arithmetic" if said == truth else "the right side" if said == side else
+                "off by one" if said.lstrip("-").isdigit() and abs(int(said) - int(truth)) == 1 else "other"] += 1
+    return sources
 
 
 def main(model: str, n: int, difficulty: int) -> None:
@@ -80,6 +112,15 @@ def main(model: str, n: int, difficulty: int) -> None:
     rates = teacher_forced(policy, tasks, wrong_drafts)
     print("teacher-forced check of a wrong draft, greedy token right at: "
           + ", ".join(f"{role} {rate:.2f}" for role, rate in rates.items()))
+    right_drafts = [int(t.reference) for t in tasks]
+    for what, drafts, change in (("a wrong draft's check", wrong_drafts, ""),
+                                 ("a right draft's check, right side changed in the restated equation", right_drafts,
+                                  "restated"),
+                                 ("a right draft's check, right side changed there and in the question", right_drafts,
+                                  "both")):
+        sources = last_step(policy, tasks, drafts, change)
+        print(f"last chain value of {what}, teacher-forced: "
+              + ", ".join(f"{k} {v / n:.2f}" for k, v in sources.most_common()))
 
 
 if __name__ == "__main__":
