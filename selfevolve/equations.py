@@ -126,7 +126,8 @@ def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> 
     step: each step's operands are the first two numbers just before it. The right side stands
     next to the value it is compared with, and the gap is the larger minus the smaller number
     in the forward forms `arith` teaches (never "a - -b"), so it is always positive. The chain's
-    last step and the gap are still the weak ones (README, SCoRe: the probe's table)."""
+    last step is still the weak one: a 1.9M model reads it off the right side instead of
+    adding (README, SCoRe: the probe)."""
     target = arith.evaluate(nums, ops)
     tried = nums[:hidden] + [guess] + nums[hidden + 1:]
     value = arith.evaluate(tried, ops)

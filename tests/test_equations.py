@@ -40,7 +40,7 @@ def test_the_left_side_grows_with_x():
 
 
 def test_running_values_are_digits_and_wrong_drafts_carry_no_prior_on_the_gap():
-    """The two properties that make a check learnable by a small model (module docstring)."""
+    """The two properties the module docstring and `wrong_guess` give the measured reasons for."""
     for t in equations.tasks("train", n=300, seed=2, difficulty=3):
         toks = t.meta["equation"].split(" = ")[0].replace("x", t.reference).split(" ")
         assert all(0 <= eval(" ".join(toks[:k + 1])) <= 9 for k in range(0, len(toks), 2)), t.meta["equation"]
