@@ -9,11 +9,12 @@ SCoRe's instruction. Two measurements of the second turn:
 - sampled at temperature 1, as SCoRe's rollouts are: how often it checks ("Check x = ..."),
   how often a check ends right, and how often the second answer is right at all (the
   numeric verifier);
-- teacher-forced on the right check of the wrong draft: how often the greedy next token is
-  right at every number the check computes (each step of the chain, the gap, the corrected
-  x), so a failing check can be traced to the step that fails; and where the chain's last
-  value comes from (the arithmetic, or the right side it is compared with), also with the
-  right side changed to another digit.
+- teacher-forced on the right check of the wrong draft and of the right one: how often the
+  greedy next token is right at every number the check computes (each step of the chain,
+  the gap, the corrected x, the final answer) and at its verdict ("." or ", not"), so a
+  failing check can be traced to the step that fails; and where the chain's last value
+  comes from (the arithmetic, or the right side it is compared with), also with the right
+  side changed to another digit.
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def conversation(task, draft: int) -> list[dict[str, str]]:
 
 
 def computed_numbers(check: str) -> list[tuple[str, int, int]]:
-    """(role, start, end) of each number the check computes rather than copies."""
+    """(role, start, end) of each number the check computes rather than copies (the final
+    answer copies the draft or the corrected x, but must pick which), and of its verdict: the
+    character after the chain, "." (the draft is right) or "," (", not 4")."""
     out = []
     chain = re.search(r": (.*?)(?:, not|\. The)", check)
     for k, m in enumerate(re.finditer(r" = (-?\d+)", chain[1])):
         out.append((f"step {k + 1}", chain.start(1) + m.start(1), chain.start(1) + m.end(1)))
-    for role, pattern in (("gap", r"not -?\d+\. [^,]* = (\d+)"), ("corrected x", r"so x = [^=]* = (\d+)")):
+    out.append(("verdict", chain.end(1), chain.end(1) + 1))  # "." confirms the draft, "," goes on to "not"
+    for role, pattern in (("gap", r"not -?\d+\. [^,]* = (\d+)"), ("corrected x", r"so x = [^=]* = (\d+)"),
+                          ("answer", r"The answer is (-?\d+)")):
         if m := re.search(pattern, check):
             out.append((role, m.start(1), m.end(1)))
     return out
@@ -61,7 +66,8 @@ def greedy_numbers(policy: HFPolicy, task, draft: int, check: str) -> dict[str, 
     for role, lo, hi in computed_numbers(check):
         lo, hi = lo + len(prompt), hi + len(prompt)
         toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo]  # a sign's " -" too
-        out[role] = (tok.decode(greedy[toks[0] - 1:toks[-1]]).strip(), (prompt + check)[lo:hi])
+        said = tok.decode(greedy[toks[0] - 1:toks[-1]]).strip()
+        out[role] = (said[:1] if role == "verdict" else said, (prompt + check)[lo:hi])
     return out
 
 
@@ -109,10 +115,11 @@ def main(model: str, n: int, difficulty: int) -> None:
         right_at_all = sum(verifier.verify(t, o).score for t, o in zip(tasks, outs))
         print(f"after a {'wrong' if wrong else 'right'} draft: checks {len(checked) / n:.2f}, "
               f"right when checking {right / max(1, len(checked)):.2f}, right {right_at_all / n:.2f}")
-    rates = teacher_forced(policy, tasks, wrong_drafts)
-    print("teacher-forced check of a wrong draft, greedy token right at: "
-          + ", ".join(f"{role} {rate:.2f}" for role, rate in rates.items()))
     right_drafts = [int(t.reference) for t in tasks]
+    for what, drafts in (("wrong", wrong_drafts), ("right", right_drafts)):
+        rates = teacher_forced(policy, tasks, drafts)
+        print(f"teacher-forced check of a {what} draft, greedy token right at: "
+              + ", ".join(f"{role} {rate:.2f}" for role, rate in rates.items()))
     for what, drafts, change in (("a wrong draft's check", wrong_drafts, ""),
                                  ("a right draft's check, right side changed in the restated equation", right_drafts,
                                   "restated"),
