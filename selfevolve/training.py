@@ -94,7 +94,8 @@ def encode_turns(tokenizer, messages: list[dict], last_only: bool = False
         if last_only and i != last:
             continue
         lo, hi = render(messages[:i], True), render(messages[: i + 1], False)
-        at = hi.find(m["content"], len(lo)) if hi.startswith(lo) and m["content"] else -1
+        # an empty response (the stop token sampled first) sits right after the generation prompt
+        at = (hi.find(m["content"], len(lo)) if m["content"] else len(lo)) if hi.startswith(lo) else -1
         if at < 0:
             raise ValueError("the chat template does not render an assistant message after its generation prompt")
         prompt, pre = tok(lo), tok(hi[len(lo):at])

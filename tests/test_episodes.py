@@ -74,6 +74,17 @@ def test_a_response_cut_at_the_budget_is_never_taught_an_end_of_turn(tiny):
     assert not set(taught(cut_ids, cut_labels)) & set(tiny.tokenizer.all_special_ids)
 
 
+def test_an_empty_response_is_taught_as_its_end_of_turn(tiny):
+    """A policy may sample its stop token first (a SCoRe run on `equations` did, at step 64):
+    the episode trains on that end of turn, in the context the policy had."""
+    conv = [{"role": "user", "content": "Q"}]
+    ((ids, labels, attempt),) = encode_turns(tiny.tokenizer, conv + [{"role": "assistant", "content": ""}])
+    prompt = tiny.encode_prompts([conv])[0]
+    assert ids[: len(prompt)] == prompt
+    taught = [t for t, y in zip(ids, labels) if y != IGNORE]
+    assert taught == [tiny.tokenizer.convert_tokens_to_ids("<|end|>")] and attempt.count(1) == 1
+
+
 def test_truncation_is_recorded_and_counted(tiny):
     from selfevolve.metrics import self_correction_metrics
 
