@@ -14,8 +14,8 @@ Every running value of an equation (its left side evaluated left to right with t
 and so its right side) is a digit, 0 to 9, so a check's numbers stay within a digit's
 distance of the small sums and differences `arith` teaches most. Measured on a 1.9M model
 without this rule (right sides up to 27), a check's last step and its gap were right only
-about a third of the time, teacher-forced; with it, the gap is right 85% of the time and
-the last step is still the weak one (README, SCoRe).
+about a third of the time, teacher-forced; with it, the gap is right 85% of the time, and
+which decision the model misses follows the corpus's share of wrong drafts (README, SCoRe).
 
 On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
 answering worse first. Here a second attempt has something to find.
@@ -125,9 +125,10 @@ def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> 
     equation and evaluates it as a chain that rewrites the rest of the expression at every
     step: each step's operands are the first two numbers just before it. The right side stands
     next to the value it is compared with, and the gap is the larger minus the smaller number
-    in the forward forms `arith` teaches (never "a - -b"), so it is always positive. The chain's
-    last step is still the weak one: a 1.9M model reads it off the right side instead of
-    adding (README, SCoRe: the probe)."""
+    in the forward forms `arith` teaches (never "a - -b"), so it is always positive. A 1.9M
+    model still misses one decision, set by the corpus's share of wrong drafts: at 0.75 it
+    reads the chain's last value off the right side, at 0.9 it adds but calls a right draft
+    wrong (README, SCoRe: the probe)."""
     target = arith.evaluate(nums, ops)
     tried = nums[:hidden] + [guess] + nums[hidden + 1:]
     value = arith.evaluate(tried, ops)
