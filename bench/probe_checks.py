@@ -106,16 +106,15 @@ def main(model: str, n: int, difficulty: int) -> None:
     tasks = equations.tasks("validation", n=n, seed=0, difficulty=difficulty)
     rng = random.Random(0)
     wrong_drafts = [equations.wrong_guess(int(t.reference), rng) for t in tasks]
-    for wrong in (True, False):
-        drafts = wrong_drafts if wrong else [int(t.reference) for t in tasks]
+    right_drafts = [int(t.reference) for t in tasks]
+    for what, drafts in (("wrong", wrong_drafts), ("right", right_drafts)):
         outs = [o[0].response for o in policy.generate([conversation(t, d) for t, d in zip(tasks, drafts)],
                                                         SamplingParams(temperature=1.0, max_new_tokens=128, seed=1))]
         checked = [(t, o) for t, o in zip(tasks, outs) if o.startswith("Check")]
         right = sum(verifier.verify(t, o).score for t, o in checked)
         right_at_all = sum(verifier.verify(t, o).score for t, o in zip(tasks, outs))
-        print(f"after a {'wrong' if wrong else 'right'} draft: checks {len(checked) / n:.2f}, "
+        print(f"after a {what} draft: checks {len(checked) / n:.2f}, "
               f"right when checking {right / max(1, len(checked)):.2f}, right {right_at_all / n:.2f}")
-    right_drafts = [int(t.reference) for t in tasks]
     for what, drafts in (("wrong", wrong_drafts), ("right", right_drafts)):
         rates = teacher_forced(policy, tasks, drafts)
         print(f"teacher-forced check of a {what} draft, greedy token right at: "
