@@ -39,7 +39,10 @@ def humaneval() -> list[Task]:
 ROLES = ("train", "validation", "test")
 
 
-def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: int = 0,
+HOLDOUT = (0.2, 0.1)  # the (test, validation) shares carved by default: config's eval_fraction, val_fraction
+
+
+def load_tasks(data: str, split: str | None = None, limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
                difficulty: int = 3, holdout: tuple[float, float] | None = None, tests_field: str = "tests",
                entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test")) -> list[Task]:
@@ -53,17 +56,27 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
     reordering) puts each task of the pool (the source's `train` split, or all of a flat
     file, or all of HumanEval) in exactly one of train / validation / test. `carve` names the
     roles to carve (a role served by another file, `eval_data=` / `val_data=`, is not).
-    Without `holdout`, a flat source ignores `split` and every task is returned. Code tasks
+    Without `holdout`, a role is carved with the recipes' default shares (HOLDOUT), so asking
+    a flat file or HumanEval for its `test` split gives the tasks a recipe tests on, never
+    every task; `split=None` gives every task (a source's `test` split where it names one;
+    a generated suite's test split). A split that is neither a role nor the source's own is
+    refused. Code tasks
     carry their tests (a list of assert statements, or a `check(candidate)` program) in
     `tests_field` and the function's name in `entry_point_field`."""
     if data in GENERATED:
-        return GENERATED[data](split=split, n=limit or 500, seed=seed, difficulty=difficulty)
+        return GENERATED[data](split=split or "test", n=limit or 500, seed=seed, difficulty=difficulty)
     if data == "humaneval":
         rows = [(t.id, t) for t in humaneval()]
         named: set[str] = set()
     else:
         rows, named = None, splits_of(data)
-    if split in named and not (split == "train" and holdout is not None and set(carve) - named):
+    if split is None:
+        split = "test" if "test" in named else None
+    elif split not in named and holdout is None:
+        holdout = HOLDOUT  # a role the source does not have: carved as a recipe carves it
+    if split is None:
+        pass  # every task
+    elif split in named and not (split == "train" and holdout is not None and set(carve) - named):
         rows = list(_rows(data, split))
     elif holdout is not None:
         if split not in ROLES:
@@ -75,8 +88,8 @@ def load_tasks(data: str, split: str = "test", limit: int | None = None, seed: i
             rows = list(_rows(data, "train" if named else split))
         carved = tuple(r for r in carve if r not in named)
         rows = [r for r in rows if _role(seed, _task_id(data, r, id_field), holdout, carved) == split]
-    elif rows is None:
-        rows = list(_rows(data, split))
+    if rows is None:
+        rows = list(_rows(data, split or "test"))
     if data == "humaneval":
         return [t for _, t in rows][: limit or None]
     if not rows:
@@ -142,7 +155,7 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
     if files.get(split):
         return load_tasks(files[split], split=split, **kw)
     if not holdout and (split is None or split not in ROLES):
-        return load_tasks(cfg.data, split=split or "test", **kw)
+        return load_tasks(cfg.data, split=split, **kw)
     carve = tuple(r for r in ("validation", "test") if not files.get(r))
     return load_tasks(cfg.data, split=split, holdout=(cfg.eval_fraction, cfg.val_fraction), carve=carve, **kw)
 

