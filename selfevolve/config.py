@@ -124,7 +124,8 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
                        "each samples and trains its shard of every batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward pass; gradients accumulate to the full batch "
-        "(null: the whole batch at once). Less memory, the same update")
+        "(null: chosen from the batch so rows × length × vocabulary logits stay within 128 MiB, "
+        "training.LOGITS_BUDGET). Less memory, the same update")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~1/3 more compute")
     logger: str = Field(

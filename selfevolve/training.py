@@ -60,6 +60,13 @@ def encode_chat(tokenizer, messages: Conversation, train_on: str = "assistant") 
     ids = list(enc["input_ids"])
     labels = [t if any(lo <= start < hi for lo, hi in spans) else IGNORE
               for t, (start, _) in zip(ids, enc["offset_mapping"])]
+    stops, span_of = set(tokenizer.all_special_ids), None
+    for j, (t, (start, _)) in enumerate(zip(ids, enc["offset_mapping"])):  # nothing after a message's stop token:
+        here = next((s for s in spans if s[0] <= start < s[1]), None)      # the template's text after it (ChatML's
+        if here is not None and here == span_of:                            # newline) is not the model's to write
+            labels[j] = IGNORE
+        elif here is not None and t in stops:
+            span_of = here
     return ids, labels
 
 
@@ -71,7 +78,10 @@ def encode_turns(tokenizer, messages: list[dict], last_only: bool = False
     a policy tokenizes a prompt — then the message's sampled `token_ids` (else its text,
     tokenized), then the template's end of turn up to its stop token, unless the message is
     `unfinished` (cut at the budget: an end of turn the model never produced is not taught).
-    `attempt` is k on the tokens of the k-th assistant message, 0 elsewhere.
+    `attempt` is k on the tokens of the k-th assistant message, 0 elsewhere. Sampled ids end
+    with the stop token when the sampler reports it (vLLM, HFPolicy): where the template's end
+    of turn writes that token it is taught once, not twice; else the sampled stop ends the
+    turn and the template's closing text is context.
 
     Attempts share one row when the earlier row is a token prefix of the later (prefix-stable
     templates, round-tripping text): one forward pass then scores both, exactly. A template
@@ -102,6 +112,11 @@ def encode_turns(tokenizer, messages: list[dict], last_only: bool = False
         body = list(m.get("token_ids") or tok(m["content"]))
         close = [] if m.get("unfinished") else tok(hi[at + len(m["content"]):])
         end = next((j + 1 for j, t in enumerate(close) if t in stops), len(close))  # up to the stop token
+        if body and body[-1] in stops:  # the sampler reported its stop token (vLLM, HFPolicy):
+            if body[-1] in close[:end]:  # the template writes the same end of turn, taught once
+                body.pop()
+            else:                        # the turn ended at its own stop token: the rest is context
+                end = 0
         context = prompt + pre
         ids = context + body + close
         labels = [IGNORE] * len(context) + body + close[:end] + [IGNORE] * (len(close) - end)
@@ -162,6 +177,30 @@ def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str):
     return batch, which == 1, which == 2, torch.tensor(episode)
 
 
+# What one micro-batch may hold when `micro_batch_size` is not set: rows × width × vocabulary
+# logits (the forward's largest tensor, and with its backward the step's). 2^25 is 128 MiB
+# in fp32: 64 rows of 2,000 tokens on tiny's 353-token vocabulary (a whole tiny batch), one
+# 680-token row on SmolLM2's 49k, one 220-token row on a 152k vocabulary.
+LOGITS_BUDGET = 2**25
+
+
+def micro_batch_rows(model, batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> int:
+    """Rows per forward/backward pass: `micro_batch_size` when set, else as many of the
+    batch's rows as keep rows × width × vocabulary within LOGITS_BUDGET (at least one), so a
+    step's memory is bounded by the model and the longest row, not by the batch.
+
+    >>> from types import SimpleNamespace as NS
+    >>> m = NS(config=NS(vocab_size=49152)); b = {"input_ids": torch.zeros(64, 300)}
+    >>> micro_batch_rows(m, b, None), micro_batch_rows(m, b, 8), micro_batch_rows(NS(config=NS(vocab_size=353)), b, None)
+    (2, 8, 64)
+    """
+    if micro_batch_size is not None:
+        return micro_batch_size
+    rows, width = batch["input_ids"].shape
+    vocab = getattr(model.config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    return max(1, min(rows, LOGITS_BUDGET // max(1, width * vocab)))
+
+
 def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
     """Slices that cover range(n) in micro-batches (one slice when micro_batch_size is None).
 
@@ -170,6 +209,18 @@ def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
     """
     size = micro_batch_size or max(n, 1)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in every module (TRL's `disable_dropout`). A learner whose policy, reference
+    (the adapter switched off), opponent and importance ratios are scored with different
+    dropout masks sees KL and gradients where there is no difference: a fresh adapter on a
+    dropout-0.1 model would log KL 11.9 nats per sequence at step 0 instead of 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style functional dropout
+            module.attention_dropout = 0.0
 
 
 def batch_slice(batch: dict[str, torch.Tensor], sl: slice) -> dict[str, torch.Tensor]:
@@ -253,7 +304,9 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
     from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
     with lora=False all weights (in `dtype`), from `init_from` (a full model directory) or the
     base. `trainable_tokens`: see `lora_model`. `gradient_checkpointing` recomputes
-    activations in the backward pass: less memory for about a third more compute."""
+    activations in the backward pass: less memory for about a third more compute. Dropout is
+    off (`disable_dropout`), for SFT as for RL: every recipe's numbers are of the model as
+    served."""
     base = resolve_model_path(str(base))
     if not lora:
         model = AutoModelForCausalLM.from_pretrained(init_from or base, dtype=dtype).to(device)
@@ -261,6 +314,7 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
         model = lora_model(base, r=r, alpha=alpha, device=device, trainable_tokens=trainable_tokens, dtype=dtype)
         if init_from:
             set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
+    disable_dropout(model)  # the learner is scored as it is served (HFPolicy runs in eval mode)
     distributed.broadcast_params(model)  # under torchrun every rank starts from rank 0's adapter
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,7 +355,7 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
             mine = distributed.shard(full)  # this rank's rows (all of them with one process)
             if mine:
                 batch = pad_batch(mine, pad, device)
-                for sl in micro_slices(len(batch["input_ids"]), micro_batch_size):
+                for sl in micro_slices(len(batch["input_ids"]), micro_batch_rows(model, batch, micro_batch_size)):
                     part = sft_loss(model, batch_slice(batch, sl), tokens=max(n_tokens, 1))
                     part.backward()
                     loss += part.item()

@@ -62,7 +62,10 @@ class Turn(BaseModel):
     """One attempt. `feedback` is the verifier's judgement of `response` (the reward);
     `critique` is the text a critic wrote about it, shown to the policy before the next
     turn. Either may be absent (no verifier, no critic, or the last turn). `token_ids` are
-    the sampled tokens (without the stop token), where the policy reports them;
+    the sampled tokens, ending with the stop token when one ended the turn (as vLLM reports
+    them), and `logprobs` theirs, one each, where the policy reports them; `tokens`, the
+    sampled tokens as text, where a policy reports text but not ids (an OpenAI endpoint
+    without vLLM's `return_tokens_as_token_ids`);
     `finish_reason` is "stop" (the model ended its turn) or "length" (cut at the budget: it
     is scored as given, and never trained with an end-of-turn it did not produce)."""
 
@@ -72,6 +75,7 @@ class Turn(BaseModel):
     feedback: Feedback | None = None
     critique: Feedback | None = None
     token_ids: list[int] | None = None
+    tokens: list[str] | None = None
     logprobs: list[float] | None = None
     finish_reason: Literal["stop", "length"] | None = None
 

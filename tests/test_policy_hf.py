@@ -126,7 +126,7 @@ def test_other_architecture_with_its_own_chat_template(llama_dir):
     assert batched == single and len(batched) == len(PROMPTS)
     ids, labels = encode_chat(policy.tokenizer, convs("hi")[0] + [{"role": "assistant", "content": "hello"}])
     learned = policy.tokenizer.decode([t for t in labels if t != -100])
-    assert learned == "hello<|im_end|>\n"
+    assert learned == "hello<|im_end|>"  # ChatML's newline after the stop token is the template's, not learned
 
 
 def test_bad_model_paths(tmp_path):

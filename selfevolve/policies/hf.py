@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..errors import UserError
 from ..models import resolve_device, resolve_dtype, resolve_model_path
@@ -40,6 +40,31 @@ class _MaskedAlready(logging.Filter):
 
 
 logging.getLogger("transformers.modeling_utils").addFilter(_MaskedAlready())
+
+
+class ChosenLogprobs(LogitsProcessor):
+    """Records log π(chosen token) at every generation step while holding one step's B×V
+    log-softmax, not `output_logits`' B×T×V (2.4 GB for 64 rows × 64 tokens on a 49k
+    vocabulary). generate() runs custom processors before its temperature/top-p warpers, so
+    the scores are π's own: the same values `output_logits` gave (tests/test_policy_hf.py).
+    Step t's chosen token is seen at step t+1 (the last column of `input_ids`); `finish`
+    takes the last one from the returned sequences."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> list[list[float]]:
+        """(B, T) log-probs of the generated tokens `new_tokens`."""
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, new_tokens[:, -1:].to(self._last.device)).squeeze(1))
+        return torch.stack(self.steps, 1).tolist() if self.steps else [[] for _ in range(len(new_tokens))]
 
 
 class HFPolicy:
@@ -243,27 +268,23 @@ class HFPolicy:
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
+        chosen = ChosenLogprobs() if sampling.logprobs else None
         kwargs = dict(max_new_tokens=budget, num_return_sequences=sampling.n, pad_token_id=self.pad_id,
-                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_logits=sampling.logprobs)
+                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
+                      logits_processor=LogitsProcessorList([chosen]) if chosen else None)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         res = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         new = res.sequences[:, width:].tolist()
-        lps = None
-        if sampling.logprobs:
-            logits = torch.stack(res.logits, dim=1).float()  # (B*n, T, V)
-            lps = (
-                torch.gather(torch.log_softmax(logits, -1), 2, res.sequences[:, width:].unsqueeze(-1))
-                .squeeze(-1)
-                .tolist()
-            )
+        lps = chosen.finish(res.sequences[:, width:]) if chosen else None
         cuts = [next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks)) for toks in new]
         texts = self.tokenizer.batch_decode([toks[:cut] for toks, cut in zip(new, cuts)], skip_special_tokens=True)
         turns: list[list[Turn]] = []
         for r, (toks, cut, text) in enumerate(zip(new, cuts, texts)):
-            turn = Turn(response=text.strip(), token_ids=toks[:cut], logprobs=lps[r][:cut] if lps else None,
+            end = cut + 1 if cut < len(toks) else cut  # the stop token is a sampled token: kept, as vLLM keeps it
+            turn = Turn(response=text.strip(), token_ids=toks[:end], logprobs=lps[r][:end] if lps else None,
                         finish_reason="stop" if cut < len(toks) else "length")
             if r % sampling.n == 0:
                 turns.append([])
