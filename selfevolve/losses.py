@@ -103,23 +103,41 @@ def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
     return -(adv.detach() * (logp * mask).sum(-1)).mean()
 
 
-def behaviour_logprobs(mask: torch.Tensor, sampled: list[list[float] | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-probabilities the sampling policy reported for its tokens, placed where those
-    tokens are in (B, T) rows: row i's first len(sampled[i]) masked positions (the mask may go
-    on over an end of turn the sampler did not sample). Returns the values and where they are;
-    a row whose sampler reported nothing, or that does not hold the whole attempt, has none.
+def behaviour_logprobs(target: torch.Tensor, mask: torch.Tensor, sampled: list[tuple | None], decode=None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The log-probabilities the sampling policy reported for its tokens, placed on the (B, T)
+    rows' tokens they belong to, matched by identity: sampled[i] = (tokens, logprobs), the
+    sampler's token ids (or its tokens as text, compared with `decode([id])` of the row's
+    ids), must be row i's first len(tokens) masked tokens (`target`, the row's ids aligned
+    with the mask); the mask may go on past them (an end of turn the sampler did not
+    report). A row whose tokens differ — text re-tokenised otherwise than it was sampled —
+    or that reported no tokens gets none: its neighbour's log-probabilities would be wrong.
+    Returns the values, where they are, and how many rows with log-probabilities did not
+    match.
 
-    >>> behaviour_logprobs(torch.tensor([[False, True, True, True]]), [[-0.5, -1.0]])
-    (tensor([[ 0.0000, -0.5000, -1.0000,  0.0000]], dtype=torch.float64), tensor([[False,  True,  True, False]]))
+    >>> t, m = torch.tensor([[0, 7, 8, 1]]), torch.tensor([[False, True, True, True]])
+    >>> behaviour_logprobs(t, m, [([7, 8], [-0.5, -1.0])])
+    (tensor([[ 0.0000, -0.5000, -1.0000,  0.0000]], dtype=torch.float64), tensor([[False,  True,  True, False]]), 0)
+    >>> behaviour_logprobs(t, m, [([8, 7], [-0.5, -1.0])])[2]  # other tokens: not placed, counted
+    1
     """
     values = torch.zeros(mask.shape, dtype=torch.float64)
     where = torch.zeros(mask.shape, dtype=torch.bool)
-    for row, lps in enumerate(sampled):
+    unmatched = 0
+    for row, entry in enumerate(sampled):
+        tokens, lps = entry if entry is not None else (None, None)
+        if not lps:
+            continue
         pos = mask[row].nonzero()[:, 0].cpu()
-        if lps and len(pos) >= len(lps):
-            values[row, pos[: len(lps)]] = torch.tensor(lps, dtype=torch.float64)
-            where[row, pos[: len(lps)]] = True
-    return values, where
+        have = target[row].cpu()[pos[: len(lps)]].tolist()
+        if isinstance(next(iter(tokens or []), None), str):
+            have = [decode([i]) for i in have] if decode is not None else None
+        if tokens is None or len(tokens) != len(lps) or have != list(tokens):
+            unmatched += 1
+            continue
+        values[row, pos[: len(lps)]] = torch.tensor(lps, dtype=torch.float64)
+        where[row, pos[: len(lps)]] = True
+    return values, where, unmatched
 
 
 def truncated_is_weights(logp: torch.Tensor, behaviour: torch.Tensor, where: torch.Tensor,

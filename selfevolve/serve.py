@@ -101,6 +101,7 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     logprobs: bool | None = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
     stream: bool | None = False
     refine: Refine | bool | None = None
 
@@ -292,7 +293,8 @@ class Server:
         created = int(time.time())
         if refine is None:
             turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)
-            choices = [self._chat_choice(i, t, max_tokens, req.logprobs) for i, t in enumerate(turns)]
+            choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
+                       for i, t in enumerate(turns)]
             return self._chat_response(req.model, created, choices, prompt_tokens, turns)
         if req.n != 1:
             raise HTTPError(400, "refinement returns one answer; use n=1")
@@ -313,12 +315,13 @@ class Server:
                              "critiques": [t.critique.text if t.critique else None for t in trace.turns]}
         return out
 
-    def _chat_choice(self, i, turn, max_tokens, logprobs) -> dict:
+    def _chat_choice(self, i, turn, max_tokens, logprobs, as_ids: bool = False) -> dict:
         choice = {"index": i, "message": {"role": "assistant", "content": turn.response},
                   "finish_reason": turn.finish_reason or "stop", "logprobs": None}
         if logprobs and turn.logprobs is not None:
             tok = self.policy.tokenizer
-            choice["logprobs"] = {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": None,
+            name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: tok.decode([t]))
+            choice["logprobs"] = {"content": [{"token": name(t), "logprob": lp, "bytes": None,
                                                "top_logprobs": []} for t, lp in zip(turn.token_ids, turn.logprobs)]}
         return choice
 

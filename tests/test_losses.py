@@ -154,7 +154,8 @@ def test_importance_weighted_reinforce_on_stale_samples_has_the_on_policy_gradie
 
     def expected_grad(cap):
         logp = torch.log_softmax(theta, -1)[:, None]
-        values, where = behaviour_logprobs(torch.ones(6, 1, dtype=torch.bool), [[x] for x in stale.tolist()])
+        values, where, _ = behaviour_logprobs(torch.arange(6)[:, None], torch.ones(6, 1, dtype=torch.bool),
+                                              [([i], [x]) for i, x in enumerate(stale.tolist())])
         w = truncated_is_weights(logp, values, where, cap) if cap else None
         per_y = torch.stack([reinforce_loss(logp[i : i + 1], torch.ones(1, 1), adv[i : i + 1],
                                             None if w is None else w[i : i + 1]) for i in range(6)])

@@ -24,6 +24,22 @@ from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
 
 
+def sampled_turn(choice) -> Turn:
+    """A chat completion choice -> Turn. With log-probabilities, the sampled tokens come as
+    ids where the server honours vLLM's `return_tokens_as_token_ids` ("token_id:N": vLLM,
+    selfevolve serve), else as text (`Turn.tokens`): either way a learner can check that the
+    tokens it trains on are the ones these log-probabilities belong to
+    (`losses.behaviour_logprobs`)."""
+    content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
+    tokens = [t.token for t in content] if content else None
+    ids = None
+    if tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens):
+        ids, tokens = [int(t[9:]) for t in tokens], None
+    return Turn(response=(choice.message.content or "").strip(), token_ids=ids, tokens=tokens,
+                logprobs=[t.logprob for t in content] if content else None,
+                finish_reason="length" if choice.finish_reason == "length" else "stop")
+
+
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
                  concurrency: int = 32, timeout: float = 300.0, keep_adapters: int = 4, max_retries: int = 2):
@@ -74,15 +90,10 @@ class OpenAIPolicy:
         r = self.client.chat.completions.create(model=self._model(), messages=conv,
                                                 temperature=sampling.temperature, top_p=sampling.top_p,
                                                 max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                                seed=sampling.seed, logprobs=sampling.logprobs or None)
-        return [
-            Turn(
-                response=(c.message.content or "").strip(),
-                logprobs=[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else None,
-                finish_reason="length" if c.finish_reason == "length" else "stop",
-            )
-            for c in r.choices
-        ]
+                                                seed=sampling.seed, logprobs=sampling.logprobs or None,
+                                                extra_body={"return_tokens_as_token_ids": True}
+                                                if sampling.logprobs else None)
+        return [sampled_turn(c) for c in r.choices]
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
