@@ -33,7 +33,7 @@ from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update
+from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Trace
 
@@ -93,7 +93,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
     if state is None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}", cfg.lora)
+        policy = saved_update(state["adapter"], cfg.lora).serve(policy, f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()
@@ -129,8 +129,8 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
               f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
     if best["iteration"] != cfg.iterations - 1:
-        policy = serve_update(policy, run.dir / "adapters" / f"iter-{best['iteration']}",
-                              f"iter-{best['iteration']}-selected", cfg.lora)
+        selected = saved_update(run.dir / "adapters" / f"iter-{best['iteration']}", cfg.lora)
+        policy = selected.serve(policy, f"iter-{best['iteration']}-selected")  # verified, as every load
     after = run.evaluate(policy, "after", round=best["iteration"], test=True)
     run.finish(before=state["before"], after=after, selected_on="validation", best_iteration=best["iteration"],
                best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])

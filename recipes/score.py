@@ -50,13 +50,17 @@ by an adapter exactly K updates old (fewer in the first K steps and after a resu
 in-flight batches come from the checkpoint's adapter: with K > 0 a resumed run differs from
 the uninterrupted one there). Nothing staler is ever generated, so nothing is dropped; a
 stale batch is importance-corrected: each policy-gradient token is weighted by
-min(π/μ, is_cap), μ's log-probs being those its sampler reported (a row whose tokens it did
-not report, re-tokenised endpoint text, stays uncorrected); the KL term is not reweighted.
+min(π/μ, is_cap), μ's log-probs being those its sampler reported, matched to the trained
+tokens by identity (an attempt whose re-tokenised text differs from what was sampled stays
+uncorrected and is counted in `unmatched_rows`); the KL term is not reweighted.
 K = 0 waits for every rollout and load: the synchronous run, exactly
 (tests/recipes/test_staleness.py).
 
-Deviations from the paper: the tiny world's counts (`stage1_steps`, `stage2_steps`,
-`batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
+Deviations from the paper: Stage I credits y1 with nothing. Eq. 3's exact gradient also
+pushes y1 toward first attempts after which r(y2) is high (y1's score function times r(y2));
+the paper's intent, and this code, is that Stage I trains the second attempt only, with y1
+held at the base by β2's KL (tests/test_losses.py's bandit has the Stage II credit). The tiny
+world's counts (`stage1_steps`, `stage2_steps`, `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
 the baseline above; the per-token KL (above). Log-probabilities are of the sampled tokens in
 the context each attempt was sampled in (`episode_batch`), re-tokenized text only where the
 policy does not report its tokens (an OpenAI endpoint; `meta.tokens` on each trace says
@@ -95,8 +99,16 @@ from selfevolve.losses import (
 )
 from selfevolve.run import Run
 from selfevolve.serving_thread import ServingThread
-from selfevolve.sync import sampled_logprob_ratio, save_update, serve_update
-from selfevolve.training import batch_slice, episode_batch, micro_slices, optimizer_step, token_logprobs, trained_tokens
+from selfevolve.sync import sampled_logprob_ratio, save_update, saved_update
+from selfevolve.training import (
+    batch_slice,
+    episode_batch,
+    micro_batch_rows,
+    micro_slices,
+    optimizer_step,
+    token_logprobs,
+    trained_tokens,
+)
 from selfevolve.types import SamplingParams, Trace
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
@@ -191,7 +203,7 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
 
 def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
                backward: bool = False, served: list[tuple] | None = None,
-               stale: bool = False) -> tuple[torch.Tensor, dict]:
+               stale: bool = False, decode=None) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
     Advantages use the whole batch's rewards `r1`, `r2` (every rank's: under torchrun
@@ -201,10 +213,13 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     by its share of the batch, so the sum is the full batch's loss. With `backward=True`
     each micro-batch's part is back-propagated at once (its graph freed: memory is one
     micro-batch's) and the returned loss is detached. `served`: each episode's (y1, y2)
-    token log-probabilities as the server reported them, for `logprob_ratio` and
-    `logprob_kl`, the learner/server check on the sampled tokens (`sync.sampled_logprob_ratio`);
-    with `stale` (an older adapter sampled the batch) they also weight the policy gradient
-    (`losses.truncated_is_weights`, capped at `cfg.is_cap`; `is_weight` is their mean)."""
+    sampled (tokens, log-probabilities) as the server reported them, placed on the rows'
+    tokens by identity (`losses.behaviour_logprobs`; `decode` compares tokens reported as
+    text; `unmatched_rows` counts attempts whose tokens differ, left unweighted), for
+    `logprob_ratio` and `logprob_kl`, the learner/server check on the sampled tokens
+    (`sync.sampled_logprob_ratio`); with `stale` (an older adapter sampled the batch) they
+    also weight the policy gradient (`losses.truncated_is_weights`, capped at `cfg.is_cap`;
+    `is_weight` is their mean)."""
     if stage == 1:  # Eq. 3: only r(y2) is maximised; β2 holds y1, no KL on y2
         credit, betas = (torch.zeros_like(r1), r2), (cfg.beta2, 0.0)
     else:  # Eq. 4
@@ -214,8 +229,8 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
     first = distributed.bounds(len(r1))[0]  # this rank's first episode in the batch
     adv = tuple(a[first + row_episode] for a in adv)  # each row carries its episode's advantages
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
-    loss, sums, check, weights = 0.0, {}, [0.0, 0.0, 0], [0.0, 0]
-    for sl in micro_slices(len(row_episode), cfg.micro_batch_size):
+    loss, sums, check, weights = 0.0, {}, [0.0, 0.0, 0, 0], [0.0, 0]
+    for sl in micro_slices(len(row_episode), micro_batch_rows(learner, batch, cfg.micro_batch_size)):
         mb = {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
         width = mb["input_ids"].shape[1] - 1
         logp, _ = token_logprobs(learner, mb)
@@ -224,10 +239,13 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         part, share = 0.0, (sl.stop - sl.start) / n
         for k, (mask, a, beta) in enumerate(zip((m1, m2), adv, betas), start=1):
             mask = mask[sl, :width].to(device)
-            sampled = [served[e][k - 1] for e in row_episode[sl].tolist()] if served is not None else None
+            if served is not None:  # the sampler's log-probs, on the tokens they belong to
+                values, where, unmatched = behaviour_logprobs(mb["labels"][:, 1:], mask, [
+                    served[e][k - 1] for e in row_episode[sl].tolist()], decode)
+                check[3] += unmatched
             w = None
             if stale:  # sampled by an older adapter: importance-weight its tokens to this one
-                w = truncated_is_weights(logp, *behaviour_logprobs(mask, sampled), cfg.is_cap)
+                w = truncated_is_weights(logp, values, where, cfg.is_cap)
                 weights = [weights[0] + float((w * mask).sum()), weights[1] + int(mask.sum())]
             pg = reinforce_loss(logp, mask, a[sl].to(device), w) * share
             penalty = beta * kl_loss(logp, ref, mask).mean() * share
@@ -236,7 +254,7 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
             for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
                 sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v.detach())
             if served is not None:
-                check = [a + b for a, b in zip(check, sampled_logprob_ratio(logp, mask, sampled))]
+                check[:3] = [a + b for a, b in zip(check, sampled_logprob_ratio(logp, values, where))]
         if backward:
             part.backward()
             part = part.detach()
@@ -246,11 +264,13 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         sums = {k: distributed.total(v) for k, v in sums.items()}
         check = [distributed.total(x) for x in check]
         weights = [distributed.total(x) for x in weights]
-    parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss), 5)}
+    parts = {k: round(v, 5) for k, v in sums.items()} | {"loss": round(float(loss.detach()), 5)}
     if weights[1]:
         parts["is_weight"] = round(weights[0] / weights[1], 5)
     if check[2]:
         parts |= {"logprob_ratio": round(check[0] / check[2], 5), "logprob_kl": round(check[1] / check[2], 6)}
+    if served is not None:
+        parts["unmatched_rows"] = int(check[3])
     return loss, parts
 
 
@@ -264,10 +284,11 @@ def train_step(learner, opt, traces: list[Trace], tokenizer, pad_id: int, stage:
     r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
     r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
     mine = distributed.shard(traces)
-    served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in mine] if cfg.logprob_check else None
+    served = [tuple((turn.token_ids or turn.tokens, turn.logprobs) for turn in t.turns[:2])
+              for t in mine] if cfg.logprob_check else None
     opt.zero_grad(set_to_none=True)
     loss, parts = score_loss(learner, episode_batch(mine, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg,
-                             backward=True, served=served, stale=stale)
+                             backward=True, served=served, stale=stale, decode=tokenizer.decode)
     distributed.sum_grads(params)
     optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
     return {"reward_t1": round(r1.mean().item(), 4), "reward_t2": round(r2.mean().item(), 4), **parts}
@@ -314,7 +335,7 @@ def main(cfg: ScoreConfig, run: Run) -> None:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
         if state["adapter"]:
-            policy = serve_update(policy, state["adapter"], f"step-{state['step']}")
+            policy = saved_update(state["adapter"]).serve(policy, f"step-{state['step']}")
 
     # The serving thread runs rollouts and adapter loads in submission order: step j's rollouts
     # are submitted once update j − max_staleness is queued, so they are sampled by it.

@@ -51,7 +51,7 @@ from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update
+from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
 from selfevolve.types import SamplingParams, Trace
 
@@ -222,7 +222,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
     if state is None:
         state = {"phase": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = serve_update(policy, state["adapter"], f"phase-{state['phase'] - 1}")
+        policy = saved_update(state["adapter"]).serve(policy, f"phase-{state['phase'] - 1}")
 
     # Phase 0: meta-skill learning; phases 1..iterations: self-evolution. Each continues the adapter.
     for phase in range(state["phase"], cfg.iterations + 1):

@@ -46,8 +46,8 @@ from selfevolve.config import RecipeConfig
 from selfevolve.data import GENERATED, tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.run import Run
-from selfevolve.sync import publish, serve_update
-from selfevolve.training import encode_chat, micro_slices, optimizer_step, pad_batch, token_logprobs
+from selfevolve.sync import publish, saved_update
+from selfevolve.training import encode_chat, micro_batch_rows, micro_slices, optimizer_step, pad_batch, token_logprobs
 from selfevolve.types import SamplingParams, Trace
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
@@ -103,10 +103,18 @@ def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -
     return traces
 
 
-def sequence_logprobs(model, tokenizer, pad_id: int, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """Σ log p(response | prompt) per pair (the response's tokens and its end token)."""
-    rows = [encode_chat(tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}],
-                        "last") for x, y in zip(prompts, responses)]
+def pair_rows(tokenizer, pairs: list[dict], which: str) -> list[tuple[list[int], list[int]]]:
+    """Teacher-forced rows of each pair's gold (`which="gold"`) or own (`"self"`) response: its
+    tokens and its end token, except a y' cut at `max_new_tokens`, which never ended and is
+    scored without one (`encode_chat`'s `unfinished`)."""
+    return [encode_chat(tokenizer, [{"role": "user", "content": p["prompt"]},
+                                    {"role": "assistant", "content": p[which],
+                                     "unfinished": which == "self" and p.get("unfinished", False)}], "last")
+            for p in pairs]
+
+
+def sequence_logprobs(model, pad_id: int, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Σ log p(response | prompt) per row (`pair_rows`)."""
     lp, _ = token_logprobs(model, pad_batch(rows, pad_id, next(model.parameters()).device))
     return lp.sum(-1)
 
@@ -119,9 +127,8 @@ def opponent_logprobs(model, tokenizer, pad_id, pairs, batch_size: int = 64) -> 
     pairs, out = distributed.shard(pairs), []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        xs = [p["prompt"] for p in chunk]
-        g = sequence_logprobs(model, tokenizer, pad_id, xs, [p["gold"] for p in chunk])
-        s = sequence_logprobs(model, tokenizer, pad_id, xs, [p["self"] for p in chunk])
+        g = sequence_logprobs(model, pad_id, pair_rows(tokenizer, chunk, "gold"))
+        s = sequence_logprobs(model, pad_id, pair_rows(tokenizer, chunk, "self"))
         out += list(zip(g.tolist(), s.tolist()))
     return distributed.gather(out)
 
@@ -134,12 +141,13 @@ def spin_step(learner, opt, tokenizer, pad_id, pairs: list[dict], refs: list[tup
     params = [p for p in learner.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     lo, hi = distributed.bounds(len(pairs))
+    gold_rows, self_rows = (pair_rows(tokenizer, pairs[lo:hi], w) for w in ("gold", "self"))
+    rows = micro_batch_rows(learner, pad_batch(gold_rows + self_rows, pad_id), cfg.micro_batch_size)
     loss, values = 0.0, []
-    for sl in micro_slices(hi - lo, cfg.micro_batch_size):
+    for sl in micro_slices(hi - lo, max(1, rows // 2)):  # a pair is two rows
         mb = list(range(lo, hi))[sl]
-        xs = [pairs[j]["prompt"] for j in mb]
-        g = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["gold"] for j in mb])
-        s = sequence_logprobs(learner, tokenizer, pad_id, xs, [pairs[j]["self"] for j in mb])
+        g = sequence_logprobs(learner, pad_id, gold_rows[sl])
+        s = sequence_logprobs(learner, pad_id, self_rows[sl])
         refs_g, refs_s = (torch.tensor([refs[j][k] for j in mb], device=g.device) for k in (0, 1))
         part, rg, rs = spin_loss(g, s, refs_g, refs_s, cfg.lam)
         (part * len(mb) / len(pairs)).backward()  # the batch mean, whatever the shard
@@ -201,14 +209,15 @@ def main(cfg: SpinConfig, run: Run) -> None:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
         if state["adapter"]:
-            policy = serve_update(policy, state["adapter"], f"iter-{state['iteration'] - 1}")
+            policy = saved_update(state["adapter"]).serve(policy, f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()
         samples = opponent_samples(policy, tasks, cfg, it, run)
         rounds = [it - 1, it] if cfg.mix_previous and it > 0 else [it]
         pairs = distributed.from_main(lambda: [  # rank 0's store holds every round, a resumed run's too
-            {"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response}
+            {"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response,
+             "unfinished": t.turns[0].finish_reason == "length"}
             for r in rounds
             for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})
         ])

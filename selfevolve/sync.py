@@ -22,6 +22,7 @@ previous adapter serving. Deleting old adapter directories is the run's business
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ import torch
 
 from . import distributed
 from .errors import SyncError, UserError
-from .losses import behaviour_logprobs
 from .policies.hf import HFPolicy
 from .training import text_token_logprobs
 from .types import AdapterServing
@@ -94,12 +94,10 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: 
     return served
 
 
-def sampled_logprob_ratio(logp: torch.Tensor, mask: torch.Tensor, served: list[list[float] | None]
-                          ) -> tuple[float, float, int]:
+def sampled_logprob_ratio(logp: torch.Tensor, values: torch.Tensor, where: torch.Tensor) -> tuple[float, float, int]:
     """The continuous sync check on the sampled tokens whose log-probability the server
-    reported: Σ r and Σ (r − 1 − log r) with r = π_learner / π_served, and how many tokens.
-    Row i's first len(served[i]) masked positions are its sampled tokens (the mask goes on
-    over the end of turn, which the server did not sample).
+    reported (`values` at `where`, placed by `losses.behaviour_logprobs`): Σ r and
+    Σ (r − 1 − log r) with r = π_learner / π_served, and how many tokens.
 
     The mean of r is about 1.0 when learner and server agree — but also, in expectation,
     when they do not (E_{y~π_served}[π_learner(y)/π_served(y)] = Σ π_learner = 1), so it
@@ -109,12 +107,11 @@ def sampled_logprob_ratio(logp: torch.Tensor, mask: torch.Tensor, served: list[l
     sync time: a server that samples from another model than the learner's.
 
     >>> lp = torch.log(torch.tensor([[0.5, 0.25, 0.1]], dtype=torch.float64))
-    >>> sampled_logprob_ratio(lp, torch.tensor([[True, True, True]]), [[math.log(0.5), math.log(0.25)]])
+    >>> sampled_logprob_ratio(lp, lp.clone(), torch.tensor([[True, True, False]]))
     (2.0, 0.0, 2)
-    >>> [round(x, 4) for x in sampled_logprob_ratio(lp, torch.tensor([[True, True, True]]), [[math.log(0.25)]])]
-    [2.0, 0.3069, 1]
+    >>> [round(x, 4) for x in sampled_logprob_ratio(lp, lp / 2, torch.tensor([[True, False, False]]))]
+    [0.7071, 0.0537, 1]
     """
-    values, where = behaviour_logprobs(mask, served)
     d = (logp.detach().double().cpu() - values)[where]
     return float(d.exp().sum()), float((d.exp() - 1 - d).sum()), int(where.sum())
 
@@ -211,19 +208,40 @@ class SavedUpdate:
         return served
 
 
+CANARY_FILE = "canary.json"  # beside the weights: what the learner scored, for every later load
+
+
 def save_update(model, tokenizer, path: str | Path, lora: bool = True, tol: float | None = None) -> SavedUpdate:
     """Save the learner to `path` (rank 0 writes; every rank waits for the file) and score the
-    canary with it (`tol`: default the learner's dtype's `canary_tolerance`)."""
+    canary with it (`tol`: default the learner's dtype's `canary_tolerance`). The canary's
+    text, score and tolerance are saved with the weights (`canary.json`), so a load long after
+    the learner is gone — a resumed run's, a final selection's — is verified the same way
+    (`saved_update`)."""
     path = Path(path)
+    canary = canary_for(model, tokenizer)
+    tol = canary_tolerance(model.dtype) if tol is None else tol
+    update = SavedUpdate(path, lora, canary, text_logprob(model, tokenizer, canary), tol)
     if distributed.is_main():  # under torchrun the ranks hold the same weights; one writes them
         shutil.rmtree(path, ignore_errors=True)
         model.save_pretrained(path)
         if not lora:
             tokenizer.save_pretrained(path)
+        (path / CANARY_FILE).write_text(json.dumps({"text": canary, "logprob": update.expected, "tol": tol}))
     distributed.barrier()  # then every rank loads the file into its own engine and checks it
-    canary = canary_for(model, tokenizer)
-    tol = canary_tolerance(model.dtype) if tol is None else tol
-    return SavedUpdate(path, lora, canary, text_logprob(model, tokenizer, canary), tol)
+    return update
+
+
+def saved_update(path: str | Path, lora: bool = True) -> SavedUpdate:
+    """The SavedUpdate `save_update` wrote to `path`, read back: `.serve(policy, name)` loads
+    it and verifies the canary as the publish did. An update without its canary cannot be
+    verified and is refused (SyncError), never served unchecked."""
+    path = Path(path)
+    try:
+        c = json.loads((path / CANARY_FILE).read_text())
+        return SavedUpdate(path, lora, str(c["text"]), float(c["logprob"]), float(c["tol"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SyncError(f"adapter={path}: no readable {CANARY_FILE} ({type(e).__name__}), so its load cannot be "
+                        "verified; it was not saved by save_update") from None
 
 
 def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
