@@ -124,10 +124,11 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
                        "each samples and trains its shard of every batch")
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward pass; gradients accumulate to the full batch "
-        "(null: chosen from the batch so rows × length × vocabulary logits stay within 128 MiB, "
-        "training.LOGITS_BUDGET). Less memory, the same update")
+        "(null: chosen from the batch so a pass's saved activations stay within 256 MiB, "
+        "training.ACTIVATION_BUDGET). Less memory, the same update")
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward: less memory, ~1/3 more compute")
+        True, description="recompute activations in backward: a layer keeps only its input (about 1/16 of "
+        "the memory, SmolLM2), for ~1/3 more compute (1/8 on tiny); the same numbers")
     logger: str = Field(
         "jsonl", description="also log to: tensorboard | wandb | trackio | mlflow (comma-separated; jsonl is always on)"
     )

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM
@@ -23,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import distributed
 from .errors import NonFinite
-from .models import resolve_model_path
+from .models import release_freed_memory, resolve_model_path
 from .types import Conversation
 
 IGNORE = -100
@@ -177,28 +178,44 @@ def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str):
     return batch, which == 1, which == 2, torch.tensor(episode)
 
 
-# What one micro-batch may hold when `micro_batch_size` is not set: rows × width × vocabulary
-# logits (the forward's largest tensor, and with its backward the step's). 2^25 is 128 MiB
-# in fp32: 64 rows of 2,000 tokens on tiny's 353-token vocabulary (a whole tiny batch), one
-# 680-token row on SmolLM2's 49k, one 220-token row on a 152k vocabulary.
+# A micro-batch's saved activations when `micro_batch_size` is not set, in elements of
+# rows × width × layers × hidden (what gradient checkpointing keeps: each layer's input;
+# without it a layer keeps about ACTIVATIONS_PER_LAYER times that). 2^26 is 256 MiB in fp32:
+# 3,800 tokens of SmolLM2-135M (30 × 576), 670 of a 7B (28 × 3,584), a whole tiny batch.
+ACTIVATION_BUDGET = 2**26
+ACTIVATIONS_PER_LAYER = 16  # measured on SmolLM2-135M without checkpointing: ~1 MB a token
+# Logits alive at once (rows × positions × vocabulary) where token_logprobs applies the output
+# layer in chunks: 2^25 is 128 MiB in fp32, a 680-token chunk of SmolLM2's 49k vocabulary.
 LOGITS_BUDGET = 2**25
+
+
+def checkpointed(model) -> bool:
+    """Whether gradient checkpointing is on in `model` (some module recomputes in backward)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def micro_batch_rows(model, batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> int:
     """Rows per forward/backward pass: `micro_batch_size` when set, else as many of the
-    batch's rows as keep rows × width × vocabulary within LOGITS_BUDGET (at least one), so a
-    step's memory is bounded by the model and the longest row, not by the batch.
+    batch's rows as keep a pass's saved activations within ACTIVATION_BUDGET (at least one),
+    so a step's memory is bounded by the model and the longest row, not by the batch (the
+    logits are bounded separately, in token_logprobs).
 
     >>> from types import SimpleNamespace as NS
-    >>> m = NS(config=NS(vocab_size=49152)); b = {"input_ids": torch.zeros(64, 300)}
-    >>> micro_batch_rows(m, b, None), micro_batch_rows(m, b, 8), micro_batch_rows(NS(config=NS(vocab_size=353)), b, None)
-    (2, 8, 64)
+    >>> def model(layers, hidden, checkpointing=True):
+    ...     return NS(config=NS(num_hidden_layers=layers, hidden_size=hidden),
+    ...               modules=lambda: [NS(gradient_checkpointing=checkpointing)])
+    >>> b = {"input_ids": torch.zeros(64, 300)}  # 64 rows of 300 tokens
+    >>> micro_batch_rows(model(30, 576), b, None), micro_batch_rows(model(30, 576, False), b, None)  # SmolLM2
+    (12, 1)
+    >>> micro_batch_rows(model(4, 128), b, None), micro_batch_rows(model(30, 576), b, 8)  # tiny; set by the user
+    (64, 8)
     """
     if micro_batch_size is not None:
         return micro_batch_size
     rows, width = batch["input_ids"].shape
-    vocab = getattr(model.config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
-    return max(1, min(rows, LOGITS_BUDGET // max(1, width * vocab)))
+    per_token = model.config.num_hidden_layers * model.config.hidden_size
+    per_token *= 1 if checkpointed(model) else ACTIVATIONS_PER_LAYER
+    return max(1, min(rows, ACTIVATION_BUDGET // max(1, width * per_token)))
 
 
 def micro_slices(n: int, micro_batch_size: int | None) -> list[slice]:
@@ -247,11 +264,31 @@ def selective_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label token under `model`, and the mask of labelled tokens.
-    Shapes (B, T-1): position t scores token t+1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    Shapes (B, T-1): position t scores token t+1. Where the batch's logits would exceed
+    LOGITS_BUDGET, the output layer runs on the last hidden states in checkpointed chunks of
+    positions, so no more than a chunk's logits exist at once, in the forward or the backward
+    (the idea of Liger's fused linear cross-entropy); the values are the same."""
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
-    return selective_logprobs(logits, target.clamp(min=0)) * mask, mask
+    target = target.clamp(min=0)
+    head = model.get_output_embeddings()
+    rows, width = target.shape
+    if rows * width * head.weight.shape[0] <= LOGITS_BUDGET or _transforms_logits(model.config):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return selective_logprobs(logits, target) * mask, mask
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H): after the final norm, before the output layer
+    step = max(1, LOGITS_BUDGET // (rows * head.weight.shape[0]))
+    parts = [checkpoint(lambda h, t: selective_logprobs(head(h), t), hidden[:, i:i + step], target[:, i:i + step],
+                        use_reentrant=False) for i in range(0, width, step)]
+    return torch.cat(parts, 1) * mask, mask
+
+
+def _transforms_logits(config) -> bool:
+    """Whether the model changes its output layer's logits (Gemma-2's soft-capping, Cohere's
+    scale): then token_logprobs takes the model's own logits, unchunked."""
+    return bool(getattr(config, "final_logit_softcapping", None)) or getattr(config, "logit_scale", 1.0) not in (None, 1.0)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], tokens: int | None = None) -> torch.Tensor:
@@ -299,7 +336,7 @@ def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | s
 
 def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32, init_from: str | None = None,
                     device: str | torch.device = "cpu", trainable_tokens: list[int] | None = None,
-                    dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
+                    dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = True):
     """The model a training step updates: a fresh LoRA adapter on the base weights ("fine-tune
     from the base model"), optionally starting from a saved adapter (`init_from`, to continue);
     with lora=False all weights (in `dtype`), from `init_from` (a full model directory) or the
@@ -315,9 +352,15 @@ def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int
         if init_from:
             set_peft_model_state_dict(model, load_peft_weights(init_from, device=str(device)))
     disable_dropout(model)  # the learner is scored as it is served (HFPolicy runs in eval mode)
+    release_freed_memory(model, torch.device(device))
     distributed.broadcast_params(model)  # under torchrun every rank starts from rank 0's adapter
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a KV cache is of no use in a training forward
         if lora:
             model.enable_input_require_grads()
     return model

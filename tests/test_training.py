@@ -107,6 +107,30 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
+def test_chunked_output_layer_gives_the_same_logprobs_and_gradient(monkeypatch):
+    """Above LOGITS_BUDGET the output layer runs in checkpointed chunks (no B×T×V logits);
+    log-probs and gradients match the model's own logits, and under no_grad too."""
+    from selfevolve import training
+    from selfevolve.training import encode_chat, pad_batch, token_logprobs
+
+    tok = HFPolicy("tiny", device="cpu").tokenizer
+    batch = pad_batch([encode_chat(tok, c, "last") for c in _convs(6)], tok.pad_token_id)
+    out = []
+    for budget in (training.LOGITS_BUDGET, 3 * 353):  # whole batch; three positions of one row per chunk
+        monkeypatch.setattr(training, "LOGITS_BUDGET", budget)
+        torch.manual_seed(0)
+        model = trainable_model("tiny", r=4, alpha=8)
+        model.train()
+        lp, mask = token_logprobs(model, batch)
+        (-lp.sum()).backward()
+        with torch.no_grad():
+            frozen, _ = token_logprobs(model, batch)
+        out.append((lp.detach(), frozen, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (lp0, frozen0, g0), (lp1, frozen1, g1) = out
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(frozen1, lp1, atol=1e-6)
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-5) and g0.abs().sum() > 0
+
+
 def test_sft_trains_the_sampled_ids_when_the_policy_reported_them(tiny):
     from selfevolve.training import IGNORE, answer_message, encode_turns
     from selfevolve.types import Turn

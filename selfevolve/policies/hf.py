@@ -23,7 +23,7 @@ from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..errors import UserError
-from ..models import resolve_device, resolve_dtype, resolve_model_path
+from ..models import release_freed_memory, resolve_device, resolve_dtype, resolve_model_path
 from ..progress import progress
 from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
 from ..types import Conversation, SamplingParams, Turn
@@ -93,6 +93,7 @@ class HFPolicy:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path)
                 self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+                release_freed_memory(self.model, self.device)
             except (OSError, ValueError) as e:
                 raise UserError(f"model={model}: cannot load ({str(e).splitlines()[0]})") from None
         if self.tokenizer.chat_template is None:
