@@ -112,23 +112,25 @@ def behaviour_logprobs(target: torch.Tensor, mask: torch.Tensor, sampled: list[t
     with the mask); the mask may go on past them (an end of turn the sampler did not
     report). A row whose tokens differ — text re-tokenised otherwise than it was sampled —
     or that reported no tokens gets none: its neighbour's log-probabilities would be wrong.
-    Returns the values, where they are, and how many rows with log-probabilities did not
-    match.
+    A row with no masked tokens (it holds another attempt) is skipped. Returns the values,
+    where they are, and how many rows with log-probabilities did not match.
 
     >>> t, m = torch.tensor([[0, 7, 8, 1]]), torch.tensor([[False, True, True, True]])
     >>> behaviour_logprobs(t, m, [([7, 8], [-0.5, -1.0])])
     (tensor([[ 0.0000, -0.5000, -1.0000,  0.0000]], dtype=torch.float64), tensor([[False,  True,  True, False]]), 0)
     >>> behaviour_logprobs(t, m, [([8, 7], [-0.5, -1.0])])[2]  # other tokens: not placed, counted
     1
+    >>> behaviour_logprobs(t, m & False, [([7, 8], [-0.5, -1.0])])[2]  # this attempt is in another row
+    0
     """
     values = torch.zeros(mask.shape, dtype=torch.float64)
     where = torch.zeros(mask.shape, dtype=torch.bool)
     unmatched = 0
     for row, entry in enumerate(sampled):
         tokens, lps = entry if entry is not None else (None, None)
-        if not lps:
-            continue
         pos = mask[row].nonzero()[:, 0].cpu()
+        if not lps or not len(pos):
+            continue
         have = target[row].cpu()[pos[: len(lps)]].tolist()
         if isinstance(next(iter(tokens or []), None), str):
             have = [decode([i]) for i in have] if decode is not None else None

@@ -85,6 +85,13 @@ def test_a_retokenised_row_gets_no_neighbours_logprobs_and_is_counted(tiny):
     _, nothing = score_loss(learner, episode_batch(shifted_only, tok, tiny.pad_id, cfg.instruction), r, r, 2, cfg,
                             served=[(( shifted.tokens, shifted.logprobs),) * 2] * 2, decode=tok.decode)
     assert nothing["unmatched_rows"] == 4 and "logprob_kl" not in nothing  # nothing placed by position
+    # sampled ids that do not re-tokenise from the text: one row per attempt, each matched
+    ids = tok(" The answer is 5.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    split = Turn(response="The answer is 5.", token_ids=ids, logprobs=[-0.5] * len(ids), feedback=None)
+    batch = episode_batch([_trace(split, split)] * 2, tok, tiny.pad_id, cfg.instruction)
+    assert len(batch[0]["input_ids"]) == 4
+    _, rows = score_loss(learner, batch, r, r, 2, cfg, served=[((ids, split.logprobs),) * 2] * 2)
+    assert rows["unmatched_rows"] == 0 and "logprob_kl" in rows
 
 
 def test_a_dropout_model_has_zero_kl_and_zero_gradient_at_step_zero(tiny, tmp_path):

@@ -37,9 +37,10 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     r2 = torch.tensor([1.0, 1.0, 0.0, 0.0] * 4)
     # a fresh adapter is the base model: no KL yet, and the learner scores the sampled tokens
     # as the policy that sampled them did (the continuous sync check)
-    served = [(t.turns[0].logprobs, t.turns[1].logprobs) for t in traces]
-    assert all(lps for pair in served for lps in pair)
+    served = [tuple((turn.token_ids, turn.logprobs) for turn in t.turns[:2]) for t in traces]
+    assert all(lps for pair in served for _, lps in pair)
     _, s1 = score_loss(learner, batches, r1, r2, 1, cfg, served=served)
+    assert s1["unmatched_rows"] == 0  # every attempt's sampled tokens are the trained ones
     assert s1["logprob_ratio"] == pytest.approx(1.0, abs=1e-4) and s1["logprob_kl"] == pytest.approx(0.0, abs=1e-6)
     assert s1["pg_t1"] == 0.0 and s1["kl_t1"] == pytest.approx(0.0, abs=1e-6)  # Stage I: no reward on y1
     _, s2 = score_loss(learner, batches, r1, r2, 2, cfg)
