@@ -29,6 +29,8 @@ fine-tuning; 2 epochs per iteration. One AdamW runs the whole run: its moment es
 carry across iterations (the paper's code re-creates its trainer, and with it the optimizer,
 each iteration); θ_{t+1} starts from θ_t either way, and the carried moments only smooth
 the step size at an iteration's start. It is part of the checkpoint, so resume is exact.
+A y' cut at `max_new_tokens` is scored as it was sampled, without an end of turn (it never
+ended; training it as finished would teach the model to stop there): docs/architecture.md.
 """
 
 from __future__ import annotations
