@@ -49,7 +49,7 @@ def baseline_python(where: Path) -> str:
     py = where / "venv" / "bin" / "python"
     lib = next((where / "venv" / "lib").glob("python*")) / "site-packages"
     (lib / "shared.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "-e",
                     str(where / "src")], check=True, capture_output=True)
     return str(py)
 

@@ -22,10 +22,11 @@ import bench_score  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_staleness  # noqa: E402
+import bench_step_memory  # noqa: E402
 import bench_verifiers  # noqa: E402
 
 BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_fleet, bench_ddp, bench_staleness,
-           bench_score, bench_memory, bench_run_memory]
+           bench_score, bench_memory, bench_step_memory, bench_run_memory]
 
 
 def machine() -> str:
@@ -59,7 +60,7 @@ def main() -> None:
         print(sections[r["title"]])
     head = ["# Benchmarks", "",
             '- command: `pip install -e ".[bench]" && python bench/run.py [NAME ...]` (generation, verifiers, sft, '
-            'serve, fleet, ddp, staleness, score, memory, run_memory; none: all)',
+            'serve, fleet, ddp, staleness, score, memory, step_memory, run_memory; none: all)',
             "- each section names the date and machine it was measured on", ""]
     path.write_text("\n".join(head) + "\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
 
