@@ -59,15 +59,15 @@ K = 0 waits for every rollout and load: the synchronous run, exactly
 Deviations from the paper: Stage I credits y1 with nothing. Eq. 3's exact gradient also
 pushes y1 toward first attempts after which r(y2) is high (y1's score function times r(y2));
 the paper's intent, and this code, is that Stage I trains the second attempt only, with y1
-held at the base by β2's KL (tests/test_losses.py's bandit has the Stage II credit). The tiny
-world's counts (`stage1_steps`, `stage2_steps`, `batch_tasks`) instead of the paper's; LoRA instead of full fine-tuning; plain REINFORCE with
-the baseline above; the per-token KL (above). Log-probabilities are of the sampled tokens in
-the context each attempt was sampled in (`episode_batch`), re-tokenized text only where the
-policy does not report its tokens (an OpenAI endpoint; `meta.tokens` on each trace says
-which); a response cut at `max_new_tokens` is trained without an end of turn. Every step's
-two turns draw from seeds no other step uses (`rollout_seed`). Ablations: `stage1_steps=0`
-(no Stage I), `alpha=0` (no bonus; compare with `credit=per_attempt` for the variance-only
-effect).
+held at the base by β2's KL (tests/test_losses.py's bandit has the Stage II credit). The
+tiny world's counts (`stage1_steps`, `stage2_steps`, `batch_tasks`) instead of the paper's;
+LoRA instead of full fine-tuning; plain REINFORCE with the baseline above; the per-token KL
+(above). Log-probabilities are of the sampled tokens in the context each attempt was sampled
+in (`episode_batch`), re-tokenized text only where the policy does not report its tokens (an
+OpenAI endpoint; `meta.tokens` on each trace says which); a response cut at `max_new_tokens`
+is trained without an end of turn. Every step's two turns draw from seeds no other step uses
+(`rollout_seed`). Ablations: `stage1_steps=0` (no Stage I), `alpha=0` (no bonus; compare
+with `credit=per_attempt` for the variance-only effect).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import random
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -288,7 +288,8 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def _transforms_logits(config) -> bool:
     """Whether the model changes its output layer's logits (Gemma-2's soft-capping, Cohere's
     scale): then token_logprobs takes the model's own logits, unchunked."""
-    return bool(getattr(config, "final_logit_softcapping", None)) or getattr(config, "logit_scale", 1.0) not in (None, 1.0)
+    return (bool(getattr(config, "final_logit_softcapping", None))
+            or getattr(config, "logit_scale", 1.0) not in (None, 1.0))
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], tokens: int | None = None) -> torch.Tensor:
