@@ -11,6 +11,8 @@ as a Policy.
 message, a dict ({"prompt"|"question", "reference"|"answer", "id"}) or a Task, and returns
 an AIMessage whose content is the final answer; `response_metadata` carries the trace id,
 the number of turns and their scores. `batch` runs one batched loop over all inputs.
+`ServerFeedback` is a Runnable that posts a verdict on an answer `selfevolve serve` logged
+({"trace_id", "score", "text"} in, the server's acknowledgement out: `client.feedback_for`).
 `LangChainPolicy` (in `policies/langchain.py`, re-exported here) wraps any `BaseChatModel`
 (ChatOpenAI, a local model, ...) so it can be the policy of the loop or the judge of `JudgeCritic`.
 """
@@ -23,11 +25,12 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from .client import feedback_for
 from .loop import refine_batch
 from .policies.langchain import LangChainPolicy, to_langchain
 from .types import SamplingParams, Task
 
-__all__ = ["SelfRefiner", "LangChainPolicy", "to_langchain", "to_task"]
+__all__ = ["SelfRefiner", "ServerFeedback", "LangChainPolicy", "to_langchain", "to_task"]
 
 
 def to_task(value: Any, i: int = 0) -> Task:
@@ -76,3 +79,15 @@ class SelfRefiner(Runnable):
         if not inputs:
             return []
         return self._run(list(inputs))
+
+
+class ServerFeedback(Runnable):
+    """Feedback on a served answer as a chain step: invoke({"trace_id": ..., "score": ...,
+    "text": ...}) posts it to the server at `base_url` (`client.feedback_for`)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None):
+        self.base_url, self.api_key = base_url, api_key
+
+    def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> dict:
+        return feedback_for(input["trace_id"], input["score"], input.get("text"), base_url=self.base_url,
+                            api_key=self.api_key)

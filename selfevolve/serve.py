@@ -21,6 +21,7 @@ keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -32,6 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,17 +42,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
+from .data import default_verifier
 from .errors import UserError
 from .loop import refine_batch
 from .store import TraceStore
-from .types import AdapterServing, SamplingParams, Task
+from .types import AdapterServing, Feedback, SamplingParams, Task, Trace, Turn
 
 REFINE_SUFFIX = "+refine"
 
 
 class ServeConfig(ModelKeys, FeedbackKeys):
     """`selfevolve serve`'s keys: the served model, the refinement settings, the HTTP side.
-    It writes only the refinement traces (`traces=`); run-directory keys are refused."""
+    It writes every request to the trace store (`traces=`); run-directory keys are refused."""
 
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 exposes it to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -71,7 +74,10 @@ class ServeConfig(ModelKeys, FeedbackKeys):
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
     max_turns_limit: int = Field(8, ge=1, description="largest refine max_turns a request may ask for")
     max_turns: int = Field(3, ge=1, description="default attempts for refinement requests")
-    traces: str = Field("runs/serve/traces.sqlite", description="TraceStore for refinement traces")
+    traces: str = Field("runs/serve/traces.sqlite", description="TraceStore every request is logged to (each "
+                        "answer a trace; POST /v1/feedback attaches a verdict later)")
+    log_traces: bool = Field(True, description="log plain chat/completions requests as traces too (false: only "
+                             "refinement traces)")
 
 
 # --- request bodies (extra fields that OpenAI clients send are accepted and ignored) ----------
@@ -104,6 +110,9 @@ class ChatRequest(BaseModel):
     return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
     stream: bool | None = False
     refine: Refine | bool | None = None
+    reference: str | None = None  # extra_body: the expected answer, for the verifier's score in the trace
+    tests: list[str] | str | None = None  # extra_body: a code task's tests ...
+    entry_point: str | None = None  # ... and the function they call
 
 
 class CompletionRequest(BaseModel):
@@ -118,6 +127,18 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool | None = False
+    reference: str | None = None  # extra_body, as in ChatRequest
+    tests: list[str] | str | None = None
+    entry_point: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a verdict on a logged answer, given after the fact."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace_id: str = Field(min_length=1, max_length=64)
+    score: float = Field(ge=0, le=1, allow_inf_nan=False)
+    text: str | None = Field(None, max_length=20_000)
 
 
 class LoadAdapter(BaseModel):
@@ -182,6 +203,7 @@ class Server:
         self.queue: asyncio.Queue | None = None
         self._critics: dict[str, Any] = {}
         self._verifier = None
+        self._verifiers: dict[str, Any] = {}
 
     # resolved lazily: a server without refinement requests never builds them
     @property
@@ -189,6 +211,14 @@ class Server:
         if self._verifier is None:
             self._verifier = verifier_for(self.cfg.verifier, None)
         return self._verifier
+
+    def verifier_of(self, task: Task):
+        """The verifier that scores a logged answer: `verifier=`, or from the task when auto
+        (tests: the code sandbox; a reference: math)."""
+        name = self.cfg.verifier if self.cfg.verifier != "auto" else default_verifier([task])
+        if name not in self._verifiers:
+            self._verifiers[name] = verifier_for(name, [task])
+        return self._verifiers[name]
 
     def critic(self, name: str):
         if name not in self._critics:
@@ -252,7 +282,8 @@ class Server:
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
-                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve")
+                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve",
+                              meta={"source": "serve", "kind": "refine"})
         self.store.append(traces)
         return traces
 
@@ -295,7 +326,11 @@ class Server:
             turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
-            return self._chat_response(req.model, created, choices, prompt_tokens, turns)
+            out = self._chat_response(req.model, created, choices, prompt_tokens, turns)
+            ids = await self.log("chat", [request_task(conv, req)], [turns], adapter)
+            if ids:
+                out["selfevolve"] = {"trace_id": ids[0], "trace_ids": ids}
+            return out
         if req.n != 1:
             raise HTTPError(400, "refinement returns one answer; use n=1")
         if conv[-1]["role"] != "user" or any(m["role"] == "assistant" for m in conv):
@@ -307,7 +342,7 @@ class Server:
         critic = refine.critic or self.cfg.critic
         if critic == "verifier" and refine.reference is None:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
-        task = Task(id=f"req-{uuid.uuid4().hex[:12]}", prompt=conv[-1]["content"], reference=refine.reference)
+        task = request_task(conv, req, refine.reference)
         trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic), task)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
@@ -368,7 +403,9 @@ class Server:
                                           "text_offset": None}
                 choices.append(choice)
         prompt_tokens = sum(len(x) for x in ids)
+        logged = await self.log("completion", [request_task(p, req) for p in prompts], results, adapter)
         return {
+            **({"selfevolve": {"trace_id": logged[0], "trace_ids": logged}} if logged else {}),
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
@@ -380,6 +417,35 @@ class Server:
                 "total_tokens": prompt_tokens + completion,
             },
         }
+
+    async def log(self, kind: str, tasks: list[Task], answers: list[list[Turn]], adapter: str | None) -> list[str]:
+        """Every answer becomes a trace (one per choice) in the store, scored by the verifier
+        where its request carried a reference or tests, and appended before the response
+        goes out, so its id is valid for /v1/feedback at once. Off the model thread (a code
+        verifier runs tests). Returns the trace ids ([] with log_traces=false)."""
+        if not self.cfg.log_traces:
+            return []
+        traces = [Trace(task=task, turns=[turn], policy_version=adapter, recipe="serve", run="serve",
+                        meta={"source": "serve", "kind": kind})
+                  for task, turns in zip(tasks, answers) for turn in turns]
+
+        def score_and_append():
+            for t in traces:
+                if t.task.reference is not None or t.task.tests:
+                    t.turns[-1].feedback = self.verifier_of(t.task).verify(t.task, t.final)
+            self.store.append(traces)
+
+        await asyncio.get_running_loop().run_in_executor(None, score_and_append)
+        return [t.id for t in traces]
+
+    async def feedback(self, req: FeedbackRequest) -> dict:
+        """Attach a user's verdict to a logged answer (`TraceStore.add_feedback`)."""
+        verdict = Feedback(score=req.score, text=req.text, source="user")
+        trace = await asyncio.get_running_loop().run_in_executor(None, self.store.add_feedback, req.trace_id,
+                                                                 verdict)
+        if trace is None:
+            raise HTTPError(404, f"no logged trace with id {req.trace_id!r}", "not_found_error")
+        return {"object": "feedback", "trace_id": trace.id, "score": req.score}
 
     def _prompt_lps(self, text: str, adapter: str | None):
         self.policy.set_adapter(adapter)
@@ -427,6 +493,38 @@ class Server:
             raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
         await self.submit("call", SERIAL, lambda: self.policy.unload_adapter(req.lora_name))
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+
+def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
+    """The task a request poses: its last user message (or completion prompt), with the
+    `reference`, `tests` and `entry_point` it carried. The id is a hash of the whole
+    conversation and reference, so the same question asked twice is the same task (a split
+    by task id keeps it on one side); earlier messages stay in `meta["messages"]`."""
+    reference = reference if reference is not None else req.reference
+    messages = [conv] if isinstance(conv, str) else conv
+    key = json.dumps([messages, reference, req.tests, req.entry_point], sort_keys=True, ensure_ascii=False)
+    meta = {"messages": conv} if isinstance(conv, list) and len(conv) > 1 else {}
+    prompt = conv if isinstance(conv, str) else conv[-1]["content"]
+    return Task(id="req-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16], prompt=prompt,
+                reference=reference, tests=req.tests, entry_point=req.entry_point, meta=meta)
+
+
+def foreign_request(request: Request, listening: str) -> str | None:
+    """Why a POST must be refused as not coming from a real API client, or None: its body is
+    not declared JSON (a browser's cross-site form or text/plain POST needs no CORS
+    preflight), its Origin is another site's, or — on a loopback server — its Host is not a
+    loopback name (DNS rebinding: a page whose name resolves to 127.0.0.1)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        return f"Content-Type must be application/json (got {kind or 'none'})"
+    host = request.headers.get("host", "")
+    name = urlsplit("//" + host).hostname or ""
+    if loopback(listening) and not loopback(name):
+        return f"Host {host!r} is not a loopback name; this server listens on {listening} only"
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        return f"cross-origin request from {origin} refused"
+    return None
 
 
 def loopback(host: str) -> bool:
@@ -478,6 +576,8 @@ def create_app(server: Server):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > server.cfg.max_request_bytes:
             return error(413, f"request body of {size} bytes exceeds the limit of {server.cfg.max_request_bytes}")
+        if request.method == "POST" and (why := foreign_request(request, server.cfg.host)):
+            return error(415 if why.startswith("Content-Type") else 403, why)
         try:
             return await call_next(request)
         except Exception as e:  # never let one request take the server down
@@ -517,6 +617,10 @@ def create_app(server: Server):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await server.complete(await body(request, CompletionRequest))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        return await server.feedback(await body(request, FeedbackRequest))
 
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request):

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError, disk_full
-from .types import Trace
+from .types import Feedback, Trace
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -97,6 +98,28 @@ class TraceStore:
                 rows,
             )
         return len(rows)
+
+    def add_feedback(self, trace_id: str, feedback: Feedback) -> Trace | None:
+        """Attach a verdict given after the fact (a user's, `source="user"`) to the stored trace
+        `trace_id` (exact id): it becomes the last turn's feedback, so score filters and the
+        recipes see it; what it replaces stays in `meta["replaced_feedback"]`, and every
+        verdict in `meta["feedback"]`. One transaction; None (nothing changed) for an unknown
+        id or a trace without turns."""
+        with self.lock, self.db:
+            row = self.db.execute("SELECT data FROM traces WHERE id = ?", (trace_id,)).fetchone()
+            if row is None:
+                return None
+            trace = Trace.model_validate_json(row[0])
+            if not trace.turns:
+                return None
+            last = trace.turns[-1]
+            if last.feedback is not None and last.feedback.source != "user":
+                trace.meta.setdefault("replaced_feedback", last.feedback.model_dump())
+            trace.meta.setdefault("feedback", []).append({**feedback.model_dump(), "created": time.time()})
+            last.feedback = feedback
+            self.db.execute("UPDATE traces SET data = ?, score_last = ?, score_first = ? WHERE id = ?",
+                            (trace.model_dump_json(), last.score, trace.turns[0].score, trace_id))
+        return trace
 
     def last_seq(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM traces").fetchone()[0]

@@ -237,3 +237,76 @@ def test_adapter_updates_are_gated_and_confined(tmp_path):
             r = httpx.post(s.url + path, json={"lora_name": "x", "lora_path": str(root)})
             assert r.status_code == 403 and "allow_adapter_updates=true" in r.json()["error"]["message"]
         assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_every_answer_is_a_trace_and_feedback_attaches_to_it(client, server):
+    """Plain chat (n answers: n traces, scored where a reference came in extra_body) and
+    completions are logged; POST /v1/feedback sets a user's verdict, and bad feedback (an
+    unknown id, a score outside [0, 1], a malformed body) is a 4xx that changes nothing."""
+    store = TraceStore(server.traces)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."}, *Q],
+                                       temperature=1.0, n=2, seed=3, max_tokens=40, extra_body={"reference": "16"})
+    ids = r.model_extra["selfevolve"]["trace_ids"]
+    traces = [store.get(i) for i in ids]
+    assert len(ids) == 2 and [t.final for t in traces] == [c.message.content for c in r.choices]
+    assert all(t.task.reference == "16" and t.turns[0].feedback.source == "verifier" for t in traces)
+    assert traces[0].task.id == traces[1].task.id and traces[0].task.meta["messages"][0]["role"] == "system"
+    c = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0)
+    plain = store.get(c.model_extra["selfevolve"]["trace_id"])
+    assert plain.meta["kind"] == "completion" and plain.turns[0].score is None  # nothing to score it against
+
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
+    ok = http.post("/v1/feedback", json={"trace_id": plain.id, "score": 1.0, "text": "right"})
+    assert ok.status_code == 200 and ok.json()["trace_id"] == plain.id
+    after = store.get(plain.id)
+    assert after.turns[0].feedback.source == "user" and after.turns[0].score == 1.0
+    assert store.count(min_score=1.0) >= 1 and after.meta["feedback"][0]["text"] == "right"
+    verified = traces[0].turns[0].feedback
+    http.post("/v1/feedback", json={"trace_id": ids[0], "score": 0.0})  # replaces the verifier's, kept in meta
+    assert store.get(ids[0]).meta["replaced_feedback"]["score"] == verified.score
+    before = store.get(plain.id).model_dump()
+    for bad, status in (({"trace_id": "nope", "score": 1}, 404), ({"trace_id": plain.id, "score": 1.5}, 400),
+                        ({"trace_id": plain.id, "score": "NaN"}, 400), ({"trace_id": plain.id}, 400),
+                        ({"trace_id": plain.id, "score": 0.5, "extra": 1}, 400), ([1, 2], 400)):
+        e = http.post("/v1/feedback", json=bad)
+        assert e.status_code == status and "\n" not in e.json()["error"]["message"], (bad, e.text)
+    assert http.post("/v1/feedback", content=b"{not json", headers={"Content-Type": "application/json"}
+                     ).status_code == 400
+    assert store.get(plain.id).model_dump() == before
+    assert httpx.post(server.url + "/v1/feedback", json={"trace_id": plain.id, "score": 0}).status_code == 401
+
+
+def test_no_web_page_can_post_to_the_server(server):
+    """A browser's cross-site POST (text/plain or a form needs no CORS preflight), a foreign
+    Origin, or a rebinding Host is refused before anything runs: a web page can neither
+    change the model nor write the traces it will learn from."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = b'{"trace_id": "x", "score": 1}'
+    for headers, status in (({"Content-Type": "text/plain"}, 415),
+                            ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+                            ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+                            ({"Content-Type": "application/json", "Host": "evil.example"}, 403)):
+        for path in ("/v1/feedback", "/v1/unload_lora_adapter", "/v1/chat/completions"):
+            r = httpx.post(server.url + path, content=body, headers={**auth, **headers})
+            assert r.status_code == status, (path, headers, r.text)
+    same = httpx.post(server.url + "/v1/feedback", content=body, headers={
+        **auth, "Content-Type": "application/json; charset=utf-8", "Origin": server.url})
+    assert same.status_code == 404  # a same-origin JSON request gets through to the route
+
+
+def test_feedback_from_python_and_from_a_langchain_chain(client, server):
+    import selfevolve
+    from selfevolve.errors import UserError
+    from selfevolve.langchain import ServerFeedback
+
+    r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=24)
+    trace_id = r.model_extra["selfevolve"]["trace_id"]
+    url = server.url + "/v1"
+    assert selfevolve.feedback_for(trace_id, 0.0, "wrong", base_url=url, api_key=KEY)["trace_id"] == trace_id
+    assert ServerFeedback(url, api_key=KEY).invoke({"trace_id": trace_id, "score": 1.0})["score"] == 1.0
+    stored = TraceStore(server.traces).get(trace_id)
+    assert [f["score"] for f in stored.meta["feedback"]] == [0.0, 1.0] and stored.turns[-1].score == 1.0
+    with pytest.raises(UserError, match="404"):
+        selfevolve.feedback_for("unknown", 1.0, base_url=url, api_key=KEY)
+    with pytest.raises(UserError, match="401"):
+        selfevolve.feedback_for(trace_id, 1.0, base_url=url, api_key="wrong")
