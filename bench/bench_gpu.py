@@ -89,7 +89,7 @@ def one_run(model: Path, device: str, n: int, run_dir: Path, *extra: str) -> dic
            f"run_dir={run_dir}", *extra]
     watch = DeviceMemory() if device.startswith("cuda") else None
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=run_dir.parent,
                             env={**os.environ, "SELFEVOLVE_QUIET": "1"})
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)

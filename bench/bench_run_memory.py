@@ -59,8 +59,8 @@ def peak_rss(python: str, model: str, n: int, run_dir: Path) -> tuple[float, flo
     cmd = [python, "-m", "selfevolve.cli", "run", "recipe=score", f"model={model}", "stage1_steps=1",
            "stage2_steps=1", f"batch_tasks={n}", "eval_limit=8", "val_limit=8", f"run_dir={run_dir}"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "SELFEVOLVE_QUIET": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=run_dir.parent,
+                            env={**os.environ, "SELFEVOLVE_QUIET": "1"})  # not the checkout: -m would import it
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
