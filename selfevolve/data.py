@@ -152,8 +152,9 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
               id_field=cfg.id_field, difficulty=cfg.difficulty, tests_field=cfg.tests_field,
               entry_point_field=cfg.entry_point_field)
     files = {"test": getattr(cfg, "eval_data", None), "validation": getattr(cfg, "val_data", None)} if holdout else {}
-    if files.get(split):
-        return load_tasks(files[split], split=split, **kw)
+    if files.get(split):  # a file given for this role is the role: its own split of that name, else all of it
+        own = files[split] in GENERATED or split in splits_of(files[split])
+        return load_tasks(files[split], split=split if own else None, **kw)
     if not holdout and (split is None or split not in ROLES):
         return load_tasks(cfg.data, split=split, **kw)
     carve = tuple(r for r in ("validation", "test") if not files.get(r))
