@@ -32,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
@@ -83,10 +83,23 @@ class ServeConfig(ModelKeys, FeedbackKeys):
 # --- request bodies (extra fields that OpenAI clients send are accepted and ignored) ----------
 
 
+def _encodable(text: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (JSON's "\\ud800") is refused, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+SEED = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str = Field(pattern="^(system|user|assistant)$")
-    content: str
+    content: Text
 
 
 class Refine(BaseModel):
@@ -105,12 +118,12 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = SEED
     logprobs: bool | None = False
     return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
     stream: bool | None = False
     refine: Refine | bool | None = None
-    reference: str | None = None  # extra_body: the expected answer, for the verifier's score in the trace
+    reference: Text | None = None  # extra_body: the expected answer, for the verifier's score in the trace
     tests: list[str] | str | None = None  # extra_body: a code task's tests ...
     entry_point: str | None = None  # ... and the function they call
 
@@ -118,12 +131,12 @@ class ChatRequest(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = SEED
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool | None = False
@@ -340,6 +353,8 @@ class Server:
             raise HTTPError(400,
                             f"refine.max_turns={max_turns} exceeds this server's limit of {self.cfg.max_turns_limit}")
         critic = refine.critic or self.cfg.critic
+        if critic == "judge" and not self.cfg.judge:
+            raise HTTPError(400, "critic=judge needs a judge model: this server was started without judge=")
         if critic == "verifier" and refine.reference is None:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
         task = request_task(conv, req, refine.reference)
@@ -377,7 +392,7 @@ class Server:
         adapter = self.adapter_for(req.model)
         sampling = self.sampling(req.temperature, req.top_p, req.max_tokens, req.n, req.seed, req.logprobs is not None)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
+        if not prompts or not all(prompts):
             raise HTTPError(400, "prompt is empty")
         tok = self.policy.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
@@ -459,6 +474,8 @@ class Server:
     def adapter_path(self, lora_path: str) -> str:
         """`lora_path` confined to `adapter_root` (when set): a path outside it is refused
         without saying anything about what is there."""
+        if "\x00" in lora_path:
+            raise HTTPError(400, "lora_path contains a NUL byte")
         if self.adapter_root is None:
             return lora_path
         path = (self.adapter_root / lora_path).resolve()
@@ -591,6 +608,8 @@ def create_app(server: Server):
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON ({e})")
+        except RecursionError:
+            raise HTTPError(400, "the body is nested too deeply")
         if not isinstance(data, dict):
             raise HTTPError(400, "the body must be a JSON object")
         try:

@@ -98,14 +98,30 @@ def test_concurrent_clients_all_answered(client):
             400,
             "max_turns",
         ),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', 400,
+         "seed"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "surrogate"),
+        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, 400, "nested"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "refine": {"critic": "judge"}}', 400,
+         "judge="),
     ],
 )
 def test_malformed_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, client, body, status, words):
+    """Each of these answered 500 before (issue 33): a 5xx is a bug report, not an answer."""
     r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}",
                                                                                "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
     assert client.chat.completions.create(model="tiny", messages=Q, max_tokens=4).choices
+
+
+def test_empty_prompts_and_nul_paths_are_refused(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ""}, headers=auth)
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "x\u0000y"},
+                   headers=auth)
+    assert r.status_code == 400 and "NUL" in r.json()["error"]["message"]
 
 
 def test_oversized_and_unauthorised_requests(server):
