@@ -489,6 +489,8 @@ class Server:
             raise HTTPError(400, "lora_path is required")
         if req.lora_name in (self.name, self.name + REFINE_SUFFIX):
             raise HTTPError(400, f"lora_name {req.lora_name!r} is the base model's name")
+        if req.lora_name.endswith(REFINE_SUFFIX):  # `NAME+refine` asks for refinement with adapter NAME
+            raise HTTPError(400, f"lora_name {req.lora_name!r} ends in {REFINE_SUFFIX!r}, which requests refinement")
         path = self.adapter_path(req.lora_path)
 
         def load():  # all or nothing (HFPolicy.load_adapter): a failed load leaves the model as it was
@@ -653,13 +655,26 @@ def create_app(server: Server):
 
 
 def serve(cfg: ServeConfig) -> None:
+    """Bind first (a port in use is one line and exit 2, before any banner), then serve on
+    that socket; port=0 takes a free port, and the banner names it."""
+    import socket
+
     import uvicorn
 
     server = Server(cfg)
-    app = create_app(server)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"port={cfg.port}: cannot listen on {cfg.host} ({e.strerror or e})") from None
+    port = sock.getsockname()[1]
     print(
-        f"selfevolve serve: {server.name} on http://{cfg.host}:{cfg.port}/v1 "
+        f"selfevolve serve: {server.name} on http://{cfg.host}:{port}/v1 "
         f"(refinement: model={server.name}{REFINE_SUFFIX}; traces: {cfg.traces})",
         flush=True,
     )
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    config = uvicorn.Config(create_app(server), host=cfg.host, port=port, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -326,3 +326,30 @@ def test_feedback_from_python_and_from_a_langchain_chain(client, server):
         selfevolve.feedback_for("unknown", 1.0, base_url=url, api_key=KEY)
     with pytest.raises(UserError, match="401"):
         selfevolve.feedback_for(trace_id, 1.0, base_url=url, api_key="wrong")
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(server):
+    from tests.test_cli import cli
+
+    r = cli("serve", "model=tiny", f"port={server.port}")
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "selfevolve serve:" not in r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_adapter_names_that_ask_for_refinement_and_nan_adapters_are_refused(server, tmp_path, tiny):
+    import torch
+
+    from selfevolve.training import trainable_model
+
+    learner = trainable_model("tiny", r=4, alpha=8)
+    with torch.no_grad():
+        next(p for n, p in learner.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    learner.save_pretrained(tmp_path / "nan")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x+refine", "lora_path": str(tmp_path)},
+                   headers=auth)
+    assert r.status_code == 400 and "refinement" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "nan", "lora_path": str(tmp_path / "nan")},
+                   headers=auth, timeout=60)
+    assert r.status_code == 400 and "not finite" in r.json()["error"]["message"]
+    assert "nan" not in [m["id"] for m in httpx.get(server.url + "/v1/models", headers=auth).json()["data"]]

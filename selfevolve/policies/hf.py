@@ -138,6 +138,9 @@ class HFPolicy:
             weights = load_peft_weights(str(p), device=str(self.device))
         except Exception as e:
             raise UserError(f"adapter={path}: cannot read its weights ({type(e).__name__})") from None
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+        if bad is not None:  # it would load, then answer 500 when sampled and '' greedy
+            raise UserError(f"adapter={path}: weight {bad} is not finite (NaN or inf); not loaded")
         replacing = isinstance(self.model, PeftModel) and name in self.model.peft_config
         snapshot = ({k: v.clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
                     if replacing else None)
