@@ -20,6 +20,14 @@ Deviations from the paper, for the tiny world on 2 CPU cores: `num_samples=4` sa
 task (paper: 32 on MATH), `max_per_task=2` (paper: 10), `train_tasks=1000` prompts per
 iteration, LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed
 number of SFT epochs rather than the paper's step budget.
+
+From logged traffic (`data=runs/serve/traces.sqlite`, `data.logged_tasks`): answers the
+server logged that scored 1 — by the verifier or by a user's `/v1/feedback` — join the
+E-step's kept set before fresh samples (same `max_per_task`, distinct responses), trained on
+their sampled token ids; fresh samples are drawn only for tasks with a reference or tests
+(the verifier needs one). A logged answer may come from an older version than θ_{t-1}: ReST-EM's
+M-step is supervised on verified answers and needs no importance correction, so staleness
+only widens the E-step's distribution (a deviation; `since_version=` bounds it).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from selfevolve.data import tasks_for
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Trace
+from selfevolve.types import Feedback, SamplingParams, Trace, Turn
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
@@ -61,12 +69,16 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
     """Sample, verify, keep up to max_per_task distinct correct answers per task; store all.
     Under torchrun each rank samples its shard of the tasks and every rank gets them all."""
     tasks = distributed.shard(tasks)
-    convs = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    sampled = [t for t in tasks if "logged" not in t.meta or t.reference is not None or t.tests]
+    convs = [[{"role": "user", "content": t.prompt}] for t in sampled]
     sampling = SamplingParams(temperature=cfg.temperature, n=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                               seed=distributed.rank_seed(cfg.seed * 1000 + iteration))
-    samples = policy.generate(convs, sampling)
-    flat = [(t, turn) for t, turns in zip(tasks, samples) for turn in turns]
-    feedback = verifier.verify_batch([t for t, _ in flat], [turn.response for _, turn in flat])
+    samples = policy.generate(convs, sampling) if convs else []
+    flat = [(t, turn) for t, turns in zip(sampled, samples) for turn in turns]
+    feedback = verifier.verify_batch([t for t, _ in flat], [turn.response for _, turn in flat]) if flat else []
+    logged = logged_correct(tasks)  # first: a user's verdict is the strongest signal there is
+    flat = logged + flat
+    feedback = [turn.feedback for _, turn in logged] + list(feedback)
     traces, kept_per_task = [], {}
     for (task, turn), fb in zip(flat, feedback):
         turn.feedback = fb
@@ -74,7 +86,8 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
         keep = fb.score == 1.0 and len(seen) < cfg.max_per_task and turn.response not in seen
         if keep:
             seen.add(turn.response)
-        traces.append(Trace(task=task, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe,
+        plain = task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})
+        traces.append(Trace(task=plain, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe,
                             run=run.name, round=iteration,
                             meta={"phase": "e_step", "kept": keep, "tokens": trained_tokens([turn])}))
     traces = distributed.gather(traces)
@@ -82,12 +95,19 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
     return [t for t in traces if t.meta["kept"]]
 
 
+def logged_correct(tasks) -> list[tuple]:
+    """(task, turn) for every logged answer that scored 1 (`data.logged_tasks`)."""
+    return [(t, Turn(response=a["response"], token_ids=a["token_ids"],
+                     feedback=Feedback(score=1.0, source=a["source"] or "verifier", details={"trace": a["trace_id"]})))
+            for t in tasks for a in t.meta.get("logged", []) if a["score"] == 1.0]
+
+
 def main(cfg: RestEMConfig, run: Run) -> None:
     policy = served_policy(cfg)
     base = learner_base(cfg, policy)  # the served model's weights, device and dtype
     tokenizer = base.tokenizer
     verifier = run.verifier
-    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
+    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks, unscored_train=True)
 
     state = run.restore()
     if state is None:

@@ -68,6 +68,11 @@ OpenAI endpoint; `meta.tokens` on each trace says which); a response cut at `max
 is trained without an end of turn. Every step's two turns draw from seeds no other step uses
 (`rollout_seed`). Ablations: `stage1_steps=0` (no Stage I), `alpha=0` (no bonus; compare
 with `credit=per_attempt` for the variance-only effect).
+
+From logged traffic (`data=traces.sqlite`): the logged prompts and references only. Both
+attempts are re-sampled on-policy from the current adapter; logged answers (sampled by
+other versions, without the second turn's instruction) are not trained on, so no stale
+sample enters the policy gradient beyond what `max_staleness` allows.
 """
 
 from __future__ import annotations

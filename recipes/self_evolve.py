@@ -35,6 +35,10 @@ or read a critique. It is on for `tiny` only (`feedback_tokens=null`): a real mo
 words, and at `token_lr` it would retrain the rows of common words (vLLM cannot load such an
 adapter yet either). The critic learns the format and the verdicts' base rate, not to find
 errors: README, "SELF", has the numbers.
+
+From logged traffic (`data=traces.sqlite`): the logged prompts with a reference, refined
+afresh; logged refinement traces are not yet turned into (answer, feedback, refinement)
+tuples (issue 32, open).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ each iteration); θ_{t+1} starts from θ_t either way, and the carried moments o
 the step size at an iteration's start. It is part of the checkpoint, so resume is exact.
 A y' cut at `max_new_tokens` is scored as it was sampled, without an end of turn (it never
 ended; training it as finished would teach the model to stop there): docs/architecture.md.
+
+From logged traffic (`data=traces.sqlite`): the logged prompts with a reference, the
+reference as gold; logged score-1 answers are not yet taken as gold (issue 32, open).
 """
 
 from __future__ import annotations

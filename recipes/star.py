@@ -28,6 +28,10 @@ rationales it does not already produce greedily), `train_tasks=2000` prompts per
 LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed number of SFT
 epochs instead of the paper's growing step budget, and the hint is one sentence after the
 question (`feedback/prompts.py: STAR_HINT`) rather than few-shot exemplars with hints.
+
+From logged traffic (`data=traces.sqlite`): the logged prompts with a reference are
+sampled and rationalised as above; the logged answers themselves are not used yet (issue 32:
+rationalising logged failures is open).
 """
 
 from __future__ import annotations

@@ -69,6 +69,11 @@ class DataKeys(Keys):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share carved (seeded) from a source without "
                                 "a validation split")
     verify_workers: int = Field(1, ge=1, description="verifier worker processes (>1 runs a VerifierPool)")
+    since_version: str | None = Field(None, description="data= a trace store: only traces logged from the first one "
+                                      "this policy version answered on")
+    scored: bool = Field(False, description="data= a trace store: only traces with a score (a verifier's or a user's)")
+    source: str | None = Field(None, description="data= a trace store: only traces whose verdict came from this "
+                               "source (user, verifier)")
 
 
 class VerifierKeys(Keys):

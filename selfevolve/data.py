@@ -45,7 +45,8 @@ HOLDOUT = (0.2, 0.1)  # the (test, validation) shares carved by default: config'
 def load_tasks(data: str, split: str | None = None, limit: int | None = None, seed: int = 0,
                prompt_field: str = "prompt", answer_field: str = "answer", id_field: str = "id",
                difficulty: int = 3, holdout: tuple[float, float] | None = None, tests_field: str = "tests",
-               entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test")) -> list[Task]:
+               entry_point_field: str = "entry_point", carve: tuple[str, ...] = ("validation", "test"),
+               traces: dict | None = None, unscored_train: bool = False) -> list[Task]:
     """Load tasks. Built-in `arith` and `equations` are generated (`limit` of them, default
     500) with their own train / validation / test splits; files are read in order and
     truncated to `limit`.
@@ -62,11 +63,16 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
     a generated suite's test split). A split that is neither a role nor the source's own is
     refused. Code tasks
     carry their tests (a list of assert statements, or a `check(candidate)` program) in
-    `tests_field` and the function's name in `entry_point_field`."""
+    `tests_field` and the function's name in `entry_point_field`. A trace store (`.sqlite`,
+    what `selfevolve serve` logs) is a flat source of its tasks (`logged_tasks`, filtered by
+    `traces`), carved by task id like any other; only the tasks a verifier can score (a
+    reference or tests) are returned, except in `train` for a recipe that learns from the
+    logged verdicts alone (`unscored_train`, ReST-EM)."""
     if data in GENERATED:
         return GENERATED[data](split=split or "test", n=limit or 500, seed=seed, difficulty=difficulty)
-    if data == "humaneval":
-        rows = [(t.id, t) for t in humaneval()]
+    store = is_trace_store(data)
+    if data == "humaneval" or store:
+        rows = [(t.id, t) for t in (logged_tasks(data, **(traces or {})) if store else humaneval())]
         named: set[str] = set()
     else:
         rows, named = None, splits_of(data)
@@ -90,7 +96,9 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
         rows = [r for r in rows if _role(seed, _task_id(data, r, id_field), holdout, carved) == split]
     if rows is None:
         rows = list(_rows(data, split or "test"))
-    if data == "humaneval":
+    if store and not (split == "train" and unscored_train):  # only what a verifier can score
+        rows = [(i, t) for i, t in rows if t.reference is not None or t.tests]
+    if data == "humaneval" or store:
         return [t for _, t in rows][: limit or None]
     if not rows:
         if holdout is None:
@@ -140,7 +148,7 @@ def default_verifier(tasks: list[Task]) -> str:
                     "verifier=math (math-verify), exact, regex, choice, code, or a dotted import path")
 
 
-def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[Task]:
+def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True, unscored_train: bool = False) -> list[Task]:
     """`load_tasks` with the data keys of a config, in the three disjoint roles
     (docs/architecture.md, "Data roles"): `train`, `validation` (selection, early stopping)
     and `test` (reported once). A recipe's test tasks come from `eval_data` when set, its
@@ -150,7 +158,8 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
     commands (`holdout=False`) read every task of a flat file unless asked for a role."""
     kw = dict(limit=limit, seed=cfg.seed, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
               id_field=cfg.id_field, difficulty=cfg.difficulty, tests_field=cfg.tests_field,
-              entry_point_field=cfg.entry_point_field)
+              entry_point_field=cfg.entry_point_field,
+              traces=trace_filters(cfg), unscored_train=unscored_train)
     files = {"test": getattr(cfg, "eval_data", None), "validation": getattr(cfg, "val_data", None)} if holdout else {}
     if files.get(split):  # a file given for this role is the role: its own split of that name, else all of it
         own = files[split] in GENERATED or split in splits_of(files[split])
@@ -159,6 +168,15 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True) -> list[
         return load_tasks(cfg.data, split=split, **kw)
     carve = tuple(r for r in ("validation", "test") if not files.get(r))
     return load_tasks(cfg.data, split=split, holdout=(cfg.eval_fraction, cfg.val_fraction), carve=carve, **kw)
+
+
+def trace_filters(cfg) -> dict:
+    """since_version / scored / source, which only a trace store takes (refused elsewhere)."""
+    filters = {k: getattr(cfg, k, None) for k in ("since_version", "scored", "source")}
+    given = [k for k, v in filters.items() if v not in (None, False)]
+    if given and not is_trace_store(cfg.data):
+        raise UserError(f"{given[0]}= filters a trace store; data={cfg.data} is not one (a .sqlite file)")
+    return {**filters, "scored": bool(filters["scored"])}
 
 
 def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:
@@ -176,6 +194,43 @@ def _role(seed: int, task_id: str, fractions: tuple[float, float], carved: tuple
     if h < test + val:
         return "validation" if "validation" in carved else "train"
     return "train"
+
+
+def is_trace_store(data: str) -> bool:
+    """Whether `data` names a TraceStore file (SQLite: `.sqlite` or `.db`)."""
+    return Path(data).suffix.lower() in (".sqlite", ".db")
+
+
+def logged_tasks(path: str, since_version: str | None = None, scored: bool = False,
+                 source: str | None = None) -> list[Task]:
+    """The tasks of a trace store, one per task id in the order first logged, each with the
+    answers logged for it in `meta["logged"]` (trace id, response, sampled token ids, score,
+    the verdict's source, the version that answered) for the recipes that learn from them.
+    Filters: traces from the first one `since_version` answered on; only those with a score
+    (`scored`); only those whose verdict came from `source` (user, verifier)."""
+    from .store import TraceStore
+
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"data={path}: no such trace store")
+    store = TraceStore(Path(path).expanduser())
+    start = None
+    if since_version is not None:
+        start = store.first_seq(since_version)
+        if start is None:
+            raise UserError(f"data={path}: no trace was answered by since_version={since_version}")
+    tasks: dict[str, Task] = {}
+    for t in store.iter(from_seq=start):
+        last = t.turns[-1] if t.turns else None
+        if last is None or (scored and last.score is None):
+            continue
+        if source is not None and (last.feedback is None or last.feedback.source != source):
+            continue
+        task = tasks.setdefault(t.task.id, t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}}))
+        task.meta["logged"].append({"trace_id": t.id, "response": last.response, "token_ids": last.token_ids,
+                                    "score": last.score, "source": last.feedback.source if last.feedback else None,
+                                    "policy_version": t.policy_version})
+    store.close()
+    return list(tasks.values())
 
 
 def splits_of(data: str) -> set[str]:

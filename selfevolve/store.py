@@ -140,8 +140,12 @@ class TraceStore:
         min_score=None,
         max_score=None,
         meta: dict[str, Any] | None = None,
+        from_seq=None,
     ) -> tuple[str, list]:
         clauses, args = [], []
+        if from_seq is not None:
+            clauses.append("seq >= ?")
+            args.append(from_seq)
         for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id)):
             if val is not None:
                 clauses.append(f"{col} = ?")
@@ -165,8 +169,12 @@ class TraceStore:
 
     def query(self, limit: int | None = None, **filters) -> list[Trace]:
         """Traces matching all filters (run, recipe, round, task_id, min_score, max_score on
-        the last turn, meta={key: value}), in append order."""
+        the last turn, meta={key: value}, from_seq), in append order."""
         return list(self.iter(limit=limit, **filters))
+
+    def first_seq(self, policy_version: str) -> int | None:
+        """The append position of the first trace `policy_version` answered (None: none)."""
+        return self.db.execute("SELECT MIN(seq) FROM traces WHERE policy_version = ?", (policy_version,)).fetchone()[0]
 
     def count(self, **filters) -> int:
         where, args = self._where(**filters)

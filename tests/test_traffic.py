@@ -1,0 +1,76 @@
+"""Logged traffic as data (issue 32, part 3): what `selfevolve serve` logged — answers scored
+by the verifier where a reference came, verdicts users posted later — is a task source for
+`eval` and every recipe (`data=traces.sqlite`, carved by task id), and ReST-EM keeps the
+logged answers that scored 1. Real server, real `openai` client, real SQLite."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from selfevolve import arith
+from selfevolve.data import load_tasks, logged_tasks
+from selfevolve.errors import UserError
+from selfevolve.server_process import ServerProcess
+from selfevolve.store import TraceStore
+from tests.test_cli import cli
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory):
+    """60 arith questions through the server, two answers each at T=1; a reference on the
+    first 40, and for 10 of the rest a user's verdict posted after the fact."""
+    traces = tmp_path_factory.mktemp("traffic") / "traces.sqlite"
+    server = ServerProcess(f"traces={traces}", "verifier=numeric")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+    try:
+        for i, task in enumerate(arith.tasks("train", n=60)):
+            extra = {"reference": task.reference} if i < 40 else {}
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": task.prompt}],
+                                               temperature=1.0, n=2, seed=i, max_tokens=48, extra_body=extra)
+            if i >= 50:
+                right = task.reference in r.choices[0].message.content
+                httpx.post(server.url + "/v1/feedback", json={"trace_id": r.model_extra["selfevolve"]["trace_ids"][0],
+                                                              "score": float(right)}).raise_for_status()
+    finally:
+        server.stop()
+    return traces
+
+
+def test_the_store_is_a_task_source_with_filters(traffic):
+    tasks = logged_tasks(str(traffic))
+    assert len(tasks) == 60 and all(len(t.meta["logged"]) == 2 for t in tasks)
+    assert sum(t.reference is not None for t in tasks) == 40
+    scored = logged_tasks(str(traffic), scored=True)
+    assert len(scored) == 50 and all(a["score"] is not None for t in scored for a in t.meta["logged"])
+    users = logged_tasks(str(traffic), source="user")
+    assert len(users) == 10 and all(a["source"] == "user" for t in users for a in t.meta["logged"])
+    roles = {r: {t.id for t in load_tasks(str(traffic), split=r, holdout=(0.2, 0.1), unscored_train=True)}
+             for r in ("train", "validation", "test")}
+    assert not roles["train"] & (roles["test"] | roles["validation"]) and not roles["test"] & roles["validation"]
+    evaluated = {t.id for t in tasks if t.reference is not None}
+    assert roles["test"] | roles["validation"] <= evaluated  # held out: what a verifier can score
+    assert len(roles["train"]) + len(roles["test"]) + len(roles["validation"]) > 40
+    assert {t.id for t in load_tasks(str(traffic), split="train", holdout=(0.2, 0.1))} <= evaluated
+    with pytest.raises(UserError, match="since_version"):
+        logged_tasks(str(traffic), since_version="never-served")
+
+
+def test_rest_em_trains_on_logged_answers_and_eval_reads_the_store(traffic, tmp_path):
+    run = tmp_path / "run"
+    r = cli("run", "recipe=rest_em", f"data={traffic}", "iterations=1", "num_samples=1", "epochs=1",
+            "max_new_tokens=32", "eval_limit=16", "val_limit=8", f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    store = TraceStore(run / "traces.sqlite")
+    kept = store.query(meta={"phase": "e_step", "kept": True})
+    from_logs = [t for t in kept if "trace" in t.turns[0].feedback.details]
+    logged = TraceStore(traffic)
+    assert from_logs and all(logged.get(t.turns[0].feedback.details["trace"]).turns[-1].score == 1.0
+                             for t in from_logs)
+    assert all("logged" not in t.task.meta for t in kept)
+    assert json.loads((run / "summary.json").read_text())["after"]["n"] > 0
+    r = cli("eval", f"data={traffic}", "limit=8", f"out={tmp_path / 'eval.json'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("run", "recipe=rest_em", "data=arith", "scored=true", f"run_dir={tmp_path / 'bad'}")
+    assert r.returncode == 2 and "trace store" in r.stderr
