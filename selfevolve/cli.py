@@ -5,6 +5,7 @@
     selfevolve refine prompt="..." key=value ...  self-refine one prompt
     selfevolve check data=... verifier=...        run the verifier on every task's reference
     selfevolve serve model=... port=8000          OpenAI-compatible server (plain or self-refining)
+    selfevolve evolve model=URL traces=... recipe= train the served model on its logged traffic, gated rounds
     selfevolve traces RUN_DIR key=value ...       list, filter, show and export a run's traces
     selfevolve report RUN_DIR [RUN_DIR ...]       HTML report with plots (several runs overlaid)
     selfevolve compare RUN_A RUN_B                paired difference B − A of two runs' test metrics, with intervals
@@ -287,6 +288,17 @@ def cmd_serve(overrides: dict, want_help: bool) -> int:
     return 0
 
 
+def cmd_evolve(overrides: dict, want_help: bool) -> int:
+    from . import evolve
+
+    if want_help:
+        print(f"selfevolve evolve key=value ...\n\n{evolve.__doc__.strip()}\n\nkeys (others go to the recipe):\n"
+              f"{help_text(evolve.EvolveConfig)}")
+        return 0
+    evolve.main(overrides)
+    return 0
+
+
 def cmd_traces(overrides: dict, want_help: bool) -> int:
     from . import traces
 
@@ -325,7 +337,8 @@ def cmd_report(overrides: dict, want_help: bool) -> int:
 
 
 COMMANDS = {"traces": cmd_traces, "report": cmd_report, "compare": cmd_compare, "run": cmd_run, "eval": cmd_eval,
-            "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes, "serve": cmd_serve}
+            "refine": cmd_refine, "check": cmd_check, "recipes": cmd_recipes, "serve": cmd_serve,
+            "evolve": cmd_evolve}
 
 
 def main(argv: list[str] | None = None) -> int:
