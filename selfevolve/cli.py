@@ -295,7 +295,7 @@ def cmd_evolve(overrides: dict, want_help: bool) -> int:
         print(f"selfevolve evolve key=value ...\n\n{evolve.__doc__.strip()}\n\nkeys (others go to the recipe):\n"
               f"{help_text(evolve.EvolveConfig)}")
         return 0
-    evolve.main(overrides)
+    evolve.main(overrides, _recipe, _config_path)
     return 0
 
 

@@ -66,13 +66,14 @@ def split_keys(overrides: dict) -> tuple[dict, dict]:
 
 
 class Evolve:
-    def __init__(self, cfg: EvolveConfig, recipe_keys: dict):
-        from .cli import _config_path, _recipe
+    """`recipe(name)` -> (module, config class) and `config_path(name)` -> its YAML: the CLI's
+    recipe table, passed in (evolve sits below the command that starts it)."""
 
+    def __init__(self, cfg: EvolveConfig, recipe_keys: dict, recipe, config_path):
         self.cfg, self.dir = cfg, Path(cfg.run_dir)
-        self.mod, cls = _recipe(cfg.recipe)
+        self.mod, cls = recipe(cfg.recipe)
         self.keys = recipe_keys
-        self.recipe_cfg = lambda r: resolve(cls, _config_path(cfg.recipe), {
+        self.recipe_cfg = lambda r: resolve(cls, config_path(cfg.recipe), {
             "iterations": 1, **self.keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
             "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}")})
         self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
@@ -215,8 +216,8 @@ class Evolve:
         atomic_write(self.dir / "state.json", json.dumps(self.state))
 
 
-def main(overrides: dict) -> None:
+def main(overrides: dict, recipe, config_path) -> None:
     own, recipe_keys = split_keys(overrides)
     if "model" not in own:
         raise UserError("evolve needs model=URL (the live server's …/v1)")
-    Evolve(build(EvolveConfig, own), recipe_keys).run()
+    Evolve(build(EvolveConfig, own), recipe_keys, recipe, config_path).run()
