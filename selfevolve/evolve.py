@@ -14,8 +14,9 @@ validation tasks held out from the traffic (`val_fraction` of task ids, by hash:
 the first round, never trained on), greedy; the candidate is promoted — loaded, verified,
 under `serve_as` — only when its mean gain in the recipe's target metric (acc_t1; acc_t2
 for score and self_evolve) is > 0 and the lower end of the paired-bootstrap 95% interval is
-≥ −gate_margin. A rejected candidate is unloaded and kept on disk; the decision and its
-numbers are logged either way. Clients that ask for model=`serve_as` get the promoted
+≥ −gate_margin. A rejected candidate is unloaded and kept on disk; a round whose training
+diverged (a non-finite loss or gradient) is recorded as failed; the decision and its numbers
+are logged either way. Clients that ask for model=`serve_as` get the promoted
 version; nothing unverified or rejected is ever under that name.
 
 Every version is a node of the lineage (`lineage.json`, networkx node-link, and
@@ -37,7 +38,7 @@ import networkx as nx
 from pydantic import Field
 
 from .config import Keys, build, resolve
-from .errors import UserError
+from .errors import NonFinite, UserError
 from .files import atomic_write
 from .store import TraceStore
 
@@ -116,24 +117,29 @@ class Evolve:
         upto = self.store.last_seq()  # traces logged during the round go to the next one
         cfg = self.recipe_cfg(r)
         run = Run(cfg)
-        self.mod.main(cfg, run)
-        candidate = self.candidate(run.dir)
+        version, parent = f"round-{r}", self.state["served"] or "base"
         policy = served_policy(cfg)
+        try:
+            self.mod.main(cfg, run)
+        except NonFinite as e:  # the round diverged: nothing to gate, nothing served
+            gate = {"decision": "failed", "reason": str(e)}
+        else:
+            trained = sorted({t.task.id for t in run.store.iter(meta={"phase": "e_step"})})
+            atomic_write(run.dir / "trained_on.json", json.dumps({"upto_seq": upto, "task_ids": trained}))
+            candidate = self.candidate(run.dir)
+            gate = {"adapter": str(candidate), **self.gate(policy, cfg, candidate, version)}
         self.unload_run_adapters(policy, run.dir)
-        trained = sorted({t.task.id for t in run.store.iter(meta={"phase": "e_step"})})
-        atomic_write(run.dir / "trained_on.json", json.dumps({"upto_seq": upto, "task_ids": trained}))
-        gate = self.gate(policy, cfg, candidate, f"round-{r}")
-        parent = self.state["served"] or "base"
-        version = f"round-{r}"
-        self.lineage.add_node(version, recipe=cfg.recipe, adapter=str(candidate), upto_seq=upto,
-                              config=json.dumps(cfg.model_dump(mode="json")), **{k: json.dumps(v) if isinstance(
-                                  v, (dict, list)) else v for k, v in gate.items()})
+        self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=upto, config=json.dumps(cfg.model_dump(mode="json")),
+                              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in gate.items()})
         self.lineage.add_edge(parent, version)
         if gate["decision"] == "promoted":
-            self.promote(policy, candidate)
+            self.promote(policy, Path(gate["adapter"]))
             self.state["served"] = version
         self.state.update(round=r + 1, seq=upto)
         self.save()
+        if gate["decision"] == "failed":
+            print(f"round {r}: failed ({gate['reason']}); nothing served", flush=True)
+            return
         print(f"round {r}: {gate['metric']} {gate['current']:.3f} -> {gate['candidate']:.3f} "
               f"(gain {gate['gain']:+.3f}, 95% [{gate['interval'][0]:+.3f}, {gate['interval'][1]:+.3f}]): "
               f"{gate['decision']}", flush=True)
