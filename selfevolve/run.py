@@ -302,7 +302,9 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path) -> bool:
         old = yaml.safe_load(cfg_path.read_text()) or {}
         if old.get("recipe") != cfg.recipe:
             raise UserError(f"run_dir={run_dir} holds a {old.get('recipe')!r} run, not {cfg.recipe!r}")
-        changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS and old.get(k) != mine.get(k))
+        defaults = type(cfg)().model_dump()  # a key newer than the run: its default is what the run had
+        changed = sorted(k for k in set(old) | set(mine) if k not in RESUME_FREE_KEYS
+                         and old.get(k, defaults.get(k)) != mine.get(k))
         if changed:
             k = changed[0]
             raise UserError(f"resume=true with a different config: {k}={mine.get(k)!r}, the run has {k}={old.get(k)!r}")
