@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
@@ -97,9 +97,21 @@ SEED = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
 
 
 class Message(BaseModel):
+    """A chat message; `content` as a string or as the list of text parts the openai SDK's
+    typed messages and LangChain send (joined; other part types are refused)."""
+
     model_config = ConfigDict(extra="ignore")
     role: str = Field(pattern="^(system|user|assistant)$")
     content: Text
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value):
+        if not isinstance(value, list):
+            return value
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+        return "".join(p["text"] for p in value)
 
 
 class Refine(BaseModel):

@@ -115,6 +115,17 @@ def test_malformed_requests_get_a_clear_4xx_and_the_server_keeps_serving(server,
     assert client.chat.completions.create(model="tiny", messages=Q, max_tokens=4).choices
 
 
+def test_content_parts_and_greedy_n_as_real_clients_send_them(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is 7 + 8"}, {"type": "text", "text": "?"}]}]
+    joined = [{"role": "user", "content": "What is 7 + 8?"}]
+    r = client.chat.completions.create(model="tiny", messages=parts, temperature=0, max_tokens=24, n=2)
+    same = client.chat.completions.create(model="tiny", messages=joined, temperature=0, max_tokens=24)
+    assert [c.message.content for c in r.choices] == [same.choices[0].message.content] * 2
+    with pytest.raises(openai.BadRequestError, match="text content parts"):
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
 def test_empty_prompts_and_nul_paths_are_refused(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ""}, headers=auth)

@@ -238,6 +238,9 @@ class HFPolicy:
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
+        if sampling.temperature == 0 and sampling.n > 1:  # greedy: n equal answers (as OpenAI returns them)
+            once = self.generate_ids(prompts, sampling.model_copy(update={"n": 1}))
+            return [[t.model_copy(deep=True) for _ in range(sampling.n) for t in turns] for turns in once]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[Turn]] = [[] for _ in prompts]
         if sampling.seed is not None:
