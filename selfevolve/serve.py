@@ -183,12 +183,13 @@ class HTTPError(Exception):
 
 class BatchKey(NamedTuple):
     """Jobs with equal keys are answered in one batched call: the same adapter and sampling
-    settings (and, for refinement, the same attempts and critic)."""
+    settings (and, for refinement, the same attempts, critic and system message)."""
 
     adapter: str | None = None
     sampling: str = ""  # SamplingParams as JSON (hashable)
     max_turns: int | None = None
     critic: str | None = None
+    system: str | None = None  # a refinement request's system message
 
 
 SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
@@ -307,8 +308,8 @@ class Server:
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
-                              sampling=sampling, stop_when_correct=False, recipe="serve", run="serve",
-                              meta={"source": "serve", "kind": "refine"})
+                              sampling=sampling, stop_when_correct=False, system=key.system, recipe="serve",
+                              run="serve", meta={"source": "serve", "kind": "refine"})
         self.store.append(traces)
         return traces
 
@@ -358,7 +359,7 @@ class Server:
             return out
         if req.n != 1:
             raise HTTPError(400, "refinement returns one answer; use n=1")
-        if conv[-1]["role"] != "user" or any(m["role"] == "assistant" for m in conv):
+        if [m["role"] for m in conv] not in (["user"], ["system", "user"]):  # nothing accepted and then dropped
             raise HTTPError(400, "a refinement request is one user message (optionally after a system message)")
         max_turns = refine.max_turns or self.cfg.max_turns
         if max_turns > self.cfg.max_turns_limit:
@@ -370,7 +371,9 @@ class Server:
         if critic == "verifier" and refine.reference is None:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
         task = request_task(conv, req, refine.reference)
-        trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic), task)
+        system = conv[0]["content"] if conv[0]["role"] == "system" else None  # reaches every attempt
+        trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic, system),
+                                  task)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
         out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns), "scores": [t.score for t in trace.turns],

@@ -70,6 +70,23 @@ def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
         assert t.critique.source == "verifier" and ("16" not in t.critique.text or t.score == 1.0)
 
 
+def test_refinement_keeps_its_system_message_and_refuses_what_it_would_drop(client, server, tiny):
+    """A system message reaches every attempt (the answer is what the policy gives with it)
+    and the stored trace; earlier user messages or assistant turns are refused, not dropped."""
+    from selfevolve.loop import refine_batch
+
+    system = [{"role": "system", "content": "Answer with the number only."}]
+    r = client.chat.completions.create(model="tiny+refine", messages=system + Q, temperature=0, max_tokens=40,
+                                       extra_body={"refine": {"max_turns": 2}})
+    local = refine_batch([Q[0]["content"]], tiny, max_turns=2, system=system[0]["content"], stop_when_correct=False,
+                         sampling=__import__("selfevolve").SamplingParams(max_new_tokens=40))[0]
+    assert r.choices[0].message.content == local.final
+    stored = TraceStore(server.traces).get(r.model_extra["selfevolve"]["trace_id"])
+    assert stored.task.meta["messages"][0] == system[0]
+    with pytest.raises(openai.BadRequestError, match="one user message"):
+        client.chat.completions.create(model="tiny+refine", messages=Q + Q, max_tokens=8)
+
+
 def test_concurrent_clients_all_answered(client):
     def ask(i):
         return (client.chat.completions.create(model="tiny", messages=[{"role": "user",
