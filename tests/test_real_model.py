@@ -65,7 +65,7 @@ def test_serve_answers_the_openai_client_with_logprobs(model_dir):
     pytest.param(["recipe=score", "stage1_steps=1", "stage2_steps=0", "batch_tasks=2", "train_tasks=4",
                   "micro_batch_size=1"], id="score"),
     pytest.param(["recipe=rest_em", "iterations=1", "train_tasks=3", "num_samples=2", "epochs=1",
-                  "micro_batch_size=2"], id="rest_em"),
+                  "micro_batch_size=2"], id="rest_em", marks=pytest.mark.slow),  # SFT: score's step covers it
     pytest.param(["recipe=star", "iterations=1", "train_tasks=3", "epochs=1"], id="star", marks=pytest.mark.slow),
     pytest.param(["recipe=spin", "iterations=1", "train_tasks=3", "epochs=1", "micro_batch_size=1"], id="spin",
                  marks=pytest.mark.slow),
