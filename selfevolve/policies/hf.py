@@ -44,7 +44,7 @@ logging.getLogger("transformers.modeling_utils").addFilter(_MaskedAlready())
 
 class ChosenLogprobs(LogitsProcessor):
     """Records log π(chosen token) at every generation step while holding one step's B×V
-    log-softmax, not `output_logits`' B×T×V (2.4 GB for 64 rows × 64 tokens on a 49k
+    log-softmax, not `output_logits`' B×T×V (0.8 GB in fp32 for 64 rows × 64 tokens of a 49k
     vocabulary). generate() runs custom processors before its temperature/top-p warpers, so
     the scores are π's own: the same values `output_logits` gave (tests/test_policy_hf.py).
     Step t's chosen token is seen at step t+1 (the last column of `input_ids`); `finish`
