@@ -106,13 +106,13 @@ def one_run(model: Path, device: str, n: int, run_dir: Path, *extra: str) -> dic
 
 def run(small: bool = False, device: str | None = None) -> dict:
     import torch
+    from safetensors.torch import load_file
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = SMALL if small else QWEN05
     with tempfile.TemporaryDirectory() as tmp:
         model = random_llama(Path(tmp) / "model", shape)
-        params = sum(v.numel() for v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-            str(model / "model.safetensors")).values())
+        params = sum(v.numel() for v in load_file(str(model / "model.safetensors")).values())
         extra = ("max_new_tokens=16",) if small else ()
         runs = [one_run(model, device, n, Path(tmp) / f"run-{n}", *extra) for n in ((4, 8) if small else (8, 64))]
     return {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",

@@ -1,0 +1,99 @@
+"""The OpenAI wire format `selfevolve serve` accepts: the request bodies, validated by pydantic
+so a malformed request is a 400 with one line, never a 500. Extra fields that OpenAI clients
+send are accepted and ignored (vLLM's `return_tokens_as_token_ids` and selfevolve's
+`refine`, `reference`, `tests`, `entry_point` are read); the feedback body is strict."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _encodable(text: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (JSON's "\\ud800") is refused, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+SEED = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
+
+
+class Message(BaseModel):
+    """A chat message; `content` as a string or as the list of text parts the openai SDK's
+    typed messages and LangChain send (joined; other part types are refused)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern="^(system|user|assistant)$")
+    content: Text
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value):
+        if not isinstance(value, list):
+            return value
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+        return "".join(p["text"] for p in value)
+
+
+class Refine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_turns: int | None = Field(None, ge=1)
+    critic: str | None = Field(None, pattern="^(none|self|verifier|judge)$")
+    reference: str | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = SEED
+    logprobs: bool | None = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
+    stream: bool | None = False
+    refine: Refine | bool | None = None
+    reference: Text | None = None  # extra_body: the expected answer, for the verifier's score in the trace
+    tests: list[str] | str | None = None  # extra_body: a code task's tests ...
+    entry_point: str | None = None  # ... and the function they call
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: Text | list[Text]
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = SEED
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stream: bool | None = False
+    reference: str | None = None  # extra_body, as in ChatRequest
+    tests: list[str] | str | None = None
+    entry_point: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a verdict on a logged answer, given after the fact."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace_id: str = Field(min_length=1, max_length=64)
+    score: float = Field(ge=0, le=1, allow_inf_nan=False)
+    text: str | None = Field(None, max_length=20_000)
+
+
+class LoadAdapter(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
