@@ -124,7 +124,7 @@ class Evolve:
         except NonFinite as e:  # the round diverged: nothing to gate, nothing served
             gate = {"decision": "failed", "reason": str(e)}
         else:
-            trained = sorted({t.task.id for t in run.store.iter(meta={"phase": "e_step"})})
+            trained = sorted({t.task.id for t in run.store.iter() if not {"eval", "baseline"} & set(t.meta)})
             atomic_write(run.dir / "trained_on.json", json.dumps({"upto_seq": upto, "task_ids": trained}))
             candidate = self.candidate(run.dir)
             gate = {"adapter": str(candidate), **self.gate(policy, cfg, candidate, version)}
@@ -168,21 +168,21 @@ class Evolve:
         verifier = verifier_for(cfg.verifier, tasks)
         policy = saved_update(candidate).serve(policy, name)  # verified, never under serve_as yet
         sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-        out = {}
+        out, scores = {}, {}
         if self.state["served"]:
             self.attach(policy, self.cfg.serve_as, self.lineage.nodes[self.state["served"]]["adapter"])
         for who, adapter in (("current", self.cfg.serve_as if self.state["served"] else None), ("candidate", name)):
             policy.set_adapter(adapter)
-            _, out[who], _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
+            scores[who], out[who], _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
                                       sampling=sampling, baseline_temperature=None, bootstrap=cfg.bootstrap,
                                       seed=cfg.seed)
         policy.set_adapter(None)
         policy.unload_adapter(name)
         diff = paired_difference(out["current"], out["candidate"], resamples=cfg.bootstrap, seed=cfg.seed)
         gain, interval = diff["difference"][metric], diff["intervals"][metric]
-        cur = sum(t.correct_at(2 if metric == "acc_t2" else 1) for t in out["current"]) / len(tasks)
         promoted = gain > 0 and interval[0] >= -self.cfg.gate_margin
-        return {"metric": metric, "n": diff["n"], "current": cur, "candidate": cur + gain, "gain": gain,
+        return {"metric": metric, "n": diff["n"], "current": scores["current"][metric],
+                "candidate": scores["candidate"][metric], "gain": gain,
                 "interval": interval, "decision": "promoted" if promoted else "rejected"}
 
     def attach(self, policy, name: str, path: str) -> None:
