@@ -1,4 +1,4 @@
-"""Can a model check an `equations` answer? The probe behind the README's table (SCoRe,
+"""Can a model check an `equations` answer? The probe behind docs/experiments.md's table (SCoRe,
 "A task where checking is easier than solving"); not a speed benchmark.
 
     python bench/probe_checks.py runs/pretrain-eq/model 300 3     # model, tasks, difficulty

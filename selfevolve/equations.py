@@ -1,5 +1,5 @@
 """`equations`: find the hidden operand of an `arith` expression, the tiny-world task where
-checking an answer is easier than producing it (README, SCoRe; issue 16).
+checking an answer is easier than producing it (docs/experiments.md; issue 16).
 
 "Find x: 2 + x - 3 = 4." has the reference "5". Solving it means running the arithmetic
 backwards (x = 4 + 3 - 2) in one go, and the pretraining corpus teaches it only in the
@@ -15,7 +15,7 @@ and so its right side) is a digit, 0 to 9, so a check's numbers stay within a di
 distance of the small sums and differences `arith` teaches most. Measured on a 1.9M model
 without this rule (right sides up to 27), a check's last step and its gap were right only
 about a third of the time, teacher-forced; with it, the gap is right 85% of the time, and
-which decision the model misses follows the corpus's share of wrong drafts (README, SCoRe).
+which decision the model misses follows the corpus's share of wrong drafts (docs/experiments.md).
 
 On `arith`, a second attempt can only resample, so SCoRe's bonus is cheapest to earn by
 answering worse first. Here a second attempt has something to find.
@@ -128,7 +128,7 @@ def check_solution(nums: list[int], ops: list[str], hidden: int, guess: int) -> 
     in the forward forms `arith` teaches (never "a - -b"), so it is always positive. A 1.9M
     model still misses one decision, set by the corpus's share of wrong drafts: at 0.75 it
     reads the chain's last value off the right side, at 0.9 it adds but calls a right draft
-    wrong (README, SCoRe: the probe)."""
+    wrong (docs/experiments.md: the probe)."""
     target = arith.evaluate(nums, ops)
     tried = nums[:hidden] + [guess] + nums[hidden + 1:]
     value = arith.evaluate(tried, ops)
@@ -148,6 +148,6 @@ def wrong_guess(answer: int, rng: random.Random) -> int:
     """Another digit (1 to 9), a draft's plausible wrong answer, at a distance from `answer`
     drawn uniformly from those possible. A check's gap is that distance, so the corpus gives
     the gap no prior to guess from: with uniform wrong digits, a gap of 1 was 8 times as
-    common as a gap of 8, and a 1.9M model learned to write the prior (README, SCoRe)."""
+    common as a gap of 8, and a 1.9M model learned to write the prior (docs/experiments.md)."""
     distance = rng.choice([d for d in range(1, 9) if answer - d >= 1 or answer + d <= 9])
     return rng.choice([g for g in (answer - distance, answer + distance) if 1 <= g <= 9])
