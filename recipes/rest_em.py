@@ -39,11 +39,11 @@ from pydantic import Field
 from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for
+from selfevolve.data import logged_answers, tasks_for
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import Feedback, SamplingParams, Trace, Turn
+from selfevolve.types import SamplingParams, Trace
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
@@ -63,6 +63,8 @@ class RestEMConfig(RecipeConfig):
     epochs: int = Field(2, ge=1, description="SFT epochs over the kept set")
     lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW)")
     sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
+    start_adapter: str | None = Field(None, description="an adapter saved by a run: sampled from first (the M-step "
+                                      "still trains from the base); what an evolve round gets, its served version")
 
 
 def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run) -> list[Trace]:
@@ -76,7 +78,7 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
     samples = policy.generate(convs, sampling) if convs else []
     flat = [(t, turn) for t, turns in zip(sampled, samples) for turn in turns]
     feedback = verifier.verify_batch([t for t, _ in flat], [turn.response for _, turn in flat]) if flat else []
-    logged = logged_correct(tasks)  # first: a user's verdict is the strongest signal there is
+    logged = logged_answers(tasks, score=1.0)  # first: a user's verdict is the strongest signal there is
     flat = logged + flat
     feedback = [turn.feedback for _, turn in logged] + list(feedback)
     traces, kept_per_task = [], {}
@@ -93,13 +95,6 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
     traces = distributed.gather(traces)
     run.store.append(traces)
     return [t for t in traces if t.meta["kept"]]
-
-
-def logged_correct(tasks) -> list[tuple]:
-    """(task, turn) for every logged answer that scored 1 (`data.logged_tasks`)."""
-    return [(t, Turn(response=a["response"], token_ids=a["token_ids"],
-                     feedback=Feedback(score=1.0, source=a["source"] or "verifier", details={"trace": a["trace_id"]})))
-            for t in tasks for a in t.meta.get("logged", []) if a["score"] == 1.0]
 
 
 def main(cfg: RestEMConfig, run: Run) -> None:

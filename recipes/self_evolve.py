@@ -36,9 +36,13 @@ words, and at `token_lr` it would retrain the rows of common words (vLLM cannot 
 adapter yet either). The critic learns the format and the verdicts' base rate, not to find
 errors: README, "SELF", has the numbers.
 
-From logged traffic (`data=traces.sqlite`): the logged prompts with a reference, refined
-afresh; logged refinement traces are not yet turned into (answer, feedback, refinement)
-tuples (issue 32, open).
+From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): a logged refinement trace
+(y, the critique f the server's critic wrote, ŷ) joins the meta-skill tuples (`logged_tuples`)
+when f's verdict agrees with y's score (a critique that called a wrong answer right would
+teach the critic to miss errors), with ŷ only when ŷ scored 1 — by the verifier or a user's
+`/v1/feedback`; the prompts with a reference also get fresh tuples as above. The tuples are
+supervised targets, checked against the verdicts, so the version that logged them does not
+matter (`since_version=` bounds their age).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Trace
+from selfevolve.types import SamplingParams, Trace, Turn
 
 
 class SelfConfig(RecipeConfig):
@@ -103,6 +107,24 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
         )
     if trace.turns[-1].score == 1.0:
         out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
+    return out
+
+
+def logged_tuples(tasks) -> list[Trace]:
+    """Meta-skill tuples from logged refinement traces: (x, y, f) when the critique's verdict
+    on y agrees with y's score, with ŷ when the refinement scored 1 (its last verdict: a
+    user's, if one came after)."""
+    out = []
+    for task in tasks:
+        plain = task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})
+        for a in task.meta.get("logged", []):
+            turns = [Turn.model_validate(u) for u in a["turns"] or []]
+            if len(turns) < 2 or turns[0].critique is None or turns[0].score is None:
+                continue
+            if (turns[0].critique.verdict == "correct") != (turns[0].score == 1.0):
+                continue
+            out.append(Trace(task=plain, turns=turns if a["score"] == 1.0 else turns[:1],
+                             meta={"phase": "meta", "logged": a["trace_id"]}))
     return out
 
 
@@ -235,7 +257,9 @@ def main(cfg: SelfConfig, run: Run) -> None:
         if phase == 0:
             critic = (JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier,
                                                                                            reveal_reference=False))
-            meta = meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
+            meta = logged_tuples(meta_pool)
+            run.store.append(meta)
+            meta += meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
             train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model == "tiny"
             state["tokens"] = feedback_token_ids(tokenizer, meta) if train_rows else []
             convs = [c for t in meta for c in meta_examples(t)]

@@ -32,8 +32,12 @@ the step size at an iteration's start. It is part of the checkpoint, so resume i
 A y' cut at `max_new_tokens` is scored as it was sampled, without an end of turn (it never
 ended; training it as finished would teach the model to stop there): docs/architecture.md.
 
-From logged traffic (`data=traces.sqlite`): the logged prompts with a reference, the
-reference as gold; logged score-1 answers are not yet taken as gold (issue 32, open).
+From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): a logged answer that scored
+1 — by the verifier or a user's `/v1/feedback` — is the prompt's gold y (the latest such),
+else the reference in `gold_template`; prompts with neither are left out. y' is always fresh
+from pθt, so the opponent side is on-policy however old the log; a logged gold from an older
+version is only a target (the paper's SFT data is fixed, any age), so staleness needs no
+correction (`since_version=` bounds it).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pydantic import Field
 from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import GENERATED, tasks_for
+from selfevolve.data import GENERATED, is_trace_store, tasks_for
 from selfevolve.losses import spin_loss
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
@@ -77,7 +81,14 @@ class SpinConfig(RecipeConfig):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
 
 
-def gold(task, cfg: SpinConfig) -> str:
+def gold(task, cfg: SpinConfig) -> str | None:
+    """The gold response: a logged answer that scored 1 (the latest), else the reference in
+    `gold_template`; None when the task has neither."""
+    accepted = [a["response"] for a in task.meta.get("logged", []) if a["score"] == 1.0]
+    if accepted:
+        return accepted[-1]
+    if task.reference is None:
+        return None
     template = cfg.gold_template
     if template == "auto":
         template = "The answer is {reference}." if cfg.data in GENERATED else "{reference}"
@@ -197,8 +208,10 @@ def main(cfg: SpinConfig, run: Run) -> None:
     base = learner_base(cfg, policy)  # the served model's weights, device and dtype
     tokenizer = base.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks)
-    missing = next((t for t in tasks if t.reference is None), None)
+    tasks = tasks_for(cfg, cfg.train_split, cfg.train_tasks, unscored_train=True)
+    if is_trace_store(cfg.data):  # logged prompts without a reference or an accepted answer have no gold
+        tasks = [t for t in tasks if gold(t, cfg) is not None]
+    missing = next((t for t in tasks if gold(t, cfg) is None), None)
     if missing is not None:
         from selfevolve.errors import UserError
 

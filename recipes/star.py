@@ -29,9 +29,15 @@ LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed numb
 epochs instead of the paper's growing step budget, and the hint is one sentence after the
 question (`feedback/prompts.py: STAR_HINT`) rather than few-shot exemplars with hints.
 
-From logged traffic (`data=traces.sqlite`): the logged prompts with a reference are
-sampled and rationalised as above; the logged answers themselves are not used yet (issue 32:
-rationalising logged failures is open).
+From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): every scored logged answer
+enters the generate step as a sample of its own (`phase: logged`): one that scored 1 — by the
+verifier or a user's `/v1/feedback` — is kept, one that failed is rationalised like a fresh
+failure when its task has a reference (the hint needs y); the prompts a verifier can score
+are sampled afresh as above. A logged answer may come from an older version than M_{n-1}:
+STaR's M-step is supervised on correct rationales and restarts from M_0, so staleness only
+widens where D_n's rationales come from (as ReST-EM's; `since_version=` bounds it).
+`start_adapter=` (what an evolve round passes: the served version) is M_{n-1} for the first
+iteration.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from pydantic import Field
 
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for
+from selfevolve.data import logged_answers, tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
@@ -67,6 +73,8 @@ class StarConfig(RecipeConfig):
     epochs: int = Field(2, ge=1, description="SFT epochs over the kept set")
     lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW)")
     sft_batch_size: int = Field(32, ge=1, description="SFT batch size")
+    start_adapter: str | None = Field(None, description="an adapter saved by a run: sampled from first (the M-step "
+                                      "still trains from the base); what an evolve round gets, its served version")
 
 
 def hinted(task: Task) -> str:
@@ -119,9 +127,13 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
                      meta={"phase": phase, "outcome": outcome, "tokens": trained_tokens([turn]), **meta})
 
     seed = cfg.seed * 1000 + iteration
+    logged = logged_answers(tasks)  # traffic's answers and verdicts: kept, or failures to rationalise
+    traces = [trace(t, turn, "logged", "kept" if turn.score == 1.0 else "failed") for t, turn in logged]
+    tasks = [t for t in tasks if t.reference is not None or t.tests]  # what the verifier can score afresh
     turns = sample(policy, tasks, [t.prompt for t in tasks], verifier, cfg, seed)
-    traces = [trace(t, turn, "generate", "kept" if turn.score == 1.0 else "failed") for t, turn in zip(tasks, turns)]
-    failed = [t.task for t in traces if t.meta["outcome"] == "failed"]
+    traces += [trace(t, turn, "generate", "kept" if turn.score == 1.0 else "failed") for t, turn in zip(tasks, turns)]
+    failed = list({t.task.id: t.task for t in traces if t.meta["outcome"] == "failed" and t.task.reference is not None
+                   }.values())  # one rationalisation per failed task, fresh or logged
     if cfg.rationalize and failed:
         hints = [hinted(t) for t in failed]
         for task, hint, turn in zip(failed, hints, sample(policy, failed, hints, verifier, cfg, seed + 500)):
@@ -158,7 +170,7 @@ def main(cfg: StarConfig, run: Run) -> None:
         chosen = run.store.query(round=it, meta={"outcome": "kept"}) + run.store.query(round=it,
                                                                                        meta={"outcome": "rationalised"})
         convs = [training_example(t) for t in chosen]
-        model = base.learner(cfg, lora=cfg.lora)
+        model = base.learner(cfg, lora=cfg.lora)  # from the base each iteration (paper)
         t1 = time.perf_counter()
         with run.progress(f"sft iteration {it}", total=cfg.epochs * -(-len(convs) // cfg.sft_batch_size)) as bar:
             stats = (sft(model, tokenizer, convs, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.sft_batch_size,

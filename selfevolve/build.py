@@ -29,7 +29,7 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
     """The policy a config's `model=`, `policy=`, `device=`, `dtype=` and `batch_size=`
     describe: an http(s):// model is an OpenAI-compatible endpoint, `policy=vllm` a vllm.LLM,
     anything else transformers in process. `adapter` (a peft directory) is loaded and made
-    active."""
+    active; so is a recipe's `start_adapter`, verified by its canary."""
     url = cfg.model.startswith(("http://", "https://"))
     if cfg.policy == "hf" and not url:
         kw = {"device": cfg.device, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
@@ -42,6 +42,11 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
     if adapter:
         policy.load_adapter(adapter, "adapter")
+    start = getattr(cfg, "start_adapter", None)
+    if start:  # what the run samples from first (an evolve round's served version), verified
+        from .sync import saved_update
+
+        policy = saved_update(start).serve(policy, "start")
     return policy
 
 

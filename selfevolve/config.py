@@ -74,6 +74,9 @@ class DataKeys(Keys):
     scored: bool = Field(False, description="data= a trace store: only traces with a score (a verifier's or a user's)")
     source: str | None = Field(None, description="data= a trace store: only traces whose verdict came from this "
                                "source (user, verifier)")
+    train_traces: str | None = Field(None, description="data= a trace store: a JSON list of trace ids (or an "
+                                     "object with one as trace_ids), the only logged answers the train role takes "
+                                     "(an `evolve` round's window)")
 
 
 class VerifierKeys(Keys):

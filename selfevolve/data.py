@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from . import arith, equations
 from .errors import UserError
-from .types import Task
+from .types import Feedback, Task, Turn
 
 GENERATED = {"arith": arith.tasks, "equations": equations.tasks}  # seeded suites with their own splits
 BUILTIN = {*GENERATED, "humaneval"}
@@ -72,7 +72,10 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
         return GENERATED[data](split=split or "test", n=limit or 500, seed=seed, difficulty=difficulty)
     store = is_trace_store(data)
     if data == "humaneval" or store:
-        rows = [(t.id, t) for t in (logged_tasks(data, **(traces or {})) if store else humaneval())]
+        filters = dict(traces or {})
+        if split != "train":  # a window of traces to train on; held-out roles see the whole store
+            filters.pop("trace_ids", None)
+        rows = [(t.id, t) for t in (logged_tasks(data, **filters) if store else humaneval())]
         named: set[str] = set()
     else:
         rows, named = None, splits_of(data)
@@ -171,12 +174,24 @@ def tasks_for(cfg, split: str, limit: int | None, holdout: bool = True, unscored
 
 
 def trace_filters(cfg) -> dict:
-    """since_version / scored / source, which only a trace store takes (refused elsewhere)."""
-    filters = {k: getattr(cfg, k, None) for k in ("since_version", "scored", "source")}
+    """since_version / scored / source / train_traces, which only a trace store takes (refused
+    elsewhere); train_traces (a JSON list of trace ids) becomes `trace_ids`."""
+    filters = {k: getattr(cfg, k, None) for k in ("since_version", "scored", "source", "train_traces")}
     given = [k for k, v in filters.items() if v not in (None, False)]
     if given and not is_trace_store(cfg.data):
         raise UserError(f"{given[0]}= filters a trace store; data={cfg.data} is not one (a .sqlite file)")
-    return {**filters, "scored": bool(filters["scored"])}
+    path, ids = filters.pop("train_traces"), None
+    if path is not None:
+        try:
+            ids = json.loads(Path(path).expanduser().read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"train_traces={path}: not a readable JSON file ({type(e).__name__})") from None
+        if isinstance(ids, dict):  # an evolve window: {"upto_seq": ..., "trace_ids": [...]}
+            ids = ids.get("trace_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise UserError(f"train_traces={path}: expected a JSON list of trace ids (or an object with one as "
+                            "\"trace_ids\")")
+    return {**filters, "scored": bool(filters["scored"]), "trace_ids": None if ids is None else set(ids)}
 
 
 def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:
@@ -202,12 +217,15 @@ def is_trace_store(data: str) -> bool:
 
 
 def logged_tasks(path: str, since_version: str | None = None, scored: bool = False,
-                 source: str | None = None) -> list[Task]:
+                 source: str | None = None, trace_ids: set[str] | None = None) -> list[Task]:
     """The tasks of a trace store, one per task id in the order first logged, each with the
     answers logged for it in `meta["logged"]` (trace id, response, sampled token ids, score,
-    the verdict's source, the version that answered) for the recipes that learn from them.
+    the verdict's source, the version that answered; every turn of a refinement trace) for the
+    recipes that learn from them.
     Filters: traces from the first one `since_version` answered on; only those with a score
-    (`scored`); only those whose verdict came from `source` (user, verifier)."""
+    (`scored`); only those whose verdict came from `source` (user, verifier). `trace_ids`
+    (an evolve round's window, so that each logged answer is trained on once) keeps only those
+    traces' answers; every prompt a verifier can score stays, to be sampled afresh."""
     from .store import TraceStore
 
     if not Path(path).expanduser().is_file():
@@ -226,11 +244,29 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
         if source is not None and (last.feedback is None or last.feedback.source != source):
             continue
         task = tasks.setdefault(t.task.id, t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}}))
+        if trace_ids is not None and t.id not in trace_ids:
+            continue  # the prompt stays (a recipe may sample it afresh); its logged answer is another round's
         task.meta["logged"].append({"trace_id": t.id, "response": last.response, "token_ids": last.token_ids,
                                     "score": last.score, "source": last.feedback.source if last.feedback else None,
-                                    "policy_version": t.policy_version})
+                                    "policy_version": t.policy_version,
+                                    "turns": [u.model_dump() for u in t.turns] if len(t.turns) > 1 else None})
     store.close()
-    return list(tasks.values())
+    return [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
+
+
+def logged_answers(tasks: list[Task], score: float | None = None) -> list[tuple[Task, Turn]]:
+    """(the task without its logs, a logged answer as a Turn with its verdict) for every
+    scored answer `logged_tasks` attached (only those scoring `score` when given): what the
+    recipes that learn from logged responses take, trained on the sampled token ids."""
+    out = []
+    for t in tasks:
+        plain = t.model_copy(update={"meta": {k: v for k, v in t.meta.items() if k != "logged"}})
+        for a in t.meta.get("logged", []):
+            if a["score"] is not None and (score is None or a["score"] == score):
+                out.append((plain, Turn(response=a["response"], token_ids=a["token_ids"],
+                                        feedback=Feedback(score=a["score"], source=a["source"] or "verifier",
+                                                          details={"trace": a["trace_id"]}))))
+    return out
 
 
 def splits_of(data: str) -> set[str]:

@@ -4,41 +4,53 @@
     selfevolve evolve model=http://127.0.0.1:8000/v1 traces=runs/serve/traces.sqlite recipe=rest_em every=256
 
 A client of a running server (policy=openai: `selfevolve serve`, or `vllm serve` with LoRA
-updates on), built from the existing seams. Whenever `every` new scored traces have been
-logged (a verifier's score, or a user's `/v1/feedback`), one round runs `recipe=` on the
-trace store (`data=` the store: `data.logged_tasks`; keys the recipe takes pass through,
-e.g. `iterations=1 lr=...`), whose adapters are saved, loaded and canary-verified on the
-server as in every run. Then the gate: the candidate and the version traffic gets now (the
-adapter named `serve_as`, or the base model before the first promotion) answer the
-validation tasks held out from the traffic (`val_fraction` of task ids, by hash: fixed from
-the first round, never trained on), greedy; the candidate is promoted — loaded, verified,
-under `serve_as` — only when its mean gain in the recipe's target metric (acc_t1; acc_t2
-for score and self_evolve) is > 0 and the lower end of the paired-bootstrap 95% interval is
-≥ −gate_margin. A rejected candidate is unloaded and kept on disk; a round whose training
-diverged (a non-finite loss or gradient) is recorded as failed; the decision and its numbers
-are logged either way. Clients that ask for model=`serve_as` get the promoted
-version; nothing unverified or rejected is ever under that name.
+updates on), built from the existing seams. Whenever `every` scored traces (a verifier's
+score, or a user's `/v1/feedback`) have been logged that no round has trained on, one round
+runs `recipe=` on the trace store (`data=` the store: `data.logged_tasks`; keys the recipe
+takes pass through, e.g. `iterations=1 lr=...`). The round's window — those traces, fixed
+when it starts (`windows/round-N.json`) — is the only logged answers it trains on
+(`train_traces=`), so no trace is trained on twice and traces logged during a round go to
+the next; the prompts logged so far may all be sampled afresh, from the served version where
+the recipe samples (`start_adapter=`: ReST-EM, STaR). Its adapters are saved, loaded and
+canary-verified on the server as in every run. Then the gate: the candidate and the version
+traffic gets now (the adapter named `serve_as`, or the base model before the first
+promotion) answer the validation tasks held out from the traffic (`val_fraction` of task
+ids, by hash: fixed from the first round, never trained on), greedy; the candidate is
+promoted — loaded, verified, under `serve_as` — only when its mean gain in the recipe's
+target metric (acc_t1; acc_t2 for score and self_evolve) is > 0 and the lower end of the
+paired-bootstrap 95% interval is ≥ −gate_margin. A rejected candidate is unloaded and kept
+on disk; a round whose training diverged (a non-finite loss or gradient) is recorded as
+failed; the decision and its numbers are logged either way. Clients that ask for
+model=`serve_as` get the promoted version; nothing unverified or rejected is ever under
+that name.
 
 Every version is a node of the lineage (`lineage.json`, networkx node-link, and
-`lineage.graphml`): its parent, the recipe and config, the store position it trained up to
-and its train-role trace ids (`round-N/trained_on.json`), the gate's numbers and decision.
-`state.json` holds the store position and the served version; `resume=true` continues
-from it. Ctrl-C stops after the round in flight; `rounds=` bounds the run.
+`lineage.graphml`): its parent, the recipe and config, the trace ids it trained on
+(`round-N/trained_on.json`), the gate's numbers and decision. `state.json` holds the rounds
+recorded and the served version, written last: `kill -9` at any moment and `resume=true`
+redo the round in flight on its window, and nothing else. The server is watched between
+rounds: one that restarted (forgetting hot-loaded adapters, as vLLM does) gets the served
+version loaded and verified again; one that stays away longer than `server_wait_s` stops
+evolve with one line. Ctrl-C stops after the round in flight; `rounds=` bounds the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import networkx as nx
+import openai
 from pydantic import Field
 
 from .config import Keys, build, resolve
-from .errors import NonFinite, UserError
+from .errors import NonFinite, SyncError, UserError
 from .files import atomic_write
 from .store import TraceStore
 
@@ -53,7 +65,9 @@ class EvolveConfig(Keys):
     recipe: str = Field("rest_em", description="the recipe each round runs on the logged traffic")
     every: int = Field(256, ge=1, description="new scored traces that start a round")
     rounds: int | None = Field(None, ge=1, description="stop after this many rounds (default: run until Ctrl-C)")
-    poll_s: float = Field(5.0, gt=0, description="seconds between looks at the store")
+    poll_s: float = Field(5.0, gt=0, description="seconds between looks at the store and the server")
+    server_wait_s: float = Field(120.0, ge=0, description="how long a server that stopped answering may take to "
+                                 "come back before evolve stops")
     gate_margin: float = Field(0.0, ge=0, description="promote when the gain's interval reaches no lower than -this")
     serve_as: str = Field("evolved", description="the adapter name traffic asks for; only promoted versions")
     run_dir: str = Field("runs/evolve", description="rounds, lineage and state")
@@ -72,11 +86,10 @@ class Evolve:
 
     def __init__(self, cfg: EvolveConfig, recipe_keys: dict, recipe, config_path):
         self.cfg, self.dir = cfg, Path(cfg.run_dir)
-        self.mod, cls = recipe(cfg.recipe)
-        self.keys = recipe_keys
-        self.recipe_cfg = lambda r: resolve(cls, config_path(cfg.recipe), {
-            "iterations": 1, **self.keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
-            "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}")})
+        self.mod, self.cls = recipe(cfg.recipe)
+        self.recipe_cfg = lambda r, **extra: resolve(self.cls, config_path(cfg.recipe), {
+            "iterations": 1, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
+            "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}"), **extra})
         self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
         if not Path(cfg.traces).is_file():
             raise UserError(f"traces={cfg.traces}: no such trace store (start `selfevolve serve` first)")
@@ -85,24 +98,39 @@ class Evolve:
         state = self.dir / "state.json"
         if state.exists() and not cfg.resume:
             raise UserError(f"run_dir={self.dir} holds an evolve run; resume=true continues it")
-        self.state = json.loads(state.read_text()) if state.exists() else {"round": 0, "seq": 0, "served": None}
+        self.state = json.loads(state.read_text()) if state.exists() else {"round": 0, "served": None}
         self.lineage = (nx.node_link_graph(json.loads((self.dir / "lineage.json").read_text()), edges="edges")
                         if (self.dir / "lineage.json").exists() else nx.DiGraph())
         if not self.lineage:
             self.lineage.add_node("base", decision="served")
+        self.consumed = set().union(*(self.window(r)["trace_ids"] for r in range(self.state["round"])))
         self.stop = False
 
-    def new_scored(self) -> int:
-        return self.store.count(min_score=0.0, from_seq=self.state["seq"] + 1)
+    def window_path(self, r: int) -> Path:
+        return self.dir / "windows" / f"round-{r}.json"
+
+    def window(self, r: int) -> dict:
+        return json.loads(self.window_path(r).read_text())
+
+    def unseen(self) -> list[str]:
+        """Scored traces no recorded round has trained on, in the order they were logged."""
+        return [i for i in self.store.ids(min_score=0.0) if i not in self.consumed]
 
     def run(self) -> None:
+        from .build import served_policy
+
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
+            self.models()  # a server that is not there yet gets server_wait_s to come up
+            server = served_policy(self.recipe_cfg(self.state["round"]))
+            self.resync(server, verify=True)  # a resumed run: what the record says is served, verified
             while not self.stop and (self.cfg.rounds is None or self.state["round"] < self.cfg.rounds):
-                if self.new_scored() < self.cfg.every:
+                if len(self.unseen()) < self.cfg.every:
                     time.sleep(self.cfg.poll_s)
+                    self.resync(server)  # a restarted server forgot the promoted version
                     continue
                 self.round(self.state["round"])
+                self.resync(server)
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -111,31 +139,55 @@ class Evolve:
         self.stop = True
 
     def round(self, r: int) -> None:
+        """Train, gate, record. The window (the unseen scored traces when the round starts;
+        traces logged during it go to the next) is written first, so a round killed midway is
+        redone on the same traces: its half-made directory is moved aside and its adapters
+        unloaded; nothing counts as trained on until the round is in state.json."""
         from .build import served_policy
+        from .data import tasks_for
         from .run import Run
 
-        upto = self.store.last_seq()  # traces logged during the round go to the next one
-        cfg = self.recipe_cfg(r)
-        run = Run(cfg)
         version, parent = f"round-{r}", self.state["served"] or "base"
-        policy = served_policy(cfg)
+        path = self.window_path(r)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json.dumps({"upto_seq": self.store.last_seq(), "trace_ids": self.unseen()}))
+        window = self.window(r)
+        extra = {"train_traces": str(path)}
+        if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
+            extra["start_adapter"] = self.lineage.nodes[self.state["served"]]["adapter"]
+        cfg = self.recipe_cfg(r, **extra)
+        policy = served_policy(self.recipe_cfg(r))
+        if Path(cfg.run_dir).exists():  # killed midway earlier
+            self.unload_run_adapters(policy, Path(cfg.run_dir), version)
+            aside = Path(f"{cfg.run_dir}.interrupted")
+            shutil.rmtree(aside, ignore_errors=True)
+            Path(cfg.run_dir).rename(aside)
+        run = Run(cfg)
         try:
             self.mod.main(cfg, run)
         except NonFinite as e:  # the round diverged: nothing to gate, nothing served
             gate = {"decision": "failed", "reason": str(e)}
+        except (httpx.HTTPError, openai.APIConnectionError) as e:
+            raise SyncError(f"round {r}: the server stopped answering ({type(e).__name__}); "
+                            f"resume=true redoes the round on the same traces") from None
         else:
-            trained = sorted({t.task.id for t in run.store.iter() if not {"eval", "baseline"} & set(t.meta)})
-            atomic_write(run.dir / "trained_on.json", json.dumps({"upto_seq": upto, "task_ids": trained}))
+            train = tasks_for(cfg, "train", None, unscored_train=True)
+            trained = sorted({a["trace_id"] for t in train for a in t.meta["logged"]})
+            atomic_write(run.dir / "trained_on.json", json.dumps({
+                "upto_seq": window["upto_seq"], "trace_ids": trained, "task_ids": sorted({t.id for t in train})}))
             candidate = self.candidate(run.dir)
             gate = {"adapter": str(candidate), **self.gate(policy, cfg, candidate, version)}
-        self.unload_run_adapters(policy, run.dir)
-        self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=upto, config=json.dumps(cfg.model_dump(mode="json")),
+        self.unload_run_adapters(policy, run.dir, version)
+        self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=window["upto_seq"], window=len(window["trace_ids"]),
+                              config=json.dumps(cfg.model_dump(mode="json")),
                               **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in gate.items()})
         self.lineage.add_edge(parent, version)
         if gate["decision"] == "promoted":
             self.promote(policy, Path(gate["adapter"]))
             self.state["served"] = version
-        self.state.update(round=r + 1, seq=upto)
+        self.state["round"] = r + 1
+        self.consumed |= set(window["trace_ids"])
         self.save()
         if gate["decision"] == "failed":
             print(f"round {r}: failed ({gate['reason']}); nothing served", flush=True)
@@ -190,17 +242,69 @@ class Evolve:
         for, not the client's versioned one) addressable through `policy`."""
         policy.adapters[name], policy.served_names[name] = path, name
 
+    def models(self) -> list[str]:
+        """The ids the server lists; a server that stopped answering gets `server_wait_s` to
+        come back (a restart), else SyncError: evolve stops, and resume=true continues."""
+        deadline = time.monotonic() + self.cfg.server_wait_s
+        while True:
+            try:
+                r = httpx.get(self.cfg.model.rstrip("/") + "/models", headers=self.headers(), timeout=30)
+                r.raise_for_status()
+                return [m["id"] for m in r.json()["data"]]
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                if time.monotonic() >= deadline:
+                    raise SyncError(f"model={self.cfg.model}: the server did not answer for server_wait_s="
+                                    f"{self.cfg.server_wait_s:g} ({type(e).__name__})") from None
+                time.sleep(min(self.cfg.poll_s, 1.0))
+
+    def headers(self) -> dict:
+        key = os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        return {"Authorization": f"Bearer {key}"}
+
+    def resync(self, policy, verify: bool = False) -> None:
+        """Make the server serve, under `serve_as`, what state.json says is served: after a
+        restart (a server forgets hot-loaded adapters, as vLLM does) the promoted version is
+        loaded and verified again; a version under that name the record does not hold (evolve
+        killed between a promotion's load and its record) is unloaded. `verify`: check the
+        canary of a version that is there too (once, on start)."""
+        from .sync import saved_update, verify_sync
+
+        name, served = self.cfg.serve_as, self.state["served"]
+        there = name in self.models()
+        if served is None:
+            if there:
+                policy.http.post("/unload_lora_adapter", json={"lora_name": name})
+            return
+        path = self.lineage.nodes[served]["adapter"]
+        if there and verify:
+            update = saved_update(path)
+            self.attach(policy, name, path)
+            policy.set_adapter(name)
+            try:
+                verify_sync(policy, name, update.expected, update.tol, update.canary)
+                return
+            except SyncError:
+                pass
+            finally:
+                policy.set_adapter(None)
+        elif there:
+            return
+        print(f"selfevolve evolve: the server does not serve {served} as {name}: loading and verifying it again",
+              file=sys.stderr, flush=True)
+        self.promote(policy, Path(path))
+        policy.set_adapter(None)
+
     def promote(self, policy, candidate: Path) -> None:
         """Serve the candidate under `serve_as`, verified by its canary; the old version is
         unloaded first (a load under a used name must not mix two versions' files). A load
         that fails verification is unloaded again, and evolve stops on the SyncError."""
-        from .sync import SyncError, saved_update, verify_sync
+        from .sync import saved_update, verify_sync
 
         update, name = saved_update(candidate), self.cfg.serve_as
         policy.http.post("/unload_lora_adapter", json={"lora_name": name})  # 404 before the first promotion
         r = policy.http.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(candidate)})
         if r.status_code >= 400:
-            raise UserError(f"promoting {candidate} as {name}: the server refused ({r.status_code}: {r.text[:200]})")
+            raise SyncError(f"promoting {candidate} as {name}: the server refused ({r.status_code}: {r.text[:200]})")
         self.attach(policy, name, str(candidate))
         policy.set_adapter(name)
         try:
@@ -209,12 +313,14 @@ class Evolve:
             policy.http.post("/unload_lora_adapter", json={"lora_name": name})
             raise
 
-    def unload_run_adapters(self, policy, run_dir: Path) -> None:
-        """The round's run leaves its own versions (`iter-N@…`) on the server: unload them."""
+    def unload_run_adapters(self, policy, run_dir: Path, version: str) -> None:
+        """The round's run leaves its own versions (`iter-N@…`) and the gate's candidate
+        (`round-N@…`) on the server if it was killed: unload them."""
         names = {p.name for p in (run_dir / "adapters").iterdir()} if (run_dir / "adapters").is_dir() else set()
-        for m in policy.http.get("/models").json().get("data", []):
-            if m["id"].split("@")[0].removesuffix("-selected") in names and "@" in m["id"]:
-                policy.http.post("/unload_lora_adapter", json={"lora_name": m["id"]})
+        names |= {version, "start"}
+        for m in self.models():
+            if "@" in m and m.split("@")[0].removesuffix("-selected") in names:
+                policy.http.post("/unload_lora_adapter", json={"lora_name": m})
 
     def save(self) -> None:
         atomic_write(self.dir / "lineage.json", json.dumps(nx.node_link_data(self.lineage, edges="edges")))

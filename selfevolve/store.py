@@ -180,6 +180,11 @@ class TraceStore:
         where, args = self._where(**filters)
         return self.db.execute(f"SELECT COUNT(*) FROM traces{where}", args).fetchone()[0]
 
+    def ids(self, **filters) -> list[str]:
+        """The ids of the traces `filters` select, in append order."""
+        where, args = self._where(**filters)
+        return [r[0] for r in self.db.execute(f"SELECT id FROM traces{where} ORDER BY seq", args)]
+
     def get(self, trace_id: str) -> Trace | None:
         row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id,
                                                                                     trace_id + "%")).fetchone()
