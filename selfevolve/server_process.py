@@ -28,10 +28,10 @@ def free_port() -> int:
 class ServerProcess:
     """`selfevolve serve port=<free> threads=2 ARGS...` in a subprocess; returns once
     /health answers (or raises with the server's output if it exits or takes over
-    `start_timeout` seconds)."""
+    `start_timeout` seconds). `port`: that port instead (a server restarted where it was)."""
 
-    def __init__(self, *args: str, start_timeout: float = 120.0):
-        self.port = free_port()
+    def __init__(self, *args: str, start_timeout: float = 120.0, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "selfevolve.cli", "serve", f"port={self.port}",
                                       "threads=2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
