@@ -87,8 +87,9 @@ class Evolve:
     def __init__(self, cfg: EvolveConfig, recipe_keys: dict, recipe, config_path):
         self.cfg, self.dir = cfg, Path(cfg.run_dir)
         self.mod, self.cls = recipe(cfg.recipe)
+        one = {"iterations": 1} if "iterations" in self.cls.model_fields else {}  # a round is one iteration
         self.recipe_cfg = lambda r, **extra: resolve(self.cls, config_path(cfg.recipe), {
-            "iterations": 1, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
+            **one, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
             "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}"), **extra})
         self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
         if not Path(cfg.traces).is_file():
