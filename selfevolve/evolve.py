@@ -296,22 +296,32 @@ class Evolve:
         policy.set_adapter(None)
 
     def promote(self, policy, candidate: Path) -> None:
-        """Serve the candidate under `serve_as`, verified by its canary; the old version is
-        unloaded first (a load under a used name must not mix two versions' files). A load
-        that fails verification is unloaded again, and evolve stops on the SyncError."""
+        """Serve the candidate under `serve_as`, replacing what was there in one step
+        (`load_inplace`, vLLM's: requests for the name never find it missing, and the new
+        version brings its own config and tensors), verified by its canary. A load that fails
+        verification is undone — the served version loaded back, or the name unloaded — and
+        evolve stops on the SyncError."""
         from .sync import saved_update, verify_sync
 
         update, name = saved_update(candidate), self.cfg.serve_as
-        policy.http.post("/unload_lora_adapter", json={"lora_name": name})  # 404 before the first promotion
-        r = policy.http.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(candidate)})
-        if r.status_code >= 400:
-            raise SyncError(f"promoting {candidate} as {name}: the server refused ({r.status_code}: {r.text[:200]})")
+
+        def load(path) -> None:
+            r = policy.http.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(path),
+                                                              "load_inplace": True})
+            if r.status_code >= 400:
+                raise SyncError(f"loading {path} as {name}: the server refused ({r.status_code}: {r.text[:200]})")
+
+        load(candidate)
         self.attach(policy, name, str(candidate))
         policy.set_adapter(name)
         try:
             verify_sync(policy, name, update.expected, update.tol, update.canary)
         except SyncError:
-            policy.http.post("/unload_lora_adapter", json={"lora_name": name})
+            served = self.state["served"] and self.lineage.nodes[self.state["served"]]["adapter"]
+            if served and Path(served) != candidate:
+                load(served)
+            else:
+                policy.http.post("/unload_lora_adapter", json={"lora_name": name})
             raise
 
     def unload_run_adapters(self, policy, run_dir: Path, version: str) -> None:

@@ -416,6 +416,8 @@ class Server:
         if req.lora_name.endswith(REFINE_SUFFIX):  # `NAME+refine` asks for refinement with adapter NAME
             raise HTTPError(400, f"lora_name {req.lora_name!r} ends in {REFINE_SUFFIX!r}, which requests refinement")
         path = self.adapter_path(req.lora_path)
+        if req.lora_name in getattr(self.policy, "adapters", {}) and not req.load_inplace:
+            raise HTTPError(400, f"adapter {req.lora_name!r} is already loaded; load_inplace=true replaces it")
 
         def load():  # all or nothing (HFPolicy.load_adapter): a failed load leaves the model as it was
             try:

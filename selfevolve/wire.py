@@ -97,3 +97,4 @@ class LoadAdapter(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1)
     lora_path: str | None = None
+    load_inplace: bool = False  # vLLM's: replace the adapter loaded under this name (else a used name is refused)

@@ -176,9 +176,9 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
 
     policy = OpenAIPolicy(server.url, api_key=KEY)
     base_lp = policy.prompt_logprob(CANARY)
+    torch.manual_seed(0)  # lora_A's initialisation too: the test's numbers must not depend on the tests before it
     learner = trainable_model("tiny", r=4, alpha=8)
     tok = tiny.tokenizer
-    torch.manual_seed(0)
     with torch.no_grad():
         for n, p in learner.named_parameters():
             if "lora_B" in n:
@@ -256,7 +256,8 @@ def test_a_failed_load_leaves_the_served_model_as_it_was(server, tmp_path):
     other = str(_other_base_adapter(tmp_path / "other"))
     for name, path in (("new-name", other), ("kept", other), ("new-name", str(tmp_path / "half")),
                        ("kept", str(tmp_path / "half"))):
-        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path,
+                                                                   "load_inplace": name == "kept"},
                        headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"], r.text
         assert state() == before, (name, path)
@@ -381,3 +382,70 @@ def test_adapter_names_that_ask_for_refinement_and_nan_adapters_are_refused(serv
                    headers=auth, timeout=60)
     assert r.status_code == 400 and "not finite" in r.json()["error"]["message"]
     assert "nan" not in [m["id"] for m in httpx.get(server.url + "/v1/models", headers=auth).json()["data"]]
+
+
+def test_in_place_swaps_under_32_concurrent_clients(server, client, tmp_path):
+    """What evolve's promotion does (`load_inplace`, vLLM's): the name traffic asks for is
+    replaced whole while 32 clients keep asking for it. No request fails, every answer is the
+    old version's or the new one's (never a mix, never the base's), a version with another
+    rank and alpha replaces the old config too, and a plain load under a used name is
+    refused as vLLM refuses it."""
+    import threading
+
+    import torch
+
+    from selfevolve.training import trainable_model
+
+    paths = []
+    for i, (r, alpha) in enumerate(((4, 8), (8, 32))):
+        torch.manual_seed(i)
+        learner = trainable_model("tiny", r=r, alpha=alpha)
+        with torch.no_grad():
+            for n, p in learner.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        learner.save_pretrained(tmp_path / f"v{i}")
+        paths.append(str(tmp_path / f"v{i}"))
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def load(path, inplace=True):
+        return httpx.post(server.url + "/v1/load_lora_adapter", headers=auth, timeout=120,
+                          json={"lora_name": "live", "lora_path": path, "load_inplace": inplace})
+
+    def greedy(model="live"):
+        return client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=16,
+                                              ).choices[0].message.content
+
+    answers = {}
+    for path in paths:
+        assert load(path).status_code == 200
+        answers[path] = greedy()
+    assert len(set(answers.values()) | {greedy("tiny")}) == 3  # the two versions and the base differ
+    assert load(paths[0], inplace=False).status_code == 400  # a used name, without load_inplace
+
+    seen, errors, stop = [], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                seen.append(greedy())
+            except Exception as e:  # noqa: BLE001 - every failure is the finding
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=hammer) for _ in range(32)]
+    for t in threads:
+        t.start()
+    try:
+        while len(seen) < 32 and not errors:  # every client is in flight before the first swap
+            stop.wait(0.05)
+        for k in range(8):
+            assert load(paths[k % 2]).status_code == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors and len(seen) >= 64
+    assert set(seen) <= set(answers.values())
+    assert greedy() == answers[paths[1]]  # the last version loaded, with its own rank and alpha
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", headers=auth, json={"lora_name": "live"})
+    assert r.status_code == 200

@@ -9,6 +9,7 @@ serves the adapter it just trained without a copy.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -107,6 +108,8 @@ class HFPolicy:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config,
                                                                                                     "n_positions", 4096)
         self.adapters: dict[str, str] = {}
+        self._peft: dict[str, str] = {}  # name -> the adapter's name inside peft (each load a new one)
+        self._versions = itertools.count(1)
         self._active: str | None = None
         if not sampling_from_model:  # sample from π itself: none of the checkpoint's sampling defaults
             gc = self.model.generation_config  # (transformers fills unset generate() arguments from it)
@@ -125,7 +128,10 @@ class HFPolicy:
 
     def load_adapter(self, path: str, name: str) -> None:
         """Load a peft LoRA adapter from `path` under `name` and make it active. Loading an
-        existing name replaces its weights (a new version of the same adapter).
+        existing name replaces that adapter whole — its config (rank, alpha, target modules)
+        and every tensor come from the new files, nothing from the old version — by loading
+        it beside the old one and switching the name over, then deleting the old: callers
+        see the old version or the new, never a mix and never no adapter.
 
         All or nothing: an adapter that does not load (unreadable weights, another base model)
         leaves the model exactly as it was — the served model, its loaded adapters and its
@@ -141,48 +147,46 @@ class HFPolicy:
         bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
         if bad is not None:  # it would load, then answer 500 when sampled and '' greedy
             raise UserError(f"adapter={path}: weight {bad} is not finite (NaN or inf); not loaded")
-        replacing = isinstance(self.model, PeftModel) and name in self.model.peft_config
-        snapshot = ({k: v.clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
-                    if replacing else None)
+        internal = f"v{next(self._versions)}"  # peft's own name: any `name` works (dots too), and a new version is new
         try:
             if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name).to(self.device)
-            elif replacing:  # a new version of a loaded adapter
-                set_peft_model_state_dict(self.model, weights, adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=internal).to(self.device)
             else:
-                self.model.load_adapter(str(p), adapter_name=name)
-        except (RuntimeError, ValueError, KeyError) as e:
-            self._undo_load(name, snapshot)
-            base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                self.model.load_adapter(str(p), adapter_name=internal)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            self._undo_load(internal)
+            try:
+                base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (ValueError, AttributeError):
+                base = None
             shapes = re.search(
                 r"shape torch.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
                 r"torch.Size\((\[[\d, ]*\])\)",
                 str(e),
             )
-            why = (
-                f"weights of shape {shapes[1]} where this model has {shapes[2]}"
-                if shapes
-                else str(e).splitlines()[0][:160]
-            )
+            if not shapes:
+                raise UserError(f"adapter={path}: not a usable peft adapter ({str(e).splitlines()[0][:160]})") from None
             raise UserError(
-                f"adapter={path} does not fit model={self.path}: it was trained for another base model"
-                f"{f' ({base})' if base else ''}: {why}"
+                f"adapter={path} does not fit this model: it was trained for another base model"
+                f"{f' ({base})' if base else ''}: weights of shape {shapes[1]} where this model has {shapes[2]}"
             ) from None
         self.model.eval()
-        self.adapters[name] = str(p)
+        old = self._peft.get(name)
+        self._peft[name], self.adapters[name] = internal, str(p)
         self.set_adapter(name)
+        if old is not None:
+            self.model.delete_adapter(old)
+            self.model.set_adapter(internal)
 
-    def _undo_load(self, name: str, snapshot: dict | None) -> None:
-        """Put the model back as it was before a failed `load_adapter(…, name)`: the old
-        version's weights, or no trace of the new adapter (peft injects its layers before it
-        loads the weights, so a failed first load leaves LoRA layers in the base model)."""
-        if snapshot is not None:
-            set_peft_model_state_dict(self.model, snapshot, adapter_name=name)
-        elif isinstance(self.model, PeftModel):
-            if name in self.model.peft_config:
-                self.model.delete_adapter(name)
+    def _undo_load(self, internal: str) -> None:
+        """Put the model back as it was before a failed load of peft adapter `internal`: no
+        trace of it (peft injects its layers before it loads the weights, so a failed first
+        load leaves LoRA layers in the base model)."""
+        if isinstance(self.model, PeftModel):
+            if internal in self.model.peft_config:
+                self.model.delete_adapter(internal)
             if self._active is not None:
-                self.model.set_adapter(self._active)
+                self.model.set_adapter(self._peft[self._active])
         else:
             for path, module in list(self.model.named_modules()):
                 if isinstance(module, BaseTunerLayer):
@@ -200,17 +204,17 @@ class HFPolicy:
         if len(self.adapters) == 1:  # peft cannot delete its last adapter: drop the wrapper
             self.model = self.model.unload()
         else:
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(self._peft[name])
             if self._active is not None:
-                self.model.set_adapter(self._active)
-        del self.adapters[name]
+                self.model.set_adapter(self._peft[self._active])
+        del self.adapters[name], self._peft[name]
 
     def set_adapter(self, name: str | None) -> None:
         """Switch to a loaded adapter by name, or to the base model with None."""
         if name is not None:
             if name not in self.adapters:
                 raise UserError(f"adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})")
-            self.model.set_adapter(name)
+            self.model.set_adapter(self._peft[name])
         self._active = name
 
     def _adapter_context(self):
