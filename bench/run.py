@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_ddp  # noqa: E402
+import bench_evolve  # noqa: E402
 import bench_fleet  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_memory  # noqa: E402
@@ -26,7 +27,7 @@ import bench_step_memory  # noqa: E402
 import bench_verifiers  # noqa: E402
 
 BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_fleet, bench_ddp, bench_staleness,
-           bench_score, bench_memory, bench_step_memory, bench_run_memory]
+           bench_score, bench_memory, bench_step_memory, bench_run_memory, bench_evolve]
 
 
 def machine() -> str:
@@ -42,8 +43,8 @@ def machine() -> str:
 
 def main() -> None:
     """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
-    verifiers, sft, serve, fleet, ddp, staleness, score, memory); sections of benchmarks not run
-    stay as they were, each with its own date."""
+    verifiers, sft, serve, fleet, ddp, staleness, score, memory, step_memory, run_memory,
+    evolve); sections of benchmarks not run stay as they were, each with its own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
     path = Path(__file__).parent.parent / "BENCHMARKS.md"
@@ -60,7 +61,7 @@ def main() -> None:
         print(sections[r["title"]])
     head = ["# Benchmarks", "",
             '- command: `pip install -e ".[bench]" && python bench/run.py [NAME ...]` (generation, verifiers, sft, '
-            'serve, fleet, ddp, staleness, score, memory, step_memory, run_memory; none: all)',
+            'serve, fleet, ddp, staleness, score, memory, step_memory, run_memory, evolve; none: all)',
             "- each section names the date and machine it was measured on", ""]
     path.write_text("\n".join(head) + "\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
 

@@ -11,6 +11,12 @@ one PNG per plot into `out` (default RUN_DIR/report for one run, ./report for se
     kept.png        kept vs rejected samples per iteration (filtering recipes)
     time_split.png  where the wall-clock time of a step went
 
+An evolve run directory (`selfevolve evolve`'s: lineage.json) gets its own section instead:
+
+    lineage.png     every version, its parent and the gate's decision
+    served.png      the served version's and each candidate's target metric on the
+                    validation traffic, round by round
+
 Several run directories are overlaid, one colour per run. The HTML embeds the images (it
 opens offline, and can be mailed as one file) and links each to its PNG. `selfevolve run`
 writes the report of its own run when it finishes.
@@ -248,32 +254,90 @@ def _seeds_section(path: Path) -> str:
             f"{html.escape(str(sj['seeds']))}: mean ± std (test split)</small></h2>{_table(rows, ['metric', *cols])}")
 
 
+def _evolve_section(path: Path, out: Path) -> tuple[str, dict[str, str]]:
+    """An evolve run: the rounds' table, the lineage drawn, and the served accuracy on the
+    validation traffic over rounds (after each round: the candidate's if promoted, else the
+    version that stayed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    graph = nx.node_link_graph(json.loads((path / "lineage.json").read_text()), edges="edges")
+    rounds = sorted((n for n in graph if n != "base"), key=lambda n: int(n.split("-")[1]))
+    info = {n: graph.nodes[n] for n in rounds}
+    interval = {n: json.loads(d["interval"]) for n, d in info.items() if "interval" in d}
+    rows = [[n, next(iter(graph.predecessors(n)), ""), d["decision"], d.get("metric", ""),
+             f"{d['current']:.3f} -> {d['candidate']:.3f}" if "current" in d else d.get("reason", ""),
+             f"{d['gain']:+.3f} [{interval[n][0]:+.3f}, {interval[n][1]:+.3f}]" if n in interval else "",
+             d.get("window", "")] for n, d in info.items()]
+    table = _table(rows, ["version", "parent", "decision", "metric", "served -> candidate", "gain [95%]",
+                          "traces in window"])
+    made = {}
+    colour = {"served": "#888", "promoted": "#2a7", "rejected": "#c33", "failed": "#333"}
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(graph)), 3))
+    pos = {n: (i, 0 if n == "base" or graph.nodes[n]["decision"] == "promoted" else -1)
+           for i, n in enumerate(["base", *rounds])}
+    nx.draw_networkx(graph, pos, ax=ax, node_color=[colour.get(graph.nodes[n]["decision"], "#888") for n in graph],
+                     node_size=1400, font_size=8, font_color="white", arrowsize=14)
+    ax.set_title("lineage: green promoted, red rejected, black failed")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "lineage.png", dpi=110)
+    plt.close(fig)
+    made["lineage.png"] = "Every version and the one it was trained from; promoted versions on the top row."
+    gated = [n for n in rounds if "current" in info[n]]
+    if gated:
+        served = [info[n]["candidate"] if info[n]["decision"] == "promoted" else info[n]["current"] for n in gated]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = list(range(len(gated)))
+        ax.plot(x, served, "-o", label="served after the round")
+        ax.plot(x, [info[n]["candidate"] for n in gated], "x", label="candidate")
+        ax.set_xticks(x, gated)
+        ax.set_ylabel(info[gated[0]]["metric"] + " (validation traffic, greedy)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "served.png", dpi=110)
+        plt.close(fig)
+        made["served.png"] = ("The served version's accuracy on the validation traffic after each round (the "
+                              "validation set grows with the traffic: each round's pair is on its own set).")
+    return f"<h2>{html.escape(path.resolve().name)} <small>selfevolve evolve</small></h2>{table}", made
+
+
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """Render the report of one or several runs; return the path of report.html. A `seeds=`
     directory shows its mean ± std and each seed's run."""
-    runs, spreads = [], []
+    runs, spreads, evolved = [], [], []
     for d in run_dirs:
         d = Path(d)
         if not d.is_dir():
             raise UserError(f"run directory not found: {d}")
-        if (d / "seeds.json").is_file():
+        if (d / "lineage.json").is_file():
+            evolved.append(d)
+        elif (d / "seeds.json").is_file():
             spreads.append(_seeds_section(d))
             runs += [RunData(d / r) for r in json.loads((d / "seeds.json").read_text())["runs"]]
         else:
             runs.append(RunData(d))
-    out = Path(out) if out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    alone = [*runs, *evolved]
+    out = Path(out) if out else ((getattr(alone[0], "path", alone[0])) / "report" if len(alone) == 1
+                                 else Path("report"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"out={out}: cannot create it ({e.strerror})") from None
-    plots = _plots(runs, out)
+    plots = _plots(runs, out) if runs else {}
+    for d in evolved:
+        section, made = _evolve_section(d, out)
+        spreads.append(section)
+        plots.update(made)
     figures = "".join(
         f'<figure><a href="{name}"><img src="data:image/png;base64,'
         f'{base64.b64encode((out / name).read_bytes()).decode()}" '
         f'alt="{name}"></a><figcaption>{html.escape(caption)} <a href="{name}">{name}</a></figcaption></figure>'
         for name, caption in plots.items()
     )
-    title = "selfevolve report: " + ", ".join(r.name for r in runs)
+    title = "selfevolve report: " + ", ".join([*(r.name for r in runs), *(d.resolve().name for d in evolved)])
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -141,12 +141,14 @@ class TraceStore:
         max_score=None,
         meta: dict[str, Any] | None = None,
         from_seq=None,
+        policy_version=None,
     ) -> tuple[str, list]:
         clauses, args = [], []
         if from_seq is not None:
             clauses.append("seq >= ?")
             args.append(from_seq)
-        for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id)):
+        for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id),
+                         ("policy_version", policy_version)):
             if val is not None:
                 clauses.append(f"{col} = ?")
                 args.append(val)

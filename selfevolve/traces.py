@@ -5,10 +5,15 @@
                                                             max_score, changed, flip=i2c|c2i, eval)
     selfevolve traces runs/score-x show=TRACE_ID            one trace turn by turn
     selfevolve traces runs/score-x flip=c2i export=c2i.parquet format=parquet
+    selfevolve traces runs/serve version=evolved            what a served version answered
+    selfevolve traces runs/serve trained_by=runs/evolve/round-1   what an evolve round trained on
+
+RUN_DIR may also be a trace store itself (`runs/serve/traces.sqlite`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +36,9 @@ class TracesConfig(BaseModel):
     changed: bool | None = Field(None, description="true: the response changed between turns; false: it did not")
     flip: str | None = Field(None, pattern="^(i2c|c2i)$", description="i2c: wrong then right; c2i: right then wrong")
     eval: str | None = Field(None, description="only the traces of this evaluation (e.g. before)")
+    version: str | None = Field(None, description="only the traces this policy version answered (an adapter name)")
+    trained_by: str | None = Field(None, description="only the traces an evolve round trained on (its directory, "
+                                   "e.g. runs/evolve/round-1: the lineage's trained_on.json)")
     limit: int = Field(20, ge=1, description="traces listed (the most recent)")
     show: str | None = Field(None, description="print this trace (id or a unique prefix) turn by turn")
     export: str | None = Field(None, description="write the matching traces to this file")
@@ -39,13 +47,22 @@ class TracesConfig(BaseModel):
 
 
 def matching(cfg: TracesConfig) -> list[Trace]:
-    path = Path(cfg.run_dir) / "traces.sqlite"
+    path = Path(cfg.run_dir)
+    path = path if path.is_file() else path / "traces.sqlite"
     if not path.is_file():
         raise UserError(f"run_dir={cfg.run_dir}: no traces.sqlite there")
     meta = {"eval": cfg.eval} if cfg.eval else None
+    trained = None
+    if cfg.trained_by:
+        where = Path(cfg.trained_by) / "trained_on.json"
+        if not where.is_file():
+            raise UserError(f"trained_by={cfg.trained_by}: no trained_on.json there (an evolve round's directory)")
+        trained = set(json.loads(where.read_text())["trace_ids"])
     out = []
     for t in TraceStore(path).iter(round=cfg.round, task_id=cfg.task_id, min_score=cfg.min_score,
-                                   max_score=cfg.max_score, meta=meta):
+                                   max_score=cfg.max_score, meta=meta, policy_version=cfg.version):
+        if trained is not None and t.id not in trained:
+            continue
         changed = len({x.response for x in t.turns}) > 1
         if cfg.changed is not None and changed != cfg.changed:
             continue

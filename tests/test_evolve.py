@@ -62,6 +62,13 @@ def test_gated_rounds_on_live_traffic(tmp_path):
                  .choices[0].message.content for m in probe]
         assert after == before  # the rejected version never served traffic
         assert (run / "lineage.graphml").is_file() and not any("@" in m for m in _models(client))
+        r = cli("report", str(run))  # the lineage drawn, and the served accuracy over rounds
+        assert r.returncode == 0 and {"lineage.png", "served.png", "report.html"} <= {
+            p.name for p in (run / "report").iterdir()}
+        trained = json.loads((run / "round-0" / "trained_on.json").read_text())["trace_ids"]
+        r = cli("traces", str(traces), f"trained_by={run / 'round-0'}", f"export={tmp_path / 'made.jsonl'}")
+        assert r.returncode == 0, r.stderr
+        assert sorted(json.loads(line)["id"] for line in open(tmp_path / "made.jsonl")) == sorted(trained)
     finally:
         server.stop()
 
