@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .build import critic_from_config, served_policy, verifier_for
@@ -102,6 +102,19 @@ class BatchKey(NamedTuple):
 
 
 SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
+
+
+class Failed(NamedTuple):
+    error: BaseException
+
+
+def _call(fn):
+    """Run one queued adapter call; its exception is returned (`Failed`), not raised, so the
+    calls batched with it still run and answer their own clients."""
+    try:
+        return fn()
+    except Exception as e:  # delivered to this call's client alone
+        return Failed(e)
 
 
 @dataclass
@@ -203,13 +216,20 @@ class Server:
                             j.future.set_exception(e)
                     continue
                 for j, r in zip(group, results):
-                    if not j.future.done():
+                    if j.future.done():
+                        continue
+                    if isinstance(r, Failed):  # one adapter call's failure is its own client's
+                        j.future.set_exception(r.error)
+                    else:
                         j.future.set_result(r)
 
     def _run(self, kind: str, key: BatchKey, payloads: list) -> list:
         """In the model thread: one batched call for a group of requests."""
-        if kind == "call":  # adapter load/unload: serialised with generation
-            return [fn() for fn in payloads]
+        if kind == "call":  # adapter load/unload: serialised with generation, each with its own fate
+            return [_call(fn) for fn in payloads]
+        if key.adapter is not None and key.adapter not in getattr(self.policy, "adapters", {key.adapter: None}):
+            raise HTTPError(404, f"the model {key.adapter!r} does not exist (unloaded while this request waited)",
+                            "not_found_error")
         self.policy.set_adapter(key.adapter)
         sampling = SamplingParams.model_validate_json(key.sampling)
         if kind == "chat":
@@ -243,8 +263,12 @@ class Server:
             raise HTTPError(400, f"the prompt is {ids_len} tokens; this model's context is {limit} tokens")
 
     async def chat(self, req: ChatRequest) -> dict:
-        if req.stream:
-            raise HTTPError(400, "stream=true is not supported by selfevolve serve")
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise HTTPError(400, "tools / tool_choice are not supported by selfevolve serve (the model has no "
+                            "tool-calling format)")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise HTTPError(400, f"response_format type {req.response_format.get('type')!r} is not supported "
+                            "(only text)")
         adapter = self.adapter_for(req.model)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
         sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
@@ -258,7 +282,8 @@ class Server:
         )
         created = int(time.time())
         if refine is None:
-            turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)
+            turns = [cut_at_stop(t, req.stop) for t in
+                     await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
             out = self._chat_response(req.model, created, choices, prompt_tokens, turns)
@@ -311,8 +336,6 @@ class Server:
         }
 
     async def complete(self, req: CompletionRequest) -> dict:
-        if req.stream:
-            raise HTTPError(400, "stream=true is not supported by selfevolve serve")
         adapter = self.adapter_for(req.model)
         sampling = self.sampling(req.temperature, req.top_p, req.max_tokens, req.n, req.seed, req.logprobs is not None)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -324,6 +347,7 @@ class Server:
             self.check_length(len(x))
         results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
                                                      p) for p in prompts])
+        results = [[cut_at_stop(t, req.stop) for t in turns] for turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
             echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a)) for i,
@@ -403,7 +427,10 @@ class Server:
         if self.adapter_root is None:
             return lora_path
         path = (self.adapter_root / lora_path).resolve()
-        if not path.is_relative_to(self.adapter_root):
+        inside = path.is_relative_to(self.adapter_root)
+        if inside and path.is_dir():  # a file that is a symlink out of the root escapes it as well
+            inside = all(f.resolve().is_relative_to(self.adapter_root) for f in path.iterdir())
+        if not inside:
             raise HTTPError(403, "lora_path is outside this server's adapter_root", "permission_error")
         return str(path)
 
@@ -436,8 +463,43 @@ class Server:
         self.check_adapter_updates()
         if req.lora_name not in getattr(self.policy, "adapters", {}):
             raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
-        await self.submit("call", SERIAL, lambda: self.policy.unload_adapter(req.lora_name))
+        def unload():  # checked again in the model thread: another unload may have come first
+            if req.lora_name not in self.policy.adapters:
+                raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
+            self.policy.unload_adapter(req.lora_name)
+
+        await self.submit("call", SERIAL, unload)
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+
+def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
+    """The answer up to the first of the request's `stop` strings (not included), as OpenAI
+    and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
+    longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
+    if at < 0:
+        return turn
+    return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
+                                   "finish_reason": "stop"})
+
+
+def stream(out: dict):
+    """A whole answer as OpenAI's server-sent events: per choice one chunk with all of its
+    text, then one with its finish_reason; the `selfevolve` field (trace ids) rides on the
+    first chunk; then [DONE]. The answer is generated before the first byte goes out, so an
+    error is still a plain 4xx."""
+    chat = out["object"] == "chat.completion"
+    head = {k: out[k] for k in ("id", "created", "model")} | {
+        "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
+    for i, c in enumerate(out["choices"]):
+        body = {"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat else {"text": c["text"]}
+        end = {"delta": {}} if chat else {"text": ""}
+        for part, finish, more in ((body, None, extra if i == 0 else {}), (end, c["finish_reason"], {})):
+            choice = {"index": c["index"], **part, "logprobs": None, "finish_reason": finish}
+            yield f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
@@ -559,11 +621,15 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await server.chat(await body(request, ChatRequest))
+        req = await body(request, ChatRequest)
+        out = await server.chat(req)
+        return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await server.complete(await body(request, CompletionRequest))
+        req = await body(request, CompletionRequest)
+        out = await server.complete(req)
+        return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):

@@ -1,11 +1,13 @@
 """The OpenAI wire format `selfevolve serve` accepts: the request bodies, validated by pydantic
 so a malformed request is a 400 with one line, never a 500. Extra fields that OpenAI clients
 send are accepted and ignored (vLLM's `return_tokens_as_token_ids` and selfevolve's
-`refine`, `reference`, `tests`, `entry_point` are read); the feedback body is strict."""
+`refine`, `reference`, `tests`, `entry_point` are read); a field that would change the answer
+and cannot be honoured (`tools`, a `response_format` other than text) is refused, never
+ignored; the feedback body is strict."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -60,7 +62,11 @@ class ChatRequest(BaseModel):
     seed: int | None = SEED
     logprobs: bool | None = False
     return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
-    stream: bool | None = False
+    stream: bool | None = False  # answered whole, then sent as server-sent events (chunks)
+    stop: Text | list[Text] | None = Field(None, max_length=4)
+    response_format: dict | None = None  # only {"type": "text"}: anything else is refused, not ignored
+    tools: list | None = None  # refused: the served model has no tool-calling format
+    tool_choice: Any = None
     refine: Refine | bool | None = None
     reference: Text | None = None  # extra_body: the expected answer, for the verifier's score in the trace
     tests: list[str] | str | None = None  # extra_body: a code task's tests ...
@@ -79,6 +85,7 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool | None = False
+    stop: Text | list[Text] | None = Field(None, max_length=4)
     reference: str | None = None  # extra_body, as in ChatRequest
     tests: list[str] | str | None = None
     entry_point: str | None = None

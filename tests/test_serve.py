@@ -108,7 +108,10 @@ def test_concurrent_clients_all_answered(client):
         (b'{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', 400, "limit"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 1000}', 400, "limit"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": true}', 400, "stream"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400,
+         "tools"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": '
+         b'"json_object"}}', 400, "response_format"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
         (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "refine": {"max_turns": 99}}',
@@ -449,3 +452,94 @@ def test_in_place_swaps_under_32_concurrent_clients(server, client, tmp_path):
     assert greedy() == answers[paths[1]]  # the last version loaded, with its own rank and alpha
     r = httpx.post(server.url + "/v1/unload_lora_adapter", headers=auth, json={"lora_name": "live"})
     assert r.status_code == 200
+
+
+def test_adapter_calls_keep_their_own_fate(server, client, tmp_path):
+    """Issue 33: a bad load batched with a good one fails alone; a config peft cannot use is
+    a 400; an unload racing a chat for the same adapter answers the chat 200 or 404, never
+    500."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selfevolve.training import trainable_model
+
+    good = tmp_path / "good"
+    trainable_model("tiny", r=4, alpha=8).save_pretrained(good)
+    other = str(_other_base_adapter(tmp_path / "other"))
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def load(name, path):
+        return httpx.post(server.url + "/v1/load_lora_adapter", headers=auth, timeout=60,
+                          json={"lora_name": name, "lora_path": str(path)})
+
+    with ThreadPoolExecutor(4) as pool:  # land in one worker batch
+        bad1, ok, bad2 = pool.map(lambda a: load(*a), [("b1", other), ("fate-good", good), ("b2", other)])
+    assert (bad1.status_code, ok.status_code, bad2.status_code) == (400, 200, 400), (bad1.text, ok.text)
+    served = {m.id for m in client.models.list().data}
+    assert "fate-good" in served and not {"b1", "b2"} & served
+
+    for i, config in enumerate(["{not json", "[1, 2]", json.dumps({"peft_type": "LORA", "r": "abc"})]):
+        broken = tmp_path / f"broken{i}"
+        broken.mkdir()
+        for f in good.iterdir():
+            (broken / f.name).write_bytes(f.read_bytes())
+        (broken / "adapter_config.json").write_text(config)
+        r = load(f"broken{i}", broken)
+        assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"], r.text
+
+    def chat():
+        try:
+            client.chat.completions.create(model="fate-good", messages=Q, temperature=0, max_tokens=8)
+            return 200
+        except openai.APIStatusError as e:
+            return e.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        chats = [pool.submit(chat) for _ in range(6)]
+        unload = pool.submit(httpx.post, server.url + "/v1/unload_lora_adapter", headers=auth,
+                             json={"lora_name": "fate-good"})
+        again = pool.submit(httpx.post, server.url + "/v1/unload_lora_adapter", headers=auth,
+                            json={"lora_name": "fate-good"})
+        codes = {c.result() for c in chats}
+    assert codes <= {200, 404}, codes
+    assert sorted([unload.result().status_code, again.result().status_code]) == [200, 404]
+
+
+def test_file_symlinks_out_of_the_adapter_root_are_refused(tmp_path):
+    from selfevolve.training import trainable_model
+
+    outside, root = tmp_path / "outside", tmp_path / "root"
+    trainable_model("tiny", r=4, alpha=8).save_pretrained(outside)
+    (root / "linked").mkdir(parents=True)
+    for f in outside.iterdir():
+        (root / "linked" / f.name).symlink_to(f)
+    with ServerProcess(f"adapter_root={root}", f"traces={tmp_path / 't.sqlite'}") as s:
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "linked"})
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["message"] == "lora_path is outside this server's adapter_root"
+
+
+def test_streaming_and_stop_as_real_clients_send_them(client, server):
+    """stream=true answers as server-sent events the openai client reads (chat and
+    completions, the trace id on the first chunk); `stop` cuts the answer before the stop
+    string, as OpenAI does, and the logged trace holds what the client got."""
+    whole = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=24)
+    chunks = list(client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=24,
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content and chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].model_extra["selfevolve"]["trace_id"]
+    parts = list(client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0,
+                                           stream=True))
+    plain = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0)
+    assert "".join(p.choices[0].text for p in parts) == plain.choices[0].text
+
+    full = whole.choices[0].message.content
+    word = full.split()[2]
+    cut = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=24, stop=[word, "zzz"])
+    assert cut.choices[0].message.content == full[: full.index(word)] and cut.choices[0].finish_reason == "stop"
+    logged = TraceStore(server.traces).get(cut.model_extra["selfevolve"]["trace_id"])
+    assert logged.final == cut.choices[0].message.content and logged.turns[0].token_ids is None
+    text_ok = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8,
+                                             response_format={"type": "text"})
+    assert text_ok.choices[0].message.content

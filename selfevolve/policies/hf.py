@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -140,6 +140,14 @@ class HFPolicy:
         p = Path(path)
         if not (p / "adapter_config.json").is_file():
             raise UserError(f"adapter={path}: not a peft adapter directory (no adapter_config.json)")
+        try:  # a config peft cannot use fails here, before the model is touched
+            config = json.loads((p / "adapter_config.json").read_text())
+            if not isinstance(config, dict) or not isinstance(config.get("r", 8), int):
+                raise ValueError("expected an object with an integer r")
+            PeftConfig.from_pretrained(str(p))
+        except Exception as e:
+            raise UserError(f"adapter={path}: adapter_config.json is not a usable peft config "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
         try:  # unreadable or truncated weights fail here, before the model is touched
             weights = load_peft_weights(str(p), device=str(self.device))
         except Exception as e:
