@@ -60,7 +60,8 @@ def send(url: str, n: int, offset: int, model: str, seed: int) -> dict:
 
 
 def score(url: str, traces: str, model: str, seed: int, bootstrap: int) -> dict:
-    tasks = load_tasks(traces, split="test", holdout=HOLDOUT, seed=seed)  # the scorable held-out traffic
+    # the scorable held-out traffic, carved as evolve's recipes carve it (their seed=0, whatever --seed is)
+    tasks = load_tasks(traces, split="test", holdout=HOLDOUT, seed=0)
     verifier = get_verifier("numeric")
     greedy = SamplingParams(temperature=0.0, max_new_tokens=48)
     runs = {}

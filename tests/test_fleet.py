@@ -151,3 +151,24 @@ def test_rest_em_with_two_learner_processes_on_two_rollout_servers(pair, tmp_pat
             by_rank.setdefault(version.rsplit("-", 1)[0], []).append(name)
         assert len(by_rank) == 2 and len({tuple(v) for v in by_rank.values()}) == 1, by_rank
         assert f"iter-{summary['best_iteration']}" in "".join(next(iter(by_rank.values())))
+
+
+def test_a_replica_restarted_on_its_port_is_dropped_not_fatal(pair, tmp_path, tiny):
+    """Issue 33: a replica killed and restarted where it was between rollouts serves the base
+    model without the fleet's adapters; its 404 for the adapter drops it (with a warning)
+    and the request is answered by a replica that has the adapter."""
+    a, b = pair
+    fleet = load_policy(f"{a.url},{b.url}", "openai")
+    first = learner(1)
+    publish(fleet, first, tiny.tokenizer, tmp_path / "v1", "v1")
+    greedy = SamplingParams(max_new_tokens=12)
+    before = [t[0].response for t in fleet.generate(Q, greedy)]
+    b.proc.kill()
+    b.proc.wait()
+    restarted = ServerProcess(f"traces={tmp_path / 'b2.sqlite'}", port=b.port)
+    try:
+        with pytest.warns(UserWarning, match="does not serve the fleet's adapter 'v1'"):
+            after = [t[0].response for t in fleet.generate(Q, greedy)]
+        assert after == before and [r.url for r in fleet.replicas] == [a.url + "/v1"]
+    finally:
+        restarted.stop()

@@ -7,7 +7,9 @@ Requests: each conversation is one request, sent to the replica with the fewest 
 outstanding from this process (least outstanding work). A request that fails there (the
 server is unreachable, times out, or answers 5xx) is retried on another replica and
 reported; an unreachable replica leaves the fleet (it serves nothing, so it cannot serve a
-stale model either) — the run goes on while one replica is left.
+stale model either), and so does one that answers 404 for the fleet's adapter (restarted:
+it forgot its hot-loaded adapters, and would serve a stale model if asked for the base) —
+the run goes on while one replica is left.
 
 Adapters: a load goes to every replica, all or nothing (`sync.load_everywhere`): if one
 refuses it or fails its canary, the others are rolled back to the adapter they had and the
@@ -114,6 +116,11 @@ class FleetPolicy:
                 self.outstanding[replica.url] += 1
             try:
                 return call(replica)
+            except openai.NotFoundError:  # a replica restarted where it was: it forgot the fleet's adapters
+                if replica.active_adapter is None:
+                    raise
+                tried.add(replica.url)
+                self.drop(replica, f"does not serve the fleet's adapter {replica.active_adapter!r} (restarted?)")
             except RETRYABLE as e:
                 tried.add(replica.url)
                 with self._lock:
