@@ -112,6 +112,7 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     run directory, the learner's base and the held-out evaluation."""
 
     recipe: str = Field("", description="recipe name")
+    max_new_tokens: int = Field(64, ge=1, description="generation budget per turn (rollouts and evaluations)")
     base_model: str | None = Field(
         None,
         description="the learner's base weights (a directory or `tiny`) when the served model's are not "

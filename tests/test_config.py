@@ -1,6 +1,6 @@
 import pytest
 
-from selfevolve.config import RecipeConfig, build, parse_overrides, resolve
+from selfevolve.config import RecipeConfig, build, load_yaml, parse_overrides, resolve
 from selfevolve.errors import UserError
 
 
@@ -49,3 +49,18 @@ def test_yaml_layer(tmp_path):
         resolve(Demo, y, {})
     with pytest.raises(UserError, match="not found"):
         resolve(Demo, tmp_path / "missing.yaml", {})
+
+
+def test_recipe_yaml_files_hold_only_what_differs_from_the_class():
+    """One home per default (issue 34): a YAML key that repeats its config class's default
+    would silently override a later change to the class."""
+    from selfevolve.cli import RECIPES
+    from selfevolve.cli import _config_path as config_path
+    from selfevolve.cli import _recipe as recipe
+
+    for name in RECIPES:
+        path = config_path(name)
+        values = load_yaml(path) if path is not None and path.exists() else {}
+        defaults = recipe(name)[1]().model_dump()
+        assert not [k for k, v in values.items() if defaults.get(k) == v], (name, values)
+        assert resolve(recipe(name)[1], path, {}).max_new_tokens == 64  # settled in RecipeConfig

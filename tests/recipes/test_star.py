@@ -7,6 +7,7 @@ from selfevolve import arith
 from selfevolve.recipes.star import StarConfig, collect, hinted, reproduces_hint, training_example
 from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
+from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume
 from tests.recipes.selection import check_selected_on_validation
 from tests.test_cli import cli
@@ -83,6 +84,7 @@ def test_run_through_the_cli(tmp_path):
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1]
     check_selected_on_validation(d)
     assert (d / summary["best_adapter"] / "adapter_config.json").exists()
+    assert_pinned(d, sft_loss=0.102345, kept=12, rationalised=2)
     its = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"kept"' in x]
     assert all(m["kept"] + m["failed"] == 24 and m["rationalised"] + m["rejected"] == m["failed"] for m in its)
     store = TraceStore(d / "traces.sqlite")
