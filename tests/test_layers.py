@@ -45,6 +45,13 @@ def import_graph() -> nx.DiGraph:
             for t in targets:
                 if t in mods and t != name:
                     g.add_edge(name, t)
+                    # importing a.b.c runs a/b/__init__ first: the packages above the target count as
+                    # imported too, except those already running above the importer itself
+                    own = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)} | {name}
+                    for k in range(1, t.count(".")):
+                        parent = t.rsplit(".", k)[0]
+                        if parent in mods and parent not in own:
+                            g.add_edge(name, parent)
     return g
 
 
@@ -54,6 +61,7 @@ def test_the_graph_sees_the_package():
             "selfevolve.feedback.critics"} <= set(g)
     assert g.has_edge("selfevolve.recipes.score", "selfevolve.run")
     assert g.has_edge("selfevolve.policies.hf", "selfevolve.training")  # a relative import resolved
+    assert g.has_edge("selfevolve.sync", "selfevolve.policies")  # a submodule's package runs its __init__
 
 
 def test_no_import_cycles():

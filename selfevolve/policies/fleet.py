@@ -11,7 +11,7 @@ stale model either), and so does one that answers 404 for the fleet's adapter (r
 it forgot its hot-loaded adapters, and would serve a stale model if asked for the base) —
 the run goes on while one replica is left.
 
-Adapters: a load goes to every replica, all or nothing (`sync.load_everywhere`): if one
+Adapters: a load goes to every replica, all or nothing (`replicas.load_everywhere`): if one
 refuses it or fails its canary, the others are rolled back to the adapter they had and the
 sync raises SyncError naming the replica, or, with `on_sync_error=drop`, that replica leaves
 the fleet and the others go on (logged). Each replica names every version anew
@@ -33,6 +33,7 @@ import openai
 from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
 from .openai import OpenAIPolicy
+from .replicas import load_everywhere
 
 # What sends a request to another replica: transport failures, timeouts and server errors.
 # A 4xx is the request's fault and would fail anywhere.
@@ -75,8 +76,6 @@ class FleetPolicy:
             r.set_adapter(name)
 
     def load_adapter(self, path: str, name: str) -> None:
-        from ..sync import load_everywhere  # sync imports the policies
-
         load_everywhere(self, path, name)
 
     def unload_adapter(self, name: str) -> None:
@@ -145,6 +144,6 @@ class FleetPolicy:
         return self._map(lambda t: self._route(lambda r: r.complete_one(t, sampling)), texts)
 
     def prompt_logprob(self, text: str) -> float:
-        """The canary under the fleet's adapter, from one replica (`sync.load_everywhere`
+        """The canary under the fleet's adapter, from one replica (`replicas.load_everywhere`
         checks each replica by itself)."""
         return self._route(lambda r: r.prompt_logprob(text))

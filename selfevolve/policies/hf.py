@@ -116,6 +116,11 @@ class HFPolicy:
             self.model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
                                                             pad_token_id=gc.pad_token_id)
 
+    def reloaded(self, path: str | Path) -> HFPolicy:
+        """The same engine (device, batch size) over other full weights: how a run that
+        trains all weights (lora=false) serves its update."""
+        return HFPolicy(str(path), device=str(self.device), batch_size=self.batch_size)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
