@@ -46,7 +46,7 @@ from .data import default_verifier
 from .errors import UserError
 from .loop import refine_batch
 from .store import TraceStore
-from .types import AdapterServing, Feedback, SamplingParams, Task, Trace, Turn
+from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn
 from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
 
 REFINE_SUFFIX = "+refine"
@@ -138,11 +138,12 @@ class Server:
         self.adapter_root = Path(cfg.adapter_root).resolve() if cfg.adapter_root else None
         if self.adapter_root and not self.adapter_root.is_dir():
             raise UserError(f"adapter_root={cfg.adapter_root} is not a directory")
-        self.policy: AdapterServing = policy or served_policy(cfg)
-        self.name = cfg.name or Path(str(getattr(self.policy, "path", cfg.model))).name
-        self.root = (
-            "tiny" if cfg.model == "tiny" else str(getattr(self.policy, "path", cfg.model))
-        )  # as vLLM: loaded from
+        self.policy: Servable = policy or served_policy(cfg)
+        if not isinstance(self.policy, Servable):
+            raise UserError(f"policy={cfg.policy}: {type(self.policy).__name__} cannot be served by selfevolve serve "
+                            "(it is not a types.Servable); for vLLM run `vllm serve MODEL --enable-lora` itself")
+        self.name = cfg.name or Path(str(self.policy.path)).name
+        self.root = "tiny" if cfg.model == "tiny" else str(self.policy.path)  # as vLLM: loaded from
         self.adapter_updates = (cfg.allow_adapter_updates if cfg.allow_adapter_updates is not None
                                 else loopback(cfg.host) or bool(self.api_key))
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
@@ -175,13 +176,13 @@ class Server:
         return self._critics[name]
 
     def models(self) -> list[str]:
-        return [self.name, self.name + REFINE_SUFFIX, *getattr(self.policy, "adapters", {})]
+        return [self.name, self.name + REFINE_SUFFIX, *self.policy.adapters]
 
     def adapter_for(self, model: str) -> str | None:
         base = model[: -len(REFINE_SUFFIX)] if model.endswith(REFINE_SUFFIX) else model
         if base == self.name:
             return None
-        if base in getattr(self.policy, "adapters", {}):
+        if base in self.policy.adapters:
             return base
         raise HTTPError(404, f"model {model!r} does not exist; available: {', '.join(self.models())}",
                         "not_found_error")
@@ -227,7 +228,7 @@ class Server:
         """In the model thread: one batched call for a group of requests."""
         if kind == "call":  # adapter load/unload: serialised with generation, each with its own fate
             return [_call(fn) for fn in payloads]
-        if key.adapter is not None and key.adapter not in getattr(self.policy, "adapters", {key.adapter: None}):
+        if key.adapter is not None and key.adapter not in self.policy.adapters:
             raise HTTPError(404, f"the model {key.adapter!r} does not exist (unloaded while this request waited)",
                             "not_found_error")
         self.policy.set_adapter(key.adapter)
@@ -258,8 +259,8 @@ class Server:
                               logprobs=bool(logprobs))
 
     def check_length(self, ids_len: int) -> None:
-        limit = getattr(self.policy, "max_positions", None)
-        if limit and ids_len + 1 > limit:
+        limit = self.policy.max_positions
+        if ids_len + 1 > limit:
             raise HTTPError(400, f"the prompt is {ids_len} tokens; this model's context is {limit} tokens")
 
     async def chat(self, req: ChatRequest) -> dict:
@@ -273,7 +274,7 @@ class Server:
         max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
         sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
         conv = [m.model_dump() for m in req.messages]
-        prompt_tokens = len(self.policy.encode_prompts([conv])[0]) if hasattr(self.policy, "encode_prompts") else 0
+        prompt_tokens = len(self.policy.encode_prompts([conv])[0])
         self.check_length(prompt_tokens)
         refine = (
             req.refine
@@ -443,7 +444,7 @@ class Server:
         if req.lora_name.endswith(REFINE_SUFFIX):  # `NAME+refine` asks for refinement with adapter NAME
             raise HTTPError(400, f"lora_name {req.lora_name!r} ends in {REFINE_SUFFIX!r}, which requests refinement")
         path = self.adapter_path(req.lora_path)
-        if req.lora_name in getattr(self.policy, "adapters", {}) and not req.load_inplace:
+        if req.lora_name in self.policy.adapters and not req.load_inplace:
             raise HTTPError(400, f"adapter {req.lora_name!r} is already loaded; load_inplace=true replaces it")
 
         def load():  # all or nothing (HFPolicy.load_adapter): a failed load leaves the model as it was
@@ -461,7 +462,7 @@ class Server:
 
     async def unload_adapter(self, req: LoadAdapter) -> str:
         self.check_adapter_updates()
-        if req.lora_name not in getattr(self.policy, "adapters", {}):
+        if req.lora_name not in self.policy.adapters:
             raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
         def unload():  # checked again in the model thread: another unload may have come first
             if req.lora_name not in self.policy.adapters:

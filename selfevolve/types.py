@@ -186,6 +186,28 @@ class AdapterServing(Policy, Protocol):
 
 
 @runtime_checkable
+class Servable(AdapterServing, Protocol):
+    """Everything `selfevolve serve` calls on its policy (checked once, at start): the engine
+    side of an OpenAI-compatible server. HFPolicy is one; vLLM has its own server
+    (`vllm serve`), and an OpenAIPolicy is already behind one."""
+
+    path: Any             # where the weights were loaded from (the served model's name and root)
+    tokenizer: Any        # prompt lengths and completions' tokens
+    max_positions: int    # the context: longer prompts are a 400
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """name -> path of every loaded adapter."""
+        ...
+
+    def complete(self, texts: list[str], sampling: SamplingParams) -> list[list[Turn]]: ...
+
+    def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]: ...
+
+    def prompt_token_logprobs(self, text: str) -> tuple[list[str], list[float | None]]: ...
+
+
+@runtime_checkable
 class Verifier(Protocol):
     """Deterministic, trusted scoring: Feedback with a score in [0, 1]. The loop and the
     recipes call `verify_batch`; `as_verifier` gives a verify-only object one."""

@@ -543,3 +543,18 @@ def test_streaming_and_stop_as_real_clients_send_them(client, server):
     text_ok = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8,
                                              response_format={"type": "text"})
     assert text_ok.choices[0].message.content
+
+
+def test_the_server_checks_its_policy_once_at_start(tmp_path, tiny):
+    """types.Servable names everything serve calls: a policy without it is refused in one
+    line at start (a LangChain chat model has no adapters, tokenizer or completions)."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from selfevolve.errors import UserError
+    from selfevolve.policies import LangChainPolicy
+    from selfevolve.serve import ServeConfig, Server
+    from selfevolve.types import Servable
+
+    assert isinstance(tiny, Servable)
+    with pytest.raises(UserError, match="not a types.Servable"):
+        Server(ServeConfig(traces=str(tmp_path / "t.sqlite")), LangChainPolicy(FakeListChatModel(responses=["x"])))
