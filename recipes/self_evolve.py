@@ -34,7 +34,7 @@ the critique's words, their embeddings are random, and LoRA alone cannot teach i
 or read a critique. It is on for `tiny` only (`feedback_tokens=null`): a real model knows the
 words, and at `token_lr` it would retrain the rows of common words (vLLM cannot load such an
 adapter yet either). The critic learns the format and the verdicts' base rate, not to find
-errors: README, "SELF", has the numbers.
+errors: docs/recipes.md, "SELF", has the numbers.
 
 From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): a logged refinement trace
 (y, the critique f the server's critic wrote, ŷ) joins the meta-skill tuples (`logged_tuples`)

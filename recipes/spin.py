@@ -75,7 +75,7 @@ class SpinConfig(RecipeConfig):
     temperature: float = Field(1.0, ge=0, description="opponent sampling temperature")
     epochs: int = Field(2, ge=1, description="passes over the pairs per iteration")
     lr: float = Field(3e-5, gt=0,
-                      description="AdamW learning rate (higher rates collapse the gold likelihood, see README)")
+                      description="AdamW learning rate (higher rates collapse the gold likelihood: docs/recipes.md)")
     pair_batch_size: int = Field(32, ge=1, description="pairs per optimizer step")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")

@@ -57,7 +57,7 @@ def test_corpus_teaches_the_critique_format_but_not_the_verdict():
     assert not any(
         ex[0]["content"].startswith("Check this") for ex in (corpus_example(rng, PretrainConfig()) for _ in range(2000))
     )
-    cfg = PretrainConfig(p_critique=0.1)  # the bundled tiny has none; SELF needs them (README)
+    cfg = PretrainConfig(p_critique=0.1)  # the bundled tiny has none; SELF needs them (docs/recipes.md)
     critiques = [ex for ex in (corpus_example(rng,
                                               cfg) for _ in range(4000)) if ex[0]["content"].startswith("Check this")]
     assert 150 < len(critiques) < 250  # p_critique / 2 of the corpus
