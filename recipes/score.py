@@ -97,15 +97,14 @@ from selfevolve.losses import (
     attempt_credit,
     baseline_advantage,
     behaviour_logprobs,
-    kl_estimate,
-    kl_loss,
-    reinforce_loss,
+    score_objective,
     truncated_is_weights,
 )
 from selfevolve.run import Run
 from selfevolve.serving_thread import ServingThread
 from selfevolve.sync import sampled_logprob_ratio, save_update, saved_update
 from selfevolve.training import (
+    EpisodeBatch,
     batch_slice,
     episode_batch,
     micro_batch_rows,
@@ -206,7 +205,7 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     return traces, t1 - t0, time.perf_counter() - t1
 
 
-def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
+def score_loss(learner, episode: EpisodeBatch, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
                backward: bool = False, served: list[tuple] | None = None,
                stale: bool = False, decode=None) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
@@ -241,25 +240,23 @@ def score_loss(learner, episode, r1: torch.Tensor, r2: torch.Tensor, stage: int,
         logp, _ = token_logprobs(learner, mb)
         with torch.no_grad(), learner.disable_adapter():
             ref, _ = token_logprobs(learner, mb)
-        part, share = 0.0, (sl.stop - sl.start) / n
-        for k, (mask, a, beta) in enumerate(zip((m1, m2), adv, betas), start=1):
-            mask = mask[sl, :width].to(device)
-            if served is not None:  # the sampler's log-probs, on the tokens they belong to
-                values, where, unmatched = behaviour_logprobs(mb["labels"][:, 1:], mask, [
-                    served[e][k - 1] for e in row_episode[sl].tolist()], decode)
-                check[3] += unmatched
-            w = None
+        masks = tuple(m[sl, :width].to(device) for m in (m1, m2))
+        w = [None, None]
+        for k, mask in enumerate(masks):
+            if served is None:
+                continue
+            values, where, unmatched = behaviour_logprobs(mb["labels"][:, 1:], mask, [  # the sampler's log-probs,
+                served[e][k] for e in row_episode[sl].tolist()], decode)                # on their own tokens
+            check[3] += unmatched
             if stale:  # sampled by an older adapter: importance-weight its tokens to this one
-                w = truncated_is_weights(logp, values, where, cfg.is_cap)
-                weights = [weights[0] + float((w * mask).sum()), weights[1] + int(mask.sum())]
-            pg = reinforce_loss(logp, mask, a[sl].to(device), w) * share
-            penalty = beta * kl_loss(logp, ref, mask).mean() * share
-            part = part + pg + penalty
-            kl = kl_estimate(logp, ref, mask).mean() * share  # the KL value, for the log
-            for name, v in (("kl", kl), ("pg", pg), ("penalty", penalty)):
-                sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + float(v.detach())
-            if served is not None:
-                check[:3] = [a + b for a, b in zip(check, sampled_logprob_ratio(logp, values, where))]
+                w[k] = truncated_is_weights(logp, values, where, cfg.is_cap)
+                weights = [weights[0] + float((w[k] * mask).sum()), weights[1] + int(mask.sum())]
+            check[:3] = [a + b for a, b in zip(check, sampled_logprob_ratio(logp, values, where))]
+        part, stats = score_objective(logp, ref, masks, tuple(a[sl].to(device) for a in adv), betas, tuple(w),
+                                      scale=(sl.stop - sl.start) / n)
+        for name, values in stats._asdict().items():
+            for k, v in enumerate(values, start=1):
+                sums[f"{name}_t{k}"] = sums.get(f"{name}_t{k}", 0.0) + v
         if backward:
             part.backward()
             part = part.detach()

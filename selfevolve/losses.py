@@ -9,6 +9,8 @@ output of `training.token_logprobs`), `adv` is (B,).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -101,6 +103,47 @@ def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
     if weight is not None:
         logp = logp * weight.detach()
     return -(adv.detach() * (logp * mask).sum(-1)).mean()
+
+
+class ScoreStats(NamedTuple):
+    """The parts of `score_objective`, per attempt (y1, y2), detached, for the log."""
+
+    pg: tuple[float, float]       # the policy-gradient (REINFORCE) terms
+    penalty: tuple[float, float]  # β · the KL loss terms
+    kl: tuple[float, float]       # the KL estimate itself (what β multiplies)
+
+
+def score_objective(logp: torch.Tensor, ref: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor],
+                    advantages: tuple[torch.Tensor, torch.Tensor], betas: tuple[float, float],
+                    weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                    scale: float = 1.0) -> tuple[torch.Tensor, ScoreStats]:
+    """SCoRe's loss on rows of whole episodes (x, y1, I, y2), to minimise:
+
+        L = Σ_{k ∈ {1,2}} scale · [ REINFORCE(logp, mask_k, A_k, w_k) + β_k · KL(π ‖ π_ref)(mask_k) ]
+
+    logp, ref     [B, T]  log-probabilities of each row's tokens under the learner / the reference
+    masks         2 × [B, T] bool: the tokens of y1 / of y2
+    advantages    2 × [B]  each row's episode's advantage for y1 / y2 (the stage's credit)
+    betas         (β for y1, β for y2): Stage I (β2, 0), Stage II (β1, β1)
+    weights       2 × [B, T] truncated importance weights of stale samples, or None
+    scale         this micro-batch's share of the batch (the terms are summed over micro-batches)
+
+    Pure: no forward pass, no rank, no rounding — `recipes/score.py` runs those around it.
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.5]])); m = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    >>> loss, stats = score_objective(lp, lp, m, (torch.tensor([1.0]), torch.tensor([0.0])), (0.1, 0.1))
+    >>> round(float(loss), 4), stats.kl
+    (0.6931, (0.0, 0.0))
+    """
+    loss, parts = 0.0, {"pg": [], "penalty": [], "kl": []}
+    for mask, a, beta, w in zip(masks, advantages, betas, weights):
+        pg = reinforce_loss(logp, mask, a, w) * scale
+        penalty = beta * kl_loss(logp, ref, mask).mean() * scale
+        loss = loss + pg + penalty
+        kl = kl_estimate(logp, ref, mask).mean() * scale
+        for name, v in (("pg", pg), ("penalty", penalty), ("kl", kl)):
+            parts[name].append(float(v.detach()))
+    return loss, ScoreStats(**{k: tuple(v) for k, v in parts.items()})
 
 
 def behaviour_logprobs(target: torch.Tensor, mask: torch.Tensor, sampled: list[tuple | None], decode=None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -157,7 +158,17 @@ def trained_tokens(turns) -> str:
     return "sampled" if all(t.token_ids is not None for t in turns) else "retokenized"
 
 
-def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str):
+class EpisodeBatch(NamedTuple):
+    """SCoRe's teacher-forced rows (`episode_batch`); the masks are aligned with
+    `token_logprobs` (position t scores token t+1)."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels: [rows, width]
+    first: torch.Tensor             # [rows, width - 1] bool: y1's tokens
+    second: torch.Tensor            # [rows, width - 1] bool: y2's tokens
+    episode: torch.Tensor           # [rows] the episode (trace) each row belongs to
+
+
+def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str) -> EpisodeBatch:
     """SCoRe's teacher-forced rows of whole episodes (x, y1, I, y2) built by `encode_turns`
     from the sampled tokens, the masks of the first and the second attempt's tokens, and the
     episode of each row: one row scores both attempts where that is exact, else (a template
@@ -175,7 +186,7 @@ def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str):
     for i, (_, _, attempt) in enumerate(rows):
         which[i, : len(attempt)] = torch.tensor(attempt)
     which = which[:, 1:]  # aligned with token_logprobs: position t scores token t+1
-    return batch, which == 1, which == 2, torch.tensor(episode)
+    return EpisodeBatch(batch, which == 1, which == 2, torch.tensor(episode))
 
 
 # A micro-batch's saved activations when `micro_batch_size` is not set, in elements of
