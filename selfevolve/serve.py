@@ -125,27 +125,46 @@ class Job:
     future: asyncio.Future = field(default=None)
 
 
+def exposure(cfg: ServeConfig) -> tuple[str | None, bool]:
+    """(the API key, whether adapter updates are accepted): a server reachable beyond
+    loopback needs a key (or insecure=true); updates are on for loopback or keyed servers
+    unless `allow_adapter_updates` says otherwise."""
+    key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
+    if not (loopback(cfg.host) or key or cfg.insecure):
+        raise UserError(f"host={cfg.host} exposes the server to the network without an api_key: anyone who "
+                        "reaches it could use it and change its model; set api_key= (or SELFEVOLVE_API_KEY), "
+                        "or insecure=true")
+    updates = cfg.allow_adapter_updates if cfg.allow_adapter_updates is not None else loopback(cfg.host) or bool(key)
+    return key, updates
+
+
+def confined_root(adapter_root: str | None) -> Path | None:
+    """The directory adapter loads are confined to (resolved), or None."""
+    root = Path(adapter_root).resolve() if adapter_root else None
+    if root and not root.is_dir():
+        raise UserError(f"adapter_root={adapter_root} is not a directory")
+    return root
+
+
+def servable(policy, name: str) -> Servable:
+    """`policy`, checked once for everything the server calls on it (types.Servable)."""
+    if not isinstance(policy, Servable):
+        raise UserError(f"policy={name}: {type(policy).__name__} cannot be served by selfevolve serve "
+                        "(it is not a types.Servable); for vLLM run `vllm serve MODEL --enable-lora` itself")
+    return policy
+
+
 class Server:
-    """The policy, a single model-owning worker thread, and the request queue."""
+    """The policy, a single model-owning worker thread, and the request queue; built from
+    `exposure`, `confined_root`, `servable` and the trace store."""
 
     def __init__(self, cfg: ServeConfig, policy=None):
         self.cfg = cfg
-        self.api_key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
-        if not (loopback(cfg.host) or self.api_key or cfg.insecure):
-            raise UserError(f"host={cfg.host} exposes the server to the network without an api_key: anyone who "
-                            "reaches it could use it and change its model; set api_key= (or SELFEVOLVE_API_KEY), "
-                            "or insecure=true")
-        self.adapter_root = Path(cfg.adapter_root).resolve() if cfg.adapter_root else None
-        if self.adapter_root and not self.adapter_root.is_dir():
-            raise UserError(f"adapter_root={cfg.adapter_root} is not a directory")
-        self.policy: Servable = policy or served_policy(cfg)
-        if not isinstance(self.policy, Servable):
-            raise UserError(f"policy={cfg.policy}: {type(self.policy).__name__} cannot be served by selfevolve serve "
-                            "(it is not a types.Servable); for vLLM run `vllm serve MODEL --enable-lora` itself")
+        self.api_key, self.adapter_updates = exposure(cfg)
+        self.adapter_root = confined_root(cfg.adapter_root)
+        self.policy = servable(policy or served_policy(cfg), cfg.policy)
         self.name = cfg.name or Path(str(self.policy.path)).name
         self.root = "tiny" if cfg.model == "tiny" else str(self.policy.path)  # as vLLM: loaded from
-        self.adapter_updates = (cfg.allow_adapter_updates if cfg.allow_adapter_updates is not None
-                                else loopback(cfg.host) or bool(self.api_key))
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
