@@ -116,3 +116,16 @@ def test_star_spin_and_self_take_the_logged_answers(traffic, tmp_path):
     assert tuples and all(source.get(t.meta["logged"]).turns[0].critique.text == t.turns[0].critique.text
                           for t in tuples)
     assert all((t.turns[0].critique.verdict == "correct") == (t.turns[0].score == 1.0) for t in tuples)
+
+
+def test_score_resamples_the_logged_prompts_on_policy(traffic, tmp_path):
+    """SCoRe takes the logged prompts with a reference and samples both attempts afresh from
+    the adapter being trained: no logged answer enters its policy gradient."""
+    r = cli("run", "recipe=score", f"data={traffic}", "stage1_steps=1", "stage2_steps=1", "batch_tasks=8",
+            "max_new_tokens=24", "eval_limit=8", "val_limit=8", f"run_dir={tmp_path / 'score'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rollouts = TraceStore(tmp_path / "score" / "traces.sqlite").query(meta={"stage": 2})
+    assert rollouts and {t.policy_version for t in rollouts} == {"step-1"}  # sampled by the first update
+    with_reference = {t.id for t in logged_tasks(str(traffic)) if t.reference is not None}
+    assert {t.task.id for t in rollouts} <= with_reference and all(len(t.turns) == 2 for t in rollouts)
+    assert all(t.turns[0].token_ids for t in rollouts)  # fresh samples, with the ids they were sampled as
