@@ -12,9 +12,10 @@ runs the selfevolve loop; the final answer is the message, and the response's `s
 field holds the trace id, the turns' scores and critiques. Every refinement trace is stored.
 
 Batching: requests from concurrent clients queue up; one worker thread owns the model and
-takes up to `max_batch` queued requests at a time (waiting at most `batch_wait_ms` for more),
-groups those with the same adapter and sampling settings, and answers each group with one
-batched generate call. Bad requests get a 4xx with an OpenAI-style error body; the server
+takes up to `max_batch` sequences at a time (waiting at most `batch_wait_ms` for more),
+round-robin over the waiting requests so a large one cannot hold the others
+(`scheduling.FairQueue`), groups those with the same adapter and sampling settings, and
+answers each group with one batched generate call. Bad requests get a 4xx with an OpenAI-style error body; the server
 keeps serving.
 """
 
@@ -45,6 +46,7 @@ from .config import FeedbackKeys, ModelKeys
 from .data import default_verifier
 from .errors import UserError
 from .loop import refine_batch
+from .scheduling import FairQueue
 from .store import TraceStore
 from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn
 from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
@@ -68,7 +70,8 @@ class ServeConfig(ModelKeys, FeedbackKeys):
                                      "lora_path is taken from here)")
     name: str | None = Field(None,
                              description="the base model's id in /v1/models (default: the model directory's name)")
-    max_batch: int = Field(64, ge=1, description="requests answered together at most")
+    max_batch: int = Field(64, ge=1, description="sequences generated together at most (a request of n samples "
+                           "counts n); waiting requests share batches round-robin (scheduling.FairQueue)")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(16, ge=1, description="largest n a request may ask for")
@@ -168,7 +171,7 @@ class Server:
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
-        self.queue: asyncio.Queue | None = None
+        self.queue: FairQueue | None = None
         self._critics: dict[str, Any] = {}
         self._verifier = None
         self._verifiers: dict[str, Any] = {}
@@ -208,21 +211,17 @@ class Server:
 
     # --- the worker ---------------------------------------------------------------------------
 
-    async def submit(self, kind: str, key: BatchKey, payload: Any):
+    async def submit(self, kind: str, key: BatchKey, payload: Any, request: Any = None, size: int = 1):
+        """Queue one job of `size` sequences for the model thread and wait for its result;
+        jobs of one `request` (a completions request's prompts) share its turn (FairQueue)."""
         job = Job(kind, key, payload, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
+        self.queue.put(request if request is not None else object(), job, size)
         return await job.future
 
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
-            deadline = loop.time() + self.cfg.batch_wait_ms / 1000
-            while len(jobs) < self.cfg.max_batch:
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
+            jobs = await self.queue.take(self.cfg.max_batch, self.cfg.batch_wait_ms / 1000)
             groups: dict[tuple, list[Job]] = {}
             for j in jobs:
                 groups.setdefault((j.kind, j.key), []).append(j)
@@ -303,7 +302,7 @@ class Server:
         created = int(time.time())
         if refine is None:
             turns = [cut_at_stop(t, req.stop) for t in
-                     await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv)]
+                     await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv, size=req.n)]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
             out = self._chat_response(req.model, created, choices, prompt_tokens, turns)
@@ -365,8 +364,9 @@ class Server:
         ids = [tok(p)["input_ids"] for p in prompts]
         for x in ids:
             self.check_length(len(x))
+        request = object()  # its prompts take one turn between other clients' requests
         results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
-                                                     p) for p in prompts])
+                                                     p, request, req.n) for p in prompts])
         results = [[cut_at_stop(t, req.stop) for t in turns] for turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
@@ -573,7 +573,7 @@ def create_app(server: Server):
 
     @asynccontextmanager
     async def lifespan(app):
-        server.queue = asyncio.Queue()
+        server.queue = FairQueue()
         task = asyncio.create_task(server.worker())
         yield
         task.cancel()

@@ -558,3 +558,35 @@ def test_the_server_checks_its_policy_once_at_start(tmp_path, tiny):
     assert isinstance(tiny, Servable)
     with pytest.raises(UserError, match="not a types.Servable"):
         Server(ServeConfig(traces=str(tmp_path / "t.sqlite")), LangChainPolicy(FakeListChatModel(responses=["x"])))
+
+
+def test_a_large_request_does_not_hold_a_small_one(client):
+    """Issue 33: a completions request of 64 prompts × n=8 (512 sequences) is answered in
+    turns with the other clients' requests; a short chat sent after it returns while it is
+    still being generated."""
+    import threading
+    import time
+
+    big = threading.Thread(target=lambda: client.completions.create(
+        model="tiny", prompt=[f"What is {i % 9} + {i % 7}?" for i in range(64)], n=8, max_tokens=32, temperature=1.0))
+    big.start()
+    time.sleep(0.5)
+    r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8)
+    assert r.choices[0].message.content and big.is_alive()
+    big.join()
+
+
+def test_fair_queue_takes_requests_in_turns():
+    import asyncio
+
+    from selfevolve.scheduling import FairQueue
+
+    async def batches():
+        q = FairQueue()
+        for i in range(5):
+            q.put("big", f"big{i}", 2)
+        q.put("small", "small0")
+        q.put("huge", "huge0", 10)
+        return [await q.take(4) for _ in range(4)]
+
+    assert asyncio.run(batches()) == [["big0", "small0"], ["huge0"], ["big1", "big2"], ["big3", "big4"]]
