@@ -3,11 +3,17 @@
 requests sent one after another. The server batches concurrent requests (max_batch=64);
 sequential requests cannot be batched. Errors are counted; latency is per request, from
 the client's call to its return. One warm-up request first.
+
+Fairness: 30 chats (greedy, max_tokens=48) sent one after another, alone and then beside
+a client that keeps sending a large completions request (64 prompts × n=8 × 32 tokens): the
+server fills batches round-robin over waiting requests (scheduling.FairQueue), so a short
+chat waits for a batch, not for the large request.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +22,7 @@ import openai
 from selfevolve import arith
 from selfevolve.server_process import ServerProcess
 
-N, SEQUENTIAL_N, MAX_TOKENS = 200, 40, 48
+N, SEQUENTIAL_N, MAX_TOKENS, SMALL_N = 200, 40, 48, 30
 
 
 def _ask(client, prompt):
@@ -44,9 +50,23 @@ def run() -> dict:
             with ThreadPoolExecutor(N) as pool:
                 conc = list(pool.map(lambda p: _ask(client, p), prompts))
             conc_time = time.perf_counter() - t0
+            alone = [_ask(client, p)[0] for p in prompts[:SMALL_N]]
+            stop = threading.Event()
+
+            def large():
+                while not stop.is_set():
+                    client.completions.create(model="tiny", prompt=prompts[:64], n=8, max_tokens=32, temperature=1.0)
+
+            heavy = threading.Thread(target=large)
+            heavy.start()
+            time.sleep(1.0)
+            beside = [_ask(client, p)[0] for p in prompts[:SMALL_N]]
+            stop.set()
+            heavy.join()
         finally:
             server.stop()
     errors = [e for _, e in seq + conc if e]
+    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
     lat = sorted(t for t, _ in conc)
     seq_rps, conc_rps = SEQUENTIAL_N / seq_time, N / conc_time
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
@@ -55,8 +75,13 @@ def run() -> dict:
             "rows": [(f"{N} concurrent requests", f"{conc_rps:.1f} req/s",
                       f"p50 {p(0.5) * 1000:.0f} ms, p99 {p(0.99) * 1000:.0f} ms, {len(errors)} errors"),
                      (f"{SEQUENTIAL_N} sequential requests", f"{seq_rps:.1f} req/s",
-                      f"p50 {statistics.median(t for t, _ in seq) * 1000:.0f} ms")],
-            "ratios": [("concurrent / sequential throughput (target >= 3)", conc_rps / seq_rps)],
+                      f"p50 {statistics.median(t for t, _ in seq) * 1000:.0f} ms"),
+                     (f"{SMALL_N} short chats alone", f"p50 {q(alone, .5) * 1000:.0f} ms",
+                      f"p99 {q(alone, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} short chats beside 64 prompts × n=8", f"p50 {q(beside, .5) * 1000:.0f} ms",
+                      f"p99 {q(beside, .99) * 1000:.0f} ms")],
+            "ratios": [("concurrent / sequential throughput (target >= 3)", conc_rps / seq_rps),
+                       ("short-chat p99 beside a large request / alone", q(beside, .99) / q(alone, .99))],
             "errors": errors}
 
 

@@ -75,6 +75,8 @@ class ServeConfig(ModelKeys, FeedbackKeys):
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(16, ge=1, description="largest n a request may ask for")
+    max_request_tokens: int = Field(262_144, ge=1, description="largest work one request may ask for: prompts × n × "
+                                    "max_tokens (generated tokens at most)")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
     max_turns_limit: int = Field(8, ge=1, description="largest refine max_turns a request may ask for")
     max_turns: int = Field(3, ge=1, description="default attempts for refinement requests")
@@ -276,6 +278,11 @@ class Server:
         return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
                               logprobs=bool(logprobs))
 
+    def check_work(self, prompts: int, n: int, max_tokens: int) -> None:
+        if prompts * n * max_tokens > self.cfg.max_request_tokens:
+            raise HTTPError(400, f"{prompts} prompt(s) × n={n} × max_tokens={max_tokens} = {prompts * n * max_tokens} "
+                            f"tokens exceeds this server's per-request limit of {self.cfg.max_request_tokens}")
+
     def check_length(self, ids_len: int) -> None:
         limit = self.policy.max_positions
         if ids_len + 1 > limit:
@@ -365,6 +372,7 @@ class Server:
         for x in ids:
             self.check_length(len(x))
         request = object()  # its prompts take one turn between other clients' requests
+        self.check_work(len(prompts), req.n, req.max_tokens)
         results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
                                                      p, request, req.n) for p in prompts])
         results = [[cut_at_stop(t, req.stop) for t in turns] for turns in results]
@@ -506,8 +514,8 @@ def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
 
 def stream(out: dict):
     """A whole answer as OpenAI's server-sent events: per choice one chunk with all of its
-    text, then one with its finish_reason; the `selfevolve` field (trace ids) rides on the
-    first chunk; then [DONE]. The answer is generated before the first byte goes out, so an
+    text, then one with its finish_reason; the `selfevolve` field (trace ids, a refinement's
+    turns) rides on the last chunk; then [DONE]. The answer is generated before the first byte goes out, so an
     error is still a plain 4xx."""
     chat = out["object"] == "chat.completion"
     head = {k: out[k] for k in ("id", "created", "model")} | {
@@ -516,7 +524,8 @@ def stream(out: dict):
     for i, c in enumerate(out["choices"]):
         body = {"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat else {"text": c["text"]}
         end = {"delta": {}} if chat else {"text": ""}
-        for part, finish, more in ((body, None, extra if i == 0 else {}), (end, c["finish_reason"], {})):
+        last = i == len(out["choices"]) - 1
+        for part, finish, more in ((body, None, {}), (end, c["finish_reason"], extra if last else {})):
             choice = {"index": c["index"], **part, "logprobs": None, "finish_reason": finish}
             yield f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
     yield "data: [DONE]\n\n"

@@ -528,7 +528,10 @@ def test_streaming_and_stop_as_real_clients_send_them(client, server):
                                                  stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == whole.choices[0].message.content and chunks[-1].choices[0].finish_reason == "stop"
-    assert chunks[0].model_extra["selfevolve"]["trace_id"]
+    assert chunks[-1].model_extra["selfevolve"]["trace_id"]
+    refined = list(client.chat.completions.create(model="tiny+refine", messages=Q, temperature=0, max_tokens=24,
+                                                  stream=True))
+    assert refined[-1].model_extra["selfevolve"]["turns"] >= 1 and refined[0].choices[0].delta.content is not None
     parts = list(client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0,
                                            stream=True))
     plain = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0)
@@ -540,6 +543,8 @@ def test_streaming_and_stop_as_real_clients_send_them(client, server):
     assert cut.choices[0].message.content == full[: full.index(word)] and cut.choices[0].finish_reason == "stop"
     logged = TraceStore(server.traces).get(cut.model_extra["selfevolve"]["trace_id"])
     assert logged.final == cut.choices[0].message.content and logged.turns[0].token_ids is None
+    with pytest.raises(openai.BadRequestError, match="per-request limit"):  # prompts × n × max_tokens
+        client.completions.create(model="tiny", prompt=["1+1="] * 64, n=16, max_tokens=512)
     text_ok = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8,
                                              response_format={"type": "text"})
     assert text_ok.choices[0].message.content
@@ -590,3 +595,13 @@ def test_fair_queue_takes_requests_in_turns():
         return [await q.take(4) for _ in range(4)]
 
     assert asyncio.run(batches()) == [["big0", "small0"], ["huge0"], ["big1", "big2"], ["big3", "big4"]]
+
+
+def test_langchain_chat_openai_against_the_server(server):
+    """The client LangChain users have: ChatOpenAI, plain and streaming."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=server.url + "/v1", api_key=KEY, model="tiny", temperature=0, max_tokens=16,
+                      max_retries=0)
+    whole = chat.invoke("What is 7 + 8 - 3 + 4?").content
+    assert whole and "".join(c.content for c in chat.stream("What is 7 + 8 - 3 + 4?")) == whole
