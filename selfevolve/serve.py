@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import json
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,11 +42,12 @@ from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
 from .data import default_verifier
 from .errors import UserError
+from .exposure import confined_root, exposure, foreign_request
 from .loop import refine_batch
 from .scheduling import FairQueue
 from .store import TraceStore
 from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn
-from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
+from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine, cut_at_stop, stream
 
 REFINE_SUFFIX = "+refine"
 
@@ -128,27 +126,6 @@ class Job:
     key: BatchKey
     payload: Any
     future: asyncio.Future = field(default=None)
-
-
-def exposure(cfg: ServeConfig) -> tuple[str | None, bool]:
-    """(the API key, whether adapter updates are accepted): a server reachable beyond
-    loopback needs a key (or insecure=true); updates are on for loopback or keyed servers
-    unless `allow_adapter_updates` says otherwise."""
-    key = cfg.api_key or os.environ.get("SELFEVOLVE_API_KEY")
-    if not (loopback(cfg.host) or key or cfg.insecure):
-        raise UserError(f"host={cfg.host} exposes the server to the network without an api_key: anyone who "
-                        "reaches it could use it and change its model; set api_key= (or SELFEVOLVE_API_KEY), "
-                        "or insecure=true")
-    updates = cfg.allow_adapter_updates if cfg.allow_adapter_updates is not None else loopback(cfg.host) or bool(key)
-    return key, updates
-
-
-def confined_root(adapter_root: str | None) -> Path | None:
-    """The directory adapter loads are confined to (resolved), or None."""
-    root = Path(adapter_root).resolve() if adapter_root else None
-    if root and not root.is_dir():
-        raise UserError(f"adapter_root={adapter_root} is not a directory")
-    return root
 
 
 def servable(policy, name: str) -> Servable:
@@ -500,37 +477,6 @@ class Server:
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
 
-def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
-    """The answer up to the first of the request's `stop` strings (not included), as OpenAI
-    and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
-    longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
-    if at < 0:
-        return turn
-    return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
-                                   "finish_reason": "stop"})
-
-
-def stream(out: dict):
-    """A whole answer as OpenAI's server-sent events: per choice one chunk with all of its
-    text, then one with its finish_reason; the `selfevolve` field (trace ids, a refinement's
-    turns) rides on the last chunk; then [DONE]. The answer is generated before the first byte goes out, so an
-    error is still a plain 4xx."""
-    chat = out["object"] == "chat.completion"
-    head = {k: out[k] for k in ("id", "created", "model")} | {
-        "object": "chat.completion.chunk" if chat else "text_completion"}
-    extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
-    for i, c in enumerate(out["choices"]):
-        body = {"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat else {"text": c["text"]}
-        end = {"delta": {}} if chat else {"text": ""}
-        last = i == len(out["choices"]) - 1
-        for part, finish, more in ((body, None, {}), (end, c["finish_reason"], extra if last else {})):
-            choice = {"index": c["index"], **part, "logprobs": None, "finish_reason": finish}
-            yield f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
-    yield "data: [DONE]\n\n"
-
-
 def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
     """The task a request poses: its last user message (or completion prompt), with the
     `reference`, `tests` and `entry_point` it carried. The id is a hash of the whole
@@ -543,38 +489,6 @@ def request_task(conv: list[dict] | str, req, reference: str | None = None) -> T
     prompt = conv if isinstance(conv, str) else conv[-1]["content"]
     return Task(id="req-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16], prompt=prompt,
                 reference=reference, tests=req.tests, entry_point=req.entry_point, meta=meta)
-
-
-def foreign_request(request: Request, listening: str) -> str | None:
-    """Why a POST must be refused as not coming from a real API client, or None: its body is
-    not declared JSON (a browser's cross-site form or text/plain POST needs no CORS
-    preflight), its Origin is another site's, or — on a loopback server — its Host is not a
-    loopback name (DNS rebinding: a page whose name resolves to 127.0.0.1)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        return f"Content-Type must be application/json (got {kind or 'none'})"
-    host = request.headers.get("host", "")
-    name = urlsplit("//" + host).hostname or ""
-    if loopback(listening) and not loopback(name):
-        return f"Host {host!r} is not a loopback name; this server listens on {listening} only"
-    origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
-        return f"cross-origin request from {origin} refused"
-    return None
-
-
-def loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only.
-
-    >>> loopback("127.0.0.1"), loopback("localhost"), loopback("::1"), loopback("0.0.0.0")
-    (True, True, True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def create_app(server: Server):

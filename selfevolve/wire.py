@@ -3,13 +3,17 @@ so a malformed request is a 400 with one line, never a 500. Extra fields that Op
 send are accepted and ignored (vLLM's `return_tokens_as_token_ids` and selfevolve's
 `refine`, `reference`, `tests`, `entry_point` are read); a field that would change the answer
 and cannot be honoured (`tools`, a `response_format` other than text) is refused, never
-ignored; the feedback body is strict."""
+ignored; the feedback body is strict. And the two response shapes serve needs beyond JSON:
+an answer cut at `stop`, and a whole answer as server-sent events."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from .types import Turn
 
 
 def _encodable(text: str) -> str:
@@ -105,3 +109,37 @@ class LoadAdapter(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str | None = None
     load_inplace: bool = False  # vLLM's: replace the adapter loaded under this name (else a used name is refused)
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
+    """The answer up to the first of the request's `stop` strings (not included), as OpenAI
+    and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
+    longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
+    if at < 0:
+        return turn
+    return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
+                                   "finish_reason": "stop"})
+
+
+def stream(out: dict):
+    """A whole answer as OpenAI's server-sent events: per choice one chunk with all of its
+    text, then one with its finish_reason; the `selfevolve` field (trace ids, a refinement's
+    turns) rides on the last chunk; then [DONE]. The answer is generated before the first byte goes out, so an
+    error is still a plain 4xx."""
+    chat = out["object"] == "chat.completion"
+    head = {k: out[k] for k in ("id", "created", "model")} | {
+        "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
+    for i, c in enumerate(out["choices"]):
+        body = {"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat else {"text": c["text"]}
+        end = {"delta": {}} if chat else {"text": ""}
+        last = i == len(out["choices"]) - 1
+        for part, finish, more in ((body, None, {}), (end, c["finish_reason"], extra if last else {})):
+            choice = {"index": c["index"], **part, "logprobs": None, "finish_reason": finish}
+            yield f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
+    yield "data: [DONE]\n\n"

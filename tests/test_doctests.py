@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["selfevolve.arith", "selfevolve.equations", "selfevolve.metrics", "selfevolve.store",
            "selfevolve.verifiers.numeric", "selfevolve.types", "selfevolve.policies.hf", "selfevolve.distributed",
-           "selfevolve.losses", "selfevolve.sync", "selfevolve.recipes.score", "selfevolve"]
+           "selfevolve.losses", "selfevolve.sync", "selfevolve.recipes.score", "selfevolve.exposure", "selfevolve"]
 
 
 @pytest.mark.parametrize("name", MODULES)
