@@ -39,7 +39,7 @@ from pydantic import Field
 from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import logged_answers, tasks_for
+from selfevolve.data import logged_answers, tasks_for, without_logs
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
@@ -88,9 +88,8 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
         keep = fb.score == 1.0 and len(seen) < cfg.max_per_task and turn.response not in seen
         if keep:
             seen.add(turn.response)
-        plain = task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})
-        traces.append(Trace(task=plain, turns=[turn], policy_version=policy.active_adapter, recipe=cfg.recipe,
-                            run=run.name, round=iteration,
+        traces.append(Trace(task=without_logs(task), turns=[turn], policy_version=policy.active_adapter,
+                            recipe=cfg.recipe, run=run.name, round=iteration,
                             meta={"phase": "e_step", "kept": keep, "tokens": trained_tokens([turn])}))
     traces = distributed.gather(traces)
     run.store.append(traces)

@@ -53,7 +53,7 @@ from pydantic import Field
 
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for
+from selfevolve.data import tasks_for, without_logs
 from selfevolve.feedback.critics import JudgeCritic, SelfCritic, VerifierCritic
 from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
@@ -116,7 +116,7 @@ def logged_tuples(tasks) -> list[Trace]:
     user's, if one came after)."""
     out = []
     for task in tasks:
-        plain = task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})
+        plain = without_logs(task)
         for a in task.meta.get("logged", []):
             turns = [Turn.model_validate(u) for u in a["turns"] or []]
             if len(turns) < 2 or turns[0].critique is None or turns[0].score is None:

@@ -254,13 +254,18 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
     return [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
 
 
+def without_logs(task: Task) -> Task:
+    """The task as traces store it: without the answers `logged_tasks` attached."""
+    return task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})
+
+
 def logged_answers(tasks: list[Task], score: float | None = None) -> list[tuple[Task, Turn]]:
     """(the task without its logs, a logged answer as a Turn with its verdict) for every
     scored answer `logged_tasks` attached (only those scoring `score` when given): what the
     recipes that learn from logged responses take, trained on the sampled token ids."""
     out = []
     for t in tasks:
-        plain = t.model_copy(update={"meta": {k: v for k, v in t.meta.items() if k != "logged"}})
+        plain = without_logs(t)
         for a in t.meta.get("logged", []):
             if a["score"] is not None and (score is None or a["score"] == score):
                 out.append((plain, Turn(response=a["response"], token_ids=a["token_ids"],

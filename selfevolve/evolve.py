@@ -37,7 +37,6 @@ evolve with one line. Ctrl-C stops after the round in flight; `rounds=` bounds t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sys
@@ -52,6 +51,7 @@ from pydantic import Field
 from .config import Keys, build, resolve
 from .errors import NonFinite, SyncError, UserError
 from .files import atomic_write
+from .policies.openai import client_key
 from .store import TraceStore
 
 TARGET = {"score": "acc_t2", "self_evolve": "acc_t2"}  # else acc_t1
@@ -249,7 +249,8 @@ class Evolve:
         deadline = time.monotonic() + self.cfg.server_wait_s
         while True:
             try:
-                r = httpx.get(self.cfg.model.rstrip("/") + "/models", headers=self.headers(), timeout=30)
+                r = httpx.get(self.cfg.model.rstrip("/") + "/models", timeout=30,
+                              headers={"Authorization": f"Bearer {client_key()}"})
                 r.raise_for_status()
                 return [m["id"] for m in r.json()["data"]]
             except (httpx.HTTPError, ValueError, KeyError) as e:
@@ -257,10 +258,6 @@ class Evolve:
                     raise SyncError(f"model={self.cfg.model}: the server did not answer for server_wait_s="
                                     f"{self.cfg.server_wait_s:g} ({type(e).__name__})") from None
                 time.sleep(min(self.cfg.poll_s, 1.0))
-
-    def headers(self) -> dict:
-        key = os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        return {"Authorization": f"Bearer {key}"}
 
     def resync(self, policy, verify: bool = False) -> None:
         """Make the server serve, under `serve_as`, what state.json says is served: after a

@@ -40,6 +40,12 @@ def sampled_turn(choice) -> Turn:
                 finish_reason="length" if choice.finish_reason == "length" else "stop")
 
 
+def client_key(api_key: str | None = None) -> str:
+    """The key a client of an OpenAI-compatible server sends: `api_key`, else
+    SELFEVOLVE_API_KEY, else OPENAI_API_KEY (vLLM without --api-key takes anything)."""
+    return api_key or os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
                  concurrency: int = 32, timeout: float = 300.0, keep_adapters: int = 4, max_retries: int = 2):
@@ -49,7 +55,7 @@ class OpenAIPolicy:
         base_url = base_url.rstrip("/")
         if not base_url.endswith("/v1"):
             base_url += "/v1"
-        key = api_key or os.environ.get("SELFEVOLVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        key = client_key(api_key)
         self.url = base_url
         self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
