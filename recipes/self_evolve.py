@@ -204,7 +204,6 @@ def evolve(policy, tasks, verifier, cfg: SelfConfig, iteration: int, run: Run) -
         None,
         critic,
         max_turns=2,
-        stop_when_correct=False,
         recipe=cfg.recipe,
         run=run.name,
         round=iteration,

@@ -21,7 +21,8 @@ from .loop import refine_batch
 from .models import resolve_device, resolve_dtype, resolve_model_path
 from .policies import HFPolicy, load_policy
 from .training import trainable_model
-from .types import Critic, Policy, Task, Trace, Verifier
+from .turns import StopWhenCorrect, as_turn_policy
+from .types import Critic, Policy, Task, Trace, TurnPolicy, Verifier
 from .verifiers import get_verifier
 
 
@@ -100,10 +101,14 @@ def critic_from_config(cfg, policy, verifier):
 
 
 def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", verifier: Verifier | str | None = None,
-           critic: Critic | str | None = None, max_turns: int = 3, **kwargs) -> Trace | list[Trace]:
+           critic: Critic | TurnPolicy | str | None = None, max_turns: int = 3, stop_when_correct: bool = True,
+           **kwargs) -> Trace | list[Trace]:
     """Self-refine one prompt/Task (returns its Trace) or a list (returns a list, batched).
     The answer is `trace.final`; the whole episode, with every critique and score, is
-    `trace.turns`. `policy`, `verifier` and `critic` may be given by name:
+    `trace.turns`. `critic` is a Critic, a TurnPolicy (selfevolve/turns.py: e.g.
+    `Reflexion(critic, window=1)`) or None (SCoRe's instruction); with a verifier an attempt
+    it scores 1 ends the episode unless `stop_when_correct=False` (oracle stopping, not for
+    evaluation). `policy`, `verifier` and `critic` may be given by name:
 
     >>> trace = refine("What is 7 + 8 - 3?", policy="tiny", verifier="numeric", critic="verifier")  # doctest: +SKIP
     >>> trace.final, [t.score for t in trace.turns]                                               # doctest: +SKIP
@@ -111,6 +116,9 @@ def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", ver
     policy = load_policy(policy) if isinstance(policy, str) else policy
     verifier = get_verifier(verifier) if isinstance(verifier, str) else verifier
     critic = get_critic(critic, policy=policy, verifier=verifier) if isinstance(critic, str) else critic
+    turns = as_turn_policy(critic)
+    if stop_when_correct and verifier is not None:
+        turns = StopWhenCorrect(turns)
     many = isinstance(prompt_or_task, list)
-    traces = refine_batch(prompt_or_task if many else [prompt_or_task], policy, verifier, critic, max_turns, **kwargs)
+    traces = refine_batch(prompt_or_task if many else [prompt_or_task], policy, verifier, turns, max_turns, **kwargs)
     return traces if many else traces[0]

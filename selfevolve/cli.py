@@ -187,6 +187,7 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
 
 def cmd_refine(overrides: dict, want_help: bool) -> int:
     from .build import critic_from_config, refine, served_policy, verifier_for
+    from .turns import Critique, Instruction
     from .types import Task
 
     if want_help:
@@ -199,13 +200,13 @@ def cmd_refine(overrides: dict, want_help: bool) -> int:
     task = Task(id="prompt", prompt=cfg.prompt, reference=cfg.reference)
     verifier = verifier_for(cfg.verifier, [task]) if cfg.reference is not None else None
     policy = served_policy(cfg, adapter=cfg.adapter)
+    critic, window = critic_from_config(cfg, policy, verifier), cfg.memory or None
     trace = refine(
         task,
         policy,
         verifier=verifier,
-        critic=critic_from_config(cfg, policy, verifier),
+        critic=Critique(critic, window) if critic is not None else Instruction(window=window),
         max_turns=cfg.max_turns,
-        memory=cfg.memory or None,
         sampling=SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
     )
     print(trace.model_dump_json(indent=2) if cfg.as_json else trace.final)

@@ -21,8 +21,8 @@ def evaluate(policy: Policy, tasks: list[Task], verifier: Verifier, max_turns: i
     (`protocol.feedback_kind`); a critique found to depend on correctness makes it oracle."""
     sampling = sampling or SamplingParams(temperature=0.0)
     verifier = as_verifier(verifier)
-    traces = refine_batch(tasks, policy, verifier=verifier, critic=critic, max_turns=max_turns, sampling=sampling,
-                          stop_when_correct=False, **trace_fields)
+    traces = refine_batch(tasks, policy, verifier=verifier, turns=critic, max_turns=max_turns, sampling=sampling,
+                          **trace_fields)
     samples = None
     if baseline_temperature is not None:
         convs = [[{"role": "user", "content": t.prompt}] for t in tasks]

@@ -66,7 +66,7 @@ class SelfRefiner(Runnable):
 
     def _run(self, inputs: list) -> list[AIMessage]:
         traces = refine_batch([to_task(x, i) for i, x in enumerate(inputs)], self.policy, self.verifier, self.critic,
-                              self.max_turns, sampling=self.sampling, stop_when_correct=False, recipe="langchain")
+                              self.max_turns, sampling=self.sampling, recipe="langchain")
         if self.store is not None:
             self.store.append(traces)
         return [AIMessage(content=t.final, response_metadata={"trace_id": t.id, "turns": len(t.turns),

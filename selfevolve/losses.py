@@ -112,6 +112,10 @@ class ScoreStats(NamedTuple):
     penalty: tuple[float, float]  # β · the KL loss terms
     kl: tuple[float, float]       # the KL estimate itself (what β multiplies)
 
+    def named(self) -> dict[str, float]:
+        """{"pg_t1": …, "pg_t2": …, "penalty_t1": …, …}: the log's names."""
+        return {f"{name}_t{k}": v for name, values in self._asdict().items() for k, v in enumerate(values, start=1)}
+
 
 def score_objective(logp: torch.Tensor, ref: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor],
                     advantages: tuple[torch.Tensor, torch.Tensor], betas: tuple[float, float],

@@ -1,10 +1,12 @@
 """Progress bars (rich) for long work. Quiet where nobody watches: `CI=true`, no TTY, or
-SELFEVOLVE_QUIET=1. One function, used by generation, training and evaluation."""
+SELFEVOLVE_QUIET=1. One function, used by generation, training and evaluation; and a
+stopwatch for the time a step spends in each phase."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 
@@ -42,3 +44,28 @@ def progress(description: str, total: int | None, completed: int = 0):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), transient=True) as prog:
         yield _Bar(prog, prog.add_task(description, total=total, completed=completed))
+
+
+class Stopwatch:
+    """Seconds per named phase of a step, for the log: `with clock("train"): ...`, then
+    `run.log(**clock.lap())` gives `time_<name>` for every phase named at construction (0.0 if
+    it did not run since the last lap) and starts the next lap."""
+
+    def __init__(self, *phases: str):
+        self.phases, self.spent = phases, dict.fromkeys(phases, 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.spent[phase] = self.spent.get(phase, 0.0) + seconds
+
+    def lap(self) -> dict[str, float]:
+        out = {f"time_{k}": round(v, 3) for k, v in self.spent.items()}
+        self.spent = dict.fromkeys(self.phases, 0.0)
+        return out

@@ -152,6 +152,19 @@ def depends_on_correctness(critic: Critic | None, traces: list[Trace], n: int = 
     return any(a.text != b.text or a.verdict != b.verdict for a, b in zip(real, counter))
 
 
+def collapse(history: list[dict], min_edit_ratio: float, patience: int) -> str | None:
+    """SCoRe's two failure modes in a run's evaluations (each with `stage`, `edit_ratio` and
+    `delta`), or None: the second attempt no longer edits (the last edit ratio below
+    `min_edit_ratio`), or its edits do not help (delta ≤ 0 in the last `patience` Stage II
+    evaluations)."""
+    last, stage2 = history[-1], [h for h in history if h["stage"] == 2]
+    if last["edit_ratio"] < min_edit_ratio:
+        return f"edit ratio {last['edit_ratio']} < {min_edit_ratio}: the second attempt copies the first"
+    if len(stage2) >= patience and all(h["delta"] <= 0 for h in stage2[-patience:]):
+        return f"delta <= 0 for {patience} Stage II evaluations: revisions do not help"
+    return None
+
+
 def protocol_metrics(traces: list[Trace], samples: list[list[Turn]] | None, feedback: str,
                      resamples: int = 2000, seed: int = 0, temperature: float | None = None) -> dict:
     """The full report of one evaluation: the SCoRe metrics, `intervals`, `p_flip`, the

@@ -235,7 +235,7 @@ class Server:
         if kind == "complete":
             return self.policy.complete(payloads, sampling)
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
-                              sampling=sampling, stop_when_correct=False, system=key.system, recipe="serve",
+                              sampling=sampling, system=key.system, recipe="serve",
                               run="serve", meta={"source": "serve", "kind": "refine"})
         self.store.append(traces)
         return traces

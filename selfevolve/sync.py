@@ -32,6 +32,7 @@ import torch
 
 from . import distributed
 from .errors import SyncError, UserError
+from .losses import behaviour_logprobs, truncated_is_weights
 from .policies.replicas import load_everywhere
 from .training import text_token_logprobs
 from .types import AdapterServing
@@ -114,6 +115,54 @@ def sampled_logprob_ratio(logp: torch.Tensor, values: torch.Tensor, where: torch
     """
     d = (logp.detach().double().cpu() - values)[where]
     return float(d.exp().sum()), float((d.exp() - 1 - d).sum()), int(where.sum())
+
+
+class SampledCheck:
+    """What the sampler reported for the tokens a step trains on, over its micro-batches:
+    `served[e]` is row-episode e's (y1, y2) as (tokens, log-probs) (None: not asked).
+    `weights` places them on a micro-batch's rows (`losses.behaviour_logprobs`; `decode`
+    compares tokens reported as text) and returns each attempt's importance weights when
+    `is_cap` is set (an older adapter sampled the batch: `losses.truncated_is_weights`),
+    else None; `parts` gives the log's `logprob_ratio`, `logprob_kl` (the learner/server
+    check, `sampled_logprob_ratio`), `is_weight` (the mean weight) and `unmatched_rows`
+    (attempts whose tokens differ from the trained ones, left unweighted)."""
+
+    def __init__(self, served: list[tuple] | None, decode=None, is_cap: float | None = None):
+        self.served, self.decode, self.is_cap = served, decode, is_cap
+        self.sums = [0.0, 0.0, 0, 0, 0.0, 0]  # Σ ratio, Σ k3, tokens, unmatched, Σ weight, weighted tokens
+
+    def weights(self, logp: torch.Tensor, target: torch.Tensor, masks: tuple, episodes: list[int]) -> tuple:
+        out = []
+        for k, mask in enumerate(masks):
+            if self.served is None:
+                out.append(None)
+                continue
+            values, where, unmatched = behaviour_logprobs(target, mask, [self.served[e][k] for e in episodes],
+                                                          self.decode)
+            w = truncated_is_weights(logp, values, where, self.is_cap) if self.is_cap else None
+            seen = (float((w * mask).sum()), int(mask.sum())) if w is not None else (0.0, 0)
+            for i, v in enumerate((*sampled_logprob_ratio(logp, values, where), unmatched, *seen)):
+                self.sums[i] += v
+            out.append(w)
+        return tuple(out)
+
+    def parts(self, total: bool = False) -> dict:
+        """The log's fields; with `total`, summed over the ranks first."""
+        ratio, kl, n, unmatched, w, wn = (distributed.total(x) for x in self.sums) if total else self.sums
+        out = {"is_weight": round(w / wn, 5)} if wn else {}
+        if n:
+            out |= {"logprob_ratio": round(ratio / n, 5), "logprob_kl": round(kl / n, 6)}
+        return out | ({"unmatched_rows": int(unmatched)} if self.served is not None else {})
+
+
+def server_mismatch(parts: dict, tol: float) -> str | None:
+    """The learner scores the tokens the server sampled, with the weights the server was sent:
+    a KL between them above `tol` means the server samples from another model (an adapter
+    that never arrived, a stale version, a different dtype or template)."""
+    if parts.get("logprob_kl", 0.0) > tol:
+        return (f"KL(server ‖ learner) on the sampled tokens is {parts['logprob_kl']:.4f} (ratio "
+                f"{parts['logprob_ratio']:.3f}): the server samples from another model?")
+    return None
 
 
 def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool = True,

@@ -257,6 +257,13 @@ def batch_slice(batch: dict[str, torch.Tensor], sl: slice) -> dict[str, torch.Te
     return {k: v[sl, :width] for k, v in batch.items()}
 
 
+def micro_batches(model, batch: dict[str, torch.Tensor], micro_batch_size: int | None):
+    """(rows, that micro-batch on the model's device) over the batch, `micro_batch_rows` rows at a time."""
+    device = next(model.parameters()).device
+    for sl in micro_slices(len(batch["input_ids"]), micro_batch_rows(model, batch, micro_batch_size)):
+        yield sl, {k: v.to(device) for k, v in batch_slice(batch, sl).items()}
+
+
 def selective_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position, in fp32, one sequence at a time:
     logit[target] − logsumexp(logits). Peak extra memory is one sequence's T×V in fp32
@@ -410,8 +417,8 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
             mine = distributed.shard(full)  # this rank's rows (all of them with one process)
             if mine:
                 batch = pad_batch(mine, pad, device)
-                for sl in micro_slices(len(batch["input_ids"]), micro_batch_rows(model, batch, micro_batch_size)):
-                    part = sft_loss(model, batch_slice(batch, sl), tokens=max(n_tokens, 1))
+                for _, mb in micro_batches(model, batch, micro_batch_size):
+                    part = sft_loss(model, mb, tokens=max(n_tokens, 1))
                     part.backward()
                     loss += part.item()
             distributed.sum_grads(params)

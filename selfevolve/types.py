@@ -1,5 +1,5 @@
 """The one vocabulary of selfevolve (docs/architecture.md, "Core types"): Task, Feedback, Turn,
-Trace, and the protocols Policy, AdapterServing, Verifier, Critic, each stating every method
+Trace, and the protocols Policy, AdapterServing, Verifier, Critic, TurnPolicy, each stating every method
 the code calls on it (`as_verifier` / `as_critic` adapt single-item third-party objects).
 
 Everything that crosses a boundary (a file, the CLI, HTTP, the trace store) is one of these
@@ -225,6 +225,17 @@ class Critic(Protocol):
     def critique(self, task: Task, turns: list[Turn]) -> Feedback: ...
 
     def critique_batch(self, tasks: list[Task], turns_lists: list[list[Turn]]) -> list[Feedback]: ...
+
+
+@runtime_checkable
+class TurnPolicy(Protocol):
+    """Between attempts (selfevolve/turns.py): for each still-going trace, the user message
+    that asks for the next attempt, or None to end it; `respond` may write the latest turn's
+    critique. `window` is how many of the latest attempts the next prompt shows (None: all)."""
+
+    window: int | None
+
+    def respond(self, traces: list[Trace]) -> list[str | None]: ...
 
 
 class _OneByOne:

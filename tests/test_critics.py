@@ -47,7 +47,8 @@ def test_reflexion_memory_carries_earlier_critiques_capped():
     fb = VerifierCritic(get_verifier("numeric"), memory=2).critique(TASK, turns)
     assert "critique 3" in fb.text and "critique 4" in fb.text and "critique 2" not in fb.text
     # the policy sees only the last `memory` attempts; the critique carries the notes
-    msgs = conversation(Trace(task=TASK, turns=turns[:-1] + [turns[-1].model_copy(update={"critique": fb})]), memory=2)
+    shown = turns[:-1] + [turns[-1].model_copy(update={"critique": fb})]
+    msgs = conversation(Trace(task=TASK, turns=shown), [f"revise {i}" for i in range(6)], window=2)
     assert [m["content"] for m in msgs if m["role"] == "assistant"] == ["The answer is 4.", "The answer is 15."]
 
 

@@ -3,6 +3,7 @@ from selfevolve.build import refine
 from selfevolve.evaluate import evaluate
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import conversation, refine_batch
+from selfevolve.turns import Instruction, StopWhenCorrect
 from selfevolve.types import Feedback, SamplingParams, Task, Trace, Turn, Verifier
 from selfevolve.verifiers import NumericVerifier, get_verifier
 
@@ -26,23 +27,23 @@ def test_refine_a_prompt_string(tiny):
 
 
 def test_conversation_follows_turns():
-    t = Trace(task=Task(id="x", prompt="Q"), turns=[Turn(response="A1"), Turn(response="A2",
-                                                                              critique=Feedback(text="C"))])
-    msgs = conversation(t)
-    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
-    assert msgs[2]["content"] == SCORE_INSTRUCTION and msgs[4]["content"].startswith("C\n")
+    t = Trace(task=Task(id="x", prompt="Q"), turns=[Turn(response="A1"), Turn(response="A2")])
+    msgs = conversation(t, [SCORE_INSTRUCTION, "C"], system="S")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in msgs] == ["S", "Q", "A1", SCORE_INSTRUCTION, "A2", "C"]
+    assert [m["content"] for m in conversation(t, ["I", "C"], window=1)] == ["Q", "A2", "C"]
 
 
 def test_stop_rules(tiny):
     tasks = arith.tasks("test", n=24)
     v = NumericVerifier()
-    oracle = refine_batch(tasks, tiny, verifier=v, max_turns=3, sampling=S)
+    oracle = refine_batch(tasks, tiny, verifier=v, turns=StopWhenCorrect(Instruction()), max_turns=3, sampling=S)
     for t in oracle:  # stops at the first correct turn, else runs the budget
         first_ok = next((i for i, x in enumerate(t.turns) if x.score == 1.0), None)
         assert len(t.turns) == (first_ok + 1 if first_ok is not None else 3)
-    full = refine_batch(tasks, tiny, verifier=v, max_turns=3, sampling=S, stop_when_correct=False)
+    full = refine_batch(tasks, tiny, verifier=v, max_turns=3, sampling=S)
     assert all(len(t.turns) == 3 and all(x.feedback is not None for x in t.turns) for t in full)
-    critic = refine_batch(tasks, tiny, critic=LengthCritic(), max_turns=3, sampling=S)
+    critic = refine_batch(tasks, tiny, turns=LengthCritic(), max_turns=3, sampling=S)
     for t in critic:
         stops = [i for i, x in enumerate(t.turns) if x.critique and x.critique.verdict == "correct"]
         assert len(t.turns) == (stops[0] + 1 if stops else 3)
@@ -51,7 +52,7 @@ def test_stop_rules(tiny):
 def test_batched_loop_matches_one_task_at_a_time(tiny):
     tasks = arith.tasks("test", n=6)
     v = NumericVerifier()
-    batched = refine_batch(tasks, tiny, verifier=v, max_turns=2, sampling=S, stop_when_correct=False)
+    batched = refine_batch(tasks, tiny, verifier=v, max_turns=2, sampling=S)
     single = [refine(t, tiny, verifier=v, max_turns=2, sampling=S, stop_when_correct=False) for t in tasks]
     assert [[x.response for x in t.turns] for t in batched] == [[x.response for x in t.turns] for t in single]
 
@@ -84,7 +85,7 @@ def test_a_verify_only_verifier_works_in_the_loop(tiny):
     tasks = arith.tasks("test", 4, seed=0)
     for verifier in (OnlyVerify(), get_verifier("tests.test_loop:OnlyVerify")):
         assert isinstance(verifier, Verifier) or not hasattr(verifier, "verify_batch")
-        traces = refine_batch(tasks, tiny, verifier, LengthCritic(), max_turns=2, sampling=S, stop_when_correct=False)
+        traces = refine_batch(tasks, tiny, verifier, LengthCritic(), max_turns=2, sampling=S)
         assert all(t.turns[0].feedback.text == "checked by OnlyVerify" for t in traces)
         metrics, _, _ = evaluate(tiny, tasks, verifier, max_turns=2, sampling=S)
         assert metrics["n"] == 4

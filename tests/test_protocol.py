@@ -72,10 +72,10 @@ def test_the_counterfactual_check_flags_a_critique_that_carries_correctness(tiny
     v = NumericVerifier()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     oracle = VerifierCritic(v)
-    traces = refine_batch(tasks, tiny, v, oracle, max_turns=2, sampling=greedy, stop_when_correct=False)
+    traces = refine_batch(tasks, tiny, v, oracle, max_turns=2, sampling=greedy)
     assert depends_on_correctness(oracle, traces)
     own = SelfCritic(tiny, sampling=SamplingParams(temperature=0.0, max_new_tokens=16))
-    traces = refine_batch(tasks, tiny, v, own, max_turns=2, sampling=greedy, stop_when_correct=False)
+    traces = refine_batch(tasks, tiny, v, own, max_turns=2, sampling=greedy)
     assert not depends_on_correctness(own, traces)
     assert not depends_on_correctness(None, traces)
 

@@ -78,7 +78,7 @@ def test_refinement_keeps_its_system_message_and_refuses_what_it_would_drop(clie
     system = [{"role": "system", "content": "Answer with the number only."}]
     r = client.chat.completions.create(model="tiny+refine", messages=system + Q, temperature=0, max_tokens=40,
                                        extra_body={"refine": {"max_turns": 2}})
-    local = refine_batch([Q[0]["content"]], tiny, max_turns=2, system=system[0]["content"], stop_when_correct=False,
+    local = refine_batch([Q[0]["content"]], tiny, max_turns=2, system=system[0]["content"],
                          sampling=__import__("selfevolve").SamplingParams(max_new_tokens=40))[0]
     assert r.choices[0].message.content == local.final
     stored = TraceStore(server.traces).get(r.model_extra["selfevolve"]["trace_id"])

@@ -30,7 +30,7 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
 
     cfg = _cfg(tmp_path)
     run = Run(cfg)
-    traces, _, _ = rollouts(tiny, arith.tasks("train", n=16), run.verifier, cfg, 0, run)
+    traces, _ = rollouts(tiny, arith.tasks("train", n=16), run.verifier, cfg, 0, run)
     assert all(len(t.turns) == 2 and t.turns[1].score is not None for t in traces)
     learner = trainable_model("tiny", r=4, alpha=8)
     batches = episode_batch(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
@@ -66,20 +66,15 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     assert a["pg_t1"] == pytest.approx(b["pg_t1"]) and a["pg_t2"] != pytest.approx(b["pg_t2"])
 
 
-def test_collapse_warning(tmp_path, capsys):
-    from selfevolve.recipes.score import warn_collapse
-    from selfevolve.run import Run
+def test_collapse_warning():
+    from selfevolve.protocol import collapse
 
-    cfg = _cfg(tmp_path, collapse_patience=2)
-    run = Run(cfg)
     ok = {"stage": 2, "edit_ratio": 0.05, "delta": 0.01}
-    warn_collapse(cfg, [{"step": 1, **ok}], run)
-    assert "collapse" not in capsys.readouterr().err
-    warn_collapse(cfg, [{"step": 1, **ok, "edit_ratio": 0.0}], run)
-    assert "copies the first" in capsys.readouterr().err
-    warn_collapse(cfg, [{"step": 1, **ok, "delta": 0.0}, {"step": 2, **ok, "delta": -0.01}], run)
-    assert "revisions do not help" in capsys.readouterr().err
-    assert [m["warning"] for m in run.metrics() if "warning" in m][-1].startswith("collapse? delta <= 0")
+    assert collapse([ok], 0.002, 2) is None
+    assert "copies the first" in collapse([{**ok, "edit_ratio": 0.0}], 0.002, 2)
+    assert collapse([{**ok, "delta": 0.0}], 0.002, 2) is None  # one evaluation is not a pattern
+    assert "revisions do not help" in collapse([{**ok, "delta": 0.0}, {**ok, "delta": -0.01}], 0.002, 2)
+    assert collapse([{**ok, "delta": 0.0, "stage": 1}, {**ok, "delta": -0.01}], 0.002, 2) is None  # Stage I
 
 
 def test_two_step_run_through_the_cli(tmp_path):
@@ -147,7 +142,7 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(tiny, tmp_path):
     from selfevolve.training import episode_batch, trainable_model
 
     cfg = _cfg(tmp_path)
-    traces, _, _ = rollouts(tiny, arith.tasks("train", n=10), Run(cfg).verifier, cfg, 0, Run(_cfg(tmp_path / "b")))
+    traces, _ = rollouts(tiny, arith.tasks("train", n=10), Run(cfg).verifier, cfg, 0, Run(_cfg(tmp_path / "b")))
     episode = episode_batch(traces, tiny.tokenizer, tiny.pad_id, cfg.instruction)
     r1, r2 = torch.tensor([1.0, 0.0] * 5), torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0] * 2)
     learner = trainable_model("tiny", r=4, alpha=8)

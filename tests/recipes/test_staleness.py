@@ -59,7 +59,7 @@ def _synchronous(cfg):
     responses = []
     for step in range(cfg.stage1_steps + cfg.stage2_steps):
         batch = random.Random(f"{cfg.seed}:{step}").sample(pool, cfg.batch_tasks)
-        traces, _, _ = rollouts(policy, batch, run.verifier, cfg, step, run)
+        traces, _ = rollouts(policy, batch, run.verifier, cfg, step, run)
         responses.append([[turn.response for turn in t.turns] for t in traces])
         train_step(learner, opt, traces, base.tokenizer, base.tokenizer.pad_token_id, stage_of(step, cfg), cfg, step)
         policy = publish(policy, learner, base.tokenizer, run.dir / f"u{step + 1}", f"step-{step + 1}",
