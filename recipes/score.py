@@ -18,11 +18,13 @@ bandit). On-policy REINFORCE (`losses.score_objective`), one step per batch of f
 episodes, leave-one-out baselines, the paper's reward scale (β1 = 0.01, β2 = 0.1 weigh as
 there), the per-token k2 KL loss (gradient ∇KL(π ‖ π_ref)). Every step: two attempts through
 the loop (`refine_batch`, the `Instruction` turn policy, T = 1), both scored, every episode
-stored, the update saved and loaded into the served policy through verified sync;
-validation every `eval_every` steps and at each stage's end (warning on the paper's two
-collapses, `protocol.collapse`); the final model once on the test split. docs/recipes.md
-has the results, docs/scaling.md `max_staleness=K` (step j sampled by update j − K while the
-learner trains, importance-weighted by min(π/μ, is_cap); K = 0 is the synchronous run).
+stored, the update saved and loaded into the served policy through verified sync, validation
+every `eval_every` steps and at each stage's end (warning on the paper's two collapses,
+`protocol.collapse`), checkpoints and resume: `steps.on_policy_steps` runs those around this
+file's rollouts and update. The final model is evaluated once on the test split.
+docs/recipes.md has the results; docs/scaling.md `max_staleness=K` (step j sampled by update
+j − K while the learner trains, importance-weighted by min(π/μ, is_cap); K = 0 is the
+synchronous run, exactly).
 
 Deviations from the paper: Stage I credits y1 with nothing (Eq. 3's exact gradient would
 also push y1 toward first attempts after which r(y2) is high; β2's KL holds y1 instead); the
@@ -37,13 +39,10 @@ re-sampled on-policy. Ablations: `stage1_steps=0`, `alpha=0`.
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections import Counter
-from typing import TypedDict
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field, model_validator
 
 from selfevolve import distributed
@@ -53,11 +52,10 @@ from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import refine_batch
 from selfevolve.losses import CREDITS, attempt_credit, baseline_advantage, score_objective
-from selfevolve.progress import Stopwatch
 from selfevolve.protocol import collapse
 from selfevolve.run import Run
-from selfevolve.serving_thread import ServingThread
-from selfevolve.sync import SampledCheck, save_update, saved_update, server_mismatch
+from selfevolve.steps import on_policy_steps
+from selfevolve.sync import SampledCheck, server_mismatch
 from selfevolve.training import (
     EpisodeBatch,
     episode_batch,
@@ -70,16 +68,6 @@ from selfevolve.turns import Instruction
 from selfevolve.types import SamplingParams, Trace
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
-
-
-class ScoreState(TypedDict):
-    """What a checkpoint holds besides the learner's and the optimizer's state: a resumed run
-    continues at `step`, serving `adapter` (kept on disk until a later checkpoint)."""
-
-    step: int                   # updates done
-    before: dict                # the evaluation before training
-    history: list[dict]         # every evaluation since, with its step and stage
-    adapter: str | None         # the adapter the served policy has at `step`
 
 
 class ScoreConfig(RecipeConfig):
@@ -226,69 +214,25 @@ def main(cfg: ScoreConfig, run: Run) -> None:
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total = cfg.stage1_steps + cfg.stage2_steps
 
-    state = run.restore()
-    if state is None:
-        state = ScoreState(step=0, before=run.evaluate(policy, "before", test=True), history=[], adapter=None)
-    else:
-        set_peft_model_state_dict(learner, state["learner"])
-        opt.load_state_dict(state["optimizer"])
-        if state["adapter"]:
-            policy = saved_update(state["adapter"]).serve(policy, f"step-{state['step']}")
+    def sample(policy, step: int):  # on the serving thread
+        tasks = random.Random(f"{cfg.seed}:{step}").sample(pool, min(cfg.batch_tasks, len(pool)))
+        return rollouts(policy, distributed.shard(tasks), run.verifier, cfg, step, run)
 
-    # The serving thread runs rollouts and adapter loads in submission order: step j's rollouts
-    # are submitted once update j − max_staleness is queued, so they are sampled by it.
-    serving, inflight = ServingThread(policy), {}
-    clock = Stopwatch("generate", "verify", "train", "sync", "checkpoint")
-    with serving, run.progress("score", total=total, completed=state["step"]) as bar:
-        for step in range(state["step"], total):
-            stage = stage_of(step, cfg)
-            for j in range(step, min(step + cfg.max_staleness + 1, total)):
-                if j not in inflight:  # sampled by the last update queued: `step`'s
-                    tasks = random.Random(f"{cfg.seed}:{j}").sample(pool, min(cfg.batch_tasks, len(pool)))
-                    inflight[j] = (serving.submit(rollouts, distributed.shard(tasks), run.verifier, cfg, j, run), step)
-            future, version = inflight.pop(step)
-            with clock("wait"):
-                mine, seconds = future.result()
-            for phase, t in seconds.items():
-                clock.add(phase, t)
-            traces = distributed.gather(mine)  # every rank's episodes, in the batch's order
-            run.store.append(traces)
+    def update(step: int, traces: list[Trace], stale: bool) -> dict:
+        parts = train_step(learner, opt, traces, tokenizer, pad_id, stage_of(step, cfg), cfg, step, stale=stale)
+        if why := server_mismatch(parts, cfg.logprob_check):
+            run.warn(step + 1, why)
+        return {"stage": stage_of(step, cfg), **parts}
 
-            with clock("train"):
-                parts = train_step(learner, opt, traces, tokenizer, pad_id, stage, cfg, step, stale=step > version)
-            if why := server_mismatch(parts, cfg.logprob_check):
-                run.warn(step + 1, why)
+    def evaluated(step: int, metrics: dict, history: list[dict]) -> dict:
+        entry = {"step": step, "stage": stage_of(step - 1, cfg), **metrics}
+        if why := collapse(history + [entry], cfg.collapse_edit_ratio, cfg.collapse_patience):
+            run.warn(step, f"collapse? {why}")
+        return entry
 
-            with clock("sync"):  # rollouts submitted from now on come from this update
-                path = run.dir / "adapters" / f"step-{step + 1}"
-                loaded = serving.publish(save_update(learner, tokenizer, path), f"step-{step + 1}",
-                                         replaces=f"step-{step}" if state["adapter"] else None)
-                if not cfg.max_staleness:
-                    loaded.result()  # nothing overlaps: the synchronous order
-                if state["adapter"]:
-                    run.retire(state["adapter"])  # deleted once a checkpoint no longer refers to it
-                state["adapter"] = str(path)
-
-            times = clock.lap()
-            wait = times.pop("time_wait")
-            overlap = {"staleness": step - version, "time_wait": wait} if cfg.max_staleness else {}
-            run.log(step=step + 1, stage=stage, **parts, **overlap, **times)
-            state["step"] = step + 1
-            if state["step"] % cfg.eval_every == 0 or state["step"] in (cfg.stage1_steps, total):
-                policy = serving.drain()  # rollouts in flight finish first; then nothing runs beside evaluation
-                metrics = run.evaluate(policy, f"step-{state['step']}", round=state["step"])
-                state["history"].append({"step": state["step"], "stage": stage, **metrics})
-                if why := collapse(state["history"], cfg.collapse_edit_ratio, cfg.collapse_patience):
-                    run.warn(state["step"], f"collapse? {why}")
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or run.stop_requested:
-                with clock("checkpoint"):  # logged with the next step
-                    serving.drain()  # every queued load has read its adapter before retired ones are deleted
-                    run.checkpoint({**state, "learner": get_peft_model_state_dict(learner),
-                                    "optimizer": opt.state_dict()})
-            bar.advance()
-        policy = serving.drain()
-
-    if state["adapter"] and run.main:
-        shutil.copytree(state["adapter"], run.dir / "adapters" / "final", dirs_exist_ok=True)
+    policy, state = on_policy_steps(
+        run, policy, learner, opt, tokenizer, total, cfg.max_staleness, sample, update,
+        evaluate_at=lambda s: s % cfg.eval_every == 0 or s in (cfg.stage1_steps, total), evaluated=evaluated,
+        checkpoint_every=cfg.checkpoint_every, name="score")
     after = run.evaluate(policy, "after", round=state["step"], test=True)  # the final model, no selection
     run.finish(before=state["before"], after=after, adapter="adapters/final", evaluations=state["history"])
