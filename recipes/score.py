@@ -219,10 +219,11 @@ def main(cfg: ScoreConfig, run: Run) -> None:
         return rollouts(policy, distributed.shard(tasks), run.verifier, cfg, step, run)
 
     def update(step: int, traces: list[Trace], stale: bool) -> dict:
-        parts = train_step(learner, opt, traces, tokenizer, pad_id, stage_of(step, cfg), cfg, step, stale=stale)
+        stage = stage_of(step, cfg)
+        parts = train_step(learner, opt, traces, tokenizer, pad_id, stage, cfg, step, stale=stale)
         if why := server_mismatch(parts, cfg.logprob_check):
             run.warn(step + 1, why)
-        return {"stage": stage_of(step, cfg), **parts}
+        return {"stage": stage, **parts}
 
     def evaluated(step: int, metrics: dict, history: list[dict]) -> dict:
         entry = {"step": step, "stage": stage_of(step - 1, cfg), **metrics}

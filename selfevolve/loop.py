@@ -62,7 +62,7 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
             for i, fb in zip(scored, fbs):
                 traces[i].turns[-1].feedback = fb
         going, active = active if turn + 1 < max_turns else [], []
-        for i, message in zip(going, turns.respond([traces[i] for i in going])):
+        for i, message in zip(going, turns.respond([traces[i] for i in going]) if going else []):
             if message is not None:
                 said[i].append(message)
                 active.append(i)

@@ -132,11 +132,10 @@ class SampledCheck:
         self.sums = [0.0, 0.0, 0, 0, 0.0, 0]  # Σ ratio, Σ k3, tokens, unmatched, Σ weight, weighted tokens
 
     def weights(self, logp: torch.Tensor, target: torch.Tensor, masks: tuple, episodes: list[int]) -> tuple:
+        if self.served is None:
+            return (None,) * len(masks)
         out = []
         for k, mask in enumerate(masks):
-            if self.served is None:
-                out.append(None)
-                continue
             values, where, unmatched = behaviour_logprobs(target, mask, [self.served[e][k] for e in episodes],
                                                           self.decode)
             w = truncated_is_weights(logp, values, where, self.is_cap) if self.is_cap else None

@@ -49,7 +49,7 @@ class Critique:
         return self.instruction
 
     def respond(self, traces: list[Trace]) -> list[str | None]:
-        fbs = self.critic.critique_batch([t.task for t in traces], [t.turns for t in traces]) if traces else []
+        fbs = self.critic.critique_batch([t.task for t in traces], [t.turns for t in traces])
         for t, fb in zip(traces, fbs):
             t.turns[-1].critique = fb
         return [None if fb.verdict == "correct" else self.message(t.turns[-1]) for t, fb in zip(traces, fbs)]
@@ -73,7 +73,7 @@ class StopWhenCorrect:
     def respond(self, traces: list[Trace]) -> list[str | None]:
         going = [i for i, t in enumerate(traces) if not (t.turns[-1].score is not None and t.turns[-1].score >= 1.0)]
         out: list[str | None] = [None] * len(traces)
-        for i, m in zip(going, self.inner.respond([traces[i] for i in going])):
+        for i, m in zip(going, self.inner.respond([traces[i] for i in going]) if going else []):
             out[i] = m
         return out
 

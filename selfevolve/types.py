@@ -231,7 +231,8 @@ class Critic(Protocol):
 class TurnPolicy(Protocol):
     """Between attempts (selfevolve/turns.py): for each still-going trace, the user message
     that asks for the next attempt, or None to end it; `respond` may write the latest turn's
-    critique. `window` is how many of the latest attempts the next prompt shows (None: all)."""
+    critique. Never called with no traces. `window` is how many of the latest attempts the
+    next prompt shows (None: all)."""
 
     window: int | None
 
