@@ -39,7 +39,9 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
   exactly the bundled corpus too.
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
-with digits split one per token, plus chat special tokens. The model is GPT-2 architecture.
+with digits split one per token, plus chat special tokens. The model is a Llama
+(`LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU, tied embeddings, head size 64), the architecture
+vLLM serves with runtime LoRA.
 Everything is seeded: the same seed and thread count give the same weights. After the run,
 copy `run_dir/model/*` to `selfevolve/tiny/` to replace the bundled model.
 """
@@ -53,7 +55,7 @@ import time
 import torch
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selfevolve import arith, equations
 from selfevolve.config import RecipeConfig
@@ -88,10 +90,12 @@ class PretrainConfig(RecipeConfig):
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")
     vocab_size: int = Field(384, ge=300)
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 256
+    num_hidden_layers: int = Field(4, ge=1, description="decoder layers")
+    hidden_size: int = Field(128, ge=8, description="model width")
+    num_attention_heads: int = Field(2, ge=1, description="attention heads (head size = hidden_size / heads; "
+                                     "vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, 256)")
+    intermediate_size: int = Field(384, ge=8, description="SwiGLU MLP width")
+    max_position_embeddings: int = Field(256, ge=16, description="longest sequence (RoPE positions)")
     steps: int = Field(4000, ge=1)
     batch_size: int = 32
     lr: float = 2e-3
@@ -200,18 +204,24 @@ def build_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerFast:
                                                        show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
-                                   model_max_length=cfg.n_positions)
+                                   model_max_length=cfg.max_position_embeddings)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def build_model(cfg: PretrainConfig, tokenizer) -> GPT2LMHeadModel:
+def build_model(cfg: PretrainConfig, tokenizer) -> LlamaForCausalLM:
+    """A Llama (RMSNorm, RoPE, SwiGLU, tied embeddings): the architecture vLLM serves with LoRA."""
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not a multiple of num_attention_heads="
+                         f"{cfg.num_attention_heads}")
     torch.manual_seed(cfg.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+                         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, attention_dropout=0.0)
+    return LlamaForCausalLM(config)
 
 
 BUCKET = 4  # steps whose examples are drawn together and sorted by length (less padding)

@@ -333,13 +333,14 @@ def optimizer_step(opt, params: list[torch.Tensor], max_grad_norm: float, loss: 
     return norm
 
 
-def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str | None = None, device="cpu",
+def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | str = "all-linear", device="cpu",
                trainable_tokens: list[int] | None = None, dtype: torch.dtype = torch.float32):
     """A fresh LoRA adapter (peft) on the base weights at `path`: what "fine-tune from the
     base model" means for a recipe that resets each iteration. The base is loaded in `dtype`
-    (the served model's); peft keeps the adapter's own weights in fp32. `target_modules=None`
-    lets peft pick the attention/MLP projections it knows for the architecture, falling back
-    to all linear layers. `trainable_tokens`: token ids whose embedding rows the adapter also
+    (the served model's); peft keeps the adapter's own weights in fp32. `target_modules`:
+    every linear layer of the blocks by default (peft's "all-linear": the attention and MLP
+    projections, not the output head), as QLoRA found LoRA needs to match full fine-tuning;
+    vLLM serves LoRA on all of them. `trainable_tokens`: token ids whose embedding rows the adapter also
     trains (peft trainable tokens, tied output rows included), for words the base model
     never learned; LoRA alone cannot move an embedding."""
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -347,10 +348,7 @@ def lora_model(path, r: int = 16, alpha: int = 32, target_modules: list[str] | s
     conv1d = any(isinstance(m, Conv1D) for m in base.modules())
     kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
               trainable_token_indices=trainable_tokens or None, fan_in_fan_out=conv1d)
-    try:
-        return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
-    except ValueError:  # peft has no default modules for this architecture
-        return get_peft_model(base, LoraConfig(target_modules="all-linear", **kw))
+    return get_peft_model(base, LoraConfig(target_modules=target_modules, **kw))
 
 
 def trainable_model(base: str | Path, lora: bool = True, r: int = 16, alpha: int = 32, init_from: str | None = None,

@@ -94,7 +94,7 @@ def test_eval_with_an_adapter(tmp_path):
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny")),
-                           LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True))
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path / "adapter")
     base, tuned = tmp_path / "base.json", tmp_path / "tuned.json"
     assert cli("eval", "limit=16", "max_turns=1", f"out={base}").returncode == 0

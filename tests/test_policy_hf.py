@@ -43,7 +43,7 @@ def test_bundled_model_loads_with_auto_classes():
     path = resolve_model_path("tiny")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    assert model.config.model_type == "gpt2"
+    assert model.config.model_type == "llama"  # what vLLM serves with LoRA
     assert sum(f.stat().st_size for f in path.glob("*.safetensors")) <= 20 * 2**20
     text = "naïve café 日本語 🚀 \x00 tab\t"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: nothing is unknown
@@ -86,8 +86,7 @@ def make_adapter(tiny, path, seed):
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(tiny.path)
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False,
-                                                 fan_in_fan_out=True))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(path)
     return path
 
@@ -146,3 +145,15 @@ def test_runs_on_cuda():
     policy = HFPolicy("tiny", device="cuda")
     assert policy.device.type == "cuda"
     assert policy.generate(convs("What is 12 + 30?"), SamplingParams(max_new_tokens=10))[0][0].response
+
+
+def test_stop_strings_end_the_answer(tiny):
+    """`stop` cuts each answer before the first stop string, as OpenAI and vLLM do."""
+    from selfevolve import arith
+    from selfevolve.types import SamplingParams
+
+    convs = [[{"role": "user", "content": t.prompt}] for t in arith.tasks("validation", 8, seed=0)]
+    whole = tiny.generate(convs, SamplingParams(max_new_tokens=64))
+    cut = tiny.generate(convs, SamplingParams(max_new_tokens=64, stop=["answer"]))
+    for (w,), (c,) in zip(whole, cut):
+        assert c.response == w.response.split("answer")[0] and c.finish_reason == "stop"

@@ -46,7 +46,7 @@ def test_echoed_logprobs_are_the_canary(client, tiny):
     r = client.completions.create(model="tiny", prompt=CANARY, max_tokens=1, echo=True, logprobs=1, temperature=0)
     lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
     assert lps[0] is None
-    assert sum(lps[1:]) == pytest.approx(tiny.prompt_logprob(CANARY), abs=1e-4)
+    assert sum(lps[1:]) == pytest.approx(sum(tiny.prompt_logprobs(CANARY)), abs=1e-4)
 
 
 def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
@@ -174,11 +174,11 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     import torch
 
     from selfevolve.policies import OpenAIPolicy
-    from selfevolve.sync import CANARY, SyncError, publish, text_logprob, verify_sync
+    from selfevolve.sync import CANARY, SyncError, canary_logprobs, publish, text_logprob, verify_sync
     from selfevolve.training import trainable_model
 
     policy = OpenAIPolicy(server.url, api_key=KEY)
-    base_lp = policy.prompt_logprob(CANARY)
+    base_lp = sum(policy.prompt_logprobs(CANARY))
     torch.manual_seed(0)  # lora_A's initialisation too: the test's numbers must not depend on the tests before it
     learner = trainable_model("tiny", r=4, alpha=8)
     tok = tiny.tokenizer
@@ -189,7 +189,7 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
     publish(policy, learner, tok, tmp_path / "a1", "a1")  # raises SyncError on disagreement
     assert policy.active_adapter == "a1"
     assert policy.served_names["a1"] in {m.id for m in policy.client.models.list().data}
-    served = policy.prompt_logprob(CANARY)
+    served = sum(policy.prompt_logprobs(CANARY))
     assert served == pytest.approx(text_logprob(learner, tok), rel=1e-4) and abs(served - base_lp) > 1e-3
 
     with torch.no_grad():  # the learner moves on; the server still has the old version
@@ -197,17 +197,17 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
             if "lora_B" in n:
                 p.add_(0.05)
     with pytest.raises(SyncError, match="canary"):
-        verify_sync(policy, "a1", text_logprob(learner, tok))
+        verify_sync(policy, "a1", canary_logprobs(learner, tok))
     publish(policy, learner, tok, tmp_path / "a1v2", "a1")  # a new version under the same name
     policy.unload_adapter("a1")
-    assert policy.active_adapter is None and policy.prompt_logprob(CANARY) == pytest.approx(base_lp, abs=1e-4)
+    assert policy.active_adapter is None and sum(policy.prompt_logprobs(CANARY)) == pytest.approx(base_lp, abs=1e-4)
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path)},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "not a peft adapter" in r.json()["error"]["message"]
 
 
 def _other_base_adapter(path):
-    """A peft adapter trained for a different GPT-2 (other widths): it cannot load into tiny."""
+    """A peft adapter trained for a different model (a small GPT-2): it cannot load into tiny."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -242,7 +242,7 @@ def test_a_failed_load_leaves_the_served_model_as_it_was(server, tmp_path):
         scores = {}
         for name in (None, "kept"):
             policy.set_adapter(name)
-            scores[name] = policy.prompt_logprob(CANARY)
+            scores[name] = sum(policy.prompt_logprobs(CANARY))
         return models, scores
 
     before = state()

@@ -9,7 +9,8 @@ from selfevolve.store import TraceStore
 from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli
 
-SMALL = ["recipe=pretrain", "steps=12", "n_layer=1", "n_embd=32", "n_head=2", "batch_size=8", "warmup=2",
+SMALL = ["recipe=pretrain", "steps=12", "num_hidden_layers=1", "hidden_size=64", "num_attention_heads=2",
+         "intermediate_size=64", "batch_size=8", "warmup=2",
          "eval_limit=4", "val_limit=4", "max_new_tokens=8", "checkpoint_every=3", "log_every=2"]
 
 
