@@ -35,9 +35,9 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
     if cfg.policy == "hf" and not url:
         kw = {"device": cfg.device, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
               "sampling_from_model": cfg.sampling_from_model}
-    elif cfg.policy == "vllm":  # the same weights dtype as the learner's base (vLLM's "auto" is the checkpoint's)
-        kw = {"dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype, "seed": cfg.seed,
-              "sampling_from_model": cfg.sampling_from_model}
+    elif cfg.policy == "vllm":  # the learner's dtype (`learner_base`), not vLLM's "auto" (the checkpoint's)
+        dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+        kw = {"dtype": dtype, "seed": cfg.seed, "sampling_from_model": cfg.sampling_from_model}
     else:
         kw = {"keep_adapters": cfg.keep_adapters, "on_sync_error": cfg.on_sync_error}
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)

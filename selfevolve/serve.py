@@ -46,8 +46,8 @@ from .exposure import confined_root, exposure, foreign_request
 from .loop import refine_batch
 from .scheduling import FairQueue
 from .store import TraceStore
-from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn
-from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine, cut_at_stop, stream
+from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop
+from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine, stream
 
 REFINE_SUFFIX = "+refine"
 

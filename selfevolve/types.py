@@ -154,6 +154,20 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     logprobs: bool = False
+    stop: list[str] | None = Field(None, max_length=4,
+                                   description="strings that end an answer (not included), as OpenAI's `stop`")
+
+
+def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
+    """The answer up to the first of the request's `stop` strings (not included), as OpenAI
+    and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
+    longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
+    if at < 0:
+        return turn
+    return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
+                                   "finish_reason": "stop"})
 
 
 @runtime_checkable
@@ -180,8 +194,9 @@ class AdapterServing(Policy, Protocol):
 
     def set_adapter(self, name: str | None) -> None: ...
 
-    def prompt_logprob(self, text: str) -> float:
-        """Σ_{i≥1} log p(t_i | t_<i) of a plain text under the active adapter (the canary)."""
+    def prompt_logprobs(self, text: str) -> list[float]:
+        """log p(t_i | t_<i) for every token of a plain text after the first, under the active
+        adapter (the canary)."""
         ...
 
 

@@ -13,8 +13,6 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from .types import Turn
-
 
 def _encodable(text: str) -> str:
     """Text a tokenizer can take: a lone surrogate (JSON's "\\ud800") is refused, not a 500."""
@@ -112,18 +110,6 @@ class LoadAdapter(BaseModel):
 
 
 # --- responses ----------------------------------------------------------------------------
-
-
-def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
-    """The answer up to the first of the request's `stop` strings (not included), as OpenAI
-    and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
-    longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
-    if at < 0:
-        return turn
-    return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
-                                   "finish_reason": "stop"})
 
 
 def stream(out: dict):

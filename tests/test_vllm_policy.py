@@ -1,13 +1,14 @@
-"""VLLMPolicy: vLLM cannot be installed on CPU machines, so this checks what can run here:
-the clear error without vllm, and the conversions between selfevolve and vLLM's documented
-data shapes (RequestOutput / CompletionOutput / Logprob, built as plain objects)."""
+"""VLLMPolicy without vLLM in this virtualenv: the clear error, and the conversions between
+selfevolve and vLLM's data shapes (RequestOutput / CompletionOutput / Logprob, built as plain
+objects). The real engine's outputs are checked against these shapes in the vllm tier
+(tests/test_vllm_inprocess.py)."""
 
 from types import SimpleNamespace as NS
 
 import pytest
 
 from selfevolve.errors import UserError
-from selfevolve.policies.vllm import summed_prompt_logprob, turns_from_output, vllm_sampling_kwargs
+from selfevolve.policies.vllm import prompt_token_logprobs, turns_from_output, vllm_sampling_kwargs
 from selfevolve.types import SamplingParams
 from tests.test_cli import cli
 
@@ -27,7 +28,7 @@ def test_missing_vllm_is_a_one_line_error():
 
 def test_sampling_kwargs():
     kw = vllm_sampling_kwargs(SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=7, n=4, seed=3, logprobs=True))
-    assert kw == {"n": 4, "temperature": 1.0, "top_p": 0.9, "max_tokens": 7, "seed": 3, "logprobs": 0}
+    assert kw == {"n": 4, "temperature": 1.0, "top_p": 0.9, "max_tokens": 7, "seed": 3, "stop": None, "logprobs": 0}
     # every request of a batch its own seed: one seed for all would correlate the samples
     seeds = [vllm_sampling_kwargs(SamplingParams(seed=3), i)["seed"] for i in range(4)]
     assert seeds == [3, 4, 5, 6] and vllm_sampling_kwargs(SamplingParams(), 2)["seed"] is None
@@ -47,4 +48,4 @@ def test_outputs_to_turns_and_prompt_logprob():
     turn, cut = turns_from_output(out)
     assert turn.response == "The answer is 5." and turn.token_ids == [11, 12] and turn.logprobs == [-0.5, -0.25]
     assert (turn.finish_reason, cut.finish_reason) == ("stop", "length")
-    assert summed_prompt_logprob(out) == -3.0
+    assert prompt_token_logprobs(out) == [-1.0, -2.0]

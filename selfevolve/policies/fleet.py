@@ -32,7 +32,7 @@ import openai
 
 from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
-from .openai import OpenAIPolicy
+from .openai import OpenAIPolicy, request_sampling
 from .replicas import load_everywhere
 
 # What sends a request to another replica: transport failures, timeouts and server errors.
@@ -136,14 +136,16 @@ class FleetPolicy:
     _map = OpenAIPolicy._map  # fn over items on up to `concurrency` threads, in order
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
-        sampling = sampling or SamplingParams()
-        return self._map(lambda c: self._route(lambda r: r.chat_one(c, sampling)), conversations)
+        s = sampling or SamplingParams()
+        return self._map(lambda ic: self._route(lambda r: r.chat_one(ic[1], request_sampling(s, ic[0]))),
+                         list(enumerate(conversations)))
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
-        sampling = sampling or SamplingParams()
-        return self._map(lambda t: self._route(lambda r: r.complete_one(t, sampling)), texts)
+        s = sampling or SamplingParams()
+        return self._map(lambda it: self._route(lambda r: r.complete_one(it[1], request_sampling(s, it[0]))),
+                         list(enumerate(texts)))
 
-    def prompt_logprob(self, text: str) -> float:
+    def prompt_logprobs(self, text: str) -> list[float]:
         """The canary under the fleet's adapter, from one replica (`replicas.load_everywhere`
         checks each replica by itself)."""
-        return self._route(lambda r: r.prompt_logprob(text))
+        return self._route(lambda r: r.prompt_logprobs(text))

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..models import release_freed_memory, resolve_device, resolve_dtype, resolve_model_path
 from ..progress import progress
 from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
-from ..types import Conversation, SamplingParams, Turn
+from ..types import Conversation, SamplingParams, Turn, cut_at_stop
 
 
 class _MaskedAlready(logging.Filter):
@@ -308,8 +308,8 @@ class HFPolicy:
         turns: list[list[Turn]] = []
         for r, (toks, cut, text) in enumerate(zip(new, cuts, texts)):
             end = cut + 1 if cut < len(toks) else cut  # the stop token is a sampled token: kept, as vLLM keeps it
-            turn = Turn(response=text.strip(), token_ids=toks[:end], logprobs=lps[r][:end] if lps else None,
-                        finish_reason="stop" if cut < len(toks) else "length")
+            turn = cut_at_stop(Turn(response=text.strip(), token_ids=toks[:end], logprobs=lps[r][:end] if lps else None,
+                                    finish_reason="stop" if cut < len(toks) else "length"), sampling.stop)
             if r % sampling.n == 0:
                 turns.append([])
             turns[-1].append(turn)
@@ -333,6 +333,6 @@ class HFPolicy:
             ids, lps = text_token_logprobs(self.model, self.tokenizer, text)
         return [self.tokenizer.decode([i]) for i in ids], lps
 
-    def prompt_logprob(self, text: str) -> float:
-        """Σ_{i≥1} log p(t_i | t_<i) of `text` (verified sync's canary)."""
-        return float(sum(lp for lp in self.prompt_token_logprobs(text)[1][1:]))
+    def prompt_logprobs(self, text: str) -> list[float]:
+        """log p(t_i | t_<i) for every token of `text` after the first (verified sync's canary)."""
+        return [float(lp) for lp in self.prompt_token_logprobs(text)[1][1:]]

@@ -40,6 +40,17 @@ def sampled_turn(choice) -> Turn:
                 finish_reason="length" if choice.finish_reason == "length" else "stop")
 
 
+def request_sampling(s: SamplingParams, i: int) -> SamplingParams:
+    """The sampling of the i-th request of a batch: its own seed (seed + i), as VLLMPolicy
+    gives each request of a batch; one seed for all would give every prompt the same random
+    stream (vLLM seeds each request's generator with it), i.e. correlated samples.
+
+    >>> request_sampling(SamplingParams(seed=7), 2).seed, request_sampling(SamplingParams(), 2).seed
+    (9, None)
+    """
+    return s if s.seed is None else s.model_copy(update={"seed": s.seed + i})
+
+
 def client_key(api_key: str | None = None) -> str:
     """The key a client of an OpenAI-compatible server sends: `api_key`, else
     SELFEVOLVE_API_KEY, else OPENAI_API_KEY (vLLM without --api-key takes anything)."""
@@ -84,40 +95,46 @@ class OpenAIPolicy:
         return self.served_names[self._active] if self._active else self.base_model
 
     def _map(self, fn, items):
+        if not items:
+            return []
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
             return list(pool.map(fn, items))
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+        """One request per conversation; the i-th gets seed + i (`request_sampling`)."""
         sampling = sampling or SamplingParams()
-        return self._map(lambda c: self.chat_one(c, sampling), conversations) if conversations else []
+        return self._map(lambda ic: self.chat_one(ic[1], request_sampling(sampling, ic[0])),
+                         list(enumerate(conversations)))
 
     def chat_one(self, conv: Conversation, sampling: SamplingParams) -> list[Turn]:
         """One /v1/chat/completions request: `sampling.n` Turns."""
         r = self.client.chat.completions.create(model=self._model(), messages=conv,
                                                 temperature=sampling.temperature, top_p=sampling.top_p,
                                                 max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                                seed=sampling.seed, logprobs=sampling.logprobs or None,
+                                                seed=sampling.seed, stop=sampling.stop,
+                                                logprobs=sampling.logprobs or None,
                                                 extra_body={"return_tokens_as_token_ids": True}
                                                 if sampling.logprobs else None)
         return [sampled_turn(c) for c in r.choices]
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
-        return self._map(lambda t: self.complete_one(t, sampling), texts) if texts else []
+        return self._map(lambda it: self.complete_one(it[1], request_sampling(sampling, it[0])), list(enumerate(texts)))
 
     def complete_one(self, text: str, sampling: SamplingParams) -> list[Turn]:
         """One /v1/completions request: `sampling.n` Turns."""
         r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
                                            top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                           seed=sampling.seed)
+                                           seed=sampling.seed, stop=sampling.stop)
         return [Turn(response=c.text) for c in r.choices]
 
-    def prompt_logprob(self, text: str) -> float:
-        """Σ_{i≥1} log p(t_i | t_<i) of `text`, from the server's echoed prompt log-probabilities."""
+    def prompt_logprobs(self, text: str) -> list[float]:
+        """log p(t_i | t_<i) for every token of `text` after the first, from the server's echoed
+        prompt log-probabilities (`/v1/completions`, echo=true, logprobs=1)."""
         r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True,
                                            logprobs=1)
         lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
-        return float(sum(lp for lp in lps[1:] if lp is not None))
+        return [float(lp) for lp in lps[1:]]
 
     # --- adapters (vLLM's runtime LoRA endpoints) ----------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -25,7 +26,7 @@ def vllm_sampling_kwargs(s: SamplingParams, i: int = 0) -> dict:
     of a batch. Each request gets its own seed (seed + i): one seed for all would give every
     prompt the same random stream, i.e. correlated samples."""
     kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-              seed=None if s.seed is None else s.seed + i)
+              seed=None if s.seed is None else s.seed + i, stop=s.stop)
     if s.logprobs:
         kw["logprobs"] = 0  # the sampled token's log-probability only
     return kw
@@ -41,13 +42,10 @@ def turns_from_output(request_output) -> list[Turn]:
     return turns
 
 
-def summed_prompt_logprob(request_output) -> float:
-    """Σ_{i≥1} log p(t_i | t_<i) from a RequestOutput generated with prompt_logprobs=0."""
-    total = 0.0
-    for tok, entry in zip(request_output.prompt_token_ids, request_output.prompt_logprobs):
-        if entry is not None:
-            total += entry[tok].logprob
-    return total
+def prompt_token_logprobs(request_output) -> list[float]:
+    """log p(t_i | t_<i) for i ≥ 1 from a RequestOutput generated with prompt_logprobs=0."""
+    return [float(entry[tok].logprob) for tok, entry in zip(request_output.prompt_token_ids,
+                                                            request_output.prompt_logprobs) if entry is not None]
 
 
 def check_lora_only(path: str) -> None:
@@ -65,6 +63,10 @@ class VLLMPolicy:
                  sampling_from_model: bool = False, **llm_kwargs):
         """`sampling_from_model`: apply the checkpoint's generation_config.json defaults
         (vLLM's generation_config="auto"); off ("vllm"), samples come from π itself."""
+        # vLLM's CPU build sizes its KV cache to nearly all free memory unless told (21 of 24 GiB
+        # here), leaving none to the learner beside it; 1 GiB holds 262k tokens of tiny. The user's
+        # setting wins; CUDA ignores it.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
             from vllm import LLM
         except ImportError:
@@ -124,8 +126,8 @@ class VLLMPolicy:
                                  lora_request=self._lora(), use_tqdm=False)
         return [turns_from_output(o) for o in outs]
 
-    def prompt_logprob(self, text: str) -> float:
+    def prompt_logprobs(self, text: str) -> list[float]:
         from vllm import SamplingParams as VSP
         out = self.llm.generate([text], VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                 lora_request=self._lora(), use_tqdm=False)[0]
-        return summed_prompt_logprob(out)
+        return prompt_token_logprobs(out)
