@@ -265,7 +265,7 @@ class Evolve:
         loaded and verified again; a version under that name the record does not hold (evolve
         killed between a promotion's load and its record) is unloaded. `verify`: check the
         canary of a version that is there too (once, on start)."""
-        from .sync import saved_update, verify_sync
+        from .sync import saved_update
 
         name, served = self.cfg.serve_as, self.state["served"]
         there = name in self.models()
@@ -279,7 +279,7 @@ class Evolve:
             self.attach(policy, name, path)
             policy.set_adapter(name)
             try:
-                verify_sync(policy, name, update.expected, update.tol, update.canary)
+                update.verify(policy, name)
                 return
             except SyncError:
                 pass
@@ -298,9 +298,11 @@ class Evolve:
         version brings its own config and tensors), verified by its canary. A load that fails
         verification is undone — the served version loaded back, or the name unloaded — and
         evolve stops on the SyncError."""
-        from .sync import saved_update, verify_sync
+        from .sync import saved_update
 
         update, name = saved_update(candidate), self.cfg.serve_as
+        served = self.state["served"] and self.lineage.nodes[self.state["served"]]["adapter"]
+        previous = saved_update(served).expected if served and Path(served) != candidate else None
 
         def load(path) -> None:
             r = policy.http.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(path),
@@ -312,10 +314,9 @@ class Evolve:
         self.attach(policy, name, str(candidate))
         policy.set_adapter(name)
         try:
-            verify_sync(policy, name, update.expected, update.tol, update.canary)
+            update.verify(policy, name, previous)  # closer to the candidate than to the version it replaces
         except SyncError:
-            served = self.state["served"] and self.lineage.nodes[self.state["served"]]["adapter"]
-            if served and Path(served) != candidate:
+            if previous is not None:
                 load(served)
             else:
                 policy.http.post("/unload_lora_adapter", json={"lora_name": name})

@@ -9,11 +9,15 @@ active, a half-written file, a server that ignored the request) makes every late
 train on the wrong model's samples:
 
   1. the policy reports the new adapter id as active;
-  2. a canary: the summed log-probability of a fixed text (every token after the first,
+  2. a canary: the per-token log-probabilities of a fixed text (every token after the first,
      what an OpenAI-compatible `/v1/completions` call with `echo=true, logprobs` returns)
-     under the learner in memory and under the served policy agree within `tol` (relative,
-     at least 1 nat scale). The text is followed by the words of any embedding rows the
-     adapter trains, so those rows are checked too. Anything else raises `SyncError`.
+     under the served policy agree with the learner's within the tolerance of the dtype
+     (maximum and mean absolute error per token, `CANARY_TOL`), and are closer to the new
+     version than to what was served before the load and than to the base model (where those
+     differ from the new version by more than the noise, half the mean tolerance): a server
+     that kept the old weights, or serves the base model, is caught even in bf16. The text is
+     followed by the words of any embedding rows the adapter trains, so those rows are
+     checked too. Anything else, a non-finite value included, raises `SyncError`.
 
 Only then is the adapter it replaces unloaded (`replaces=`): a failed publish leaves the
 previous adapter serving. Deleting old adapter directories is the run's business
@@ -41,9 +45,15 @@ from .types import AdapterServing
 CANARY = "What is 2 + 3? 2 + 3 = 5. The answer is 5."
 
 
+def canary_logprobs(model, tokenizer, text: str = CANARY) -> list[float]:
+    """log p(t_i | t_<i) for every token of `text` after the first, under `model` as it is
+    (a peft model: with its adapter)."""
+    return [float(lp) for lp in text_token_logprobs(model, tokenizer, text)[1][1:]]
+
+
 def text_logprob(model, tokenizer, text: str = CANARY) -> float:
     """Σ_{i≥1} log p(t_i | t_<i) over the tokens of `text`."""
-    return float(sum(lp for lp in text_token_logprobs(model, tokenizer, text)[1][1:]))
+    return sum(canary_logprobs(model, tokenizer, text))
 
 
 def trained_token_ids(model) -> list[int]:
@@ -60,38 +70,63 @@ def canary_for(model, tokenizer) -> str:
     return CANARY + (" " + tokenizer.decode(ids) if ids else "")
 
 
-# Relative canary tolerance by the weights' dtype. The learner runs in the served model's
-# dtype (build.learner_base), so what is left is kernel and summation-order noise between two
-# implementations in that dtype. Its scale, measured as the canary's gap between the same
-# weights in fp32 and in the lower precision (2026-11-21, CPU): bf16 0.17% (tiny) and 2.7%
-# (SmolLM2-135M); fp16 0.04% and 0.09%. Two bf16 kernels differ by less than bf16 from fp32.
-CANARY_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# Canary tolerance per token, (maximum, mean) absolute error in nats, by the learner's dtype:
+# the learner runs in the served model's dtype (build.learner_base), so what is left is kernel
+# and summation-order noise between two implementations of the same weights in that dtype,
+# about half the tolerance (transformers vs vLLM's CPU kernels, BENCHMARKS.md "Verified sync";
+# fp16 is set between the two, not measured).
+CANARY_TOL = {torch.float32: (2e-3, 5e-4), torch.float16: (0.1, 0.02), torch.bfloat16: (0.3, 0.04)}
 
 
-def canary_tolerance(dtype: torch.dtype) -> float:
-    """The relative canary tolerance for weights in `dtype`.
+def canary_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """The (maximum, mean) absolute per-token canary tolerance for weights in `dtype`.
 
     >>> canary_tolerance(torch.float32), canary_tolerance(torch.bfloat16)
-    (0.001, 0.03)
+    ((0.002, 0.0005), (0.3, 0.04))
     """
-    return CANARY_TOL.get(dtype, 1e-3)
+    return CANARY_TOL.get(dtype, CANARY_TOL[torch.float32])
 
 
-def verify_sync(policy: AdapterServing, name: str | None, expected: float, tol: float = 1e-3,
-                text: str = CANARY) -> float:
-    """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` as
-    the learner did (`expected`), within `tol` relative; a non-finite value on either side
-    is an error too (a NaN would otherwise pass every comparison). Returns the served
-    log-probability."""
+def canary_gap(served: list[float], expected: list[float]) -> tuple[float, float]:
+    """(maximum, mean) absolute difference per token between two canary scorings.
+
+    >>> canary_gap([-1.0, -2.0, -0.5], [-1.0, -2.5, -0.4])
+    (0.5, 0.2)
+    """
+    if len(served) != len(expected) or not expected:
+        raise SyncError(f"the canary has {len(served)} token log-probs served and {len(expected)} from the learner: "
+                        "another tokenizer?")
+    d = [abs(a - b) for a, b in zip(served, expected)]
+    return round(max(d), 12), round(sum(d) / len(d), 12)
+
+
+def verify_sync(policy: AdapterServing, name: str | None, expected: list[float],
+                tol: tuple[float, float] = CANARY_TOL[torch.float32], text: str = CANARY,
+                others: dict[str, list[float] | None] | None = None) -> list[float]:
+    """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` per
+    token as the learner did (`expected`) within `tol` = (maximum, mean) absolute error, and
+    is closer (mean absolute error) to `expected` than to each of `others` (label -> per-token
+    log-probs of a version it must not be: the one it replaces, the base model) that differs
+    from `expected` by more than the noise between implementations (half the mean tolerance):
+    versions closer than that cannot be told apart, and are not compared. A non-finite value
+    on either side is an error too (a NaN would otherwise pass every comparison). Returns the
+    served log-probs."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
-    served = float(policy.prompt_logprob(text))
-    if not (math.isfinite(served) and math.isfinite(expected)):
-        raise SyncError(f"canary log-prob is not finite: learner {expected}, served {served} (adapter {name!r})")
-    if abs(served - expected) > tol * max(1.0, abs(expected)):
-        raise SyncError(
-            f"canary log-prob differs: learner {expected:.5f}, served {served:.5f} (adapter {name!r}, tolerance {tol})"
-        )
+    served = [float(x) for x in policy.prompt_logprobs(text)]
+    if not all(math.isfinite(x) for x in served + list(expected)):
+        raise SyncError(f"canary log-prob is not finite: learner {sum(expected)}, served {sum(served)} "
+                        f"(adapter {name!r})")
+    worst, mean = canary_gap(served, expected)
+    if worst > tol[0] or mean > tol[1]:
+        raise SyncError(f"canary log-probs differ from the learner's: max {worst:.5f}, mean {mean:.5f} nats per token "
+                        f"(adapter {name!r}, tolerance {tol[0]:g}/{tol[1]:g})")
+    for label, other in (others or {}).items():
+        if other is not None and canary_gap(other, expected)[1] > tol[1] / 2:
+            closer = canary_gap(served, other)[1]
+            if closer <= mean:
+                raise SyncError(f"the server scores the canary as {label} ({closer:.5f} nats per token away) rather "
+                                f"than as the update ({mean:.5f}): adapter {name!r} did not take effect")
     return served
 
 
@@ -187,7 +222,7 @@ def serve_update(policy: AdapterServing, path: str | Path, name: str, lora: bool
 
 @dataclass(frozen=True)
 class SavedUpdate:
-    """A saved update and the canary score the served policy must reproduce: the learner's
+    """A saved update and the canary scores the served policy must reproduce: the learner's
     half of `publish`, made by `save_update` where the learner lives (it writes, and under
     torchrun waits for rank 0). `serve` is the serving half, which may run on the thread that
     drives the served policy (`ServingThread`), so an update can be loaded between two
@@ -196,14 +231,23 @@ class SavedUpdate:
     path: Path
     lora: bool
     canary: str
-    expected: float   # the learner's log-probability of `canary`
-    tol: float
+    expected: list[float]         # the learner's per-token log-probs of `canary`
+    tol: tuple[float, float]      # (maximum, mean) absolute error per token
+    base: list[float] | None      # the same under the base weights (adapter off); None for full weights
+
+    def verify(self, policy: AdapterServing, name: str | None, previous: list[float] | None = None) -> list[float]:
+        """`verify_sync` of this update on `policy` (serving it under `name`), which must also
+        be closer to it than to `previous` (what was served before) and to the base model."""
+        return verify_sync(policy, name, self.expected, self.tol, self.canary,
+                           {"the version it replaces": previous, "the base model": self.base})
 
     def serve(self, policy: AdapterServing, name: str, replaces: str | None = None) -> AdapterServing:
-        """Serve the update under `name` on every replica, verify each, then unload the
-        adapter it `replaces` (if any); return the policy that now serves it."""
-        served = serve_update(policy, self.path, name, self.lora, check=lambda replica: verify_sync(
-            replica, name if self.lora else None, self.expected, self.tol, self.canary))
+        """Serve the update under `name` on every replica, verify each (against what the policy
+        served before the load too), then unload the adapter it `replaces` (if any); return the
+        policy that now serves it."""
+        previous = [float(x) for x in policy.prompt_logprobs(self.canary)]
+        served = serve_update(policy, self.path, name, self.lora,
+                              check=lambda replica: self.verify(replica, name if self.lora else None, previous))
         if self.lora and replaces is not None and replaces != name and replaces in served.adapters:
             served.unload_adapter(replaces)
         return served
@@ -212,22 +256,28 @@ class SavedUpdate:
 CANARY_FILE = "canary.json"  # beside the weights: what the learner scored, for every later load
 
 
-def save_update(model, tokenizer, path: str | Path, lora: bool = True, tol: float | None = None) -> SavedUpdate:
+def save_update(model, tokenizer, path: str | Path, lora: bool = True,
+                tol: tuple[float, float] | None = None) -> SavedUpdate:
     """Save the learner to `path` (rank 0 writes; every rank waits for the file) and score the
-    canary with it (`tol`: default the learner's dtype's `canary_tolerance`). The canary's
-    text, score and tolerance are saved with the weights (`canary.json`), so a load long after
-    the learner is gone — a resumed run's, a final selection's — is verified the same way
-    (`saved_update`)."""
+    canary with it, and with its adapter off (`tol`: default the learner's dtype's
+    `canary_tolerance`). The canary's text, scores and tolerance are saved with the weights
+    (`canary.json`), so a load long after the learner is gone — a resumed run's, a final
+    selection's — is verified the same way (`saved_update`)."""
     path = Path(path)
     canary = canary_for(model, tokenizer)
-    tol = canary_tolerance(model.dtype) if tol is None else tol
-    update = SavedUpdate(path, lora, canary, text_logprob(model, tokenizer, canary), tol)
+    tol = canary_tolerance(model.dtype) if tol is None else tuple(tol)
+    base = None
+    if lora:
+        with model.disable_adapter():
+            base = canary_logprobs(model, tokenizer, canary)
+    update = SavedUpdate(path, lora, canary, canary_logprobs(model, tokenizer, canary), tol, base)
     if distributed.is_main():  # under torchrun the ranks hold the same weights; one writes them
         shutil.rmtree(path, ignore_errors=True)
         model.save_pretrained(path)
         if not lora:
             tokenizer.save_pretrained(path)
-        (path / CANARY_FILE).write_text(json.dumps({"text": canary, "logprob": update.expected, "tol": tol}))
+        (path / CANARY_FILE).write_text(json.dumps({"text": canary, "logprobs": update.expected, "tol": list(tol),
+                                                    "base": base}))
     distributed.barrier()  # then every rank loads the file into its own engine and checks it
     return update
 
@@ -239,16 +289,19 @@ def saved_update(path: str | Path, lora: bool = True) -> SavedUpdate:
     path = Path(path)
     try:
         c = json.loads((path / CANARY_FILE).read_text())
-        return SavedUpdate(path, lora, str(c["text"]), float(c["logprob"]), float(c["tol"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        base = None if c.get("base") is None else [float(x) for x in c["base"]]
+        return SavedUpdate(path, lora, str(c["text"]), [float(x) for x in c["logprobs"]],
+                           (float(c["tol"][0]), float(c["tol"][1])), base)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise SyncError(f"adapter={path}: no readable {CANARY_FILE} ({type(e).__name__}), so its load cannot be "
                         "verified; it was not saved by save_update") from None
 
 
 def publish(policy: AdapterServing, model, tokenizer, path: str | Path, name: str, lora: bool = True,
-            tol: float | None = None, replaces: str | None = None) -> AdapterServing:
+            tol: tuple[float, float] | None = None, replaces: str | None = None) -> AdapterServing:
     """Save the learner to `path`, serve it under `name` on every replica, verify each
-    (within `tol`, default the learner's dtype's `canary_tolerance`), then unload the adapter
+    (within `tol`, default the learner's dtype's `canary_tolerance`; closer to the update
+    than to what was served before and than to the base model), then unload the adapter
     it `replaces` (if any); return the policy that now serves it. A replica that fails the
     canary is rolled back with the others (`load_everywhere`)."""
     return save_update(model, tokenizer, path, lora, tol).serve(policy, name, replaces)

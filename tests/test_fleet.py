@@ -65,7 +65,7 @@ def test_an_adapter_reaches_every_replica_or_none(pair, tmp_path, tiny):
     first = learner(1)
     publish(fleet, first, tok, tmp_path / "v1", "v1")
     for r in fleet.replicas:  # each replica serves the learner (publish checked each canary)
-        assert r.active_adapter == "v1" and r.prompt_logprob(CANARY) == pytest.approx(text_logprob(first, tok),
+        assert r.active_adapter == "v1" and sum(r.prompt_logprobs(CANARY)) == pytest.approx(text_logprob(first, tok),
                                                                                        rel=1e-4)
     before = [served(r) for r in fleet.replicas]
 
@@ -82,7 +82,7 @@ def test_an_adapter_reaches_every_replica_or_none(pair, tmp_path, tiny):
         load_everywhere(fleet, tmp_path / "v2", "v2", check)
     assert [served(r) for r in fleet.replicas] == before
     assert all(r.active_adapter == "v1" for r in fleet.replicas)
-    assert fleet.prompt_logprob(CANARY) == pytest.approx(text_logprob(first, tok), rel=1e-4)
+    assert sum(fleet.prompt_logprobs(CANARY)) == pytest.approx(text_logprob(first, tok), rel=1e-4)
 
     # a new version of v1 under the same name: a new server-side name, the old one unloaded
     publish(fleet, second, tok, tmp_path / "v1b", "v1")

@@ -11,7 +11,7 @@ from selfevolve.build import learner_base
 from selfevolve.config import RecipeConfig
 from selfevolve.errors import NonFinite, SyncError
 from selfevolve.policies import HFPolicy
-from selfevolve.sync import canary_tolerance, publish, verify_sync
+from selfevolve.sync import CANARY, canary_tolerance, publish, verify_sync
 from selfevolve.training import optimizer_step, sft, trainable_model
 from tests.test_cli import cli
 
@@ -69,7 +69,7 @@ def test_non_finite_loss_gradient_or_weight_stops_the_step():
 def test_a_nan_canary_is_a_sync_error(tiny):
     """`abs(nan - x) > tol` is False: without an explicit check a NaN would pass."""
     with pytest.raises(SyncError, match="not finite"):
-        verify_sync(tiny, tiny.active_adapter, math.nan)
+        verify_sync(tiny, tiny.active_adapter, [math.nan] * len(tiny.prompt_logprobs(CANARY)))
 
 
 def test_a_diverging_run_stops_with_one_line_naming_the_step(tmp_path):
