@@ -2,7 +2,8 @@
 # The GPU check, in one call, on a machine with torch, transformers and peft preinstalled and no
 # network (README: "On your own model, and on a GPU" says how to fill the wheel folder):
 #   1. install the project's other dependencies from the wheel folder ($WHEELS, default .whl/);
-#   2. pytest -m gpu (CUDA/bf16 learner, verified sync in bf16, a SCoRe run; vLLM where installed);
+#   2. pytest -m gpu (CUDA/bf16 learner, verified sync in bf16, a SCoRe run), and the vllm tier where
+#      bench/vllm-env.sh made .venv-vllm;
 #   3. one bf16 SCoRe run on tiny on CUDA with verified sync (its summary and metrics kept);
 #   4. bench/bench_gpu.py: memory and throughput of a whole run on a random Qwen2.5-0.5B-shaped model.
 # Everything it measures goes to $OUT (default gpu-out/): gpu.json, score-summary.json, logs.
@@ -33,8 +34,12 @@ fi
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
   || { echo "gpu.sh: no CUDA device here" >&2; exit 3; }
 
-# 2. the gpu-marked tests
+# 2. the gpu-marked tests; the vllm tier too where bench/vllm-env.sh made .venv-vllm
 python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log"
+if [ -x .venv-vllm/bin/python ]; then
+  SELFEVOLVE_VLLM_PYTHON="$PWD/.venv-vllm/bin/python" python -m pytest -m vllm -q -p no:cacheprovider tests 2>&1 \
+    | tee "$OUT/pytest-vllm.log"
+fi
 
 # 3. one bf16 SCoRe run on tiny, on CUDA, verified sync at every update
 rm -rf "$OUT/score-run"

@@ -63,3 +63,69 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class VLLMServerProcess:
+    """A real `vllm serve` (vLLM's OpenAI-compatible server, `python -m
+    vllm.entrypoints.openai.api_server`) on a free loopback port, with runtime LoRA loading:
+    what the `vllm` test tier and the benchmarks start. `python` is the interpreter of a
+    virtualenv that has vLLM (`bench/vllm-env.sh`); `model` a local directory. Its output goes
+    to `log` (vLLM writes a lot); `tail()` shows the end of it. Returns once /health answers,
+    else raises with that tail (start-up takes a minute or two on 2 CPU cores)."""
+
+    def __init__(self, python: str, model: str, log: str, dtype: str = "float32", max_lora_rank: int = 16,
+                 max_loras: int = 4, start_timeout: float = 600.0, port: int | None = None, extra: tuple = ()):
+        import os
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="1",
+                   VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+                 "--max-loras", str(max_loras), "--max-model-len", "256", "--seed", "0", *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + start_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not come up in {start_timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        with open(self.log, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (vLLM's engine core is a child), SIGKILL after 20 s."""
+        import os
+        import signal
+
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
