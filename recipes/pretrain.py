@@ -40,7 +40,7 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
 
 The tokenizer is byte-level BPE (any UTF-8 text encodes) trained on a sample of the corpus
 with digits split one per token, plus chat special tokens. The model is a Llama
-(`LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU, tied embeddings, head size 64), the architecture
+(`LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU, tied embeddings, 4 heads of 32), the architecture
 vLLM serves with runtime LoRA.
 Everything is seeded: the same seed and thread count give the same weights. After the run,
 copy `run_dir/model/*` to `selfevolve/tiny/` to replace the bundled model.
@@ -92,8 +92,8 @@ class PretrainConfig(RecipeConfig):
     vocab_size: int = Field(384, ge=300)
     num_hidden_layers: int = Field(4, ge=1, description="decoder layers")
     hidden_size: int = Field(128, ge=8, description="model width")
-    num_attention_heads: int = Field(2, ge=1, description="attention heads (head size = hidden_size / heads; "
-                                     "vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, 256)")
+    num_attention_heads: int = Field(4, ge=1, description="attention heads (head size = hidden_size / heads; "
+                                     "vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, ...)")
     intermediate_size: int = Field(384, ge=8, description="SwiGLU MLP width")
     max_position_embeddings: int = Field(256, ge=16, description="longest sequence (RoPE positions)")
     steps: int = Field(4000, ge=1)
