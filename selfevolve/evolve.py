@@ -296,13 +296,15 @@ class Evolve:
         """Serve the candidate under `serve_as`, replacing what was there in one step
         (`load_inplace`, vLLM's: requests for the name never find it missing, and the new
         version brings its own config and tensors), verified by its canary. A load that fails
-        verification is undone — the served version loaded back, or the name unloaded — and
-        evolve stops on the SyncError."""
+        verification (or that the server cannot score) is undone — the served version loaded
+        back, or the name unloaded — and evolve stops on a SyncError."""
         from .sync import saved_update
 
         update, name = saved_update(candidate), self.cfg.serve_as
         served = self.state["served"] and self.lineage.nodes[self.state["served"]]["adapter"]
-        previous = saved_update(served).expected if served and Path(served) != candidate else None
+        back = served if served and Path(served) != candidate else None
+        old = saved_update(back) if back else None  # the learner's record of the version it replaces
+        previous = old.expected if old is not None and old.canary == update.canary else None
 
         def load(path) -> None:
             r = policy.http.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(path),
@@ -314,13 +316,15 @@ class Evolve:
         self.attach(policy, name, str(candidate))
         policy.set_adapter(name)
         try:
-            update.verify(policy, name, previous)  # closer to the candidate than to the version it replaces
-        except SyncError:
-            if previous is not None:
-                load(served)
+            update.verify(policy, name, previous)  # not nearer the version it replaces than the candidate
+        except Exception as e:  # noqa: BLE001 - whatever failed, the served version comes back
+            if back:
+                load(back)
             else:
                 policy.http.post("/unload_lora_adapter", json={"lora_name": name})
-            raise
+            if isinstance(e, SyncError):
+                raise
+            raise SyncError(f"verifying {candidate} as {name}: {type(e).__name__}: {str(e)[:200]}") from None
 
     def unload_run_adapters(self, policy, run_dir: Path, version: str) -> None:
         """The round's run leaves its own versions (`iter-N@…`) and the gate's candidate

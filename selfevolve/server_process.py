@@ -71,7 +71,8 @@ class VLLMServerProcess:
     what the `vllm` test tier and the benchmarks start. `python` is the interpreter of a
     virtualenv that has vLLM (`bench/vllm-env.sh`); `model` a local directory. Its output goes
     to `log` (vLLM writes a lot); `tail()` shows the end of it. Returns once /health answers,
-    else raises with that tail (start-up takes a minute or two on 2 CPU cores)."""
+    else raises with that tail (start-up takes 20–40 s for tiny on 2 CPU cores, longer beside
+    other work)."""
 
     def __init__(self, python: str, model: str, log: str, dtype: str = "float32", max_lora_rank: int = 16,
                  max_loras: int = 4, start_timeout: float = 600.0, port: int | None = None, extra: tuple = ()):

@@ -12,10 +12,10 @@ train on the wrong model's samples:
   2. a canary: the per-token log-probabilities of a fixed text (every token after the first,
      what an OpenAI-compatible `/v1/completions` call with `echo=true, logprobs` returns)
      under the served policy agree with the learner's within the tolerance of the dtype
-     (maximum and mean absolute error per token, `CANARY_TOL`), and are closer to the new
-     version than to what was served before the load and than to the base model (where those
-     differ from the new version by more than the noise, half the mean tolerance): a server
-     that kept the old weights, or serves the base model, is caught even in bf16. The text is
+     (maximum and mean absolute error per token, `CANARY_TOL`), and are not closer, by more
+     than the noise (half the mean tolerance), to what was served before the load or to the
+     base model than to the new version: a server that kept the old weights, or serves the
+     base model, is caught and named even in bf16. The text is
      followed by the words of any embedding rows the adapter trains, so those rows are
      checked too. Anything else, a non-finite value included, raises `SyncError`.
 
@@ -104,13 +104,13 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: list[float],
                 tol: tuple[float, float] = CANARY_TOL[torch.float32], text: str = CANARY,
                 others: dict[str, list[float] | None] | None = None) -> list[float]:
     """Raise SyncError unless `policy` serves adapter `name` and scores the canary `text` per
-    token as the learner did (`expected`) within `tol` = (maximum, mean) absolute error, and
-    is closer (mean absolute error) to `expected` than to each of `others` (label -> per-token
-    log-probs of a version it must not be: the one it replaces, the base model) that differs
-    from `expected` by more than the noise between implementations (half the mean tolerance):
-    versions closer than that cannot be told apart, and are not compared. A non-finite value
-    on either side is an error too (a NaN would otherwise pass every comparison). Returns the
-    served log-probs."""
+    token as the learner did (`expected`): no closer to any of `others` (label -> per-token
+    log-probs of a version it must not be: the one it replaces, the base model) than to
+    `expected` by more than the noise between implementations (half the mean tolerance), and
+    within `tol` = (maximum, mean) absolute error of `expected`. The first check names the
+    version a wrong server serves; a zero update passes it (the served values then sit as close
+    to the old version as to the new). A non-finite value on either side is an error too (a
+    NaN would otherwise pass every comparison). Returns the served log-probs."""
     if policy.active_adapter != name:
         raise SyncError(f"policy reports adapter {policy.active_adapter!r} after loading {name!r}")
     served = [float(x) for x in policy.prompt_logprobs(text)]
@@ -118,15 +118,14 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: list[float],
         raise SyncError(f"canary log-prob is not finite: learner {sum(expected)}, served {sum(served)} "
                         f"(adapter {name!r})")
     worst, mean = canary_gap(served, expected)
+    nearer = sorted((canary_gap(served, other)[1], label) for label, other in (others or {}).items()
+                    if other is not None and canary_gap(served, other)[1] + tol[1] / 2 < mean)
+    if nearer:
+        raise SyncError(f"the server scores the canary as {nearer[0][1]} ({nearer[0][0]:.5f} nats per token away) "
+                        f"rather than as the update ({mean:.5f}): adapter {name!r} did not take effect")
     if worst > tol[0] or mean > tol[1]:
         raise SyncError(f"canary log-probs differ from the learner's: max {worst:.5f}, mean {mean:.5f} nats per token "
                         f"(adapter {name!r}, tolerance {tol[0]:g}/{tol[1]:g})")
-    for label, other in (others or {}).items():
-        if other is not None and canary_gap(other, expected)[1] > tol[1] / 2:
-            closer = canary_gap(served, other)[1]
-            if closer <= mean:
-                raise SyncError(f"the server scores the canary as {label} ({closer:.5f} nats per token away) rather "
-                                f"than as the update ({mean:.5f}): adapter {name!r} did not take effect")
     return served
 
 
@@ -236,8 +235,8 @@ class SavedUpdate:
     base: list[float] | None      # the same under the base weights (adapter off); None for full weights
 
     def verify(self, policy: AdapterServing, name: str | None, previous: list[float] | None = None) -> list[float]:
-        """`verify_sync` of this update on `policy` (serving it under `name`), which must also
-        be closer to it than to `previous` (what was served before) and to the base model."""
+        """`verify_sync` of this update on `policy` (serving it under `name`), which must not be
+        nearer `previous` (what was served before) or the base model than this update."""
         return verify_sync(policy, name, self.expected, self.tol, self.canary,
                            {"the version it replaces": previous, "the base model": self.base})
 
@@ -289,6 +288,9 @@ def saved_update(path: str | Path, lora: bool = True) -> SavedUpdate:
     path = Path(path)
     try:
         c = json.loads((path / CANARY_FILE).read_text())
+        if "logprob" in c and "logprobs" not in c:
+            raise SyncError(f"adapter={path}: its {CANARY_FILE} holds one summed log-prob (written before the "
+                            "per-token canary), so its load cannot be verified; train or save it again")
         base = None if c.get("base") is None else [float(x) for x in c["base"]]
         return SavedUpdate(path, lora, str(c["text"]), [float(x) for x in c["logprobs"]],
                            (float(c["tol"][0]), float(c["tol"][1])), base)

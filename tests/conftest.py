@@ -68,9 +68,9 @@ def vllm_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def vllm_bf16_server(tmp_path_factory):
-    """The same in bfloat16 (this CPU's AVX512-BF16 kernels)."""
+    """The same in bfloat16 (this CPU's AVX512-BF16 kernels), for one test: stopped after it."""
     from selfevolve.server_process import VLLMServerProcess
 
     log = tmp_path_factory.mktemp("vllm-bf16") / "server.log"

@@ -19,7 +19,7 @@ def world(tmp_path_factory):
     """Files a user might point at by mistake, made once."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from selfevolve.config import build
     from selfevolve.recipes.rest_em import RestEMConfig
@@ -34,9 +34,9 @@ def world(tmp_path_factory):
     (d / "notyaml.yaml").write_text("lr: [1,\n")
     Run(build(RestEMConfig, {"recipe": "rest_em", "run_dir": str(d / "rest_em_run"), "iterations": 2}))
     torch.manual_seed(0)
-    other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64))
-    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"],
-                                     fan_in_fan_out=True)).save_pretrained(d / "other_adapter")
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=64))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(d / "other_adapter")
     return d
 
 

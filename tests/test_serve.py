@@ -207,14 +207,15 @@ def test_adapter_round_trip_with_the_canary(server, tmp_path, tiny):
 
 
 def _other_base_adapter(path):
-    """A peft adapter trained for a different model (a small GPT-2): it cannot load into tiny."""
+    """A peft adapter trained for a different model (a narrower Llama): its shapes do not fit tiny."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64))
-    get_peft_model(other, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(path)
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=64))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(path)
     return path
 
 

@@ -54,7 +54,7 @@ def test_a_policy_serving_the_previous_version_or_the_base_model_is_caught(tmp_p
     policy = HFPolicy("tiny", device="cpu")
     learner = trainable_model("tiny", r=4, alpha=8)
     sft(learner, policy.tokenizer, CONVS, epochs=1, lr=5e-3, batch_size=4)
-    wide = (10.0, 1.0)  # nothing is refused for being far from the update alone
+    wide = (10.0, 0.04)  # bf16's mean tolerance; nothing is refused for one token far off
     publish(policy, learner, policy.tokenizer, tmp_path / "v1", "v1", tol=wide)
     v1 = policy.prompt_logprobs(CANARY)
     sft(learner, policy.tokenizer, CONVS, epochs=1, lr=5e-3, batch_size=4)

@@ -62,7 +62,6 @@ def test_openai_policy_samples_from_vllm(vllm_server):
     assert [len(turns) for turns in a] == [2, 2, 2, 2]
     ids = [[t.token_ids for t in turns] for turns in a]
     assert ids[0] != ids[3], "each request has its own seed: the same prompt twice is two samples"
-    assert ids == [[t.token_ids for t in turns] for turns in policy.generate(convs + convs[:1], s)]  # reproducible
     stopped = 0
     for conv, turns in zip(convs + convs[:1], a):
         for t in turns:
@@ -105,10 +104,10 @@ def test_verified_sync_against_vllm(vllm_server, tmp_path):
 
     wrong = OpenAIPolicy(vllm_server.url)  # the name answered by other weights on the real server
     wrong.adapters["v2"] = str(tmp_path / "v2")
-    for served, what in ((policy.served_names["v1"], "previous version"), (wrong.base_model, "base model")):
+    for served, what in ((policy.served_names["v1"], "the version it replaces"), (wrong.base_model, "the base model")):
         wrong.served_names["v2"] = served
         wrong.set_adapter("v2")
-        with pytest.raises(SyncError, match="canary"):
+        with pytest.raises(SyncError, match="scores the canary as " + what):
             v2.verify(wrong, "v2", previous=v1)
 
     v2.serve(policy, "v2", replaces="v1")
@@ -126,8 +125,9 @@ def test_verified_sync_against_vllm(vllm_server, tmp_path):
 
 
 def test_bf16_sync_catches_the_previous_version_and_the_base_model(vllm_bf16_server, tmp_path):
-    """In bf16 (tolerances wide enough for bf16 kernels) the served log-probs must still be
-    closer to the update than to the version it replaces and than to the base model."""
+    """In bf16 (tolerances wide enough for bf16 kernels) a server answering with the version
+    the update replaces, or with the base model, is caught and named: its log-probs are nearer
+    that version than the update; the right load passes."""
     policy = OpenAIPolicy(vllm_bf16_server.url)
     tok = AutoTokenizer.from_pretrained(tiny_path())
     learner = trained(tok, tmp_path, dtype=torch.bfloat16)
@@ -142,7 +142,7 @@ def test_bf16_sync_catches_the_previous_version_and_the_base_model(vllm_bf16_ser
     for served, what in ((policy.served_names["v1"], "the version it replaces"), (wrong.base_model, "the base model")):
         wrong.served_names["v2"] = served
         wrong.set_adapter("v2")
-        with pytest.raises(SyncError, match="canary|" + what):
+        with pytest.raises(SyncError, match="scores the canary as " + what):
             v2.verify(wrong, "v2", previous=v1)
     v2.serve(policy, "v2", replaces="v1")  # and the right one passes
     assert policy.active_adapter == "v2"

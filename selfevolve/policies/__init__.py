@@ -1,7 +1,7 @@
 """Policies: everything that answers conversations (docs/architecture.md, "Core types").
 
     HFPolicy        transformers in process (CPU or GPU); the training-side default
-    VLLMPolicy      vllm.LLM with LoRA requests (GPU; `pip install selfevolve[vllm]`)
+    VLLMPolicy      vllm.LLM with LoRA requests (CPU or GPU; vLLM in its own virtualenv, bench/vllm-env.sh)
     OpenAIPolicy    any OpenAI-compatible endpoint: vllm serve, SGLang, `selfevolve serve`
     FleetPolicy     several such endpoints serving one model (model=URL1,URL2)
     LangChainPolicy any LangChain chat model

@@ -16,6 +16,7 @@ loaded (the least recently loaded inactive ones are unloaded first).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -134,7 +135,7 @@ class OpenAIPolicy:
         r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True,
                                            logprobs=1)
         lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
-        return [float(lp) for lp in lps[1:]]
+        return [math.nan if lp is None else float(lp) for lp in lps[1:]]  # a gap is a failed check, not a skip
 
     # --- adapters (vLLM's runtime LoRA endpoints) ----------------------------------------
 

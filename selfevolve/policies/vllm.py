@@ -1,4 +1,5 @@
-"""VLLMPolicy: `vllm.LLM` with LoRA, for GPU machines (`pip install selfevolve[vllm]`).
+"""VLLMPolicy: `vllm.LLM` with LoRA, in a virtualenv that has vLLM (`bench/vllm-env.sh`: vLLM's CPU
+build, or CUDA vLLM where there is a GPU).
 
 Written against vLLM's documented offline API: `LLM(model, enable_lora=True, max_lora_rank,
 max_loras, seed)`, `LLM.chat(conversations, SamplingParams, lora_request=...)`,
@@ -18,7 +19,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..types import Conversation, SamplingParams, Turn
 
-MISSING = "policy=vllm needs vLLM (a GPU machine): pip install 'selfevolve[vllm]'"
+MISSING = ("policy=vllm needs vLLM in this virtualenv: `bash bench/vllm-env.sh` makes one with it and selfevolve "
+           "(vLLM pins its own transformers; on a GPU machine pip install 'selfevolve[vllm]' also works)")
 
 
 def vllm_sampling_kwargs(s: SamplingParams, i: int = 0) -> dict:
