@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(2)
     tiny = str(resolve_model_path("tiny"))
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "date": time.strftime("%Y-%m-%d"), "vllm": vllm.__version__, "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "vllm_version": vllm.__version__, "torch": torch.__version__,
            "batch": BATCH, "max_new_tokens": NEW_TOKENS}
     base = tree_rss(os.getpid())
     hf = HFPolicy("tiny", device="cpu", batch_size=BATCH)
@@ -122,11 +122,13 @@ def run() -> dict:
     rows += [(f"{names[k]}: SCoRe run / ReST-EM run", f"{res['score_run_s'][k]} s / {res['rest_em_run_s'][k]} s",
               "wall time of the whole small run") for k in names]
     return {"title": "vLLM (CPU build) vs HFPolicy: rollouts, a SCoRe and a ReST-EM run, memory",
-            "doc": (f"vllm {res['vllm']} and torch {res['torch']}; tiny, {res['batch']} arith prompts at "
+            "doc": (f"vllm {res['vllm_version']} and torch {res['torch']}; tiny, {res['batch']} arith prompts at "
                     "temperature 1, "
                     f"max_new_tokens={res['max_new_tokens']}, log-probs on, best of {REPEATS} after a warm-up; "
                     "SCoRe: `" + " ".join(SCORE) + "`; ReST-EM: `" + " ".join(REST_EM) + "` (each with its "
-                    "evaluations). Command: `python bench/run.py vllm`."),
+                    "evaluations; a policy=vllm run includes starting vllm.LLM, about 25 s here). On a "
+                    "0.9M-parameter model the per-token work is too small for vLLM's batching to pay for its "
+                    "overhead; the ratios are this model's, not a real one's. Command: `python bench/run.py vllm`."),
             "rows": rows,
             "ratios": [("vLLM in process / HFPolicy, rollout tokens/s", res["vllm_vs_hf_tokens_per_s"]),
                        ("vLLM over HTTP / HFPolicy, rollout tokens/s", res["vllm_http_vs_hf_tokens_per_s"]),
