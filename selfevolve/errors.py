@@ -7,6 +7,7 @@ importing the config or the run machinery (see docs/architecture.md, "Layers").
 from __future__ import annotations
 
 import errno
+import re
 import sqlite3
 
 
@@ -31,11 +32,17 @@ class NonFinite(RuntimeError):
 
 def disk_full(e: BaseException) -> bool:
     """Did a write fail for lack of room (disk full, quota, file-size limit)? SQLite says
-    so only in its message.
+    so only in its message, and safetensors gives the OS error's number only there.
 
     >>> disk_full(OSError(errno.ENOSPC, "No space left on device")), disk_full(ValueError("x"))
     (True, False)
+    >>> disk_full(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"))
+    True
     """
+    room = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     if isinstance(e, sqlite3.OperationalError):
         return "full" in str(e) or "disk I/O" in str(e)
-    return isinstance(e, WriteFailed) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if isinstance(e, WriteFailed) or getattr(e, "errno", None) in room:
+        return True
+    number = re.search(r"\(os error (\d+)\)", str(e))
+    return number is not None and int(number[1]) in room

@@ -26,6 +26,7 @@ previous adapter serving. Deleting old adapter directories is the run's business
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .errors import SyncError, UserError
+from .errors import SyncError, UserError, WriteFailed, disk_full
 from .losses import behaviour_logprobs, truncated_is_weights
 from .policies.replicas import load_everywhere
 from .training import text_token_logprobs
@@ -271,12 +272,21 @@ def save_update(model, tokenizer, path: str | Path, lora: bool = True,
             base = canary_logprobs(model, tokenizer, canary)
     update = SavedUpdate(path, lora, canary, canary_logprobs(model, tokenizer, canary), tol, base)
     if distributed.is_main():  # under torchrun the ranks hold the same weights; one writes them
+        tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a full disk leaves the old files
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp)
+            if not lora:
+                tokenizer.save_pretrained(tmp)
+            (tmp / CANARY_FILE).write_text(json.dumps({"text": canary, "logprobs": update.expected, "tol": list(tol),
+                                                       "base": base}))
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(e):
+                raise WriteFailed(errno.ENOSPC, f"{type(e).__name__}: {str(e)[:120]}", str(path)) from None
+            raise
         shutil.rmtree(path, ignore_errors=True)
-        model.save_pretrained(path)
-        if not lora:
-            tokenizer.save_pretrained(path)
-        (path / CANARY_FILE).write_text(json.dumps({"text": canary, "logprobs": update.expected, "tol": list(tol),
-                                                    "base": base}))
+        tmp.rename(path)
     distributed.barrier()  # then every rank loads the file into its own engine and checks it
     return update
 
