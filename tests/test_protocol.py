@@ -68,7 +68,7 @@ def test_feedback_kinds():
 
 
 def test_the_counterfactual_check_flags_a_critique_that_carries_correctness(tiny):
-    tasks = arith.tasks("test", 6, seed=0)
+    tasks = arith.tasks("test", 24, seed=0)  # enough that some first attempts are wrong and get a critique
     v = NumericVerifier()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     oracle = VerifierCritic(v)
