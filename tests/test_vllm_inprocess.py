@@ -40,8 +40,11 @@ def test_vllm_outputs_have_the_shape_the_mocks_assume(tmp_path):
     script = tmp_path / "shapes.py"
     script.write_text(SHAPES)
     r = subprocess.run([VLLM_PYTHON, str(script)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("SHAPES "))[7:])
+    line = next((x for x in r.stdout.splitlines() if x.startswith("SHAPES ")), None)
+    # the result, not the exit code: vLLM's engine threads once aborted the interpreter's own
+    # teardown after the work was done ("terminate called without an active exception")
+    assert line is not None, f"exit {r.returncode}: {r.stderr[-3000:]}"
+    got = json.loads(line[7:])
     assert got["finish"] == "stop" and got["last"] == got["eos"]  # the stop token is in token_ids
     assert got["n_ids"] == got["n_lps"]
     assert len(got["served"]) == len(got["hf"]) and max(abs(a - b) for a, b in zip(got["served"], got["hf"])) < 1e-3
