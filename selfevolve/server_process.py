@@ -25,6 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float) -> bool:
+    """Poll `url`/health until it answers 200 (True), the process exits or `timeout` seconds
+    pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    return False
+
+
 class ServerProcess:
     """`selfevolve serve port=<free> threads=2 ARGS...` in a subprocess; returns once
     /health answers (or raises with the server's output if it exits or takes over
@@ -35,15 +49,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "selfevolve.cli", "serve", f"port={self.port}",
                                       "threads=2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + start_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"selfevolve serve exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        if wait_healthy(self.proc, self.url, start_timeout, 0.2):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"selfevolve serve exited: {self.proc.stdout.read()}")
         self.stop()
         raise RuntimeError(f"selfevolve serve did not come up in {start_timeout:.0f} s")
 
@@ -89,16 +98,10 @@ class VLLMServerProcess:
                  "--port", str(self.port), "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
                  "--max-loras", str(max_loras), "--max-model-len", "256", "--seed", "0", *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + start_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
+        if wait_healthy(self.proc, self.url, start_timeout, 1.0):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.tail()}")
         self.stop()
         raise RuntimeError(f"vllm serve did not come up in {start_timeout:.0f} s:\n{self.tail()}")
 

@@ -119,8 +119,8 @@ def verify_sync(policy: AdapterServing, name: str | None, expected: list[float],
         raise SyncError(f"canary log-prob is not finite: learner {sum(expected)}, served {sum(served)} "
                         f"(adapter {name!r})")
     worst, mean = canary_gap(served, expected)
-    nearer = sorted((canary_gap(served, other)[1], label) for label, other in (others or {}).items()
-                    if other is not None and canary_gap(served, other)[1] + tol[1] / 2 < mean)
+    gaps = [(canary_gap(served, other)[1], label) for label, other in (others or {}).items() if other is not None]
+    nearer = sorted(g for g in gaps if g[0] + tol[1] / 2 < mean)
     if nearer:
         raise SyncError(f"the server scores the canary as {nearer[0][1]} ({nearer[0][0]:.5f} nats per token away) "
                         f"rather than as the update ({mean:.5f}): adapter {name!r} did not take effect")

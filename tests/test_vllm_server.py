@@ -88,6 +88,18 @@ def trained(tok, tmp_path, epochs: int = 1, dtype=torch.float32):
     return learner
 
 
+def assert_wrong_weights_caught(url: str, policy: OpenAIPolicy, update, previous: list[float]) -> None:
+    """`update` (saved as v2) verified on a server that answers "v2" with the version it
+    replaces (`policy`'s v1), then with the base model: each caught and named."""
+    wrong = OpenAIPolicy(url)  # the name answered by other weights on the real server
+    wrong.adapters["v2"] = str(update.path)
+    for served, what in ((policy.served_names["v1"], "the version it replaces"), (wrong.base_model, "the base model")):
+        wrong.served_names["v2"] = served
+        wrong.set_adapter("v2")
+        with pytest.raises(SyncError, match="scores the canary as " + what):
+            update.verify(wrong, "v2", previous=previous)
+
+
 def test_verified_sync_against_vllm(vllm_server, tmp_path):
     """Load under a new name, the canary from vLLM's own log-probs; a server answering the
     name with the previous version or the base model is caught; a non-finite adapter is
@@ -102,13 +114,7 @@ def test_verified_sync_against_vllm(vllm_server, tmp_path):
     v2 = save_update(learner, tok, tmp_path / "v2")
     assert canary_gap(v2.expected, v1)[1] > CANARY_TOL[torch.float32][1]  # the update moved the canary
 
-    wrong = OpenAIPolicy(vllm_server.url)  # the name answered by other weights on the real server
-    wrong.adapters["v2"] = str(tmp_path / "v2")
-    for served, what in ((policy.served_names["v1"], "the version it replaces"), (wrong.base_model, "the base model")):
-        wrong.served_names["v2"] = served
-        wrong.set_adapter("v2")
-        with pytest.raises(SyncError, match="scores the canary as " + what):
-            v2.verify(wrong, "v2", previous=v1)
+    assert_wrong_weights_caught(vllm_server.url, policy, v2, v1)
 
     v2.serve(policy, "v2", replaces="v1")
     assert policy.active_adapter == "v2" and "v1" not in policy.adapters
@@ -137,13 +143,7 @@ def test_bf16_sync_catches_the_previous_version_and_the_base_model(vllm_bf16_ser
     v1 = policy.prompt_logprobs(first.canary)
     sft(learner, tok, CONVS, epochs=2, lr=5e-3, batch_size=4)
     v2 = save_update(learner, tok, tmp_path / "v2")
-    wrong = OpenAIPolicy(vllm_bf16_server.url)
-    wrong.adapters["v2"] = str(tmp_path / "v2")
-    for served, what in ((policy.served_names["v1"], "the version it replaces"), (wrong.base_model, "the base model")):
-        wrong.served_names["v2"] = served
-        wrong.set_adapter("v2")
-        with pytest.raises(SyncError, match="scores the canary as " + what):
-            v2.verify(wrong, "v2", previous=v1)
+    assert_wrong_weights_caught(vllm_bf16_server.url, policy, v2, v1)
     v2.serve(policy, "v2", replaces="v1")  # and the right one passes
     assert policy.active_adapter == "v2"
 
