@@ -65,9 +65,8 @@ class VLLMPolicy:
                  sampling_from_model: bool = False, **llm_kwargs):
         """`sampling_from_model`: apply the checkpoint's generation_config.json defaults
         (vLLM's generation_config="auto"); off ("vllm"), samples come from π itself."""
-        # vLLM's CPU build sizes its KV cache to nearly all free memory unless told (21 of 24 GiB
-        # here), leaving none to the learner beside it; 1 GiB holds 262k tokens of tiny. The user's
-        # setting wins; CUDA ignores it.
+        # vLLM's CPU build sizes its KV cache to nearly all free memory unless told, leaving none
+        # to the learner beside it (docs/gpu.md). The user's setting wins; CUDA ignores it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
             from vllm import LLM
