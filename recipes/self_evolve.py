@@ -71,6 +71,9 @@ class SelfConfig(RecipeConfig):
     iterations: int = Field(2, ge=1, description="self-evolution iterations after meta-skill learning")
     meta_tasks: int = Field(1000, ge=1, description="prompts for the meta-skill tuples")
     evolve_tasks: int = Field(1000, ge=1, description="unlabeled prompts per self-evolution iteration")
+
+    def train_limit(self) -> int:
+        return self.meta_tasks + self.evolve_tasks * self.iterations
     refine_samples: int = Field(4, ge=1, description="tries to find an accepted refinement for a meta-skill tuple")
     filter: str = Field("verifier", pattern="^(verifier|self)$", description="who judges refinements in self-evolution")
     train_split: str = Field("train", description="split the prompts come from")
@@ -240,7 +243,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
     base = learner_base(cfg, policy)  # the served model's weights, device and dtype
     tokenizer = base.tokenizer
     verifier = run.verifier
-    pool = tasks_for(cfg, cfg.train_split, cfg.meta_tasks + cfg.evolve_tasks * cfg.iterations)
+    pool = tasks_for(cfg, cfg.train_split, cfg.train_limit())
     meta_pool, evolve_pool = pool[: cfg.meta_tasks], pool[cfg.meta_tasks :]
 
     state = run.restore()

@@ -100,6 +100,17 @@ def critic_from_config(cfg, policy, verifier):
                       reveal_reference=cfg.reveal_reference, memory=cfg.memory, max_new_tokens=cfg.max_new_tokens)
 
 
+def turn_policy_for(cfg, policy, verifier):
+    """What a recipe's config puts between attempts: its critic, else its own second-turn
+    instruction (SCoRe's `instruction=`), else SCoRe's default instruction (None)."""
+    critic = critic_from_config(cfg, policy, verifier)
+    if critic is None and getattr(cfg, "instruction", None):
+        from .turns import Instruction
+
+        return Instruction(cfg.instruction)
+    return critic
+
+
 def refine(prompt_or_task: Task | str | list, policy: Policy | str = "tiny", verifier: Verifier | str | None = None,
            critic: Critic | TurnPolicy | str | None = None, max_turns: int = 3, stop_when_correct: bool = True,
            **kwargs) -> Trace | list[Trace]:

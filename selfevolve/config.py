@@ -112,6 +112,10 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     run directory, the learner's base and the held-out evaluation."""
 
     recipe: str = Field("", description="recipe name")
+
+    def train_limit(self) -> int | None:
+        """How many tasks of its train split the recipe reads (the first ones); None: all."""
+        return getattr(self, "train_tasks", None)
     max_new_tokens: int = Field(64, ge=1, description="generation budget per turn (rollouts and evaluations)")
     base_model: str | None = Field(
         None,

@@ -225,7 +225,8 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
     Filters: traces from the first one `since_version` answered on; only those with a score
     (`scored`); only those whose verdict came from `source` (user, verifier). `trace_ids`
     (an evolve round's window, so that each logged answer is trained on once) keeps only those
-    traces' answers; every prompt a verifier can score stays, to be sampled afresh."""
+    traces' answers, and puts their tasks first; every prompt a verifier can score stays, to
+    be sampled afresh."""
     from .store import TraceStore
 
     if not Path(path).expanduser().is_file():
@@ -251,7 +252,10 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
                                     "policy_version": t.policy_version,
                                     "turns": [u.model_dump() for u in t.turns] if len(t.turns) > 1 else None})
     store.close()
-    return [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
+    kept = [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
+    if trace_ids is not None:  # the window's tasks first: a recipe that reads the first N never cuts them off
+        kept.sort(key=lambda t: not t.meta["logged"])
+    return kept
 
 
 def without_logs(task: Task) -> Task:

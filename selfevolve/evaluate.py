@@ -9,11 +9,12 @@ import sys
 
 from .loop import refine_batch
 from .protocol import depends_on_correctness, protocol_metrics
-from .types import Critic, Policy, SamplingParams, Task, Trace, Turn, Verifier, as_verifier
+from .types import Critic, Policy, SamplingParams, Task, Trace, Turn, TurnPolicy, Verifier, as_verifier
 
 
 def evaluate(policy: Policy, tasks: list[Task], verifier: Verifier, max_turns: int = 2,
-             critic: Critic | None = None, sampling: SamplingParams | None = None, feedback: str = "intrinsic",
+             critic: Critic | TurnPolicy | None = None, sampling: SamplingParams | None = None,
+             feedback: str = "intrinsic",
              baseline_temperature: float | None = 1.0, seed: int = 0, bootstrap: int = 2000,
              **trace_fields) -> tuple[dict, list[Trace], list[list[Turn]] | None]:
     """The protocol metrics, the traces, and the baseline samples (None with

@@ -5,21 +5,28 @@
 
 A client of a running server (policy=openai: `selfevolve serve`, or `vllm serve` with LoRA
 updates on), built from the existing seams. Whenever `every` scored traces (a verifier's
-score, or a user's `/v1/feedback`) have been logged that no round has trained on, one round
+score, or a user's `/v1/feedback`) have been logged since the last round started, one round
 runs `recipe=` on the trace store (`data=` the store: `data.logged_tasks`; keys the recipe
-takes pass through, e.g. `iterations=1 lr=...`). The round's window — those traces, fixed
-when it starts (`windows/round-N.json`) — is the only logged answers it trains on
-(`train_traces=`), so no trace is trained on twice and traces logged during a round go to
-the next; the prompts logged so far may all be sampled afresh, from the served version where
+takes pass through, e.g. `iterations=1 lr=...`). The round's window — fixed when it starts
+(`windows/round-N.json`): the new traces first, then older ones no served version trained on,
+at most the recipe's `train_tasks` — is the only logged answers it trains on
+(`train_traces=`), and its tasks come first in the recipe's train split, so none is cut off
+(asserted when `trained_on.json` is written). A promoted round's window is consumed: no trace
+is trained into the served lineage twice. A rejected or failed round's window comes back to
+the next round, so no verdict is lost with its candidate. Traces logged during a round go to
+the next. The prompts logged so far may all be sampled afresh, from the served version where
 the recipe samples (`start_adapter=`: ReST-EM, STaR). Its adapters are saved, loaded and
 canary-verified on the server as in every run. Then the gate: the candidate and the version
 traffic gets now (the adapter named `serve_as`, or the base model before the first
 promotion) answer the validation tasks held out from the traffic (`val_fraction` of task
 ids, by hash: fixed from the first round, never trained on), greedy; the candidate is
-promoted — loaded, verified, under `serve_as` — only when its mean gain in the recipe's
-target metric (acc_t1; acc_t2 for score and self_evolve) is > 0 and the lower end of the
-paired-bootstrap 95% interval is ≥ −gate_margin. A rejected candidate is unloaded and kept
-on disk; a round whose training diverged (a non-finite loss or gradient) is recorded as
+promoted — loaded, verified, under `serve_as` — only when `gate` passes on the recipe's
+target metric (acc_t1; acc_t2 for score and self_evolve, each with the recipe's own second
+turn): an exact one-sided sign test on the tasks where the two differ, at level
+`gate_alpha`, on at least `gate_min_discordant` such tasks, with a gain of at least
+`gate_min_gain` points. The candidate is the round's last adapter, chosen without looking at
+the validation tasks, so the gate's error rate is the test's. A rejected candidate is
+unloaded and kept on disk; a round whose training diverged (a non-finite loss or gradient) is recorded as
 failed; the decision and its numbers are logged either way. Clients that ask for
 model=`serve_as` get the promoted version; nothing unverified or rejected is ever under
 that name.
@@ -37,6 +44,7 @@ evolve with one line. Ctrl-C stops after the round in flight; `rounds=` bounds t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import sys
@@ -68,10 +76,42 @@ class EvolveConfig(Keys):
     poll_s: float = Field(5.0, gt=0, description="seconds between looks at the store and the server")
     server_wait_s: float = Field(120.0, ge=0, description="how long a server that stopped answering may take to "
                                  "come back before evolve stops")
-    gate_margin: float = Field(0.0, ge=0, description="promote when the gain's interval reaches no lower than -this")
+    gate_alpha: float = Field(0.05, gt=0, lt=1, description="the gate's one-sided level: an identical candidate is "
+                              "promoted in at most this share of rounds")
+    gate_min_discordant: int = Field(10, ge=1, description="validation tasks on which candidate and served must "
+                                     "differ before the gate decides")
+    gate_min_gain: float = Field(0.0, ge=0, description="smallest gain, in points of the target metric, to promote")
     serve_as: str = Field("evolved", description="the adapter name traffic asks for; only promoted versions")
     run_dir: str = Field("runs/evolve", description="rounds, lineage and state")
     resume: bool = Field(False, description="continue from run_dir/state.json")
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided exact p-value of `wins` among `wins + losses` fair coin flips: P(X ≥ wins),
+    X ~ Binomial(wins + losses, 1/2)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def gate(current: list[float], candidate: list[float], alpha: float = 0.05, min_discordant: int = 10,
+         min_gain: float = 0.0) -> dict:
+    """Promote or reject from paired per-task outcomes (the same tasks, in the same order).
+
+    wins/losses: the tasks where the candidate scores above/below the served version. The
+    candidate is promoted iff wins + losses ≥ `min_discordant`, the exact sign test's
+    p-value (`sign_test`) is ≤ `alpha`, and the gain (mean difference, in points) is ≥
+    `min_gain`. When candidate and served are equally good each differing task is a fair
+    coin, so an identical candidate is promoted with probability ≤ `alpha` whatever the
+    number of tasks or how often the two differ (tests/test_evolve_gate.py)."""
+    if len(current) != len(candidate) or not current:
+        raise ValueError("the gate compares the same non-empty list of tasks")
+    wins = sum(b > a for a, b in zip(current, candidate))
+    losses = sum(b < a for a, b in zip(current, candidate))
+    gain = 100 * (sum(candidate) - sum(current)) / len(current)
+    p = sign_test(wins, losses)
+    promoted = wins + losses >= min_discordant and p <= alpha and gain >= min_gain and gain > 0
+    return {"n": len(current), "wins": wins, "losses": losses, "p_value": round(p, 6), "gain_points": round(gain, 3),
+            "decision": "promoted" if promoted else "rejected"}
 
 
 def split_keys(overrides: dict) -> tuple[dict, dict]:
@@ -104,7 +144,6 @@ class Evolve:
                         if (self.dir / "lineage.json").exists() else nx.DiGraph())
         if not self.lineage:
             self.lineage.add_node("base", decision="served")
-        self.consumed = set().union(*(self.window(r)["trace_ids"] for r in range(self.state["round"])))
         self.stop = False
 
     def window_path(self, r: int) -> Path:
@@ -113,9 +152,22 @@ class Evolve:
     def window(self, r: int) -> dict:
         return json.loads(self.window_path(r).read_text())
 
-    def unseen(self) -> list[str]:
-        """Scored traces no recorded round has trained on, in the order they were logged."""
-        return [i for i in self.store.ids(min_score=0.0) if i not in self.consumed]
+    def consumed(self) -> set[str]:
+        """The traces a served version trained on: the windows of promoted rounds."""
+        return set().union(*(self.window(r)["trace_ids"] for r in range(self.state["round"])
+                             if self.lineage.nodes[f"round-{r}"]["decision"] == "promoted"))
+
+    def pending(self) -> tuple[list[str], list[str]]:
+        """(new, older): the scored traces no served version trained on, logged after the last
+        recorded round's window was fixed / before it (a rejected or failed round's window
+        comes back: no verdict is lost because a candidate was)."""
+        last = self.window(self.state["round"] - 1)["upto_seq"] if self.state["round"] else 0
+        consumed = self.consumed()
+        new, older = [], []
+        for i, seq in self.store.scored_ids():
+            if i not in consumed:
+                (new if seq > last else older).append(i)
+        return new, older
 
     def run(self) -> None:
         from .build import served_policy
@@ -126,7 +178,7 @@ class Evolve:
             server = served_policy(self.recipe_cfg(self.state["round"]))
             self.resync(server, verify=True)  # a resumed run: what the record says is served, verified
             while not self.stop and (self.cfg.rounds is None or self.state["round"] < self.cfg.rounds):
-                if len(self.unseen()) < self.cfg.every:
+                if len(self.pending()[0]) < self.cfg.every:
                     time.sleep(self.cfg.poll_s)
                     self.resync(server)  # a restarted server forgot the promoted version
                     continue
@@ -150,9 +202,12 @@ class Evolve:
 
         version, parent = f"round-{r}", self.state["served"] or "base"
         path = self.window_path(r)
+        limit = self.recipe_cfg(r).train_limit()
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
-            atomic_write(path, json.dumps({"upto_seq": self.store.last_seq(), "trace_ids": self.unseen()}))
+            upto = self.store.last_seq()
+            new, older = self.pending()
+            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": (new + older)[:limit]}))
         window = self.window(r)
         extra = {"train_traces": str(path)}
         if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
@@ -173,12 +228,15 @@ class Evolve:
             raise SyncError(f"round {r}: the server stopped answering ({type(e).__name__}); "
                             f"resume=true redoes the round on the same traces") from None
         else:
-            train = tasks_for(cfg, "train", None, unscored_train=True)
+            train = tasks_for(cfg, "train", limit, unscored_train=True)  # the first `limit`: what the recipe read
             trained = sorted({a["trace_id"] for t in train for a in t.meta["logged"]})
+            every = {a["trace_id"] for t in tasks_for(cfg, "train", None, unscored_train=True)
+                     for a in t.meta["logged"]}
+            assert set(trained) == every, f"round {r}: {len(every - set(trained))} window traces were cut off"
             atomic_write(run.dir / "trained_on.json", json.dumps({
                 "upto_seq": window["upto_seq"], "trace_ids": trained, "task_ids": sorted({t.id for t in train})}))
             candidate = self.candidate(run.dir)
-            gate = {"adapter": str(candidate), **self.gate(policy, cfg, candidate, version)}
+            gate = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
         self.unload_run_adapters(policy, run.dir, version)
         self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=window["upto_seq"], window=len(window["trace_ids"]),
                               config=json.dumps(cfg.model_dump(mode="json")),
@@ -188,31 +246,30 @@ class Evolve:
             self.promote(policy, Path(gate["adapter"]))
             self.state["served"] = version
         self.state["round"] = r + 1
-        self.consumed |= set(window["trace_ids"])
         self.save()
         if gate["decision"] == "failed":
             print(f"round {r}: failed ({gate['reason']}); nothing served", flush=True)
             return
         print(f"round {r}: {gate['metric']} {gate['current']:.3f} -> {gate['candidate']:.3f} "
-              f"(gain {gate['gain']:+.3f}, 95% [{gate['interval'][0]:+.3f}, {gate['interval'][1]:+.3f}]): "
-              f"{gate['decision']}", flush=True)
+              f"({gate['gain_points']:+.1f} points; {gate['wins']} tasks won, {gate['losses']} lost, "
+              f"p = {gate['p_value']:.3g}): {gate['decision']}", flush=True)
 
     def candidate(self, run_dir: Path) -> Path:
-        """The adapter the round's run ended with (its summary's selection, else its last)."""
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if summary.get("best_adapter"):
-            return run_dir / summary["best_adapter"]
-        saved = sorted((run_dir / "adapters").iterdir(), key=lambda p: p.stat().st_mtime)
+        """The adapter the round's run saved last. Not the run's own selection (`best_adapter`):
+        that looked at the validation tasks the gate judges on, and would spend them."""
+        saved = sorted((run_dir / "adapters").iterdir(), key=lambda p: p.stat().st_mtime) \
+            if (run_dir / "adapters").is_dir() else []
         if not saved:
             raise UserError(f"{run_dir}: the round saved no adapter")
         return saved[-1]
 
-    def gate(self, policy, cfg, candidate: Path, name: str) -> dict:
-        """Candidate vs the served version on the held-out validation tasks, paired."""
-        from .build import verifier_for
+    def judge(self, policy, cfg, candidate: Path, name: str) -> dict:
+        """Candidate vs the served version on the held-out validation tasks (greedy, the
+        recipe's own turn policy), decided by `gate`."""
+        from .build import turn_policy_for, verifier_for
         from .data import tasks_for
         from .evaluate import evaluate
-        from .protocol import paired_difference
+        from .protocol import columns
         from .sync import saved_update
         from .types import SamplingParams
 
@@ -221,22 +278,21 @@ class Evolve:
         verifier = verifier_for(cfg.verifier, tasks)
         policy = saved_update(candidate).serve(policy, name)  # verified, never under serve_as yet
         sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-        out, scores = {}, {}
+        outcome, scores = {}, {}
         if self.state["served"]:
             self.attach(policy, self.cfg.serve_as, self.lineage.nodes[self.state["served"]]["adapter"])
         for who, adapter in (("current", self.cfg.serve_as if self.state["served"] else None), ("candidate", name)):
             policy.set_adapter(adapter)
-            scores[who], out[who], _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
-                                      sampling=sampling, baseline_temperature=None, bootstrap=cfg.bootstrap,
-                                      seed=cfg.seed)
+            scores[who], traces, _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
+                                              critic=turn_policy_for(cfg, policy, verifier), sampling=sampling,
+                                              baseline_temperature=None, bootstrap=cfg.bootstrap, seed=cfg.seed)
+            outcome[who] = columns(traces)[metric].tolist()
         policy.set_adapter(None)
         policy.unload_adapter(name)
-        diff = paired_difference(out["current"], out["candidate"], resamples=cfg.bootstrap, seed=cfg.seed)
-        gain, interval = diff["difference"][metric], diff["intervals"][metric]
-        promoted = gain > 0 and interval[0] >= -self.cfg.gate_margin
-        return {"metric": metric, "n": diff["n"], "current": scores["current"][metric],
-                "candidate": scores["candidate"][metric], "gain": gain,
-                "interval": interval, "decision": "promoted" if promoted else "rejected"}
+        decided = gate(outcome["current"], outcome["candidate"], self.cfg.gate_alpha, self.cfg.gate_min_discordant,
+                       self.cfg.gate_min_gain)
+        return {"metric": metric, "current": scores["current"][metric], "candidate": scores["candidate"][metric],
+                **decided}
 
     def attach(self, policy, name: str, path: str) -> None:
         """Make the server's adapter `name` (loaded under that exact name, which traffic asks

@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from .metrics import self_correction_metrics
-from .types import Critic, Feedback, Trace, Turn
+from .types import Critic, Feedback, Trace, Turn, TurnPolicy
 
 LEVEL = 0.95
 PROTOCOL_KEYS = ("maj_at_k", "pass_at_k", "vs_maj_at_k", "p_flip", "feedback", "split", "budget", "intervals")
@@ -130,13 +130,13 @@ def feedback_kind(critic: str | None, stop_when_correct: bool = False) -> str:
     return "external" if critic == "judge" else "intrinsic"
 
 
-def depends_on_correctness(critic: Critic | None, traces: list[Trace], n: int = 16) -> bool:
+def depends_on_correctness(critic: Critic | TurnPolicy | None, traces: list[Trace], n: int = 16) -> bool:
     """Counterfactual check: critique up to `n` first attempts twice, once as they were and
     once with the verifier's score flipped and the reference withheld (same batch shapes,
     so a deterministic critic that ignores both writes the same words). Any difference means
     the second-turn prompt carries correctness: oracle feedback."""
     picked = [t for t in traces if len(t.turns) >= 2 and t.turns[0].feedback is not None][:n]
-    if critic is None or not picked:
+    if not hasattr(critic, "critique_batch") or not picked:  # none, or a fixed instruction: no critique to check
         return False
 
     def flipped(turn: Turn) -> Turn:

@@ -266,13 +266,12 @@ def _evolve_section(path: Path, out: Path) -> tuple[str, dict[str, str]]:
     graph = nx.node_link_graph(json.loads((path / "lineage.json").read_text()), edges="edges")
     rounds = sorted((n for n in graph if n != "base"), key=lambda n: int(n.split("-")[1]))
     info = {n: graph.nodes[n] for n in rounds}
-    interval = {n: json.loads(d["interval"]) for n, d in info.items() if "interval" in d}
     rows = [[n, next(iter(graph.predecessors(n)), ""), d["decision"], d.get("metric", ""),
              f"{d['current']:.3f} -> {d['candidate']:.3f}" if "current" in d else d.get("reason", ""),
-             f"{d['gain']:+.3f} [{interval[n][0]:+.3f}, {interval[n][1]:+.3f}]" if n in interval else "",
-             d.get("window", "")] for n, d in info.items()]
-    table = _table(rows, ["version", "parent", "decision", "metric", "served -> candidate", "gain [95%]",
-                          "traces in window"])
+             f"{d['gain_points']:+.1f} ({d['wins']} won, {d['losses']} lost, p = {d['p_value']:.3g})"
+             if "gain_points" in d else "", d.get("window", "")] for n, d in info.items()]
+    table = _table(rows, ["version", "parent", "decision", "metric", "served -> candidate",
+                          "gain in points (sign test)", "traces in window"])
     made = {}
     colour = {"served": "#888", "promoted": "#2a7", "rejected": "#c33", "failed": "#333"}
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(graph)), 3))

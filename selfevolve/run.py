@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .build import critic_from_config, verifier_for
+from .build import turn_policy_for, verifier_for
 from .config import RecipeConfig
 from .data import tasks_for
 from .errors import UserError, WriteFailed
@@ -120,8 +120,8 @@ class Run:
         return self._tasks[role]
 
     def critic(self, policy):
-        """The critic evaluation uses between attempts (`critic=`; none: SCoRe's instruction)."""
-        return critic_from_config(self.cfg, policy, self.verifier)
+        """What evaluation puts between attempts (`build.turn_policy_for`)."""
+        return turn_policy_for(self.cfg, policy, self.verifier)
 
     def _claim_dir(self) -> None:
         if check_run_dir(self.cfg, self.dir):

@@ -151,6 +151,7 @@ class Server:
         self.store = TraceStore(cfg.traces)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
         self.queue: FairQueue | None = None
+        self.versions = {n: adapter_version(n, str(p)) for n, p in self.policy.adapters.items()}
         self._critics: dict[str, Any] = {}
         self._verifier = None
         self._verifiers: dict[str, Any] = {}
@@ -229,14 +230,17 @@ class Server:
             raise HTTPError(404, f"the model {key.adapter!r} does not exist (unloaded while this request waited)",
                             "not_found_error")
         self.policy.set_adapter(key.adapter)
+        version = self.versions.get(key.adapter)  # what answers, fixed here: swaps run between batches
         sampling = SamplingParams.model_validate_json(key.sampling)
         if kind == "chat":
-            return self.policy.generate(payloads, sampling)
+            return [(version, turns) for turns in self.policy.generate(payloads, sampling)]
         if kind == "complete":
-            return self.policy.complete(payloads, sampling)
+            return [(version, turns) for turns in self.policy.complete(payloads, sampling)]
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
                               sampling=sampling, system=key.system, recipe="serve",
                               run="serve", meta={"source": "serve", "kind": "refine"})
+        for t in traces:
+            t.policy_version = version
         self.store.append(traces)
         return traces
 
@@ -285,12 +289,12 @@ class Server:
         )
         created = int(time.time())
         if refine is None:
-            turns = [cut_at_stop(t, req.stop) for t in
-                     await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv, size=req.n)]
+            version, turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv, size=req.n)
+            turns = [cut_at_stop(t, req.stop) for t in turns]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
             out = self._chat_response(req.model, created, choices, prompt_tokens, turns)
-            ids = await self.log("chat", [request_task(conv, req)], [turns], adapter)
+            ids = await self.log("chat", [request_task(conv, req)], [turns], [version])
             if ids:
                 out["selfevolve"] = {"trace_id": ids[0], "trace_ids": ids}
             return out
@@ -352,7 +356,8 @@ class Server:
         self.check_work(len(prompts), req.n, req.max_tokens)
         results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
                                                      p, request, req.n) for p in prompts])
-        results = [[cut_at_stop(t, req.stop) for t in turns] for turns in results]
+        versions = [v for v, _ in results]
+        results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
             echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a)) for i,
@@ -371,7 +376,7 @@ class Server:
                                           "text_offset": None}
                 choices.append(choice)
         prompt_tokens = sum(len(x) for x in ids)
-        logged = await self.log("completion", [request_task(p, req) for p in prompts], results, adapter)
+        logged = await self.log("completion", [request_task(p, req) for p in prompts], results, versions)
         return {
             **({"selfevolve": {"trace_id": logged[0], "trace_ids": logged}} if logged else {}),
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -386,16 +391,18 @@ class Server:
             },
         }
 
-    async def log(self, kind: str, tasks: list[Task], answers: list[list[Turn]], adapter: str | None) -> list[str]:
-        """Every answer becomes a trace (one per choice) in the store, scored by the verifier
-        where its request carried a reference or tests, and appended before the response
-        goes out, so its id is valid for /v1/feedback at once. Off the model thread (a code
+    async def log(self, kind: str, tasks: list[Task], answers: list[list[Turn]],
+                  versions: list[str | None]) -> list[str]:
+        """Every answer becomes a trace (one per choice) in the store, with the version that
+        answered it (`adapter_version`; None: the base model), scored by the verifier where
+        its request carried a reference or tests, and appended before the response goes
+        out, so its id is valid for /v1/feedback at once. Off the model thread (a code
         verifier runs tests). Returns the trace ids ([] with log_traces=false)."""
         if not self.cfg.log_traces:
             return []
-        traces = [Trace(task=task, turns=[turn], policy_version=adapter, recipe="serve", run="serve",
+        traces = [Trace(task=task, turns=[turn], policy_version=version, recipe="serve", run="serve",
                         meta={"source": "serve", "kind": kind})
-                  for task, turns in zip(tasks, answers) for turn in turns]
+                  for task, turns, version in zip(tasks, answers, versions) for turn in turns]
 
         def score_and_append():
             for t in traces:
@@ -454,6 +461,7 @@ class Server:
         def load():  # all or nothing (HFPolicy.load_adapter): a failed load leaves the model as it was
             try:
                 self.policy.load_adapter(path, req.lora_name)
+                self.versions[req.lora_name] = adapter_version(req.lora_name, path)
             except UserError as e:
                 return HTTPError(400, str(e))
             finally:
@@ -472,9 +480,19 @@ class Server:
             if req.lora_name not in self.policy.adapters:
                 raise HTTPError(404, f"adapter {req.lora_name!r} is not loaded", "not_found_error")
             self.policy.unload_adapter(req.lora_name)
+            self.versions.pop(req.lora_name, None)
 
         await self.submit("call", SERIAL, unload)
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+
+def adapter_version(name: str, path: str) -> str:
+    """`name@` the first 12 hex digits of the sha256 of the adapter's weight files: a name
+    swapped in place to new weights is a new version in the traces it answers."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).glob("adapter_model.*")):
+        digest.update(f.read_bytes())
+    return f"{name}@{digest.hexdigest()[:12]}"
 
 
 def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:

@@ -175,8 +175,12 @@ class TraceStore:
         return list(self.iter(limit=limit, **filters))
 
     def first_seq(self, policy_version: str) -> int | None:
-        """The append position of the first trace `policy_version` answered (None: none)."""
-        return self.db.execute("SELECT MIN(seq) FROM traces WHERE policy_version = ?", (policy_version,)).fetchone()[0]
+        """The append position of the first trace `policy_version` answered (None: none): a
+        version id as the server logs it (`evolved@3f2a…`), or a name, which matches any of its
+        versions (`evolved`: from the first promoted one)."""
+        return self.db.execute("SELECT MIN(seq) FROM traces WHERE policy_version = ?1 OR "
+                               "substr(policy_version, 1, length(?1) + 1) = ?1 || '@'",
+                               (policy_version,)).fetchone()[0]
 
     def count(self, **filters) -> int:
         where, args = self._where(**filters)
@@ -186,6 +190,10 @@ class TraceStore:
         """The ids of the traces `filters` select, in append order."""
         where, args = self._where(**filters)
         return [r[0] for r in self.db.execute(f"SELECT id FROM traces{where} ORDER BY seq", args)]
+
+    def scored_ids(self) -> list[tuple[str, int]]:
+        """(id, append position) of every trace whose last turn has a score, in append order."""
+        return list(self.db.execute("SELECT id, seq FROM traces WHERE score_last IS NOT NULL ORDER BY seq"))
 
     def get(self, trace_id: str) -> Trace | None:
         row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id,

@@ -391,7 +391,8 @@ def test_adapter_names_that_ask_for_refinement_and_nan_adapters_are_refused(serv
 def test_in_place_swaps_under_32_concurrent_clients(server, client, tmp_path):
     """What evolve's promotion does (`load_inplace`, vLLM's): the name traffic asks for is
     replaced whole while 32 clients keep asking for it. No request fails, every answer is the
-    old version's or the new one's (never a mix, never the base's), a version with another
+    old version's or the new one's (never a mix, never the base's) and its trace names that
+    version, a version with another
     rank and alpha replaces the old config too, and a plain load under a used name is
     refused as vLLM refuses it."""
     import threading
@@ -451,6 +452,15 @@ def test_in_place_swaps_under_32_concurrent_clients(server, client, tmp_path):
     assert not errors and len(seen) >= 64
     assert set(seen) <= set(answers.values())
     assert greedy() == answers[paths[1]]  # the last version loaded, with its own rank and alpha
+    # every trace names the version that answered it, not the name both versions were served under
+    from selfevolve.serve import adapter_version
+
+    store = TraceStore(server.traces)
+    logged = [t for t in store.iter() if (t.policy_version or "").startswith("live@")]
+    store.close()
+    by_version = {adapter_version("live", p): answers[p] for p in paths}
+    assert len(by_version) == 2 and len(logged) >= 64
+    assert all(t.final == by_version[t.policy_version] for t in logged)
     r = httpx.post(server.url + "/v1/unload_lora_adapter", headers=auth, json={"lora_name": "live"})
     assert r.status_code == 200
 
