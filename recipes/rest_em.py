@@ -43,7 +43,7 @@ from selfevolve.data import logged_answers, tasks_for, without_logs
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Trace
+from selfevolve.types import SamplingParams, Trace, task_messages
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
@@ -72,7 +72,7 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
     Under torchrun each rank samples its shard of the tasks and every rank gets them all."""
     tasks = distributed.shard(tasks)
     sampled = [t for t in tasks if "logged" not in t.meta or t.reference is not None or t.tests]
-    convs = [[{"role": "user", "content": t.prompt}] for t in sampled]
+    convs = [task_messages(t) for t in sampled]
     sampling = SamplingParams(temperature=cfg.temperature, n=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                               seed=distributed.rank_seed(cfg.seed * 1000 + iteration))
     samples = policy.generate(convs, sampling) if convs else []
@@ -116,7 +116,7 @@ def main(cfg: RestEMConfig, run: Run) -> None:
 
         continue_from = None if cfg.reset_each_iteration else state["adapter"]
         model = base.learner(cfg, lora=cfg.lora, init_from=continue_from)
-        convs = [[{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept]
+        convs = [[*task_messages(t.task), answer_message(t.turns[-1])] for t in kept]
         t1 = time.perf_counter()
         steps = cfg.epochs * -(-len(convs) // cfg.sft_batch_size)
         with run.progress(f"sft iteration {it}", total=steps) as bar:

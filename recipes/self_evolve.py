@@ -61,7 +61,7 @@ from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Trace, Turn
+from selfevolve.types import SamplingParams, Trace, Turn, task_messages
 
 
 class SelfConfig(RecipeConfig):
@@ -102,14 +102,14 @@ def meta_examples(trace: Trace) -> list[list[dict]]:
     if len(trace.turns) > 1:
         out.append(
             [
-                {"role": "user", "content": x},
+                *task_messages(trace.task),
                 {"role": "assistant", "content": first.response},
                 {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=f)},
                 {"role": "assistant", "content": trace.turns[-1].response},
             ]
         )
     if trace.turns[-1].score == 1.0:
-        out.append([{"role": "user", "content": x}, {"role": "assistant", "content": trace.turns[-1].response}])
+        out.append([*task_messages(trace.task), {"role": "assistant", "content": trace.turns[-1].response}])
     return out
 
 
@@ -170,7 +170,7 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
             policy_version=policy.active_adapter,
             meta={"phase": "meta"},
         )
-        for t, o in zip(tasks, policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling))
+        for t, o in zip(tasks, policy.generate([task_messages(t) for t in tasks], sampling))
     ]
     for t, fb in zip(traces, verifier.verify_batch(tasks, [t.turns[0].response for t in traces])):
         t.turns[0].feedback = fb
@@ -179,7 +179,7 @@ def meta_skill_tuples(policy, tasks, verifier, critic, cfg: SelfConfig, run: Run
     wrong = [t for t in traces if t.turns[0].critique.verdict != "correct"]
     convs = [
         [
-            {"role": "user", "content": t.task.prompt},
+            *task_messages(t.task),
             {"role": "assistant", "content": t.turns[0].response},
             {"role": "user", "content": REVISE_WITH_CRITIQUE.format(critique=t.turns[0].critique.text)},
         ]
@@ -269,7 +269,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
         else:
             chunk = evolve_pool[(phase - 1) * cfg.evolve_tasks : phase * cfg.evolve_tasks]
             kept = evolve(policy, chunk, verifier, cfg, phase, run)
-            convs = [[{"role": "user", "content": t.task.prompt}, answer_message(t.turns[-1])] for t in kept]
+            convs = [[*task_messages(t.task), answer_message(t.turns[-1])] for t in kept]
             convs += [c for t in meta for c in meta_examples(t)]
             extra = {"kept": len(kept), "evolved": len(chunk), "filter": cfg.filter,
                      "refined": sum(len(t.turns) > 1 for t in kept)}

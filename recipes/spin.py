@@ -57,7 +57,7 @@ from selfevolve.losses import spin_loss
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import encode_chat, micro_batch_rows, micro_slices, optimizer_step, pad_batch, token_logprobs
-from selfevolve.types import SamplingParams, Trace
+from selfevolve.types import SamplingParams, Trace, task_messages
 
 DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
 
@@ -101,7 +101,7 @@ def opponent_samples(policy, tasks, cfg: SpinConfig, iteration: int, run: Run) -
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                               seed=distributed.rank_seed(cfg.seed * 1000 + iteration))
     tasks = distributed.shard(tasks)
-    outs = policy.generate([[{"role": "user", "content": t.prompt}] for t in tasks], sampling)
+    outs = policy.generate([task_messages(t) for t in tasks], sampling)
     traces = [
         Trace(
             task=t,
@@ -123,7 +123,7 @@ def pair_rows(tokenizer, pairs: list[dict], which: str) -> list[tuple[list[int],
     """Teacher-forced rows of each pair's gold (`which="gold"`) or own (`"self"`) response: its
     tokens and its end token, except a y' cut at `max_new_tokens`, which never ended and is
     scored without one (`encode_chat`'s `unfinished`)."""
-    return [encode_chat(tokenizer, [{"role": "user", "content": p["prompt"]},
+    return [encode_chat(tokenizer, [*task_messages(p["task"]),
                                     {"role": "assistant", "content": p[which],
                                      "unfinished": which == "self" and p.get("unfinished", False)}], "last")
             for p in pairs]
@@ -234,7 +234,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
         samples = opponent_samples(policy, tasks, cfg, it, run)
         rounds = [it - 1, it] if cfg.mix_previous and it > 0 else [it]
         pairs = distributed.from_main(lambda: [  # rank 0's store holds every round, a resumed run's too
-            {"prompt": t.task.prompt, "gold": t.meta["gold"], "self": t.turns[0].response,
+            {"task": t.task, "gold": t.meta["gold"], "self": t.turns[0].response,
              "unfinished": t.turns[0].finish_reason == "length"}
             for r in rounds
             for t in run.store.query(round=r, meta={"phase": "opponent", "pair": True})

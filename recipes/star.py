@@ -54,7 +54,7 @@ from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Task, Trace
+from selfevolve.types import SamplingParams, Task, Trace, task_messages
 
 
 class StarConfig(RecipeConfig):
@@ -107,13 +107,13 @@ def reproduces_hint(response: str, task: Task, n: int = 4) -> bool:
 def training_example(trace: Trace) -> list[dict[str, str]]:
     """The SFT conversation for a kept or rationalised sample: the task's own prompt (never
     the hinted one) and the rationale."""
-    return [{"role": "user", "content": trace.task.prompt}, answer_message(trace.turns[-1])]
+    return [*task_messages(trace.task), answer_message(trace.turns[-1])]
 
 
 def sample(policy, tasks: list[Task], prompts: list[str], verifier, cfg: StarConfig, seed: int):
     """One rationale per prompt, scored against the task's reference."""
     sampling = SamplingParams(temperature=cfg.temperature, seed=seed, max_new_tokens=cfg.max_new_tokens)
-    turns = [out[0] for out in policy.generate([[{"role": "user", "content": p}] for p in prompts], sampling)]
+    turns = [out[0] for out in policy.generate([task_messages(t, p) for t, p in zip(tasks, prompts)], sampling)]
     for turn, fb in zip(turns, verifier.verify_batch(tasks, [t.response for t in turns])):
         turn.feedback = fb
     return turns

@@ -245,6 +245,10 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
         if source is not None and (last.feedback is None or last.feedback.source != source):
             continue
         task = tasks.setdefault(t.task.id, t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}}))
+        if task.reference is None and task.tests is None and (t.task.reference is not None or t.task.tests):
+            # the question came first without a reference (a verdict later), then with one
+            tasks[t.task.id] = task = task.model_copy(update={"reference": t.task.reference, "tests": t.task.tests,
+                                                              "entry_point": t.task.entry_point})
         if trace_ids is not None and t.id not in trace_ids:
             continue  # the prompt stays (a recipe may sample it afresh); its logged answer is another round's
         task.meta["logged"].append({"trace_id": t.id, "response": last.response, "token_ids": last.token_ids,

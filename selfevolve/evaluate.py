@@ -9,7 +9,7 @@ import sys
 
 from .loop import refine_batch
 from .protocol import depends_on_correctness, protocol_metrics
-from .types import Critic, Policy, SamplingParams, Task, Trace, Turn, TurnPolicy, Verifier, as_verifier
+from .types import Critic, Policy, SamplingParams, Task, Trace, Turn, TurnPolicy, Verifier, as_verifier, task_messages
 
 
 def evaluate(policy: Policy, tasks: list[Task], verifier: Verifier, max_turns: int = 2,
@@ -26,7 +26,7 @@ def evaluate(policy: Policy, tasks: list[Task], verifier: Verifier, max_turns: i
                           **trace_fields)
     samples = None
     if baseline_temperature is not None:
-        convs = [[{"role": "user", "content": t.prompt}] for t in tasks]
+        convs = [task_messages(t) for t in tasks]
         draw = SamplingParams(temperature=baseline_temperature, n=max_turns, seed=seed,
                               max_new_tokens=sampling.max_new_tokens)
         samples = policy.generate(convs, draw)

@@ -13,7 +13,18 @@ from __future__ import annotations
 import time
 
 from .turns import as_turn_policy
-from .types import Conversation, Critic, Policy, SamplingParams, Task, Trace, TurnPolicy, Verifier, as_verifier
+from .types import (
+    Conversation,
+    Critic,
+    Policy,
+    SamplingParams,
+    Task,
+    Trace,
+    TurnPolicy,
+    Verifier,
+    as_verifier,
+    task_messages,
+)
 
 
 def as_task(x: Task | str, i: int = 0) -> Task:
@@ -22,11 +33,13 @@ def as_task(x: Task | str, i: int = 0) -> Task:
 
 def conversation(trace: Trace, messages: list[str], system: str | None = None,
                  window: int | None = None) -> Conversation:
-    """The messages the policy sees before its next turn: the task, then each attempt and the
-    user message that followed it (`messages[k]` after turn k), only the last `window`
-    attempts where one is set."""
-    msgs: Conversation = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": trace.task.prompt})
+    """The messages the policy sees before its next turn: the task's conversation
+    (`types.task_messages`, after `system` unless it has a system message of its own), then
+    each attempt and the user message that followed it (`messages[k]` after turn k), only
+    the last `window` attempts where one is set."""
+    msgs: Conversation = task_messages(trace.task)
+    if system and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
     pairs = list(zip(trace.turns, messages, strict=True))
     for t, said in pairs[-window:] if window else pairs:
         msgs += [{"role": "assistant", "content": t.response}, {"role": "user", "content": said}]

@@ -95,13 +95,20 @@ class HTTPError(Exception):
 
 class BatchKey(NamedTuple):
     """Jobs with equal keys are answered in one batched call: the same adapter and sampling
-    settings (and, for refinement, the same attempts, critic and system message)."""
+    settings (and, for refinement, the same attempts, critic and system message). A plain
+    request's seed is not part of its key: it travels with the request, and each request
+    is sampled from its own seed in any batch (`HFPolicy.generate`'s `seeds`)."""
 
     adapter: str | None = None
     sampling: str = ""  # SamplingParams as JSON (hashable)
     max_turns: int | None = None
     critic: str | None = None
     system: str | None = None  # a refinement request's system message
+
+
+def unseeded(sampling: SamplingParams) -> str:
+    """The sampling settings as a batch key, without the seed."""
+    return sampling.model_copy(update={"seed": None}).model_dump_json()
 
 
 SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
@@ -232,10 +239,11 @@ class Server:
         self.policy.set_adapter(key.adapter)
         version = self.versions.get(key.adapter)  # what answers, fixed here: swaps run between batches
         sampling = SamplingParams.model_validate_json(key.sampling)
-        if kind == "chat":
-            return [(version, turns) for turns in self.policy.generate(payloads, sampling)]
-        if kind == "complete":
-            return [(version, turns) for turns in self.policy.complete(payloads, sampling)]
+        if kind in ("chat", "complete"):  # payloads: (conversation or text, the request's seed)
+            seeds = [seed for _, seed in payloads]
+            call = self.policy.generate if kind == "chat" else self.policy.complete
+            answers = call([x for x, _ in payloads], sampling, seeds=None if seeds == [None] * len(seeds) else seeds)
+            return [(version, turns) for turns in answers]
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
                               sampling=sampling, system=key.system, recipe="serve",
                               run="serve", meta={"source": "serve", "kind": "refine"})
@@ -289,7 +297,8 @@ class Server:
         )
         created = int(time.time())
         if refine is None:
-            version, turns = await self.submit("chat", BatchKey(adapter, sampling.model_dump_json()), conv, size=req.n)
+            version, turns = await self.submit("chat", BatchKey(adapter, unseeded(sampling)), (conv, req.seed),
+                                               size=req.n)
             turns = [cut_at_stop(t, req.stop) for t in turns]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
@@ -354,8 +363,9 @@ class Server:
             self.check_length(len(x))
         request = object()  # its prompts take one turn between other clients' requests
         self.check_work(len(prompts), req.n, req.max_tokens)
-        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, sampling.model_dump_json()),
-                                                     p, request, req.n) for p in prompts])
+        seeds = [None if req.seed is None else req.seed + i for i in range(len(prompts))]  # as vLLM: one per prompt
+        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, unseeded(sampling)), (p, seed),
+                                                     request, req.n) for p, seed in zip(prompts, seeds)])
         versions = [v for v, _ in results]
         results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
         echoed = {}
@@ -497,12 +507,14 @@ def adapter_version(name: str, path: str) -> str:
 
 def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
     """The task a request poses: its last user message (or completion prompt), with the
-    `reference`, `tests` and `entry_point` it carried. The id is a hash of the whole
-    conversation and reference, so the same question asked twice is the same task (a split
-    by task id keeps it on one side); earlier messages stay in `meta["messages"]`."""
+    `reference`, `tests` and `entry_point` it carried. The id is a hash of the normalised
+    conversation alone (roles, and contents without surrounding whitespace; a completion's
+    prompt as sent), so the same question is one task whether it came with a reference or
+    not, and a split by task id keeps it on one side; earlier messages stay in
+    `meta["messages"]`."""
     reference = reference if reference is not None else req.reference
-    messages = [conv] if isinstance(conv, str) else conv
-    key = json.dumps([messages, reference, req.tests, req.entry_point], sort_keys=True, ensure_ascii=False)
+    normal = conv if isinstance(conv, str) else [[m["role"], str(m["content"]).strip()] for m in conv]
+    key = json.dumps(normal, ensure_ascii=False)
     meta = {"messages": conv} if isinstance(conv, list) and len(conv) > 1 else {}
     prompt = conv if isinstance(conv, str) else conv[-1]["content"]
     return Task(id="req-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16], prompt=prompt,

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from . import distributed
 from .errors import NonFinite
 from .models import release_freed_memory, resolve_model_path
-from .types import Conversation
+from .types import Conversation, task_messages
 
 IGNORE = -100
 
@@ -176,7 +176,7 @@ def episode_batch(traces: list, tokenizer, pad_id: int, instruction: str) -> Epi
     attempt, each in the context the policy had when it sampled."""
     rows, episode = [], []
     for e, t in enumerate(traces):
-        msgs = [{"role": "user", "content": t.task.prompt}, answer_message(t.turns[0]),
+        msgs = [*task_messages(t.task), answer_message(t.turns[0]),
                 {"role": "user", "content": instruction}, answer_message(t.turns[1])]
         for row in encode_turns(tokenizer, msgs):
             rows.append(row)

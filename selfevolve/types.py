@@ -158,6 +158,23 @@ class SamplingParams(BaseModel):
                                    description="strings that end an answer (not included), as OpenAI's `stop`")
 
 
+def task_messages(task: Task, prompt: str | None = None) -> Conversation:
+    """The conversation a task poses, ending with its user message: the one its request
+    carried (`meta["messages"]`: a system message, earlier turns), else the prompt alone.
+    `prompt` replaces that last user message (STaR's hinted prompt). Logged answers are
+    trained, and their tasks re-sampled and evaluated, in this context.
+
+    >>> task_messages(Task(id="a", prompt="2+2?"))
+    [{'role': 'user', 'content': '2+2?'}]
+    """
+    logged = task.meta.get("messages")
+    msgs = [dict(m) for m in logged] if isinstance(logged, list) and logged else [
+        {"role": "user", "content": task.prompt}]
+    if prompt is not None:
+        msgs[-1] = {"role": "user", "content": prompt}
+    return msgs
+
+
 def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
     """The answer up to the first of the request's `stop` strings (not included), as OpenAI
     and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
@@ -173,7 +190,9 @@ def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
 @runtime_checkable
 class Policy(Protocol):
     """Anything that answers conversations. `generate` returns, per conversation, a list of
-    `sampling.n` Turns (response text, token ids and logprobs where available).
+    `sampling.n` Turns (response text, token ids and logprobs where available). With
+    `sampling.seed` set, conversation i is sampled from seed + i (its own stream, as vLLM
+    seeds each request).
     `active_adapter` names the adapter answering (None: the base model), recorded on every
     Trace as its policy version; a policy that cannot load adapters raises UserError."""
 
@@ -215,7 +234,14 @@ class Servable(AdapterServing, Protocol):
         """name -> path of every loaded adapter."""
         ...
 
-    def complete(self, texts: list[str], sampling: SamplingParams) -> list[list[Turn]]: ...
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams,
+                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
+        """As Policy.generate; `seeds`, one per conversation, replace seed + i, so requests
+        that differ only in their seed are answered in one batch."""
+        ...
+
+    def complete(self, texts: list[str], sampling: SamplingParams,
+                 seeds: list[int | None] | None = None) -> list[list[Turn]]: ...
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]: ...
 

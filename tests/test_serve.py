@@ -99,6 +99,27 @@ def test_concurrent_clients_all_answered(client):
     assert answers[0] == answers[9]  # the same question gets the same greedy answer inside a batch
 
 
+def test_requests_that_differ_only_in_seed_share_a_batch_and_keep_their_answers(client):
+    """Issue 42: the seed is not part of the batch key; each request is sampled from its own
+    seed, so its answer is the same alone as batched with 15 others."""
+    from selfevolve.serve import BatchKey, unseeded
+    from selfevolve.types import SamplingParams
+
+    a, b = SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=2)
+    assert BatchKey("x", unseeded(a)) == BatchKey("x", unseeded(b))
+
+    def ask(seed):
+        return [c.message.content for c in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"What is {seed % 9 + 1} + 5 - 2?"}],
+            temperature=1.0, seed=seed, n=2, max_tokens=32).choices]
+
+    with ThreadPoolExecutor(16) as pool:
+        batched = list(pool.map(ask, range(16)))
+    alone = [ask(seed) for seed in range(16)]
+    assert batched == alone
+    assert len({tuple(x) for x in alone}) > 1 and any(x[0] != x[1] for x in alone)  # seeds are not all one stream
+
+
 @pytest.mark.parametrize(
     "body,status,words",
     [
@@ -300,6 +321,14 @@ def test_every_answer_is_a_trace_and_feedback_attaches_to_it(client, server):
     assert len(ids) == 2 and [t.final for t in traces] == [c.message.content for c in r.choices]
     assert all(t.task.reference == "16" and t.turns[0].feedback.source == "verifier" for t in traces)
     assert traces[0].task.id == traces[1].task.id and traces[0].task.meta["messages"][0]["role"] == "system"
+    again = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": " Be brief."}, *Q],
+                                           temperature=0, max_tokens=8)  # no reference this time: a verdict later
+    later = store.get(again.model_extra["selfevolve"]["trace_id"])
+    assert later.task.id == traces[0].task.id and later.task.reference is None  # one task, one side of any split
+    from selfevolve.data import logged_tasks
+
+    task = next(t for t in logged_tasks(str(server.traces)) if t.id == later.task.id)
+    assert task.reference == "16" and len(task.meta["logged"]) >= 3
     c = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0)
     plain = store.get(c.model_extra["selfevolve"]["trace_id"])
     assert plain.meta["kind"] == "completion" and plain.turns[0].score is None  # nothing to score it against

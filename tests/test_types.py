@@ -55,3 +55,30 @@ def test_verdict_is_a_typed_field_and_old_traces_still_load():
 
     with pytest.raises(pydantic.ValidationError):
         Feedback(verdict="revise")
+
+
+def test_a_logged_conversation_is_the_context_it_is_trained_and_resampled_in(tmp_path):
+    """Issue 42: a request's system message and earlier turns stay with its task, through the
+    trace store, into what the recipes sample and train on (not its last user message alone)."""
+    from types import SimpleNamespace
+
+    from selfevolve.data import logged_answers, logged_tasks
+    from selfevolve.loop import conversation
+    from selfevolve.serve import request_task
+    from selfevolve.store import TraceStore
+    from selfevolve.training import answer_message
+    from selfevolve.types import Feedback, Trace, Turn, task_messages
+
+    conv = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}]
+    req = SimpleNamespace(reference="6", tests=None, entry_point=None)
+    store = TraceStore(tmp_path / "t.sqlite")
+    store.append([Trace(task=request_task(conv, req), turns=[Turn(response="6", feedback=Feedback(score=1.0))])])
+    store.close()
+    (task,) = logged_tasks(str(tmp_path / "t.sqlite"))
+    assert task.prompt == "And 3 + 3?" and task_messages(task) == conv
+    ((plain, turn),) = logged_answers([task])
+    assert [*task_messages(plain), answer_message(turn)][:-1] == conv  # ReST-EM / STaR's SFT row's context
+    assert conversation(Trace(task=plain), [], system="ignored: it has its own") == conv
+    assert task_messages(plain, "hinted")[-1] == {"role": "user", "content": "hinted"} and \
+        task_messages(plain, "hinted")[:-1] == conv[:-1]

@@ -68,6 +68,34 @@ class ChosenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, 1).tolist() if self.steps else [[] for _ in range(len(new_tokens))]
 
 
+class SeededSampling(LogitsProcessor):
+    """Draws each row's next token from that row's own generator (temperature, then top-p,
+    as generate()'s warpers would), so what a row samples depends on its seed alone, not on
+    the rows batched with it; returns scores under which the drawn token is the only choice
+    (greedy decoding then takes it). Runs after ChosenLogprobs, which records π's own
+    log-probs."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s % 2**63) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, -1)
+        if self.top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+            ranked, order = probs.sort(-1, descending=True)
+            probs = torch.zeros_like(probs).scatter(-1, order, ranked * (ranked.cumsum(-1) - ranked < self.top_p))
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(probs.device)
+        cdf = probs.cumsum(-1)
+        chosen = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter(1, chosen[:, None], 0.0)
+
+
+def row_seeds(seeds: list[int | None], n: int) -> list[int]:
+    """One seed per generated row (prompt i's j-th sample): from the prompt's seed and j, or
+    drawn from torch's global generator for a prompt without one."""
+    return [(s * 65_537 + j) if s is not None else int(torch.randint(2**62, ())) for s in seeds for j in range(n)]
+
+
 class HFPolicy:
     """A local Hugging Face causal LM as a Policy.
 
@@ -244,29 +272,36 @@ class HFPolicy:
                                                     add_generation_prompt=True) for c in conversations]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None) -> list[list[Turn]]:
-        """`sampling.n` Turns per conversation, in input order. Same seed, same output."""
-        return self.generate_ids(self.encode_prompts(conversations), sampling)
+    def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None,
+                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
+        """`sampling.n` Turns per conversation, in input order. Conversation i is sampled
+        with its own seed, `seeds[i]` when given, else `sampling.seed + i` (as vLLM seeds each
+        request): the same conversation and seed give the same output in any batch."""
+        return self.generate_ids(self.encode_prompts(conversations), sampling, seeds)
 
-    def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+    def complete(self, texts: list[str], sampling: SamplingParams | None = None,
+                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
         """Continue raw texts (no chat template): what `/v1/completions` serves."""
-        return self.generate_ids([list(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else [], sampling)
+        return self.generate_ids([list(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else [], sampling,
+                                 seeds)
 
     @torch.no_grad()
-    def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[list[Turn]]:
+    def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                     seeds: list[int | None] | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
         if sampling.temperature == 0 and sampling.n > 1:  # greedy: n equal answers (as OpenAI returns them)
             once = self.generate_ids(prompts, sampling.model_copy(update={"n": 1}))
             return [[t.model_copy(deep=True) for _ in range(sampling.n) for t in turns] for turns in once]
+        if seeds is None and sampling.seed is not None:
+            seeds = [sampling.seed + i for i in range(len(prompts))]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[Turn]] = [[] for _ in prompts]
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         starts = range(0, len(order), self.batch_size)
         with self._adapter_context(), progress("generate", total=len(starts) if len(starts) > 1 else None) as bar:
             for start in starts:
                 idx = order[start : start + self.batch_size]
-                for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling)):
+                batch_seeds = [seeds[i] for i in idx] if seeds is not None else None
+                for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling, batch_seeds)):
                     out[i] = turns
                 bar.advance()
         return out
@@ -283,8 +318,12 @@ class HFPolicy:
         )
         return prompt[-room:]
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Turn]]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams,
+                        seeds: list[int | None] | None = None) -> list[list[Turn]]:
         prompts = [self._fit(p, sampling) for p in prompts]
+        seeded = sampling.temperature > 0 and seeds is not None
+        if seeded:  # greedy over each row's own draw: the n rows of a prompt are laid out here, not by generate()
+            prompts = [p for p in prompts for _ in range(sampling.n)]
         width = max(len(p) for p in prompts)
         budget = min(sampling.max_new_tokens, self.max_positions - width)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -293,10 +332,13 @@ class HFPolicy:
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         chosen = ChosenLogprobs() if sampling.logprobs else None
-        kwargs = dict(max_new_tokens=budget, num_return_sequences=sampling.n, pad_token_id=self.pad_id,
+        processors = [chosen] if chosen else []
+        if seeded:
+            processors.append(SeededSampling(row_seeds(seeds, sampling.n), sampling.temperature, sampling.top_p))
+        kwargs = dict(max_new_tokens=budget, num_return_sequences=1 if seeded else sampling.n, pad_token_id=self.pad_id,
                       eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
-                      logits_processor=LogitsProcessorList([chosen]) if chosen else None)
-        if sampling.temperature > 0:
+                      logits_processor=LogitsProcessorList(processors) if processors else None)
+        if sampling.temperature > 0 and not seeded:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
