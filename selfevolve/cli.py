@@ -285,7 +285,12 @@ def cmd_serve(overrides: dict, want_help: bool) -> int:
         return 0
     cfg = build(ServeConfig, overrides)
     _threads(cfg)
-    serve(cfg)
+    if cfg.model.startswith(("http://", "https://")):  # the gateway in front of an engine (vllm serve, ...)
+        from .gateway import Gateway
+
+        serve(cfg, Gateway(cfg))
+    else:
+        serve(cfg)
     return 0
 
 

@@ -1,6 +1,7 @@
 """`selfevolve serve`: an OpenAI-compatible HTTP server over a selfevolve policy.
 
     selfevolve serve model=tiny port=8000 [api_key=...] [critic=self] [verifier=numeric]
+    selfevolve serve model=http://127.0.0.1:8001/v1 port=8000   # in front of vllm serve: selfevolve/gateway.py
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
 POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (vLLM's runtime-LoRA shapes, so
@@ -139,7 +140,8 @@ def servable(policy, name: str) -> Servable:
     """`policy`, checked once for everything the server calls on it (types.Servable)."""
     if not isinstance(policy, Servable):
         raise UserError(f"policy={name}: {type(policy).__name__} cannot be served by selfevolve serve "
-                        "(it is not a types.Servable); for vLLM run `vllm serve MODEL --enable-lora` itself")
+                        "(it is not a types.Servable); for vLLM run `vllm serve MODEL --enable-lora` and "
+                        "`selfevolve serve model=http://HOST:PORT/v1` in front of it")
     return policy
 
 
@@ -151,9 +153,8 @@ class Server:
         self.cfg = cfg
         self.api_key, self.adapter_updates = exposure(cfg)
         self.adapter_root = confined_root(cfg.adapter_root)
-        self.policy = servable(policy or served_policy(cfg), cfg.policy)
-        self.name = cfg.name or Path(str(self.policy.path)).name
-        self.root = "tiny" if cfg.model == "tiny" else str(self.policy.path)  # as vLLM: loaded from
+        self.policy = self.engine_policy(policy or served_policy(cfg))
+        self.name, self.root = self.identity()
         Path(cfg.traces).parent.mkdir(parents=True, exist_ok=True)
         self.store = TraceStore(cfg.traces)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfevolve-model")
@@ -162,6 +163,35 @@ class Server:
         self._critics: dict[str, Any] = {}
         self._verifier = None
         self._verifiers: dict[str, Any] = {}
+
+    gateway = False  # gateway.Gateway: the engine is another server, requests pass through to it
+
+    def engine_policy(self, policy):
+        return servable(policy, self.cfg.policy)
+
+    def identity(self) -> tuple[str, str]:
+        """The base model's id in /v1/models and where it was loaded from (vLLM's `root`)."""
+        path = str(self.policy.path)
+        return self.cfg.name or Path(path).name, "tiny" if self.cfg.model == "tiny" else path
+
+    def count_prompt(self, conv) -> int:
+        """The prompt's length in tokens, checked against the context (a 400 when too long)."""
+        n = len(self.policy.encode_prompts([conv])[0])
+        self.check_length(n)
+        return n
+
+    async def models_list(self) -> list[dict]:
+        return [{"id": m, "object": "model", "created": int(time.time()), "owned_by": "selfevolve",
+                 "root": self.root} for m in self.models()]
+
+    @staticmethod
+    def validated(model: type[BaseModel], data: dict):
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise HTTPError(400, f"{where}: {first['msg']}" if where else first["msg"]) from None
 
     # resolved lazily: a server without refinement requests never builds them
     @property
@@ -288,8 +318,7 @@ class Server:
         max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
         sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
         conv = [m.model_dump() for m in req.messages]
-        prompt_tokens = len(self.policy.encode_prompts([conv])[0])
-        self.check_length(prompt_tokens)
+        prompt_tokens = self.count_prompt(conv)
         refine = (
             req.refine
             if isinstance(req.refine, Refine)
@@ -563,7 +592,7 @@ def create_app(server: Server):
         except Exception as e:  # never let one request take the server down
             return error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}", "server_error")
 
-    async def body(request: Request, model: type[BaseModel]):
+    async def body(request: Request, model: type[BaseModel] | None):
         raw = await request.body()
         if len(raw) > server.cfg.max_request_bytes:
             raise HTTPError(413, f"request body exceeds the limit of {server.cfg.max_request_bytes} bytes")
@@ -575,12 +604,7 @@ def create_app(server: Server):
             raise HTTPError(400, "the body is nested too deeply")
         if not isinstance(data, dict):
             raise HTTPError(400, "the body must be a JSON object")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise HTTPError(400, f"{where}: {first['msg']}" if where else first["msg"])
+        return data if model is None else server.validated(model, data)
 
     @app.get("/health")
     async def health():
@@ -588,18 +612,20 @@ def create_app(server: Server):
 
     @app.get("/v1/models")
     async def models():
-        now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "selfevolve",
-                                            "root": server.root} for m in server.models()]}
+        return {"object": "list", "data": await server.models_list()}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        if server.gateway:
+            return await server.forward(await body(request, None), "chat/completions")
         req = await body(request, ChatRequest)
         out = await server.chat(req)
         return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        if server.gateway:
+            return await server.forward(await body(request, None), "completions")
         req = await body(request, CompletionRequest)
         out = await server.complete(req)
         return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
@@ -619,14 +645,14 @@ def create_app(server: Server):
     return app
 
 
-def serve(cfg: ServeConfig) -> None:
+def serve(cfg: ServeConfig, server: Server | None = None) -> None:
     """Bind first (a port in use is one line and exit 2, before any banner), then serve on
     that socket; port=0 takes a free port, and the banner names it."""
     import socket
 
     import uvicorn
 
-    server = Server(cfg)
+    server = server or Server(cfg)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -223,7 +223,7 @@ class AdapterServing(Policy, Protocol):
 class Servable(AdapterServing, Protocol):
     """Everything `selfevolve serve` calls on its policy (checked once, at start): the engine
     side of an OpenAI-compatible server. HFPolicy is one; vLLM has its own server
-    (`vllm serve`), and an OpenAIPolicy is already behind one."""
+    (`vllm serve`), which `selfevolve serve model=URL` fronts (selfevolve/gateway.py)."""
 
     path: Any             # where the weights were loaded from (the served model's name and root)
     tokenizer: Any        # prompt lengths and completions' tokens

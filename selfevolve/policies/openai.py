@@ -32,13 +32,18 @@ def sampled_turn(choice) -> Turn:
     tokens it trains on are the ones these log-probabilities belong to
     (`losses.behaviour_logprobs`)."""
     content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
-    tokens = [t.token for t in content] if content else None
+    return turn_from(choice.message.content or "", [t.token for t in content] if content else None,
+                     [t.logprob for t in content] if content else None, choice.finish_reason)
+
+
+def turn_from(text: str, tokens: list[str] | None, logprobs: list[float] | None, finish_reason: str | None) -> Turn:
+    """An engine's answer -> Turn: tokens given as "token_id:N" become `token_ids`, others stay
+    text (`tokens`)."""
     ids = None
     if tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens):
         ids, tokens = [int(t[9:]) for t in tokens], None
-    return Turn(response=(choice.message.content or "").strip(), token_ids=ids, tokens=tokens,
-                logprobs=[t.logprob for t in content] if content else None,
-                finish_reason="length" if choice.finish_reason == "length" else "stop")
+    return Turn(response=text.strip(), token_ids=ids, tokens=tokens, logprobs=logprobs,
+                finish_reason="length" if finish_reason == "length" else "stop")
 
 
 def request_sampling(s: SamplingParams, i: int) -> SamplingParams:
