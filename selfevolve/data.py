@@ -262,6 +262,22 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
     return kept
 
 
+def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
+    """The task a request poses: its last user message (or completion prompt), with the
+    `reference`, `tests` and `entry_point` it carried. The id is a hash of the normalised
+    conversation alone (roles, and contents without surrounding whitespace; a completion's
+    prompt as sent), so the same question is one task whether it came with a reference or
+    not, and a split by task id keeps it on one side; earlier messages stay in
+    `meta["messages"]`."""
+    reference = reference if reference is not None else req.reference
+    normal = conv if isinstance(conv, str) else [[m["role"], str(m["content"]).strip()] for m in conv]
+    key = json.dumps(normal, ensure_ascii=False)
+    meta = {"messages": conv} if isinstance(conv, list) and len(conv) > 1 else {}
+    prompt = conv if isinstance(conv, str) else conv[-1]["content"]
+    return Task(id="req-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16], prompt=prompt,
+                reference=reference, tests=req.tests, entry_point=req.entry_point, meta=meta)
+
+
 def without_logs(task: Task) -> Task:
     """The task as traces store it: without the answers `logged_tasks` attached."""
     return task.model_copy(update={"meta": {k: v for k, v in task.meta.items() if k != "logged"}})

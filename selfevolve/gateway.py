@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .data import request_task
 from .policies.openai import OpenAIPolicy, client_key, turn_from
-from .serve import REFINE_SUFFIX, HTTPError, ServeConfig, Server, adapter_version, request_task
+from .serve import REFINE_SUFFIX, HTTPError, ServeConfig, Server, adapter_version
 from .types import Turn
 from .wire import ChatRequest, LoadAdapter
 

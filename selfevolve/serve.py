@@ -41,7 +41,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .build import critic_from_config, served_policy, verifier_for
 from .config import FeedbackKeys, ModelKeys
-from .data import default_verifier
+from .data import default_verifier, request_task
 from .errors import UserError
 from .exposure import confined_root, exposure, foreign_request
 from .loop import refine_batch
@@ -532,22 +532,6 @@ def adapter_version(name: str, path: str) -> str:
     for f in sorted(Path(path).glob("adapter_model.*")):
         digest.update(f.read_bytes())
     return f"{name}@{digest.hexdigest()[:12]}"
-
-
-def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:
-    """The task a request poses: its last user message (or completion prompt), with the
-    `reference`, `tests` and `entry_point` it carried. The id is a hash of the normalised
-    conversation alone (roles, and contents without surrounding whitespace; a completion's
-    prompt as sent), so the same question is one task whether it came with a reference or
-    not, and a split by task id keeps it on one side; earlier messages stay in
-    `meta["messages"]`."""
-    reference = reference if reference is not None else req.reference
-    normal = conv if isinstance(conv, str) else [[m["role"], str(m["content"]).strip()] for m in conv]
-    key = json.dumps(normal, ensure_ascii=False)
-    meta = {"messages": conv} if isinstance(conv, list) and len(conv) > 1 else {}
-    prompt = conv if isinstance(conv, str) else conv[-1]["content"]
-    return Task(id="req-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16], prompt=prompt,
-                reference=reference, tests=req.tests, entry_point=req.entry_point, meta=meta)
 
 
 def create_app(server: Server):

@@ -62,9 +62,8 @@ def test_a_logged_conversation_is_the_context_it_is_trained_and_resampled_in(tmp
     trace store, into what the recipes sample and train on (not its last user message alone)."""
     from types import SimpleNamespace
 
-    from selfevolve.data import logged_answers, logged_tasks
+    from selfevolve.data import logged_answers, logged_tasks, request_task
     from selfevolve.loop import conversation
-    from selfevolve.serve import request_task
     from selfevolve.store import TraceStore
     from selfevolve.training import answer_message
     from selfevolve.types import Feedback, Trace, Turn, task_messages

@@ -214,3 +214,53 @@ def test_fleet_of_two_vllm_servers(vllm_server, tmp_path):
         update.serve(fleet, "v2", replaces="v1")
         assert fleet.replicas[0].active_adapter == "v2" and fleet.replicas[0].url == vllm_server.url + "/v1"
         fleet.replicas[0].unload_adapter("v2")
+
+
+def test_the_gateway_in_front_of_vllm_and_evolve_promoting_into_it(vllm_server, tmp_path):
+    """Issue 42: `selfevolve serve model=<vLLM URL>` logs vLLM's traffic with the token ids vLLM
+    sampled (a system message and earlier turns kept with the task), relays vLLM's stream as
+    it comes, and `selfevolve evolve` runs a round against it, loading into vLLM through it;
+    a promoted version is what traffic asking for `evolved` gets, and its traces name it."""
+    import openai
+
+    from selfevolve.server_process import ServerProcess
+    from selfevolve.store import TraceStore
+    from tests.test_cli import cli
+
+    traces = tmp_path / "traces.sqlite"
+    with ServerProcess(f"model={vllm_server.url}/v1", f"traces={traces}", "verifier=numeric") as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="-", max_retries=0)
+        base = client.models.list().data[0].id
+        history = [{"role": "system", "content": "You are a calculator."},
+                   {"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "The answer is 2."}]
+        for i, task in enumerate(arith.tasks("train", n=64)):
+            messages = [{"role": "user", "content": task.prompt}] if i % 2 else [*history, {"role": "user",
+                                                                                          "content": task.prompt}]
+            r = client.chat.completions.create(model=base, messages=messages, temperature=1.0, seed=i, max_tokens=32,
+                                               extra_body={"reference": task.reference})
+            assert r.choices[0].logprobs is None
+        store = TraceStore(traces)
+        logged = store.query()
+        assert len(logged) == 64 and all(t.turns[0].token_ids and t.turns[0].score is not None for t in logged)
+        assert logged[0].task.meta["messages"][:3] == history
+        chunks = list(client.chat.completions.create(model=base, messages=history[1:2], temperature=0, max_tokens=24,
+                                                     stream=True))
+        assert len(chunks) > 3  # vLLM streams token by token, and the gateway passes that on
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert store.get(chunks[-1].model_extra["selfevolve"]["trace_id"]).final == text.strip()
+
+        r = cli("evolve", f"model={gateway.url}/v1", f"traces={traces}", "recipe=rest_em", "iterations=1",
+                "num_samples=2", "epochs=1", "max_new_tokens=32", "eval_limit=8", "val_limit=24", "every=40",
+                "poll_s=0.3", "rounds=1", f"run_dir={tmp_path / 'evolve'}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        state = json.loads((tmp_path / "evolve" / "state.json").read_text())
+        lineage = json.loads((tmp_path / "evolve" / "lineage.json").read_text())
+        decision = next(n for n in lineage["nodes"] if n["id"] == "round-0")["decision"]
+        assert state["round"] == 1 and decision in ("promoted", "rejected", "failed")
+        with open(vllm_server.log) as f:
+            assert any('"POST /v1/load_lora_adapter HTTP/1.1" 200' in line for line in f)  # through the gateway
+        if decision == "promoted":
+            assert "evolved" in {m.id for m in OpenAIPolicy(vllm_server.url).client.models.list().data}
+            r = client.chat.completions.create(model="evolved", messages=history[1:2], temperature=0, max_tokens=16)
+            assert store.get(r.model_extra["selfevolve"]["trace_id"]).policy_version.startswith("evolved@")
+        store.close()
