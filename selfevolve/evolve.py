@@ -9,9 +9,10 @@ score, or a user's `/v1/feedback`) have been logged since the last round started
 runs `recipe=` on the trace store (`data=` the store: `data.logged_tasks`; keys the recipe
 takes pass through, e.g. `iterations=1 lr=...`). The round's window — fixed when it starts
 (`windows/round-N.json`): the new traces first, then older ones no served version trained on,
-at most the recipe's `train_tasks` — is the only logged answers it trains on
+at most the recipe's `train_tasks` (the newest) — is the only logged answers it trains on
 (`train_traces=`), and its tasks come first in the recipe's train split, so none is cut off
-(asserted when `trained_on.json` is written). A promoted round's window is consumed: no trace
+(`trained_on.json`: the window's answers on the tasks the recipe may read; which of them it
+used is in its run's trace store). A promoted round's window is consumed: no trace
 is trained into the served lineage twice. A rejected or failed round's window comes back to
 the next round, so no verdict is lost with its candidate. Traces logged during a round go to
 the next. The prompts logged so far may all be sampled afresh, from the served version where
@@ -157,15 +158,17 @@ class Evolve:
         return set().union(*(self.window(r)["trace_ids"] for r in range(self.state["round"])
                              if self.lineage.nodes[f"round-{r}"]["decision"] == "promoted"))
 
-    def pending(self) -> tuple[list[str], list[str]]:
-        """(new, older): the scored traces no served version trained on, logged after the last
-        recorded round's window was fixed / before it (a rejected or failed round's window
-        comes back: no verdict is lost because a candidate was)."""
+    def pending(self, upto: int | None = None) -> tuple[list[str], list[str]]:
+        """(new, older), each oldest first: the scored traces (logged up to `upto`) no served
+        version trained on, logged after the last recorded round's window was fixed / before
+        it (a rejected or failed round's window comes back: no verdict is lost because a
+        candidate was; so does an answer whose verdict came after its round started, though it
+        does not count towards `every`)."""
         last = self.window(self.state["round"] - 1)["upto_seq"] if self.state["round"] else 0
         consumed = self.consumed()
         new, older = [], []
         for i, seq in self.store.scored_ids():
-            if i not in consumed:
+            if i not in consumed and (upto is None or seq <= upto):
                 (new if seq > last else older).append(i)
         return new, older
 
@@ -206,8 +209,9 @@ class Evolve:
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
             upto = self.store.last_seq()
-            new, older = self.pending()
-            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": (new + older)[:limit]}))
+            new, older = self.pending(upto)
+            newest = (older + new)[-limit:] if limit else older + new  # the newest traffic when it is more
+            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": newest}))
         window = self.window(r)
         extra = {"train_traces": str(path)}
         if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
@@ -223,36 +227,33 @@ class Evolve:
         try:
             self.mod.main(cfg, run)
         except NonFinite as e:  # the round diverged: nothing to gate, nothing served
-            gate = {"decision": "failed", "reason": str(e)}
+            verdict = {"decision": "failed", "reason": str(e)}
         except (httpx.HTTPError, openai.APIConnectionError) as e:
             raise SyncError(f"round {r}: the server stopped answering ({type(e).__name__}); "
                             f"resume=true redoes the round on the same traces") from None
         else:
-            train = tasks_for(cfg, "train", limit, unscored_train=True)  # the first `limit`: what the recipe read
+            train = tasks_for(cfg, cfg.train_split, limit, unscored_train=True)  # the first `limit` it may read
             trained = sorted({a["trace_id"] for t in train for a in t.meta["logged"]})
-            every = {a["trace_id"] for t in tasks_for(cfg, "train", None, unscored_train=True)
-                     for a in t.meta["logged"]}
-            assert set(trained) == every, f"round {r}: {len(every - set(trained))} window traces were cut off"
             atomic_write(run.dir / "trained_on.json", json.dumps({
                 "upto_seq": window["upto_seq"], "trace_ids": trained, "task_ids": sorted({t.id for t in train})}))
             candidate = self.candidate(run.dir)
-            gate = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
+            verdict = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
         self.unload_run_adapters(policy, run.dir, version)
         self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=window["upto_seq"], window=len(window["trace_ids"]),
                               config=json.dumps(cfg.model_dump(mode="json")),
-                              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in gate.items()})
+                              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in verdict.items()})
         self.lineage.add_edge(parent, version)
-        if gate["decision"] == "promoted":
-            self.promote(policy, Path(gate["adapter"]))
+        if verdict["decision"] == "promoted":
+            self.promote(policy, Path(verdict["adapter"]))
             self.state["served"] = version
         self.state["round"] = r + 1
         self.save()
-        if gate["decision"] == "failed":
-            print(f"round {r}: failed ({gate['reason']}); nothing served", flush=True)
+        if verdict["decision"] == "failed":
+            print(f"round {r}: failed ({verdict['reason']}); nothing served", flush=True)
             return
-        print(f"round {r}: {gate['metric']} {gate['current']:.3f} -> {gate['candidate']:.3f} "
-              f"({gate['gain_points']:+.1f} points; {gate['wins']} tasks won, {gate['losses']} lost, "
-              f"p = {gate['p_value']:.3g}): {gate['decision']}", flush=True)
+        print(f"round {r}: {verdict['metric']} {verdict['current']:.3f} -> {verdict['candidate']:.3f} "
+              f"({verdict['gain_points']:+.1f} points; {verdict['wins']} tasks won, {verdict['losses']} lost, "
+              f"p = {verdict['p_value']:.3g}): {verdict['decision']}", flush=True)
 
     def candidate(self, run_dir: Path) -> Path:
         """The adapter the round's run saved last. Not the run's own selection (`best_adapter`):

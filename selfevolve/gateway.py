@@ -21,11 +21,14 @@ it said it. Auth, limits and the adapter root are `selfevolve serve`'s.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from .data import request_task
 from .policies.openai import OpenAIPolicy, client_key, turn_from
@@ -44,8 +47,9 @@ class Gateway(Server):
 
     def __init__(self, cfg: ServeConfig):
         super().__init__(cfg, OpenAIPolicy(cfg.model, max_retries=0))
-        self.http = httpx.AsyncClient(base_url=self.policy.url, timeout=None,
-                                      headers={"Authorization": f"Bearer {client_key()}"})
+        self.http = httpx.AsyncClient(base_url=self.policy.url, headers={"Authorization": f"Bearer {client_key()}"},
+                                      timeout=httpx.Timeout(None, connect=30.0),  # a long generation is not a hang
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     def engine_policy(self, policy):  # an OpenAIPolicy: not a types.Servable, and it need not be
         return policy
@@ -70,13 +74,14 @@ class Gateway(Server):
             return await self.chat(self.validated(ChatRequest, data))
         if not isinstance(data.get("model"), str):
             raise HTTPError(400, "model: a string is required")
+        self.check_limits(data)
         body = {k: v for k, v in data.items() if k not in OURS}
-        asked = data.get("logprobs") not in (None, False)
-        if not asked:  # what the trace needs; taken out of the answer below
+        asked = data.get("logprobs") is not None and data.get("logprobs") is not False  # 0 asks too (legacy)
+        tasks = self.tasks_of(data, chat)
+        if not asked and tasks:  # what the trace needs; taken out of the answer below
             body |= {"logprobs": True, "return_tokens_as_token_ids": True} if chat else \
                 {"logprobs": 0, "return_tokens_as_token_ids": True}
-        task = request_task(data["messages"] if chat else data.get("prompt", ""), _Fields(data))
-        version = self.versions.get(data["model"], None if data["model"] == self.name else data["model"])
+        version = await self.version_of(data["model"])
         request = self.http.build_request("POST", "/" + route, json=body)
         if not data.get("stream"):
             r = await self.http.send(request)
@@ -87,7 +92,8 @@ class Gateway(Server):
             for c in out["choices"]:
                 if not asked:
                     c["logprobs"] = None
-            ids = await self.log("chat" if chat else "completion", [task], [turns], [version])
+            ids = await self.log_choices(chat, tasks, turns, [c.get("index", i) for i, c in enumerate(out["choices"])],
+                                         data.get("n") or 1, version)
             if ids:
                 out["selfevolve"] = {"trace_id": ids[0], "trace_ids": ids}
             return out
@@ -96,18 +102,71 @@ class Gateway(Server):
             await r.aread()
             await r.aclose()
             return JSONResponse(_error_body(r), status_code=r.status_code)
-        return StreamingResponse(self.relay(r, chat, asked, task, version), media_type="text/event-stream")
+        return StreamingResponse(self.relay(r, chat, asked, tasks, data.get("n") or 1, version),
+                                 media_type="text/event-stream")
 
-    async def relay(self, r: httpx.Response, chat: bool, asked: bool, task, version):
+    def check_limits(self, data: dict) -> None:
+        """This server's limits on what one request may ask for (`max_tokens_limit`, `max_n`)."""
+        tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        if isinstance(tokens, int) and tokens > self.cfg.max_tokens_limit:
+            raise HTTPError(400, f"max_tokens={tokens} exceeds this server's limit of {self.cfg.max_tokens_limit}")
+        if isinstance(data.get("n"), int) and data["n"] > self.cfg.max_n:
+            raise HTTPError(400, f"n={data['n']} exceeds this server's limit of {self.cfg.max_n}")
+
+    def tasks_of(self, data: dict, chat: bool) -> list:
+        """The tasks a request poses (one per prompt), or [] where there is nothing to log: an
+        echo (a log-prob query such as verified sync's canary, not an answer), token-id
+        prompts, or a body the engine may take but this server cannot read as text."""
+        fields = _Fields(data)
+        try:
+            if chat:
+                return [request_task([m.model_dump() for m in self.validated(ChatRequest, data).messages], fields)]
+            prompt = data.get("prompt")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if data.get("echo") or not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
+                return []
+            return [request_task(p, fields) for p in prompts]
+        except (HTTPError, ValidationError):  # the engine decides whether it is a valid request
+            return []
+
+    async def version_of(self, model: str) -> str | None:
+        """The version a request for `model` is answered by: None for the base model, the
+        weights' digest for an adapter (loaded through the gateway, or found on the engine with
+        a local `root`), else the name."""
+        if model == self.name:
+            return None
+        if model not in self.versions:
+            r = await self.http.get("/models")
+            root = next((m.get("root") for m in (r.json().get("data", []) if r.status_code == 200 else [])
+                         if m.get("id") == model), None)
+            if not (root and Path(root).is_dir()):
+                return model
+            self.versions[model] = await asyncio.to_thread(adapter_version, model, root)
+        return self.versions[model]
+
+    async def log_choices(self, chat: bool, tasks: list, turns: list[Turn], index: list[int], n: int,
+                          version: str | None) -> list[str]:
+        """Log each choice under its prompt's task (choice i answers prompt i // n)."""
+        if not tasks:
+            return []
+        answers: list[list[Turn]] = [[] for _ in tasks]
+        for i, turn in zip(index, turns):
+            answers[min(i // n, len(tasks) - 1)].append(turn)
+        return await self.log("chat" if chat else "completion", tasks, answers, [version] * len(tasks))
+
+    async def relay(self, r: httpx.Response, chat: bool, asked: bool, tasks: list, n: int, version):
         """Pass the engine's events on as they arrive, gathering each choice's text and
-        sampled tokens; after the engine's last event, one more chunk names the traces."""
+        sampled tokens; after the engine's last event, one more chunk names the traces. A
+        stream that breaks off (an error event, a choice that never finished) is not logged."""
         parts: dict[int, dict[str, Any]] = {}
         head: dict = {}
+        broken = False
         try:
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                broken |= "error" in chunk or chunk.get("object") == "error"
                 head = {k: chunk[k] for k in ("id", "created", "model", "object") if k in chunk}
                 for c in chunk.get("choices", []):
                     p = parts.setdefault(c["index"], {"text": "", "content": [], "finish_reason": None})
@@ -119,8 +178,12 @@ class Gateway(Server):
                 yield f"data: {json.dumps(chunk)}\n\n"
         finally:
             await r.aclose()
-        turns = [_turn_of(p["text"], p["content"], p["finish_reason"]) for _, p in sorted(parts.items())]
-        ids = await self.log("chat" if chat else "completion", [task], [turns], [version])
+        if broken or not parts or any(p["finish_reason"] is None for p in parts.values()):
+            yield "data: [DONE]\n\n"
+            return
+        index = sorted(parts)
+        turns = [_turn_of(parts[i]["text"], parts[i]["content"], parts[i]["finish_reason"]) for i in index]
+        ids = await self.log_choices(chat, tasks, turns, index, n, version)
         if ids:
             last = head | {"choices": [], "selfevolve": {"trace_id": ids[0], "trace_ids": ids}}
             yield f"data: {json.dumps(last)}\n\n"
@@ -128,11 +191,15 @@ class Gateway(Server):
 
     async def load_adapter(self, req: LoadAdapter) -> str:
         self.check_adapter_updates()
-        path = self.adapter_path(req.lora_path or "")
+        if not req.lora_path:
+            raise HTTPError(400, "lora_path is required")
+        if req.lora_name in (self.name, self.name + REFINE_SUFFIX) or req.lora_name.endswith(REFINE_SUFFIX):
+            raise HTTPError(400, f"lora_name {req.lora_name!r} is the base model's name or asks for refinement")
+        path = self.adapter_path(req.lora_path)
         r = await self.http.post("/load_lora_adapter", json={**req.model_dump(exclude_none=True), "lora_path": path})
         if r.status_code >= 400:
             raise HTTPError(r.status_code, f"the engine refused the load: {r.text[:300]}")
-        self.versions[req.lora_name] = adapter_version(req.lora_name, path)
+        self.versions[req.lora_name] = await asyncio.to_thread(adapter_version, req.lora_name, path)
         self.policy.adapters[req.lora_name] = path  # a refinement request may ask for it
         self.policy.served_names[req.lora_name] = req.lora_name
         return r.text
@@ -156,11 +223,15 @@ class _Fields:
 
 
 def _error_body(r: httpx.Response) -> dict:
+    """The engine's error as OpenAI's shape (older vLLM answers {"object": "error", "message": ...})."""
     try:
         body = r.json()
-        return body if isinstance(body, dict) and "error" in body else {"error": {"message": str(body)[:500]}}
     except ValueError:
         return {"error": {"message": r.text[:500], "code": r.status_code}}
+    if isinstance(body, dict) and "error" in body:
+        return body
+    message = body.get("message") if isinstance(body, dict) else None
+    return {"error": {"message": str(message or body)[:500], "code": r.status_code}}
 
 
 def _lp_content(logprobs: dict | None, chat: bool) -> list[dict]:
@@ -170,7 +241,7 @@ def _lp_content(logprobs: dict | None, chat: bool) -> list[dict]:
     if chat:
         return [{"token": t["token"], "logprob": t["logprob"]} for t in logprobs.get("content") or []]
     return [{"token": t, "logprob": lp} for t, lp in zip(logprobs.get("tokens") or [],
-                                                         logprobs.get("token_logprobs") or [])]
+                                                         logprobs.get("token_logprobs") or []) if lp is not None]
 
 
 def _turn(choice: dict, chat: bool) -> Turn:

@@ -392,9 +392,8 @@ class Server:
             self.check_length(len(x))
         request = object()  # its prompts take one turn between other clients' requests
         self.check_work(len(prompts), req.n, req.max_tokens)
-        seeds = [None if req.seed is None else req.seed + i for i in range(len(prompts))]  # as vLLM: one per prompt
-        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, unseeded(sampling)), (p, seed),
-                                                     request, req.n) for p, seed in zip(prompts, seeds)])
+        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, unseeded(sampling)), (p, req.seed),
+                                                     request, req.n) for p in prompts])  # each prompt the seed, as vLLM
         versions = [v for v, _ in results]
         results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
         echoed = {}

@@ -147,11 +147,13 @@ class TraceStore:
         if from_seq is not None:
             clauses.append("seq >= ?")
             args.append(from_seq)
-        for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id),
-                         ("policy_version", policy_version)):
+        for col, val in (("run", run), ("recipe", recipe), ("round", round), ("task_id", task_id)):
             if val is not None:
                 clauses.append(f"{col} = ?")
                 args.append(val)
+        if policy_version is not None:  # a version id, or a name: any of its versions (`evolved@…`)
+            clauses.append("(policy_version = ? OR substr(policy_version, 1, length(?) + 1) = ? || '@')")
+            args += [policy_version] * 3
         if min_score is not None:
             clauses.append("score_last >= ?")
             args.append(min_score)
@@ -178,9 +180,8 @@ class TraceStore:
         """The append position of the first trace `policy_version` answered (None: none): a
         version id as the server logs it (`evolved@3f2a…`), or a name, which matches any of its
         versions (`evolved`: from the first promoted one)."""
-        return self.db.execute("SELECT MIN(seq) FROM traces WHERE policy_version = ?1 OR "
-                               "substr(policy_version, 1, length(?1) + 1) = ?1 || '@'",
-                               (policy_version,)).fetchone()[0]
+        where, args = self._where(policy_version=policy_version)
+        return self.db.execute(f"SELECT MIN(seq) FROM traces{where}", args).fetchone()[0]
 
     def count(self, **filters) -> int:
         where, args = self._where(**filters)

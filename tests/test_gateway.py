@@ -101,3 +101,47 @@ def test_adapters_are_forwarded_and_traces_name_their_version(pair, tmp_path):
     assert bad.status_code == 400 and "engine refused" in bad.json()["error"]["message"]
     assert httpx.post(gateway.url + "/v1/unload_lora_adapter", json={"lora_name": "evolved"}).status_code == 200
     assert "evolved" not in {m.id for m in _client(engine).models.list().data}
+
+
+def test_verified_sync_and_the_bodies_real_clients_send_through_the_gateway(pair, tmp_path):
+    """An update loaded and canary-verified through the gateway (what every recipe and evolve
+    do; the canary's echoed prompt is not logged as an answer); content parts, several
+    prompts and legacy `logprobs=0` pass through and are logged per prompt."""
+    import torch
+
+    from selfevolve.policies import OpenAIPolicy
+    from selfevolve.sync import save_update
+    from selfevolve.training import trainable_model
+
+    engine, gateway = pair
+    store = TraceStore(gateway.traces)
+    before = store.count()
+    torch.manual_seed(1)
+    learner = trainable_model("tiny", r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_path
+
+    update = save_update(learner, AutoTokenizer.from_pretrained(tiny_path()), tmp_path / "u1")
+    policy = update.serve(OpenAIPolicy(gateway.url), "u1")  # raises SyncError unless the engine serves it
+    assert policy.served_names["u1"] in {m.id for m in _client(engine).models.list().data}
+    assert store.count() == before  # the canary queries were not logged as traffic
+    policy.unload_adapter("u1")
+
+    c = _client(gateway)
+    parts = c.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]}])
+    assert store.get(parts.model_extra["selfevolve"]["trace_id"]).task.prompt == "What is 2 + 2?"
+    two = c.completions.create(model="tiny", prompt=["1 + 1 =", "2 + 2 ="], n=2, max_tokens=4, temperature=1.0,
+                               seed=0, logprobs=0)
+    assert len(two.choices) == 4 and all(ch.logprobs and ch.logprobs.token_logprobs for ch in two.choices)
+    logged = [store.get(i) for i in two.model_extra["selfevolve"]["trace_ids"]]
+    assert [t.task.prompt for t in logged] == ["1 + 1 =", "1 + 1 =", "2 + 2 =", "2 + 2 ="]
+    assert [t.final for t in logged] == [ch.text.strip() for ch in two.choices]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.chat.completions.create(model="tiny", messages=Q, max_tokens=100_000)
+    store.close()

@@ -85,8 +85,9 @@ class SeededSampling(LogitsProcessor):
             ranked, order = probs.sort(-1, descending=True)
             probs = torch.zeros_like(probs).scatter(-1, order, ranked * (ranked.cumsum(-1) - ranked < self.top_p))
         u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(probs.device)
-        cdf = probs.cumsum(-1)
-        chosen = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+        cdf = probs.cumsum(-1)  # the first token whose cumulative mass exceeds u: never one of probability 0
+        chosen = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)[:, 0]
+        chosen = chosen.clamp(max=probs.shape[-1] - 1)
         return torch.full_like(scores, float("-inf")).scatter(1, chosen[:, None], 0.0)
 
 
