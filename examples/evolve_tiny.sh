@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The closed loop on the bundled tiny model, as the README shows it (about 3 minutes on 2 cores):
+# The closed loop on the bundled tiny model, as the README shows it (about 2.5 minutes on 2 cores):
 # serve, three waves of arith traffic (examples/traffic.py), `selfevolve evolve` running ReST-EM
 # rounds on what was logged, then the held-out traffic scored: base model against `evolved`.
 #   bash examples/evolve_tiny.sh [RUN_ROOT]        (default runs/evolve-tiny; it must not exist)
