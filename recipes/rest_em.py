@@ -107,7 +107,8 @@ def main(cfg: RestEMConfig, run: Run) -> None:
     if state is None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = saved_update(state["adapter"], cfg.lora).serve(policy, f"iter-{state['iteration'] - 1}")
+        with run.rng_kept():  # as the uninterrupted run's RNG was at its checkpoint
+            policy = saved_update(state["adapter"], cfg.lora).serve(policy, f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()

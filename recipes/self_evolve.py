@@ -250,7 +250,8 @@ def main(cfg: SelfConfig, run: Run) -> None:
     if state is None:
         state = {"phase": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None}
     elif state["adapter"]:
-        policy = saved_update(state["adapter"]).serve(policy, f"phase-{state['phase'] - 1}")
+        with run.rng_kept():  # as the uninterrupted run's RNG was at its checkpoint
+            policy = saved_update(state["adapter"]).serve(policy, f"phase-{state['phase'] - 1}")
 
     # Phase 0: meta-skill learning; phases 1..iterations: self-evolution. Each continues the adapter.
     for phase in range(state["phase"], cfg.iterations + 1):

@@ -227,7 +227,8 @@ def main(cfg: SpinConfig, run: Run) -> None:
         set_peft_model_state_dict(learner, state["learner"])
         opt.load_state_dict(state["optimizer"])
         if state["adapter"]:
-            policy = saved_update(state["adapter"]).serve(policy, f"iter-{state['iteration'] - 1}")
+            with run.rng_kept():  # as the uninterrupted run's RNG was at its checkpoint
+                policy = saved_update(state["adapter"]).serve(policy, f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         t0 = time.perf_counter()

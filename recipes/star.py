@@ -156,7 +156,8 @@ def main(cfg: StarConfig, run: Run) -> None:
         state = {"iteration": 0, "before": run.evaluate(policy, "before", test=True), "history": [], "adapter": None,
                  "stalled": 0}
     elif state["adapter"]:
-        policy = saved_update(state["adapter"], cfg.lora).serve(policy, f"iter-{state['iteration'] - 1}")
+        with run.rng_kept():  # as the uninterrupted run's RNG was at its checkpoint
+            policy = saved_update(state["adapter"], cfg.lora).serve(policy, f"iter-{state['iteration'] - 1}")
 
     for it in range(state["iteration"], cfg.iterations):
         if state["stalled"] >= cfg.patience:

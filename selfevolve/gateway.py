@@ -139,9 +139,8 @@ class Gateway(Server):
             r = await self.http.get("/models")
             root = next((m.get("root") for m in (r.json().get("data", []) if r.status_code == 200 else [])
                          if m.get("id") == model), None)
-            if not (root and Path(root).is_dir()):
-                return model
-            self.versions[model] = await asyncio.to_thread(adapter_version, model, root)
+            local = root and Path(root).is_dir()
+            self.versions[model] = await asyncio.to_thread(adapter_version, model, root) if local else model
         return self.versions[model]
 
     async def log_choices(self, chat: bool, tasks: list, turns: list[Turn], index: list[int], n: int,

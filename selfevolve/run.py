@@ -28,6 +28,7 @@ uninterrupted one. Every file is written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -210,6 +211,17 @@ class Run:
             raise KeyboardInterrupt
         self.stop_requested = True
         print("\nstopping at the next checkpoint (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def rng_kept(self):
+        """Run the block without moving torch's or Python's random state: a resumed run
+        re-serves its adapter (loading one draws an initialisation that the loaded weights
+        overwrite) where the uninterrupted run did so before its checkpoint, and the states
+        `restore` set must reach the next step as they were saved."""
+        py = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            yield
+        random.setstate(py)
 
     def restore(self) -> dict[str, Any] | None:
         """On resume, roll metrics and traces back to the last checkpoint and return the
