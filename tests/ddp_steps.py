@@ -60,7 +60,7 @@ def main(out: Path) -> None:
     train_step(model, opt, traces, tok, tok.pad_token_id, 2, cfg, 0)
     saved["score"] = weights(model)
 
-    pairs = [{"prompt": t.prompt, "gold": f"The answer is {t.reference}.", "self": f"It is {int(t.reference) - 1}."}
+    pairs = [{"task": t, "gold": f"The answer is {t.reference}.", "self": f"It is {int(t.reference) - 1}."}
              for t in TASKS]
     cfg = SpinConfig(nproc=distributed.world(), micro_batch_size=2, lam=1.0)
     model = learner()

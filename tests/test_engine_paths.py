@@ -125,8 +125,9 @@ def test_a_dropout_model_has_zero_kl_and_zero_gradient_at_step_zero(tiny, tmp_pa
 
 def test_a_truncated_opponent_sample_is_scored_without_an_end_of_turn(tiny):
     tok = tiny.tokenizer
-    pairs = [{"prompt": Q, "gold": "The answer is 5.", "self": "The answer is", "unfinished": True},
-             {"prompt": Q, "gold": "The answer is 5.", "self": "The answer is 6.", "unfinished": False}]
+    task = Task(id="q", prompt=Q)
+    pairs = [{"task": task, "gold": "The answer is 5.", "self": "The answer is", "unfinished": True},
+             {"task": task, "gold": "The answer is 5.", "self": "The answer is 6.", "unfinished": False}]
     (g, _), (cut, ended) = pair_rows(tok, pairs, "gold"), pair_rows(tok, pairs, "self")
     stop = tok.eos_token_id
     assert _labels(tok, g)[-1] == stop and _labels(tok, ended)[-1] == stop
