@@ -145,6 +145,7 @@ class Evolve:
                         if (self.dir / "lineage.json").exists() else nx.DiGraph())
         if not self.lineage:
             self.lineage.add_node("base", decision="served")
+        self._consumed: tuple[tuple[int, ...] | None, set[str]] = (None, set())
         self.stop = False
 
     def window_path(self, r: int) -> Path:
@@ -154,9 +155,13 @@ class Evolve:
         return json.loads(self.window_path(r).read_text())
 
     def consumed(self) -> set[str]:
-        """The traces a served version trained on: the windows of promoted rounds."""
-        return set().union(*(self.window(r)["trace_ids"] for r in range(self.state["round"])
-                             if self.lineage.nodes[f"round-{r}"]["decision"] == "promoted"))
+        """The traces a served version trained on: the windows of promoted rounds (read once
+        per recorded round, not on every poll)."""
+        promoted = tuple(r for r in range(self.state["round"])
+                         if self.lineage.nodes[f"round-{r}"]["decision"] == "promoted")
+        if self._consumed[0] != promoted:
+            self._consumed = (promoted, set().union(*(self.window(r)["trace_ids"] for r in promoted)))
+        return self._consumed[1]
 
     def pending(self, upto: int | None = None) -> tuple[list[str], list[str]]:
         """(new, older), each oldest first: the scored traces (logged up to `upto`) no served
@@ -205,7 +210,11 @@ class Evolve:
 
         version, parent = f"round-{r}", self.state["served"] or "base"
         path = self.window_path(r)
-        limit = self.recipe_cfg(r).train_limit()
+        extra = {"train_traces": str(path)}
+        if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
+            extra["start_adapter"] = self.lineage.nodes[self.state["served"]]["adapter"]
+        cfg = self.recipe_cfg(r, **extra)
+        limit = cfg.train_limit()
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
             upto = self.store.last_seq()
@@ -213,10 +222,6 @@ class Evolve:
             newest = (older + new)[-limit:] if limit else older + new  # the newest traffic when it is more
             atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": newest}))
         window = self.window(r)
-        extra = {"train_traces": str(path)}
-        if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
-            extra["start_adapter"] = self.lineage.nodes[self.state["served"]]["adapter"]
-        cfg = self.recipe_cfg(r, **extra)
         policy = served_policy(self.recipe_cfg(r))
         if Path(cfg.run_dir).exists():  # killed midway earlier
             self.unload_run_adapters(policy, Path(cfg.run_dir), version)
@@ -279,13 +284,14 @@ class Evolve:
         verifier = verifier_for(cfg.verifier, tasks)
         policy = saved_update(candidate).serve(policy, name)  # verified, never under serve_as yet
         sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+        turns = turn_policy_for(cfg, policy, verifier) if metric == "acc_t2" else None  # the second turn's
         outcome, scores = {}, {}
         if self.state["served"]:
             self.attach(policy, self.cfg.serve_as, self.lineage.nodes[self.state["served"]]["adapter"])
         for who, adapter in (("current", self.cfg.serve_as if self.state["served"] else None), ("candidate", name)):
             policy.set_adapter(adapter)
             scores[who], traces, _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
-                                              critic=turn_policy_for(cfg, policy, verifier), sampling=sampling,
+                                              critic=turns, sampling=sampling,
                                               baseline_temperature=None, bootstrap=cfg.bootstrap, seed=cfg.seed)
             outcome[who] = columns(traces)[metric].tolist()
         policy.set_adapter(None)

@@ -32,6 +32,21 @@ def _client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
 
 
+def _moved_learner(seed: int, std: float):
+    """A LoRA learner on tiny whose adapter answers unlike the base model."""
+    import torch
+
+    from selfevolve.training import trainable_model
+
+    torch.manual_seed(seed)
+    learner = trainable_model("tiny", r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in learner.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+    return learner
+
+
 def test_answers_pass_through_and_are_logged_with_the_engines_tokens(pair):
     engine, gateway = pair
     direct = _client(engine).chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=24,
@@ -72,19 +87,10 @@ def test_engine_errors_come_back_as_the_engine_said_them(pair):
 
 
 def test_adapters_are_forwarded_and_traces_name_their_version(pair, tmp_path):
-    import torch
-
     from selfevolve.serve import adapter_version
-    from selfevolve.training import trainable_model
 
     engine, gateway = pair
-    torch.manual_seed(0)
-    learner = trainable_model("tiny", r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in learner.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    learner.save_pretrained(tmp_path / "v1")
+    _moved_learner(0, 0.3).save_pretrained(tmp_path / "v1")
     r = httpx.post(gateway.url + "/v1/load_lora_adapter", json={"lora_name": "evolved",
                                                                  "lora_path": str(tmp_path / "v1")})
     assert r.status_code == 200, r.text
@@ -107,26 +113,16 @@ def test_verified_sync_and_the_bodies_real_clients_send_through_the_gateway(pair
     """An update loaded and canary-verified through the gateway (what every recipe and evolve
     do; the canary's echoed prompt is not logged as an answer); content parts, several
     prompts and legacy `logprobs=0` pass through and are logged per prompt."""
-    import torch
+    from transformers import AutoTokenizer
 
     from selfevolve.policies import OpenAIPolicy
     from selfevolve.sync import save_update
-    from selfevolve.training import trainable_model
+    from tests.conftest import tiny_path
 
     engine, gateway = pair
     store = TraceStore(gateway.traces)
     before = store.count()
-    torch.manual_seed(1)
-    learner = trainable_model("tiny", r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in learner.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    from transformers import AutoTokenizer
-
-    from tests.conftest import tiny_path
-
-    update = save_update(learner, AutoTokenizer.from_pretrained(tiny_path()), tmp_path / "u1")
+    update = save_update(_moved_learner(1, 0.1), AutoTokenizer.from_pretrained(tiny_path()), tmp_path / "u1")
     policy = update.serve(OpenAIPolicy(gateway.url), "u1")  # raises SyncError unless the engine serves it
     assert policy.served_names["u1"] in {m.id for m in _client(engine).models.list().data}
     assert store.count() == before  # the canary queries were not logged as traffic
