@@ -591,7 +591,9 @@ def create_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        """Needs no key. `waiting_sequences`: sequences queued for the model thread and not yet
+        in a batch (what vLLM's /metrics calls num_requests_waiting, counted in sequences)."""
+        return {"status": "ok", "waiting_sequences": server.queue.sequences() if server.queue else 0}
 
     @app.get("/v1/models")
     async def models():

@@ -605,19 +605,25 @@ def test_the_server_checks_its_policy_once_at_start(tmp_path, tiny):
         Server(ServeConfig(traces=str(tmp_path / "t.sqlite")), LangChainPolicy(FakeListChatModel(responses=["x"])))
 
 
-def test_a_large_request_does_not_hold_a_small_one(client):
-    """Issue 33: a completions request of 64 prompts × n=8 (512 sequences) is answered in
-    turns with the other clients' requests; a short chat sent after it returns while it is
-    still being generated."""
+def test_a_large_request_does_not_hold_a_small_one(client, server):
+    """Issue 33: a completions request of 64 prompts × n=16 (1024 sequences, 16 batches of
+    `max_batch`) is answered in turns with the other clients' requests: a short chat sent once
+    the first of its batches is generating returns while the rest are still queued."""
     import threading
     import time
 
+    def waiting():
+        return httpx.get(server.url + "/health").json()["waiting_sequences"]
+
     big = threading.Thread(target=lambda: client.completions.create(
-        model="tiny", prompt=[f"What is {i % 9} + {i % 7}?" for i in range(64)], n=8, max_tokens=32, temperature=1.0))
+        model="tiny", prompt=[f"What is {i % 9} + {i % 7}?" for i in range(64)], n=16, max_tokens=32, temperature=1.0))
     big.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not 0 < waiting() < 1024:  # its first batch has been taken
+        assert time.monotonic() < deadline and big.is_alive()
+        time.sleep(0.005)
     r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8)
-    assert r.choices[0].message.content and big.is_alive()
+    assert r.choices[0].message.content and big.is_alive() and waiting() > 0
     big.join()
 
 
