@@ -39,7 +39,7 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
         dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
         kw = {"dtype": dtype, "seed": cfg.seed, "sampling_from_model": cfg.sampling_from_model}
     else:
-        kw = {"keep_adapters": cfg.keep_adapters, "on_sync_error": cfg.on_sync_error}
+        kw = {"keep_adapters": cfg.keep_adapters, "on_sync_error": cfg.on_sync_error, "priority": cfg.request_priority}
     policy = load_policy(cfg.model, "auto" if cfg.policy == "hf" else cfg.policy, **kw)
     if adapter:
         policy.load_adapter(adapter, "adapter")

@@ -50,6 +50,9 @@ class ModelKeys(Keys):
     max_new_tokens: int = Field(96, ge=1, description="generation budget per turn")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
     keep_adapters: int = Field(4, ge=2, description="openai: adapter versions a server keeps loaded at most")
+    request_priority: int = Field(0, description="openai: the `priority` sent with each generation request (lower "
+                                  "is answered sooner; selfevolve serve queues by it, vLLM needs "
+                                  "--scheduling-policy priority for any value but 0)")
     on_sync_error: str = Field("raise", pattern="^(raise|drop)$", description="a fleet replica that fails an adapter "
                                "sync: raise (roll every replica back, stop) | drop (go on without it)")
 

@@ -40,12 +40,18 @@ redo the round in flight on its window, and nothing else. The server is watched 
 rounds: one that restarted (forgetting hot-loaded adapters, as vLLM does) gets the served
 version loaded and verified again; one that stays away longer than `server_wait_s` stops
 evolve with one line. Ctrl-C stops after the round in flight; `rounds=` bounds the run.
+
+Users come first: the round's requests carry `priority` 1 (`request_priority=`, vLLM's
+request field; `selfevolve serve` batches a lower priority first, vLLM does with
+`--scheduling-policy priority`; request_priority=0 for one without it), and evolve runs at
+CPU niceness `nice`, so on a shared machine its training yields the cores to the server.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -82,6 +88,8 @@ class EvolveConfig(Keys):
     gate_min_discordant: int = Field(10, ge=1, description="validation tasks on which candidate and served must "
                                      "differ before the gate decides")
     gate_min_gain: float = Field(0.0, ge=0, description="smallest gain, in points of the target metric, to promote")
+    nice: int = Field(10, ge=0, le=19, description="evolve's CPU niceness (os.nice): on a machine it shares with the "
+                      "server, its training yields the cores to the server's users")
     serve_as: str = Field("evolved", description="the adapter name traffic asks for; only promoted versions")
     run_dir: str = Field("runs/evolve", description="rounds, lineage and state")
     resume: bool = Field(False, description="continue from run_dir/state.json")
@@ -130,7 +138,7 @@ class Evolve:
         self.mod, self.cls = recipe(cfg.recipe)
         one = {"iterations": 1} if "iterations" in self.cls.model_fields else {}  # a round is one iteration
         self.recipe_cfg = lambda r, **extra: resolve(self.cls, config_path(cfg.recipe), {
-            **one, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
+            **one, "request_priority": 1, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
             "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}"), **extra})
         self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
         if not Path(cfg.traces).is_file():
@@ -180,6 +188,7 @@ class Evolve:
     def run(self) -> None:
         from .build import served_policy
 
+        os.nice(self.cfg.nice)
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
             self.models()  # a server that is not there yet gets server_wait_s to come up

@@ -7,6 +7,11 @@ filled round-robin — one job from each waiting request in turn, requests that 
 going to the back — up to a budget of sequences (a job of `n` samples counts n). A small
 request that arrives behind a large one is in the next batch, not after the large one ends;
 a single job larger than the budget still runs, alone.
+
+Requests also carry a priority (vLLM's request field: lower is sooner, default 0): a batch
+holds jobs of the lowest priority waiting only, so background work — an evolve round's
+sampling, sent with priority 1 — runs only while no user request is queued, and a user
+request waits at most for the batch in flight.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 class FairQueue:
     def __init__(self):
         self.requests: dict[Any, deque] = {}  # request -> its (job, size) in order; dict order is the turn order
+        self.priority: dict[Any, int] = {}  # request -> its priority
         self.waiting = asyncio.Event()
 
-    def put(self, request: Any, job: Any, size: int = 1) -> None:
+    def put(self, request: Any, job: Any, size: int = 1, priority: int = 0) -> None:
         self.requests.setdefault(request, deque()).append((job, size))
+        self.priority[request] = priority
         self.waiting.set()
 
     def sequences(self) -> int:
@@ -34,10 +41,11 @@ class FairQueue:
         if wait_s > 0 and self.sequences() < budget:
             await asyncio.sleep(wait_s)
         batch, used, served = [], 0, []
+        first = min(self.priority[r] for r, q in self.requests.items() if q)
         while True:
             took = False
             for request, q in self.requests.items():
-                if not q:
+                if not q or self.priority[request] != first:
                     continue
                 job, size = q[0]
                 if batch and used + size > budget:
@@ -54,6 +62,8 @@ class FairQueue:
             q = self.requests.pop(request)
             if q:
                 self.requests[request] = q
+            else:
+                del self.priority[request]
         if not self.requests:
             self.waiting.clear()
         return batch

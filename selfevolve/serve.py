@@ -228,11 +228,13 @@ class Server:
 
     # --- the worker ---------------------------------------------------------------------------
 
-    async def submit(self, kind: str, key: BatchKey, payload: Any, request: Any = None, size: int = 1):
+    async def submit(self, kind: str, key: BatchKey, payload: Any, request: Any = None, size: int = 1,
+                     priority: int = 0):
         """Queue one job of `size` sequences for the model thread and wait for its result;
-        jobs of one `request` (a completions request's prompts) share its turn (FairQueue)."""
+        jobs of one `request` (a completions request's prompts) share its turn, and a lower
+        `priority` goes first (FairQueue)."""
         job = Job(kind, key, payload, asyncio.get_running_loop().create_future())
-        self.queue.put(request if request is not None else object(), job, size)
+        self.queue.put(request if request is not None else object(), job, size, priority)
         return await job.future
 
     async def worker(self) -> None:
@@ -327,7 +329,7 @@ class Server:
         created = int(time.time())
         if refine is None:
             version, turns = await self.submit("chat", BatchKey(adapter, unseeded(sampling)), (conv, req.seed),
-                                               size=req.n)
+                                               size=req.n, priority=req.priority)
             turns = [cut_at_stop(t, req.stop) for t in turns]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
                        for i, t in enumerate(turns)]
@@ -352,7 +354,7 @@ class Server:
         task = request_task(conv, req, refine.reference)
         system = conv[0]["content"] if conv[0]["role"] == "system" else None  # reaches every attempt
         trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic, system),
-                                  task)
+                                  task, priority=req.priority)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
         out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns), "scores": [t.score for t in trace.turns],
@@ -392,13 +394,15 @@ class Server:
             self.check_length(len(x))
         request = object()  # its prompts take one turn between other clients' requests
         self.check_work(len(prompts), req.n, req.max_tokens)
-        results = await asyncio.gather(*[self.submit("complete", BatchKey(adapter, unseeded(sampling)), (p, req.seed),
-                                                     request, req.n) for p in prompts])  # each prompt the seed, as vLLM
+        key = BatchKey(adapter, unseeded(sampling))  # each prompt the request's seed, as vLLM
+        results = await asyncio.gather(*[self.submit("complete", key, (p, req.seed), request, req.n, req.priority)
+                                         for p in prompts])
         versions = [v for v, _ in results]
         results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
-            echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a)) for i,
+            echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a),
+                                               priority=req.priority) for i,
                       p in enumerate(prompts)}
         choices, completion = [], 0
         for i, (p, turns) in enumerate(zip(prompts, results)):

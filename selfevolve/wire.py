@@ -25,6 +25,7 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 SEED = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
+PRIORITY = Field(0, ge=-(2**31), lt=2**31)  # vLLM's: lower is answered sooner (serve: a queue class)
 
 
 class Message(BaseModel):
@@ -62,6 +63,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = SEED
+    priority: int = PRIORITY
     logprobs: bool | None = False
     return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
     stream: bool | None = False  # answered whole, then sent as server-sent events (chunks)
@@ -84,6 +86,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = SEED
+    priority: int = PRIORITY
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool | None = False

@@ -643,6 +643,53 @@ def test_fair_queue_takes_requests_in_turns():
     assert asyncio.run(batches()) == [["big0", "small0"], ["huge0"], ["big1", "big2"], ["big3", "big4"]]
 
 
+def test_fair_queue_serves_a_lower_priority_first():
+    """A batch holds the lowest priority waiting only: background work (priority 1, an evolve
+    round's) runs while no user request (priority 0) waits, and a user's request that arrives
+    behind it is the next batch."""
+    import asyncio
+
+    from selfevolve.scheduling import FairQueue
+
+    async def batches():
+        q = FairQueue()
+        for i in range(3):
+            q.put("round", f"round{i}", 2, priority=1)
+        first = await q.take(4)
+        q.put("user", "user0")
+        q.put("user2", "user1")
+        return [first] + [await q.take(4) for _ in range(2)], q.requests, q.priority
+
+    taken, left, priority = asyncio.run(batches())
+    assert taken == [["round0", "round1"], ["user0", "user1"], ["round2"]]
+    assert left == {} and priority == {}
+
+
+def test_a_user_is_answered_before_a_background_request(client, server):
+    """Over HTTP: with a priority-1 request of 1024 sequences queued, a priority-0 chat is
+    answered after at most the batch in flight, and the background request still completes."""
+    import threading
+    import time
+
+    def waiting():
+        return httpx.get(server.url + "/health").json()["waiting_sequences"]
+
+    done = {}
+    big = threading.Thread(target=lambda: done.setdefault("big", client.completions.create(
+        model="tiny", prompt=[f"What is {i % 9} + {i % 7}?" for i in range(64)], n=16, max_tokens=32,
+        temperature=1.0, extra_body={"priority": 1})))
+    big.start()
+    deadline = time.monotonic() + 60
+    while not 0 < waiting() < 1024:
+        assert time.monotonic() < deadline and big.is_alive()
+        time.sleep(0.005)
+    before = waiting()
+    r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8)
+    assert r.choices[0].message.content and waiting() >= before - 2 * 64  # the batch in flight, and one more at most
+    big.join()
+    assert len(done["big"].choices) == 1024
+
+
 def test_langchain_chat_openai_against_the_server(server):
     """The client LangChain users have: ChatOpenAI, plain and streaming."""
     from langchain_openai import ChatOpenAI

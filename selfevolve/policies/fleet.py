@@ -44,11 +44,12 @@ UNREACHABLE = (openai.APIConnectionError, httpx.TransportError)
 class FleetPolicy:
     def __init__(self, urls: list[str], model: str | None = None, api_key: str | None = None,
                  on_sync_error: str = "raise", keep_adapters: int = 4, concurrency: int = 32,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, priority: int = 0):
         if on_sync_error not in ("raise", "drop"):
             raise UserError(f"on_sync_error={on_sync_error}: choose raise or drop")
         # no client-side retries: a failed request goes to another replica at once
-        self.replicas = [OpenAIPolicy(u, model, api_key, concurrency, timeout, keep_adapters, max_retries=0)
+        self.replicas = [OpenAIPolicy(u, model, api_key, concurrency, timeout, keep_adapters, max_retries=0,
+                                     priority=priority)
                          for u in urls]
         bases = {(r.base_model, r.root) for r in self.replicas}
         if len(bases) > 1:

@@ -65,7 +65,8 @@ def client_key(api_key: str | None = None) -> str:
 
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 concurrency: int = 32, timeout: float = 300.0, keep_adapters: int = 4, max_retries: int = 2):
+                 concurrency: int = 32, timeout: float = 300.0, keep_adapters: int = 4, max_retries: int = 2,
+                 priority: int = 0):
         import httpx
         from openai import OpenAI
 
@@ -77,6 +78,7 @@ class OpenAIPolicy:
         self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
         self.concurrency = concurrency
+        self.priority = priority  # sent with every generation request when not 0 (vLLM's field)
         try:
             served = self.client.models.list().data
             self.base_model = model or served[0].id
@@ -100,6 +102,11 @@ class OpenAIPolicy:
     def _model(self) -> str:
         return self.served_names[self._active] if self._active else self.base_model
 
+    def _extra(self, **fields) -> dict | None:
+        """The request's fields beyond the openai client's: `priority` when set."""
+        fields |= {"priority": self.priority} if self.priority else {}
+        return fields or None
+
     def _map(self, fn, items):
         if not items:
             return []
@@ -119,8 +126,8 @@ class OpenAIPolicy:
                                                 max_tokens=sampling.max_new_tokens, n=sampling.n,
                                                 seed=sampling.seed, stop=sampling.stop,
                                                 logprobs=sampling.logprobs or None,
-                                                extra_body={"return_tokens_as_token_ids": True}
-                                                if sampling.logprobs else None)
+                                                extra_body=self._extra(return_tokens_as_token_ids=True)
+                                                if sampling.logprobs else self._extra())
         return [sampled_turn(c) for c in r.choices]
 
     def complete(self, texts: list[str], sampling: SamplingParams | None = None) -> list[list[Turn]]:
@@ -131,14 +138,14 @@ class OpenAIPolicy:
         """One /v1/completions request: `sampling.n` Turns."""
         r = self.client.completions.create(model=self._model(), prompt=text, temperature=sampling.temperature,
                                            top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, n=sampling.n,
-                                           seed=sampling.seed, stop=sampling.stop)
+                                           seed=sampling.seed, stop=sampling.stop, extra_body=self._extra())
         return [Turn(response=c.text) for c in r.choices]
 
     def prompt_logprobs(self, text: str) -> list[float]:
         """log p(t_i | t_<i) for every token of `text` after the first, from the server's echoed
         prompt log-probabilities (`/v1/completions`, echo=true, logprobs=1)."""
         r = self.client.completions.create(model=self._model(), prompt=text, max_tokens=1, temperature=0.0, echo=True,
-                                           logprobs=1)
+                                           logprobs=1, extra_body=self._extra())
         lps = r.choices[0].logprobs.token_logprobs[: r.usage.prompt_tokens]
         return [math.nan if lp is None else float(lp) for lp in lps[1:]]  # a gap is a failed check, not a skip
 
