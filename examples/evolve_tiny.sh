@@ -20,7 +20,7 @@ until curl -sf http://127.0.0.1:$PORT/health > /dev/null; do
   sleep 1
 done
 python "$HERE/traffic.py" send --url $URL --n 800 --offset 0 --seed $SEED
-selfevolve evolve model=$URL traces=$ROOT/traces.sqlite recipe=rest_em every=500 rounds=3 poll_s=2 \
+selfevolve evolve model=$URL traces=$ROOT/traces.sqlite recipe=rest_em every=500 rounds=3 poll_s=2 val_fraction=0.25 \
   run_dir=$ROOT/evolve > "$ROOT/evolve.log" 2>&1 &
 EVOLVE=$!
 for k in 1 2; do   # the next wave once round k-1 is recorded: answered by whatever is served then

@@ -10,8 +10,8 @@ a single job larger than the budget still runs, alone.
 
 Requests also carry a priority (vLLM's request field: lower is sooner, default 0): a batch
 holds jobs of the lowest priority waiting only, so background work — an evolve round's
-sampling, sent with priority 1 — runs only while no user request is queued, and a user
-request waits at most for the batch in flight.
+sampling, sent with priority 1 — runs only while no user request is queued, in batches of
+at most `background` sequences, and a user request waits at most for the batch in flight.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ class FairQueue:
     def sequences(self) -> int:
         return sum(size for q in self.requests.values() for _, size in q)
 
-    async def take(self, budget: int, wait_s: float = 0.0) -> list:
-        """The next batch: waits for a job, then up to `wait_s` for more to fill `budget`."""
+    async def take(self, budget: int, wait_s: float = 0.0, background: int | None = None) -> list:
+        """The next batch: waits for a job, then up to `wait_s` for more to fill `budget`
+        (`background`, where given, for a batch of priority > 0: shorter, so a user's request
+        that arrives while it runs waits less)."""
         await self.waiting.wait()
         if wait_s > 0 and self.sequences() < budget:
             await asyncio.sleep(wait_s)
         batch, used, served = [], 0, []
         first = min(self.priority[r] for r, q in self.requests.items() if q)
+        if first > 0 and background is not None:
+            budget = min(budget, background)
         while True:
             took = False
             for request, q in self.requests.items():

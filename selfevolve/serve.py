@@ -71,6 +71,8 @@ class ServeConfig(ModelKeys, FeedbackKeys):
                              description="the base model's id in /v1/models (default: the model directory's name)")
     max_batch: int = Field(64, ge=1, description="sequences generated together at most (a request of n samples "
                            "counts n); waiting requests share batches round-robin (scheduling.FairQueue)")
+    background_batch: int = Field(16, ge=1, description="sequences a batch of background work (priority > 0) holds "
+                                  "at most: a user's request waits for no more than that in flight")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(16, ge=1, description="largest n a request may ask for")
@@ -240,7 +242,7 @@ class Server:
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self.queue.take(self.cfg.max_batch, self.cfg.batch_wait_ms / 1000)
+            jobs = await self.queue.take(self.cfg.max_batch, self.cfg.batch_wait_ms / 1000, self.cfg.background_batch)
             groups: dict[tuple, list[Job]] = {}
             for j in jobs:
                 groups.setdefault((j.kind, j.key), []).append(j)

@@ -664,6 +664,15 @@ def test_fair_queue_serves_a_lower_priority_first():
     assert taken == [["round0", "round1"], ["user0", "user1"], ["round2"]]
     assert left == {} and priority == {}
 
+    async def shorter():
+        q = FairQueue()
+        for i in range(4):
+            q.put("round", f"round{i}", 2, priority=1)
+            q.put("user", f"user{i}", 2)
+        return [await q.take(8, background=2) for _ in range(3)]
+
+    assert asyncio.run(shorter()) == [["user0", "user1", "user2", "user3"], ["round0"], ["round1"]]
+
 
 def test_a_user_is_answered_before_a_background_request(client, server):
     """Over HTTP: with a priority-1 request of 1024 sequences queued, a priority-0 chat is
