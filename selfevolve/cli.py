@@ -235,11 +235,10 @@ def cmd_check(overrides: dict, want_help: bool) -> int:
     cfg = build(CheckConfig, overrides)
     tasks = tasks_for(cfg, cfg.split, cfg.limit, holdout=False)
     verifier = verifier_for(cfg.verifier, tasks)
-    missing = [t.id for t in tasks if t.reference is None]
+    missing = [t for t in tasks if t.reference is None]
     if missing:
-        raise UserError(
-            f"data={cfg.data}: {len(missing)} tasks have no reference ({missing[0]}, ...); set answer_field="
-        )
+        raise UserError(f"data={cfg.data}: {len(missing)} tasks have no reference in field {cfg.answer_field!r} "
+                        f"({missing[0].id}, ...); set answer_field= (other fields: {sorted(missing[0].meta)})")
     if cfg.out:
         _check_writable(cfg.out)
     render = getattr(verifier, "reference_response", lambda t: f"The answer is {t.reference}.")

@@ -79,6 +79,8 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
         named: set[str] = set()
     else:
         rows, named = None, splits_of(data)
+        fields = {"id_field": id_field, "answer_field": answer_field, "tests_field": tests_field,
+                  "entry_point_field": entry_point_field}
     if split is None:
         split = "test" if "test" in named else None
     elif split not in named and holdout is None:
@@ -86,7 +88,7 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
     if split is None:
         pass  # every task
     elif split in named and not (split == "train" and holdout is not None and set(carve) - named):
-        rows = list(_rows(data, split))
+        rows = _file_rows(data, split, fields)
     elif holdout is not None:
         if split not in ROLES:
             raise UserError(f"data={data}: no split {split!r} (roles: {', '.join(ROLES)})")
@@ -94,11 +96,11 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
             if named and "train" not in named:
                 raise UserError(f"data={data}: no split {split!r} and no 'train' split to carve it from "
                                 f"(splits: {sorted(named)})")
-            rows = list(_rows(data, "train" if named else split))
+            rows = _file_rows(data, "train" if named else split, fields)
         carved = tuple(r for r in carve if r not in named)
         rows = [r for r in rows if _role(seed, _task_id(data, r, id_field), holdout, carved) == split]
     if rows is None:
-        rows = list(_rows(data, split or "test"))
+        rows = _file_rows(data, split or "test", fields)
     if store and not (split == "train" and unscored_train):  # only what a verifier can score
         rows = [(i, t) for i, t in rows if t.reference is not None or t.tests]
     if data == "humaneval" or store:
@@ -192,6 +194,34 @@ def trace_filters(cfg) -> dict:
             raise UserError(f"train_traces={path}: expected a JSON list of trace ids (or an object with one as "
                             "\"trace_ids\")")
     return {**filters, "scored": bool(filters["scored"]), "trace_ids": None if ids is None else set(ids)}
+
+
+FIELD_DEFAULTS = {"id_field": "id", "answer_field": "answer", "tests_field": "tests",
+                  "entry_point_field": "entry_point"}
+
+
+def _file_rows(data: str, split: str, fields: dict[str, str]) -> list[tuple[str, Any]]:
+    """A file's rows, checked as a whole: a field named by a key other than its default
+    (`answer_field=gold`) must be in some row (`id_field=`: in every row), else one line
+    listing the fields there are; task ids must be unique (the first two places of a
+    repeated one are named)."""
+    rows = list(_rows(data, split))
+    objects = [(where, row) for where, row in rows if isinstance(row, dict)]
+    for key, name in fields.items():
+        if name == FIELD_DEFAULTS[key] or not objects:
+            continue
+        lacking = [(where, row) for where, row in objects if name not in row]
+        if len(lacking) == len(objects) or (key == "id_field" and lacking):
+            where, row = lacking[0]
+            raise UserError(f"{data}:{where}: no field {name!r} ({key}=; fields here: {sorted(row)})")
+    first: dict[str, str] = {}
+    for item in objects:
+        task_id = _task_id(data, item, fields["id_field"])
+        if task_id in first:
+            raise UserError(f"{data}: task id {task_id!r} is repeated ({first[task_id]} and {item[0]}); ids must be "
+                            f"unique (id_field={fields['id_field']})")
+        first[task_id] = item[0]
+    return rows
 
 
 def _task_id(data: str, item: tuple[str, Any], id_field: str) -> str:

@@ -48,7 +48,7 @@ from .loop import refine_batch
 from .scheduling import FairQueue
 from .store import TraceStore
 from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop
-from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine, stream
+from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
 
 REFINE_SUFFIX = "+refine"
 
@@ -115,6 +115,32 @@ def unseeded(sampling: SamplingParams) -> str:
 
 
 SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
+
+
+class StreamText:
+    """One streamed choice's text: the tokens so far, decoded, less what may still change — an
+    unfinished character, a tail that could begin a `stop` string, and, for chat (whose answer
+    is trimmed), leading and trailing whitespace. `add` returns the text newly safe to send."""
+
+    def __init__(self, tokenizer, stop, strip: bool):
+        self.tokenizer, self.ids, self.sent, self.strip = tokenizer, [], "", strip
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = text.strip() if self.strip else text
+        at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if at >= 0:
+            text = text[:at]
+        else:  # hold back a tail that may begin a stop string
+            text = text[: len(text) - max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                                          default=0)]
+        text = text.rstrip("\ufffd")
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
 
 
 class Failed(NamedTuple):
@@ -273,10 +299,12 @@ class Server:
         self.policy.set_adapter(key.adapter)
         version = self.versions.get(key.adapter)  # what answers, fixed here: swaps run between batches
         sampling = SamplingParams.model_validate_json(key.sampling)
-        if kind in ("chat", "complete"):  # payloads: (conversation or text, the request's seed)
-            seeds = [seed for _, seed in payloads]
+        if kind in ("chat", "complete"):  # payloads: (conversation or token ids, the request's seed, its stream)
+            seeds = [seed for _, seed, _ in payloads]
+            emits = [e for _, _, e in payloads]
             call = self.policy.generate if kind == "chat" else self.policy.complete
-            answers = call([x for x, _ in payloads], sampling, seeds=None if seeds == [None] * len(seeds) else seeds)
+            answers = call([x for x, _, _ in payloads], sampling, seeds=None if seeds == [None] * len(seeds) else seeds,
+                           on_token=emits if any(emits) else None)
             return [(version, turns) for turns in answers]
         traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
                               sampling=sampling, system=key.system, recipe="serve",
@@ -293,13 +321,13 @@ class Server:
         if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
             raise HTTPError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", "authentication_error")
 
-    def sampling(self, temperature, top_p, max_tokens, n, seed, logprobs=False) -> SamplingParams:
+    def sampling(self, temperature, top_p, max_tokens, n, seed, logprobs=False, top: int = 0) -> SamplingParams:
         if max_tokens > self.cfg.max_tokens_limit:
             raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.cfg.max_tokens_limit}")
         if n > self.cfg.max_n:
             raise HTTPError(400, f"n={n} exceeds this server's limit of {self.cfg.max_n}")
         return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
-                              logprobs=bool(logprobs))
+                              logprobs=bool(logprobs), top_logprobs=top)
 
     def check_work(self, prompts: int, n: int, max_tokens: int) -> None:
         if prompts * n * max_tokens > self.cfg.max_request_tokens:
@@ -311,7 +339,9 @@ class Server:
         if ids_len + 1 > limit:
             raise HTTPError(400, f"the prompt is {ids_len} tokens; this model's context is {limit} tokens")
 
-    async def chat(self, req: ChatRequest) -> dict:
+    async def chat(self, req: ChatRequest, emit=None) -> dict:
+        """The response to a chat request. `emit(choice, token_id)`, where given, receives each
+        token as it is generated (a plain request's; a refinement's answer comes whole)."""
         if req.tools or req.tool_choice not in (None, "none"):
             raise HTTPError(400, "tools / tool_choice are not supported by selfevolve serve (the model has no "
                             "tool-calling format)")
@@ -320,7 +350,10 @@ class Server:
                             "(only text)")
         adapter = self.adapter_for(req.model)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
-        sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs)
+        if req.top_logprobs and not req.logprobs:
+            raise HTTPError(400, "top_logprobs needs logprobs=true")
+        sampling = self.sampling(req.temperature, req.top_p, max_tokens, req.n, req.seed, req.logprobs,
+                                 req.top_logprobs or 0)
         conv = [m.model_dump() for m in req.messages]
         prompt_tokens = self.count_prompt(conv)
         refine = (
@@ -330,7 +363,7 @@ class Server:
         )
         created = int(time.time())
         if refine is None:
-            version, turns = await self.submit("chat", BatchKey(adapter, unseeded(sampling)), (conv, req.seed),
+            version, turns = await self.submit("chat", BatchKey(adapter, unseeded(sampling)), (conv, req.seed, emit),
                                                size=req.n, priority=req.priority)
             turns = [cut_at_stop(t, req.stop) for t in turns]
             choices = [self._chat_choice(i, t, max_tokens, req.logprobs, req.return_tokens_as_token_ids)
@@ -369,8 +402,11 @@ class Server:
         if logprobs and turn.logprobs is not None:
             tok = self.policy.tokenizer
             name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: tok.decode([t]))
-            choice["logprobs"] = {"content": [{"token": name(t), "logprob": lp, "bytes": None,
-                                               "top_logprobs": []} for t, lp in zip(turn.token_ids, turn.logprobs)]}
+            tops = turn.top_logprobs or [{} for _ in turn.token_ids]
+            choice["logprobs"] = {"content": [
+                {"token": name(t), "logprob": lp, "bytes": None,
+                 "top_logprobs": [{"token": name(k), "logprob": v, "bytes": None} for k, v in top.items()]}
+                for t, lp, top in zip(turn.token_ids, turn.logprobs, tops)]}
         return choice
 
     def _chat_response(self, model, created, choices, prompt: int, turns) -> dict:
@@ -384,43 +420,62 @@ class Server:
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
-    async def complete(self, req: CompletionRequest) -> dict:
+    async def complete(self, req: CompletionRequest, emit=None) -> dict:
+        """Continue each prompt (a text or token ids, as OpenAI and vLLM take them). `echo`
+        puts the prompt before the answer; with max_tokens=0 the prompt alone (its log-probs
+        score it; nothing is logged). `logprobs=k`: each returned token, its log-prob, the k
+        most likely tokens at its position and its offset in the text, as OpenAI's legacy
+        completions format defines them. The answer's text is its returned tokens decoded.
+        `emit(choice, token_id)`, where given, receives each token as it is generated."""
         adapter = self.adapter_for(req.model)
-        sampling = self.sampling(req.temperature, req.top_p, req.max_tokens, req.n, req.seed, req.logprobs is not None)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if req.max_tokens == 0 and not req.echo:
+            raise HTTPError(400, "max_tokens=0 returns nothing without echo=true")
+        top = req.logprobs or 0
+        sampling = self.sampling(req.temperature, req.top_p, max(req.max_tokens, 1), req.n, req.seed,
+                                 req.logprobs is not None, top)
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         if not prompts or not all(prompts):
             raise HTTPError(400, "prompt is empty")
         tok = self.policy.tokenizer
-        ids = [tok(p)["input_ids"] for p in prompts]
+        vocab = len(tok)
+        for x in prompts:
+            if isinstance(x, list) and not all(0 <= i < vocab for i in x):
+                raise HTTPError(400, f"prompt: token ids must be in [0, {vocab})")
+        ids = [x if isinstance(x, list) else tok(x)["input_ids"] for x in prompts]
+        texts = [x if isinstance(x, str) else tok.decode(x, skip_special_tokens=True) for x in prompts]
         for x in ids:
             self.check_length(len(x))
         request = object()  # its prompts take one turn between other clients' requests
         self.check_work(len(prompts), req.n, req.max_tokens)
-        key = BatchKey(adapter, unseeded(sampling))  # each prompt the request's seed, as vLLM
-        results = await asyncio.gather(*[self.submit("complete", key, (p, req.seed), request, req.n, req.priority)
-                                         for p in prompts])
+        if req.max_tokens == 0:
+            nothing = [Turn(response="", token_ids=[], logprobs=[]) for _ in range(req.n)]
+            results = [(self.versions.get(adapter), nothing) for _ in ids]
+        else:
+            key = BatchKey(adapter, unseeded(sampling))  # each prompt the request's seed, as vLLM
+            each = [None if emit is None else (lambda s, t, i=i: emit(i * req.n + s, t)) for i in range(len(ids))]
+            results = await asyncio.gather(*[self.submit("complete", key, (x, req.seed, e), request, req.n,
+                                                         req.priority) for x, e in zip(ids, each)])
         versions = [v for v, _ in results]
         results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
-            echoed = {i: await self.submit("call", SERIAL, lambda p=p, a=adapter: self._prompt_lps(p, a),
-                                               priority=req.priority) for i,
-                      p in enumerate(prompts)}
+            echoed = {i: await self.submit("call", SERIAL, lambda x=x, a=adapter: self._prompt_lps(x, a, top),
+                                           priority=req.priority) for i, x in enumerate(ids)}
         choices, completion = [], 0
-        for i, (p, turns) in enumerate(zip(prompts, results)):
+        for i, (text, turns) in enumerate(zip(texts, results)):
             for t in turns:
                 completion += len(t.token_ids or [])
-                choice = {"index": len(choices), "text": (p if req.echo else "") + t.response,
+                answer = t.response if t.token_ids is None else tok.decode(t.token_ids, skip_special_tokens=True)
+                choice = {"index": len(choices), "text": (text if req.echo else "") + answer,
                           "finish_reason": t.finish_reason or "stop", "logprobs": None}
                 if req.logprobs is not None:
-                    gen_toks = [tok.decode([x]) for x in (t.token_ids or [])]
-                    ptoks, plps = echoed.get(i, ([], []))
-                    toks, lps = ptoks + gen_toks, plps + list(t.logprobs or [])
-                    choice["logprobs"] = {"tokens": toks, "token_logprobs": lps, "top_logprobs": None,
-                                          "text_offset": None}
+                    choice["logprobs"] = self._completion_logprobs(
+                        echoed.get(i), text if req.echo else "", t)
                 choices.append(choice)
         prompt_tokens = sum(len(x) for x in ids)
-        logged = await self.log("completion", [request_task(p, req) for p in prompts], results, versions)
+        logged = [] if req.max_tokens == 0 else await self.log(
+            "completion", [request_task(x, req) for x in texts], results, versions)
         return {
             **({"selfevolve": {"trace_id": logged[0], "trace_ids": logged}} if logged else {}),
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -434,6 +489,63 @@ class Server:
                 "total_tokens": prompt_tokens + completion,
             },
         }
+
+    async def streamed(self, handler, req, chat: bool) -> StreamingResponse:
+        """`handler(req, emit)` answered as server-sent events while it generates: each
+        choice's text is sent as its tokens arrive (`StreamText`), then what the finished
+        answer adds (a cut at `stop`), its finish_reason and, on the last chunk, the
+        `selfevolve` field. The response starts once the first token is out or the answer is
+        done, so a request refused before generating is still a plain 4xx."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        def emit(c: int, t: int) -> None:  # from the model thread
+            loop.call_soon_threadsafe(tokens.put_nowait, (c, t))
+
+        # an echo's prompt comes first: its answer is sent whole
+        task = asyncio.ensure_future(handler(req, None if getattr(req, "echo", False) else emit))
+        first = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and task.exception() is not None:
+            first.cancel()
+            raise task.exception()
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": req.model, "object": "chat.completion.chunk" if chat else "text_completion"}
+        texts: dict[int, StreamText] = {}
+
+        def chunk(index: int, text: str | None, finish: str | None = None, **more) -> str:
+            part = ({"delta": {} if text is None else {"role": "assistant", "content": text}} if chat
+                    else {"text": text or ""})
+            choice = {"index": index, **part, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
+
+        async def events():
+            nonlocal first
+            while True:
+                await asyncio.wait({first, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not first.done():
+                    break  # the answer is done; what its tokens did not send, its end sends
+                c, t = first.result()
+                new = texts.setdefault(c, StreamText(self.policy.tokenizer, req.stop, strip=chat)).add(t)
+                if new:
+                    yield chunk(c, new)
+                first = asyncio.ensure_future(tokens.get())
+            first.cancel()
+            try:
+                out = task.result()
+            except HTTPError as e:  # after the first byte: an error event, as OpenAI's stream sends one
+                yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
+            for k, c in enumerate(out["choices"]):
+                final = c["message"]["content"] if chat else c["text"]
+                sent = texts[c["index"]].sent if c["index"] in texts else ""
+                if final.startswith(sent) and final != sent:
+                    yield chunk(c["index"], final[len(sent):])
+                yield chunk(c["index"], None, c["finish_reason"], **(extra if k == len(out["choices"]) - 1 else {}))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def log(self, kind: str, tasks: list[Task], answers: list[list[Turn]],
                   versions: list[str | None]) -> list[str]:
@@ -466,9 +578,28 @@ class Server:
             raise HTTPError(404, f"no logged trace with id {req.trace_id!r}", "not_found_error")
         return {"object": "feedback", "trace_id": trace.id, "score": req.score}
 
-    def _prompt_lps(self, text: str, adapter: str | None):
+    def _prompt_lps(self, ids: list[int], adapter: str | None, top: int):
         self.policy.set_adapter(adapter)
-        return self.policy.prompt_token_logprobs(text)
+        return self.policy.prompt_token_logprobs(ids, top)
+
+    def _completion_logprobs(self, echoed, prefix: str, turn: Turn) -> dict:
+        """OpenAI's legacy `logprobs` object for a choice: the echoed prompt's tokens (their
+        log-probs: None for the first) then the answer's, each with its top tokens ({text:
+        log-prob}) and its offset in the choice's text (the length of the text decoded before
+        it; the prompt's are offsets into `prefix`)."""
+        tok = self.policy.tokenizer
+        p_ids, p_lps, p_tops = echoed or ([], [], [])
+        ids = list(turn.token_ids or [])
+        toks = [tok.decode([x], skip_special_tokens=True) for x in p_ids + ids]
+        tops = list(p_tops) + list(turn.top_logprobs or [{} for _ in ids])
+        offsets = [min(len(s), len(prefix)) for s in tok.batch_decode([p_ids[:k] for k in range(len(p_ids))],
+                                                                         skip_special_tokens=True)]
+        offsets += [len(prefix) + len(s) for s in tok.batch_decode([ids[:k] for k in range(len(ids))],
+                                                                     skip_special_tokens=True)]
+        return {"tokens": toks, "token_logprobs": list(p_lps) + list(turn.logprobs or []),
+                "top_logprobs": [None if t is None else {tok.decode([k], skip_special_tokens=True): v
+                                                         for k, v in t.items()} for t in tops],
+                "text_offset": offsets}
 
     def check_adapter_updates(self) -> None:
         if not self.adapter_updates:
@@ -610,16 +741,14 @@ def create_app(server: Server):
         if server.gateway:
             return await server.forward(await body(request, None), "chat/completions")
         req = await body(request, ChatRequest)
-        out = await server.chat(req)
-        return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
+        return await server.streamed(server.chat, req, chat=True) if req.stream else await server.chat(req)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         if server.gateway:
             return await server.forward(await body(request, None), "completions")
         req = await body(request, CompletionRequest)
-        out = await server.complete(req)
-        return StreamingResponse(stream(out), media_type="text/event-stream") if req.stream else out
+        return await server.streamed(server.complete, req, chat=False) if req.stream else await server.complete(req)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):

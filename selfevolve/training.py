@@ -431,13 +431,21 @@ def sft(model, tokenizer, conversations: list, epochs: int = 1, lr: float = 1e-3
 
 
 @torch.no_grad()
-def text_token_logprobs(model, tokenizer, text: str) -> tuple[list[int], list[float | None]]:
+def text_token_logprobs(model, tokenizer, text: str | list[int], top: int = 0) \
+        -> tuple[list[int], list[float | None], list[dict[int, float] | None]]:
     """Token ids of `text` (special tokens as the tokenizer adds them, as a completions
-    endpoint does) and log p(t_i | t_<i) for each (None for the first)."""
+    endpoint does; token ids are taken as they are), log p(t_i | t_<i) for each (None for the
+    first), and the `top` most likely tokens at each position with theirs ({} when top=0;
+    None for the first)."""
     was_training = model.training
     model.eval()
-    ids = torch.tensor([tokenizer(text)["input_ids"]], device=next(model.parameters()).device)
+    ids = text if isinstance(text, list) else tokenizer(text)["input_ids"]
+    ids = torch.tensor([ids], device=next(model.parameters()).device)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # one unpadded row
     lps = selective_logprobs(logits[:, :-1], ids[:, 1:])[0].tolist()
+    tops: list[dict[int, float] | None] = [None] + [{} for _ in lps]
+    if top:
+        values, indices = torch.log_softmax(logits[0, :-1].float(), -1).topk(top, -1)
+        tops = [None] + [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
     model.train(was_training)
-    return ids[0].tolist(), [None] + lps
+    return ids[0].tolist(), [None] + lps, tops

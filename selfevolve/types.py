@@ -66,6 +66,8 @@ class Turn(BaseModel):
     them), and `logprobs` theirs, one each, where the policy reports them; `tokens`, the
     sampled tokens as text, where a policy reports text but not ids (an OpenAI endpoint
     without vLLM's `return_tokens_as_token_ids`);
+    `top_logprobs`, where asked for (SamplingParams.top_logprobs), the most likely tokens at
+    each step with their log-probs;
     `finish_reason` is "stop" (the model ended its turn) or "length" (cut at the budget: it
     is scored as given, and never trained with an end-of-turn it did not produce)."""
 
@@ -77,6 +79,7 @@ class Turn(BaseModel):
     token_ids: list[int] | None = None
     tokens: list[str] | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
     @property
@@ -154,6 +157,7 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20, description="also the k most likely tokens at each step")
     stop: list[str] | None = Field(None, max_length=4,
                                    description="strings that end an answer (not included), as OpenAI's `stop`")
 
@@ -184,7 +188,7 @@ def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
     if at < 0:
         return turn
     return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
-                                   "finish_reason": "stop"})
+                                   "top_logprobs": None, "finish_reason": "stop"})
 
 
 @runtime_checkable
@@ -240,12 +244,15 @@ class Servable(AdapterServing, Protocol):
         that differ only in their seed are answered in one batch."""
         ...
 
-    def complete(self, texts: list[str], sampling: SamplingParams,
-                 seeds: list[int | None] | None = None) -> list[list[Turn]]: ...
+    def complete(self, prompts: list[str | list[int]], sampling: SamplingParams,
+                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
+        """Continue raw texts or token ids (no chat template)."""
+        ...
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]: ...
 
-    def prompt_token_logprobs(self, text: str) -> tuple[list[str], list[float | None]]: ...
+    def prompt_token_logprobs(self, prompt: str | list[int], top: int = 0) \
+            -> tuple[list[int], list[float | None], list[dict[int, float] | None]]: ...
 
 
 @runtime_checkable

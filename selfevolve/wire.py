@@ -3,12 +3,10 @@ so a malformed request is a 400 with one line, never a 500. Extra fields that Op
 send are accepted and ignored (vLLM's `return_tokens_as_token_ids` and selfevolve's
 `refine`, `reference`, `tests`, `entry_point` are read); a field that would change the answer
 and cannot be honoured (`tools`, a `response_format` other than text) is refused, never
-ignored; the feedback body is strict. And the two response shapes serve needs beyond JSON:
-an answer cut at `stop`, and a whole answer as server-sent events."""
+ignored; the feedback body is strict."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -65,8 +63,9 @@ class ChatRequest(BaseModel):
     seed: int | None = SEED
     priority: int = PRIORITY
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # with logprobs: the k most likely tokens at each step
     return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:N", for a learner to match
-    stream: bool | None = False  # answered whole, then sent as server-sent events (chunks)
+    stream: bool | None = False  # server-sent events as the tokens are generated
     stop: Text | list[Text] | None = Field(None, max_length=4)
     response_format: dict | None = None  # only {"type": "text"}: anything else is refused, not ignored
     tools: list | None = None  # refused: the served model has no tool-calling format
@@ -80,15 +79,15 @@ class ChatRequest(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    prompt: Text | list[Text]
+    prompt: Text | list[Text] | list[int] | list[list[int]]  # texts, or token ids (lm-eval sends these)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0: with echo, the prompt alone (its log-probs score it)
     n: int = Field(1, ge=1)
     seed: int | None = SEED
     priority: int = PRIORITY
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool | None = False
     stop: Text | list[Text] | None = Field(None, max_length=4)
     reference: str | None = None  # extra_body, as in ChatRequest
@@ -111,24 +110,3 @@ class LoadAdapter(BaseModel):
     lora_path: str | None = None
     load_inplace: bool = False  # vLLM's: replace the adapter loaded under this name (else a used name is refused)
 
-
-# --- responses ----------------------------------------------------------------------------
-
-
-def stream(out: dict):
-    """A whole answer as OpenAI's server-sent events: per choice one chunk with all of its
-    text, then one with its finish_reason; the `selfevolve` field (trace ids, a refinement's
-    turns) rides on the last chunk; then [DONE]. The answer is generated before the first byte goes out, so an
-    error is still a plain 4xx."""
-    chat = out["object"] == "chat.completion"
-    head = {k: out[k] for k in ("id", "created", "model")} | {
-        "object": "chat.completion.chunk" if chat else "text_completion"}
-    extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
-    for i, c in enumerate(out["choices"]):
-        body = {"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat else {"text": c["text"]}
-        end = {"delta": {}} if chat else {"text": ""}
-        last = i == len(out["choices"]) - 1
-        for part, finish, more in ((body, None, {}), (end, c["finish_reason"], extra if last else {})):
-            choice = {"index": c["index"], **part, "logprobs": None, "finish_reason": finish}
-            yield f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
-    yield "data: [DONE]\n\n"

@@ -30,6 +30,9 @@ def world(tmp_path_factory):
     (d / "broken.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": oops}\n')
     (d / "noprompt.jsonl").write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
     (d / "plain_dir").mkdir()
+    (d / "gym.jsonl").write_text('{"question": "What is 1 + 1?", "answer": "2", "uid": "a"}\n'
+                                 '{"question": "What is 2 + 2?", "answer": "4", "uid": "b"}\n'
+                                 '{"question": "What is 2 + 1?", "answer": "3", "uid": "a"}\n')
     (d / "bad.yaml").write_text("lr: 1e-4\nlearning_rate: 3\n")
     (d / "notyaml.yaml").write_text("lr: [1,\n")
     Run(build(RestEMConfig, {"recipe": "rest_em", "run_dir": str(d / "rest_em_run"), "iterations": 2}))
@@ -60,6 +63,13 @@ CASES = [  # (args with {d} for the fixture directory, words the one line must c
     (["eval", "data={d}/empty.jsonl"], "empty"),
     (["eval", "data={d}/noprompt.jsonl"], "prompt"),  # missing field
     (["eval", "data={d}/plain_dir"], "not a saved datasets directory"),
+    (["check", "data={d}/gym.jsonl", "prompt_field=question", "id_field=id_"],
+     "gym.jsonl:line 1: no field 'id_' (id_field=; fields here: ['answer', 'question', 'uid'])"),
+    (["check", "data={d}/gym.jsonl", "prompt_field=question", "answer_field=gold"],
+     "no field 'gold' (answer_field=; fields here: ['answer', 'question', 'uid'])"),
+    (["check", "data={d}/gym.jsonl", "prompt_field=question", "tests_field=test_list"], "no field 'test_list'"),
+    (["check", "data={d}/gym.jsonl", "prompt_field=question", "id_field=uid"],
+     "task id 'a' is repeated (line 1 and line 3)"),
     (["eval", "verifier=nope"], "unknown verifier"),
     (["eval", "limit=1", "adapter={d}/other_adapter"], "another base model"),  # adapter for another model
     (["eval", "limit=1", "adapter={d}/plain_dir"], "not a peft adapter"),

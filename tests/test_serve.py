@@ -49,6 +49,76 @@ def test_echoed_logprobs_are_the_canary(client, tiny):
     assert sum(lps[1:]) == pytest.approx(sum(tiny.prompt_logprobs(CANARY)), abs=1e-4)
 
 
+def test_token_id_prompts_and_exact_text(client, tiny):
+    """Prompts as token ids (a list, or a list of lists: what lm-eval's local-completions
+    sends) are answered as the same text is; the text returned is its tokens decoded, and the
+    tokens' offsets index that text."""
+    tok = tiny.tokenizer
+    text = "What is 2 + 3?"
+    ids = tok(text)["input_ids"]
+    by_text = client.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0, logprobs=0)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
+    two = client.completions.create(model="tiny", prompt=[ids, ids], max_tokens=12, temperature=0)
+    answer = by_text.choices[0]
+    assert by_ids.choices[0].text == answer.text and [c.text for c in two.choices] == [answer.text] * 2
+    assert answer.text == "".join(answer.logprobs.tokens)  # exactly the tokens: no space trimmed
+    offsets = answer.logprobs.text_offset
+    assert offsets[0] == 0 and all(answer.text[a:].startswith(t) for a, t in zip(offsets, answer.logprobs.tokens))
+    with pytest.raises(openai.BadRequestError, match="token ids must be in"):
+        client.completions.create(model="tiny", prompt=[len(tok) + 5], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens=0 returns nothing without echo"):
+        client.completions.create(model="tiny", prompt=text, max_tokens=0)
+
+
+def test_loglikelihood_as_lm_eval_asks_for_it(client, tiny):
+    """Multiple choice the way lm-eval's local-completions scores it: context + continuation
+    as token ids, echo=true, logprobs=1, max_tokens=0; the continuation's log-prob and
+    whether it is greedy (each token's log-prob the top one's). Both equal a direct
+    computation on the model, and so does the choice made."""
+    import torch
+
+    tok = tiny.tokenizer
+    context = tok("What is 2 + 3? The answer is")["input_ids"]
+    choices = [" 5.", " 6.", " 23."]
+    scored = []
+    for c in choices:
+        cont = tok(c, add_special_tokens=False)["input_ids"]
+        r = client.completions.create(model="tiny", prompt=context + cont, max_tokens=0, echo=True, logprobs=1,
+                                      temperature=0)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == tok.decode(context + cont, skip_special_tokens=True)
+        assert len(lp.token_logprobs) == len(context + cont) and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+        mine = sum(lp.token_logprobs[len(context):])
+        greedy = all(x >= max(t.values()) - 1e-6 for x, t in zip(lp.token_logprobs[len(context):],
+                                                                   lp.top_logprobs[len(context):]))
+        with torch.no_grad():  # the direct computation
+            ids = torch.tensor([context + cont])
+            logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0, :-1].float(), -1)
+            direct = logp[torch.arange(len(context) - 1, ids.shape[1] - 1), ids[0, len(context):]]
+            direct_greedy = bool((logp[len(context) - 1:].argmax(-1) == ids[0, len(context):]).all())
+        assert mine == pytest.approx(direct.sum().item(), abs=1e-4) and greedy == direct_greedy
+        scored.append((mine, direct.sum().item()))
+    assert max(range(3), key=lambda i: scored[i][0]) == max(range(3), key=lambda i: scored[i][1])
+
+
+def test_top_logprobs_are_filled(client):
+    """Chat's top_logprobs=k and completions' logprobs=k give the k most likely tokens at each
+    step; greedy, the chosen token is the first of them."""
+    r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+               for c in content)
+    c = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(x, abs=1e-5)
+               for t, x in zip(lp.top_logprobs, lp.token_logprobs))
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
+        client.chat.completions.create(model="tiny", messages=Q, max_tokens=2, top_logprobs=2)
+
+
 def test_refinement_by_model_name_and_by_extra_field_is_stored(client, server):
     r = client.chat.completions.create(model="tiny+refine", messages=Q, temperature=0, max_tokens=40)
     meta = r.model_extra["selfevolve"]
@@ -625,6 +695,34 @@ def test_a_large_request_does_not_hold_a_small_one(client, server):
     r = client.chat.completions.create(model="tiny", messages=Q, temperature=0, max_tokens=8)
     assert r.choices[0].message.content and big.is_alive() and waiting() > 0
     big.join()
+
+
+def test_streaming_sends_tokens_as_they_are_generated(client):
+    """Real streaming: the first token's chunk arrives while the answer is still being
+    generated (well before the last), the chunks add up to the answer the same seeded
+    request gets whole, and a `stop` string is never sent (the tail that could begin one is
+    held back); a completions stream is its tokens, exactly."""
+    import time
+
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a long story about numbers."}],
+               temperature=1.0, seed=5, max_tokens=200)
+    whole = client.chat.completions.create(**ask).choices[0].message.content
+    start, arrivals, parts = time.perf_counter(), [], []
+    for c in client.chat.completions.create(**ask, stream=True):
+        if c.choices and c.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - start)
+            parts.append(c.choices[0].delta.content)
+    assert "".join(parts) == whole and len(parts) > 20
+    assert arrivals[0] < 0.5 * arrivals[-1]  # time to first token, against the whole answer's
+    word = whole.split()[len(whole.split()) // 2]
+    cut = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True,
+                                                                                            stop=[word]) if c.choices)
+    assert cut == whole[: whole.index(word)]
+    parts = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="Once upon a time",
+                                                                   max_tokens=40, temperature=1.0, seed=2,
+                                                                   stream=True)]
+    once = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=40, temperature=1.0, seed=2)
+    assert "".join(parts) == once.choices[0].text and len([p for p in parts if p]) > 5
 
 
 def test_fair_queue_takes_requests_in_turns():

@@ -9,6 +9,7 @@ serves the adapter it just trained without a copy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -21,7 +22,15 @@ import torch
 from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from ..errors import UserError
 from ..models import release_freed_memory, resolve_device, resolve_dtype, resolve_model_path
@@ -51,14 +60,18 @@ class ChosenLogprobs(LogitsProcessor):
     Step t's chosen token is seen at step t+1 (the last column of `input_ids`); `finish`
     takes the last one from the returned sequences."""
 
-    def __init__(self):
+    def __init__(self, top: int = 0):
+        self.top = top  # also the `top` most likely tokens at each step
         self.steps: list[torch.Tensor] = []
+        self.tops: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._last: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._last is not None:
             self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
         self._last = torch.log_softmax(scores.float(), -1)
+        if self.top:
+            self.tops.append(self._last.topk(self.top, -1))
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> list[list[float]]:
@@ -66,6 +79,27 @@ class ChosenLogprobs(LogitsProcessor):
         if self._last is not None:
             self.steps.append(self._last.gather(1, new_tokens[:, -1:].to(self._last.device)).squeeze(1))
         return torch.stack(self.steps, 1).tolist() if self.steps else [[] for _ in range(len(new_tokens))]
+
+    def top_tokens(self) -> list[list[dict[int, float]]]:
+        """(B, T): each step's `top` tokens with their log-probs, row by row."""
+        steps = [[dict(zip(i.tolist(), v.tolist())) for v, i in zip(values, indices)] for values, indices in self.tops]
+        return [list(row) for row in zip(*steps)]
+
+
+class TokenStream(StoppingCriteria):
+    """Streams generation: after every decoding step, `emit[r](token)` for each row r with a
+    callback, with the token it just sampled, until an end token ends the row. Never stops
+    generation itself."""
+
+    def __init__(self, emit: list, eos: set[int]):
+        self.emit, self.eos, self.done = emit, eos, [e is None for e in emit]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for r, token in enumerate(input_ids[:, -1].tolist()):
+            if not self.done[r]:
+                self.emit[r](token)
+                self.done[r] = token in self.eos
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class SeededSampling(LogitsProcessor):
@@ -274,24 +308,26 @@ class HFPolicy:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams | None = None,
-                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
+                 seeds: list[int | None] | None = None, on_token: list | None = None) -> list[list[Turn]]:
         """`sampling.n` Turns per conversation, in input order. Conversation i is sampled
         with its own seed, `seeds[i]` when given, else `sampling.seed + i` (as vLLM seeds each
-        request): the same conversation and seed give the same output in any batch."""
-        return self.generate_ids(self.encode_prompts(conversations), sampling, seeds)
+        request): the same conversation and seed give the same output in any batch.
+        `on_token[i]`, where given, is called as `(sample, token_id)` with each token of
+        conversation i as it is generated (streaming), the end token included."""
+        return self.generate_ids(self.encode_prompts(conversations), sampling, seeds, on_token)
 
-    def complete(self, texts: list[str], sampling: SamplingParams | None = None,
-                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
-        """Continue raw texts (no chat template): what `/v1/completions` serves."""
-        return self.generate_ids([list(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else [], sampling,
-                                 seeds)
+    def complete(self, prompts: list[str | list[int]], sampling: SamplingParams | None = None,
+                 seeds: list[int | None] | None = None, on_token: list | None = None) -> list[list[Turn]]:
+        """Continue raw texts, or token ids (no chat template): what `/v1/completions` serves."""
+        ids = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
+        return self.generate_ids([list(x) for x in ids], sampling, seeds, on_token)
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                     seeds: list[int | None] | None = None) -> list[list[Turn]]:
+                     seeds: list[int | None] | None = None, on_token: list | None = None) -> list[list[Turn]]:
         sampling = sampling or SamplingParams()
         if sampling.temperature == 0 and sampling.n > 1:  # greedy: n equal answers (as OpenAI returns them)
-            once = self.generate_ids(prompts, sampling.model_copy(update={"n": 1}))
+            once = self.generate_ids(prompts, sampling.model_copy(update={"n": 1}), on_token=on_token)
             return [[t.model_copy(deep=True) for _ in range(sampling.n) for t in turns] for turns in once]
         if seeds is None and sampling.seed is not None:
             seeds = [sampling.seed + i for i in range(len(prompts))]
@@ -302,7 +338,8 @@ class HFPolicy:
             for start in starts:
                 idx = order[start : start + self.batch_size]
                 batch_seeds = [seeds[i] for i in idx] if seeds is not None else None
-                for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling, batch_seeds)):
+                emit = [on_token[i] for i in idx] if on_token is not None else None
+                for i, turns in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling, batch_seeds, emit)):
                     out[i] = turns
                 bar.advance()
         return out
@@ -320,7 +357,7 @@ class HFPolicy:
         return prompt[-room:]
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams,
-                        seeds: list[int | None] | None = None) -> list[list[Turn]]:
+                        seeds: list[int | None] | None = None, emit: list | None = None) -> list[list[Turn]]:
         prompts = [self._fit(p, sampling) for p in prompts]
         seeded = sampling.temperature > 0 and seeds is not None
         if seeded:  # greedy over each row's own draw: the n rows of a prompt are laid out here, not by generate()
@@ -332,13 +369,17 @@ class HFPolicy:
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
-        chosen = ChosenLogprobs() if sampling.logprobs else None
+        chosen = ChosenLogprobs(sampling.top_logprobs) if sampling.logprobs or sampling.top_logprobs else None
         processors = [chosen] if chosen else []
         if seeded:
             processors.append(SeededSampling(row_seeds(seeds, sampling.n), sampling.temperature, sampling.top_p))
         kwargs = dict(max_new_tokens=budget, num_return_sequences=1 if seeded else sampling.n, pad_token_id=self.pad_id,
                       eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
                       logits_processor=LogitsProcessorList(processors) if processors else None)
+        if emit is not None and any(emit):  # row r is sample r % n of prompt r // n, in both layouts
+            rows = [None if emit[r // sampling.n] is None else functools.partial(emit[r // sampling.n], r % sampling.n)
+                    for r in range(len(prompts) * (1 if seeded else sampling.n))]
+            kwargs["stopping_criteria"] = StoppingCriteriaList([TokenStream(rows, self.eos_ids)])
         if sampling.temperature > 0 and not seeded:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
@@ -346,12 +387,14 @@ class HFPolicy:
         res = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         new = res.sequences[:, width:].tolist()
         lps = chosen.finish(res.sequences[:, width:]) if chosen else None
+        tops = chosen.top_tokens() if chosen and chosen.top else None
         cuts = [next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks)) for toks in new]
         texts = self.tokenizer.batch_decode([toks[:cut] for toks, cut in zip(new, cuts)], skip_special_tokens=True)
         turns: list[list[Turn]] = []
         for r, (toks, cut, text) in enumerate(zip(new, cuts, texts)):
             end = cut + 1 if cut < len(toks) else cut  # the stop token is a sampled token: kept, as vLLM keeps it
             turn = cut_at_stop(Turn(response=text.strip(), token_ids=toks[:end], logprobs=lps[r][:end] if lps else None,
+                                    top_logprobs=tops[r][:end] if tops else None,
                                     finish_reason="stop" if cut < len(toks) else "length"), sampling.stop)
             if r % sampling.n == 0:
                 turns.append([])
@@ -369,12 +412,13 @@ class HFPolicy:
             lp, _ = token_logprobs(self.model, pad_batch(rows, self.pad_id, self.device))
         return lp.sum(-1).tolist()
 
-    def prompt_token_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
-        """Tokens of `text` and log p(t_i | t_<i) for each (None for the first), under the
-        active adapter: what `/v1/completions` with echo=true, logprobs returns."""
+    def prompt_token_logprobs(self, prompt: str | list[int], top: int = 0) \
+            -> tuple[list[int], list[float | None], list[dict[int, float] | None]]:
+        """Token ids of `prompt` (a text, or token ids), log p(t_i | t_<i) for each (None for
+        the first) and the `top` most likely tokens at each position, under the active
+        adapter: what `/v1/completions` with echo=true and logprobs returns."""
         with self._adapter_context():
-            ids, lps = text_token_logprobs(self.model, self.tokenizer, text)
-        return [self.tokenizer.decode([i]) for i in ids], lps
+            return text_token_logprobs(self.model, self.tokenizer, prompt, top)
 
     def prompt_logprobs(self, text: str) -> list[float]:
         """log p(t_i | t_<i) for every token of `text` after the first (verified sync's canary)."""
