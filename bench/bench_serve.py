@@ -8,6 +8,10 @@ Fairness: 30 chats (greedy, max_tokens=48) sent one after another, alone and the
 a client that keeps sending a large completions request (64 prompts × n=8 × 32 tokens): the
 server fills batches round-robin over waiting requests (scheduling.FairQueue), so a short
 chat waits for a batch, not for the large request.
+
+Streaming: 30 chats asking for a worked sum (about 25 tokens of answer; sampled, seeded),
+stream=true, one after another: the time to the first token's chunk against the time to
+the last chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def _ask(client, prompt):
         return time.perf_counter() - t0, None
     except Exception as e:  # counted, not raised: the benchmark reports errors
         return time.perf_counter() - t0, repr(e)
+
+
+def _stream(client, prompt, seed):
+    """(time to the first content chunk, time to the last chunk) of one streamed chat."""
+    t0, first = time.perf_counter(), None
+    for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                            temperature=1.0, seed=seed, max_tokens=MAX_TOKENS, stream=True):
+        if first is None and c.choices and c.choices[0].delta.content:
+            first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0
 
 
 def run() -> dict:
@@ -63,9 +77,13 @@ def run() -> dict:
             beside = [_ask(client, p)[0] for p in prompts[:SMALL_N]]
             stop.set()
             heavy.join()
+            chains = [f"What is {t.prompt.removeprefix('What is ').rstrip('?')} + 7 - 3 + 5?" for t in
+                      arith.tasks("test", n=SMALL_N, seed=9)]
+            streamed = [_stream(client, p, i) for i, p in enumerate(chains)]
         finally:
             server.stop()
     errors = [e for _, e in seq + conc if e]
+    ttft, full = [a for a, _ in streamed], [b for _, b in streamed]
     q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
     lat = sorted(t for t, _ in conc)
     seq_rps, conc_rps = SEQUENTIAL_N / seq_time, N / conc_time
@@ -79,9 +97,14 @@ def run() -> dict:
                      (f"{SMALL_N} short chats alone", f"p50 {q(alone, .5) * 1000:.0f} ms",
                       f"p99 {q(alone, .99) * 1000:.0f} ms"),
                      (f"{SMALL_N} short chats beside 64 prompts × n=8", f"p50 {q(beside, .5) * 1000:.0f} ms",
-                      f"p99 {q(beside, .99) * 1000:.0f} ms")],
+                      f"p99 {q(beside, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} streamed chats: first token", f"p50 {q(ttft, .5) * 1000:.0f} ms",
+                      f"p99 {q(ttft, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} streamed chats: last chunk", f"p50 {q(full, .5) * 1000:.0f} ms",
+                      f"p99 {q(full, .99) * 1000:.0f} ms")],
             "ratios": [("concurrent / sequential throughput (target >= 3)", conc_rps / seq_rps),
-                       ("short-chat p99 beside a large request / alone", q(beside, .99) / q(alone, .99))],
+                       ("short-chat p99 beside a large request / alone", q(beside, .99) / q(alone, .99)),
+                       ("streaming: first token / whole answer, p50", q(ttft, .5) / q(full, .5))],
             "errors": errors}
 
 
