@@ -1,7 +1,8 @@
 """Tasks from a built-in suite or from a user's file.
 
-`data=` is a built-in name (`arith`, `equations`, `humaneval`) or a path: .jsonl, .json,
-.csv, .parquet, or a directory saved with `datasets.save_to_disk`. `prompt_field` /
+`data=` is a built-in name (`arith`, `equations`, `humaneval`), a path: .jsonl, .json,
+.csv, .parquet, or a directory saved with `datasets.save_to_disk`, or a reasoning-gym family
+(`reasoning_gym:NAME?key=value&...`, `reasoning_gym_rows`). `prompt_field` /
 `answer_field` map the user's columns to `Task.prompt` / `Task.reference`; `id_field`
 (optional) to `Task.id`.
 Every problem is reported as one line naming the file, the line (or row) and the field.
@@ -22,6 +23,44 @@ from .types import Feedback, Task, Turn
 
 GENERATED = {"arith": arith.tasks, "equations": equations.tasks}  # seeded suites with their own splits
 BUILTIN = {*GENERATED, "humaneval"}
+REASONING_GYM = "reasoning_gym:"
+
+
+def reasoning_gym_rows(data: str) -> Iterator[tuple[str, dict]]:
+    """`reasoning_gym:NAME?key=value&...`: the procedurally generated tasks of reasoning-gym's
+    family NAME, built with its config keys (numbers and true/false parsed; `size`, default
+    1000, and `seed`, default 0, are reasoning-gym's own), one row per distinct question: its
+    id a hash of the question, the prompt, the answer, and the entry its scorer reads
+    (`reasoning_gym`; `verifier=reasoning_gym`). A flat source: roles are carved by task id
+    like a file's, so one question is never on two sides."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise UserError(f"data={data} needs the reasoning-gym package: pip install 'selfevolve[reasoning-gym]'") \
+            from None
+    name, _, query = data.removeprefix(REASONING_GYM).partition("?")
+    config: dict[str, Any] = {"size": 1000, "seed": 0}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise UserError(f"data={data}: expected key=value after '?', got {part!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    try:
+        dataset = reasoning_gym.create_dataset(name, **config)
+        entries = list(dataset)
+    except Exception as e:  # noqa: BLE001 - an unknown family, key or value: reasoning-gym's words, one line
+        raise UserError(f"data={data}: reasoning-gym refused it ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        key = hashlib.sha256(entry["question"].encode("utf-8")).hexdigest()[:16]
+        if key not in seen:
+            seen.add(key)
+            yield f"item {i}", {"id": f"rg-{key}", "prompt": entry["question"], "answer": str(entry["answer"]),
+                                "reasoning_gym": entry}
 
 
 def humaneval() -> list[Task]:
@@ -350,6 +389,9 @@ def splits_of(data: str) -> set[str]:
 
 
 def _rows(data: str, split: str) -> Iterator[tuple[str, Any]]:
+    if data.startswith(REASONING_GYM):
+        yield from reasoning_gym_rows(data)
+        return
     path = Path(data).expanduser()
     if not path.exists():
         if "/" not in data and "." not in data:

@@ -19,11 +19,12 @@ from .code import CodeVerifier
 from .math import MathVerifier
 from .numeric import NumericVerifier
 from .pool import VerifierPool
+from .reasoning_gym import ReasoningGymVerifier
 from .rewards import RewardFunctionVerifier, reward_function
 from .text import ChoiceVerifier, ExactVerifier, RegexVerifier
 
 VERIFIERS = {"numeric": NumericVerifier, "math": MathVerifier, "code": CodeVerifier, "exact": ExactVerifier,
-             "regex": RegexVerifier, "choice": ChoiceVerifier}
+             "regex": RegexVerifier, "choice": ChoiceVerifier, "reasoning_gym": ReasoningGymVerifier}
 
 
 def get_verifier(name: str, workers: int = 1):
@@ -52,4 +53,5 @@ def _resolve(name: str):
 
 
 __all__ = ["NumericVerifier", "MathVerifier", "CodeVerifier", "ExactVerifier", "RegexVerifier", "ChoiceVerifier",
-           "VerifierPool", "RewardFunctionVerifier", "reward_function", "VERIFIERS", "get_verifier"]
+           "ReasoningGymVerifier", "VerifierPool", "RewardFunctionVerifier", "reward_function", "VERIFIERS",
+           "get_verifier"]
