@@ -96,7 +96,8 @@ class VLLMServerProcess:
             self.proc = subprocess.Popen(
                 [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
                  "--port", str(self.port), "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
-                 "--max-loras", str(max_loras), "--max-model-len", "256", "--seed", "0", *extra],
+                 "--max-loras", str(max_loras), "--max-model-len", "256", "--seed", "0",
+                 "--scheduling-policy", "priority", *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if wait_healthy(self.proc, self.url, start_timeout, 1.0):
             return
