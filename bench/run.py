@@ -25,11 +25,13 @@ import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_staleness  # noqa: E402
 import bench_step_memory  # noqa: E402
+import bench_store  # noqa: E402
 import bench_verifiers  # noqa: E402
 import bench_vllm  # noqa: E402
 
 BENCHES = [bench_generation, bench_verifiers, bench_sft, bench_serve, bench_fleet, bench_ddp, bench_staleness,
-           bench_score, bench_memory, bench_step_memory, bench_run_memory, bench_evolve, bench_vllm, bench_gate]
+           bench_score, bench_memory, bench_step_memory, bench_run_memory, bench_evolve, bench_vllm, bench_gate,
+           bench_store]
 
 
 def machine() -> str:
@@ -46,7 +48,7 @@ def machine() -> str:
 def main() -> None:
     """`python bench/run.py [NAME ...]` runs all benchmarks, or those named (generation,
     verifiers, sft, serve, fleet, ddp, staleness, score, memory, step_memory, run_memory,
-    evolve, vllm, gate); sections of benchmarks not run stay as they were, each with its own date."""
+    evolve, vllm, gate, store); sections of benchmarks not run stay as they were, each with its own date."""
     os.environ.setdefault("SELFEVOLVE_QUIET", "1")
     chosen = [b for b in BENCHES if not sys.argv[1:] or b.__name__.removeprefix("bench_") in sys.argv[1:]]
     path = Path(__file__).parent.parent / "BENCHMARKS.md"
@@ -63,7 +65,8 @@ def main() -> None:
         print(sections[r["title"]])
     head = ["# Benchmarks", "",
             '- command: `pip install -e ".[bench]" && python bench/run.py [NAME ...]` (generation, verifiers, sft, '
-            'serve, fleet, ddp, staleness, score, memory, step_memory, run_memory, evolve, vllm, gate; none: all)',
+            'serve, fleet, ddp, staleness, score, memory, step_memory, run_memory, evolve, vllm, gate, store; '
+            'none: all)',
             "- each section names the date and machine it was measured on; sections dated before 2026-12-06",
             "  were measured on the former GPT-2 `tiny` (0.87M parameters), later ones on the Llama `tiny`",
             "- vllm runs in the virtualenv `bash bench/vllm-env.sh` makes (SELFEVOLVE_VLLM_PYTHON)", ""]

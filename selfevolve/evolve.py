@@ -171,19 +171,29 @@ class Evolve:
             self._consumed = (promoted, set().union(*(self.window(r)["trace_ids"] for r in promoted)))
         return self._consumed[1]
 
-    def pending(self, upto: int | None = None) -> tuple[list[str], list[str]]:
-        """(new, older), each oldest first: the scored traces (logged up to `upto`) no served
-        version trained on, logged after the last recorded round's window was fixed / before
-        it (a rejected or failed round's window comes back: no verdict is lost because a
-        candidate was; so does an answer whose verdict came after its round started, though it
-        does not count towards `every`)."""
-        last = self.window(self.state["round"] - 1)["upto_seq"] if self.state["round"] else 0
-        consumed = self.consumed()
-        new, older = [], []
-        for i, seq in self.store.scored_ids():
-            if i not in consumed and (upto is None or seq <= upto):
-                (new if seq > last else older).append(i)
-        return new, older
+    def last_upto(self) -> int:
+        """Where the last recorded round's window was fixed (0 before the first round)."""
+        return self.window(self.state["round"] - 1)["upto_seq"] if self.state["round"] else 0
+
+    def new_scored(self) -> int:
+        """Scored traces logged since the last round's window was fixed: what `every` counts
+        (an indexed count of the newest rows)."""
+        return self.store.count_scored(after=self.last_upto())
+
+    def pending(self, upto: int, limit: int | None = None) -> list[str]:
+        """The window a round fixed at `upto` trains on, oldest first: the newest `limit` (all
+        when None) scored traces logged up to `upto` that no served version trained on. A
+        rejected or failed round's window comes back (no verdict is lost because a candidate
+        was), and so does an answer whose verdict came after its round started, though it does
+        not count towards `every`. Read newest first and lazily: its cost is the window's (and
+        the consumed traces it steps over), not the store's."""
+        consumed, out = self.consumed(), []
+        for i, _ in self.store.newest_scored(upto):
+            if limit is not None and len(out) >= limit:
+                break
+            if i not in consumed:
+                out.append(i)
+        return out[::-1]
 
     def run(self) -> None:
         from .build import served_policy
@@ -195,7 +205,7 @@ class Evolve:
             server = served_policy(self.recipe_cfg(self.state["round"]))
             self.resync(server, verify=True)  # a resumed run: what the record says is served, verified
             while not self.stop and (self.cfg.rounds is None or self.state["round"] < self.cfg.rounds):
-                if len(self.pending()[0]) < self.cfg.every:
+                if self.new_scored() < self.cfg.every:
                     time.sleep(self.cfg.poll_s)
                     self.resync(server)  # a restarted server forgot the promoted version
                     continue
@@ -227,9 +237,7 @@ class Evolve:
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
             upto = self.store.last_seq()
-            new, older = self.pending(upto)
-            newest = (older + new)[-limit:] if limit else older + new  # the newest traffic when it is more
-            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": newest}))
+            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": self.pending(upto, limit or None)}))
         window = self.window(r)
         policy = served_policy(self.recipe_cfg(r))
         if Path(cfg.run_dir).exists():  # killed midway earlier

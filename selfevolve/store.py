@@ -192,9 +192,19 @@ class TraceStore:
         where, args = self._where(**filters)
         return [r[0] for r in self.db.execute(f"SELECT id FROM traces{where} ORDER BY seq", args)]
 
-    def scored_ids(self) -> list[tuple[str, int]]:
-        """(id, append position) of every trace whose last turn has a score, in append order."""
-        return list(self.db.execute("SELECT id, seq FROM traces WHERE score_last IS NOT NULL ORDER BY seq"))
+    def count_scored(self, after: int = 0) -> int:
+        """How many traces appended after position `after` have a score: a range scan of the
+        newest rows, its cost that of the rows counted, not of the store."""
+        return self.db.execute("SELECT COUNT(*) FROM traces WHERE seq > ? AND score_last IS NOT NULL",
+                               (after,)).fetchone()[0]
+
+    def newest_scored(self, upto: int | None = None) -> Iterator[tuple[str, int]]:
+        """(id, append position) of the traces with a score, newest first, from position
+        `upto` down: read lazily, so taking the newest k costs k rows (and the unscored ones
+        between), not the store."""
+        upto = self.last_seq() if upto is None else upto
+        yield from self.db.execute("SELECT id, seq FROM traces WHERE seq <= ? AND score_last IS NOT NULL "
+                                   "ORDER BY seq DESC", (upto,))
 
     def get(self, trace_id: str) -> Trace | None:
         row = self.db.execute("SELECT data FROM traces WHERE id = ? OR id LIKE ?", (trace_id,
