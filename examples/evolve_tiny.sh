@@ -4,6 +4,8 @@
 # rounds on what was logged, then the held-out traffic scored: base model against `evolved`.
 #   bash examples/evolve_tiny.sh [RUN_ROOT]        (default runs/evolve-tiny; it must not exist)
 # SEED=1 draws other questions and samples (the README's numbers are SEED=0).
+# VLLM_PYTHON=.venv-vllm/bin/python (bench/vllm-env.sh) runs the same loop behind a real vLLM: `vllm serve`
+# of tiny on PORT+1, `selfevolve serve model=<its URL>` in front of it as the gateway on PORT.
 set -euo pipefail
 ROOT=${1:-runs/evolve-tiny}
 PORT=${PORT:-8000}
@@ -12,9 +14,23 @@ URL=http://127.0.0.1:$PORT/v1
 HERE=$(cd "$(dirname "$0")" && pwd)
 [ -e "$ROOT" ] && { echo "$ROOT exists; choose another RUN_ROOT" >&2; exit 2; }
 mkdir -p "$ROOT"
-selfevolve serve model=tiny port=$PORT verifier=numeric traces=$ROOT/traces.sqlite > "$ROOT/serve.log" 2>&1 &
+ENGINE=tiny
+if [ -n "${VLLM_PYTHON:-}" ]; then
+  TINY=$(python -c "from selfevolve.models import resolve_model_path; print(resolve_model_path('tiny'))")
+  VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=1 "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+    --model "$TINY" --host 127.0.0.1 --port $((PORT + 1)) --dtype float32 --enable-lora --max-lora-rank 16 \
+    --max-loras 4 --max-model-len 256 --seed 0 --scheduling-policy priority > "$ROOT/vllm.log" 2>&1 &
+  VLLM=$!
+  trap 'kill $VLLM 2>/dev/null' EXIT
+  until curl -sf http://127.0.0.1:$((PORT + 1))/health > /dev/null; do
+    kill -0 $VLLM 2>/dev/null || { tail -20 "$ROOT/vllm.log" >&2; exit 1; }
+    sleep 2
+  done
+  ENGINE=http://127.0.0.1:$((PORT + 1))/v1
+fi
+selfevolve serve model=$ENGINE port=$PORT verifier=numeric traces=$ROOT/traces.sqlite > "$ROOT/serve.log" 2>&1 &
 SERVE=$!
-trap 'kill $SERVE 2>/dev/null' EXIT
+trap 'kill $SERVE ${VLLM:-} 2>/dev/null' EXIT
 until curl -sf http://127.0.0.1:$PORT/health > /dev/null; do
   kill -0 $SERVE 2>/dev/null || { cat "$ROOT/serve.log" >&2; exit 1; }
   sleep 1
