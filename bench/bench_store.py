@@ -67,7 +67,7 @@ def run() -> dict:
             path = Path(tmp) / "traces.sqlite"
             ids = synthetic(path, n)
             cfg = build(EvolveConfig, {"model": "http://127.0.0.1:9/v1", "traces": str(path), "run_dir": f"{tmp}/ev"})
-            ev = Evolve(cfg, {}, _recipe, _config_path)
+            ev = Evolve(cfg, {}, _recipe, _config_path).ledger
             upto = n - 2 * NEW  # the last round's window was fixed here: 500 scored traces since
             (ev.dir / "windows").mkdir()
             window = [i for i in ids[:upto] if int(i[1:]) % 2 == 0][-WINDOW:]

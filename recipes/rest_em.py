@@ -93,7 +93,9 @@ def e_step(policy, tasks, verifier, cfg: RestEMConfig, iteration: int, run: Run)
                             meta={"phase": "e_step", "kept": keep, "tokens": trained_tokens([turn])}))
     traces = distributed.gather(traces)
     run.store.append(traces)
-    return [t for t in traces if t.meta["kept"]]
+    kept = [t for t in traces if t.meta["kept"]]
+    run.trained_on(t.turns[0].feedback.details["trace"] for t in kept if "trace" in t.turns[0].feedback.details)
+    return kept
 
 
 def main(cfg: RestEMConfig, run: Run) -> None:

@@ -61,7 +61,7 @@ from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.sync import publish, saved_update
 from selfevolve.training import answer_message, sft, trained_tokens
-from selfevolve.types import SamplingParams, Trace, Turn, task_messages
+from selfevolve.types import SamplingParams, Trace, task_messages
 
 
 class SelfConfig(RecipeConfig):
@@ -121,13 +121,13 @@ def logged_tuples(tasks) -> list[Trace]:
     for task in tasks:
         plain = without_logs(task)
         for a in task.meta.get("logged", []):
-            turns = [Turn.model_validate(u) for u in a["turns"] or []]
+            turns = list(a.turns or [])
             if len(turns) < 2 or turns[0].critique is None or turns[0].score is None:
                 continue
             if (turns[0].critique.verdict == "correct") != (turns[0].score == 1.0):
                 continue
-            out.append(Trace(task=plain, turns=turns if a["score"] == 1.0 else turns[:1],
-                             meta={"phase": "meta", "logged": a["trace_id"]}))
+            out.append(Trace(task=plain, turns=turns if a.score == 1.0 else turns[:1],
+                             meta={"phase": "meta", "logged": a.trace_id}))
     return out
 
 
@@ -261,6 +261,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
             critic = (JudgeCritic(load_policy(cfg.judge)) if cfg.judge else VerifierCritic(verifier,
                                                                                            reveal_reference=False))
             meta = logged_tuples(meta_pool)
+            run.trained_on(t.meta["logged"] for t in meta)
             run.store.append(meta)
             meta += meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
             train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model == "tiny"

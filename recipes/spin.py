@@ -81,12 +81,18 @@ class SpinConfig(RecipeConfig):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
 
 
+def gold_trace(task) -> str | None:
+    """The logged answer `gold` takes (its trace id), None when it takes the reference."""
+    accepted = [a.trace_id for a in task.meta.get("logged", []) if a.score == 1.0]
+    return accepted[-1] if accepted else None
+
+
 def gold(task, cfg: SpinConfig) -> str | None:
     """The gold response: a logged answer that scored 1 (the latest), else the reference in
     `gold_template`; None when the task has neither."""
-    accepted = [a["response"] for a in task.meta.get("logged", []) if a["score"] == 1.0]
+    accepted = [a.response for a in task.meta.get("logged", []) if a.score == 1.0]
     if accepted:
-        return accepted[-1]
+        return accepted[-1]  # its trace: `gold_trace`
     if task.reference is None:
         return None
     template = cfg.gold_template
@@ -216,6 +222,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
         from selfevolve.errors import UserError
 
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
+    run.trained_on(filter(None, map(gold_trace, tasks)))
     learner = base.learner(cfg)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 

@@ -128,6 +128,7 @@ def collect(policy, tasks: list[Task], verifier, cfg: StarConfig, iteration: int
 
     seed = cfg.seed * 1000 + iteration
     logged = logged_answers(tasks)  # traffic's answers and verdicts: kept, or failures to rationalise
+    run.trained_on(turn.feedback.details["trace"] for _, turn in logged)
     traces = [trace(t, turn, "logged", "kept" if turn.score == 1.0 else "failed") for t, turn in logged]
     tasks = [t for t in tasks if t.reference is not None or t.tests]  # what the verifier can score afresh
     turns = sample(policy, tasks, [t.prompt for t in tasks], verifier, cfg, seed)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from . import arith, equations
 from .errors import UserError
-from .types import Feedback, Task, Turn
+from .types import Feedback, LoggedAnswer, Task, Turn
 
 GENERATED = {"arith": arith.tasks, "equations": equations.tasks}  # seeded suites with their own splits
 BUILTIN = {*GENERATED, "humaneval"}
@@ -288,9 +288,8 @@ def is_trace_store(data: str) -> bool:
 def logged_tasks(path: str, since_version: str | None = None, scored: bool = False,
                  source: str | None = None, trace_ids: set[str] | None = None) -> list[Task]:
     """The tasks of a trace store, one per task id in the order first logged, each with the
-    answers logged for it in `meta["logged"]` (trace id, response, sampled token ids, score,
-    the verdict's source, the version that answered; every turn of a refinement trace) for the
-    recipes that learn from them.
+    answers logged for it in `meta["logged"]` (`types.LoggedAnswer`s) for the recipes that
+    learn from them.
     Filters: traces from the first one `since_version` answered on; only those with a score
     (`scored`); only those whose verdict came from `source` (user, verifier). `trace_ids`
     (an evolve round's window, so that each logged answer is trained on once) keeps only those
@@ -320,10 +319,10 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
                                                               "entry_point": t.task.entry_point})
         if trace_ids is not None and t.id not in trace_ids:
             continue  # the prompt stays (a recipe may sample it afresh); its logged answer is another round's
-        task.meta["logged"].append({"trace_id": t.id, "response": last.response, "token_ids": last.token_ids,
-                                    "score": last.score, "source": last.feedback.source if last.feedback else None,
-                                    "policy_version": t.policy_version,
-                                    "turns": [u.model_dump() for u in t.turns] if len(t.turns) > 1 else None})
+        task.meta["logged"].append(LoggedAnswer(
+            trace_id=t.id, response=last.response, token_ids=last.token_ids, score=last.score,
+            source=last.feedback.source if last.feedback else None, policy_version=t.policy_version,
+            turns=t.turns if len(t.turns) > 1 else None))
     store.close()
     kept = [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
     if trace_ids is not None:  # the window's tasks first: a recipe that reads the first N never cuts them off
@@ -360,10 +359,10 @@ def logged_answers(tasks: list[Task], score: float | None = None) -> list[tuple[
     for t in tasks:
         plain = without_logs(t)
         for a in t.meta.get("logged", []):
-            if a["score"] is not None and (score is None or a["score"] == score):
-                out.append((plain, Turn(response=a["response"], token_ids=a["token_ids"],
-                                        feedback=Feedback(score=a["score"], source=a["source"] or "verifier",
-                                                          details={"trace": a["trace_id"]}))))
+            if a.score is not None and (score is None or a.score == score):
+                out.append((plain, Turn(response=a.response, token_ids=a.token_ids,
+                                        feedback=Feedback(score=a.score, source=a.source or "verifier",
+                                                          details={"trace": a.trace_id}))))
     return out
 
 

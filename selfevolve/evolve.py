@@ -11,8 +11,8 @@ takes pass through, e.g. `iterations=1 lr=...`). The round's window — fixed wh
 (`windows/round-N.json`): the new traces first, then older ones no served version trained on,
 at most the recipe's `train_tasks` (the newest) — is the only logged answers it trains on
 (`train_traces=`), and its tasks come first in the recipe's train split, so none is cut off
-(`trained_on.json`: the window's answers on the tasks the recipe may read; which of them it
-used is in its run's trace store). A promoted round's window is consumed: no trace
+(`trained_on.json`: the logged answers the recipe says it trained on, `Run.trained_on`,
+checked to lie inside the window). A promoted round's window is consumed: no trace
 is trained into the served lineage twice. A rejected or failed round's window comes back to
 the next round, so no verdict is lost with its candidate. Traces logged during a round go to
 the next. The prompts logged so far may all be sampled afresh, from the served version where
@@ -40,6 +40,10 @@ redo the round in flight on its window, and nothing else. The server is watched 
 rounds: one that restarted (forgetting hot-loaded adapters, as vLLM does) gets the served
 version loaded and verified again; one that stays away longer than `server_wait_s` stops
 evolve with one line. Ctrl-C stops after the round in flight; `rounds=` bounds the run.
+
+In code: `gate` decides from two evaluations (a pure function), `Ledger` holds what was
+decided (windows, lineage, state) and answers what a round may train on, `Evolve` runs the
+rounds against the server.
 
 Users come first: the round's requests carry `priority` 1 (`request_priority=`, vLLM's
 request field; `selfevolve serve` batches a lower priority first, vLLM does with
@@ -129,24 +133,18 @@ def split_keys(overrides: dict) -> tuple[dict, dict]:
     return own, {k: v for k, v in overrides.items() if k not in own}
 
 
-class Evolve:
-    """`recipe(name)` -> (module, config class) and `config_path(name)` -> its YAML: the CLI's
-    recipe table, passed in (evolve sits below the command that starts it)."""
+class Ledger:
+    """What evolve has decided, on disk under `run_dir`: each round's window
+    (`windows/round-N.json`: where it was fixed, `upto_seq`, and its trace ids), the lineage
+    (`lineage.json` and `.graphml`: every version, its parent and numbers) and `state.json`
+    (rounds recorded, the served version), written last. From these and the trace store it
+    answers which logged answers a round may train on."""
 
-    def __init__(self, cfg: EvolveConfig, recipe_keys: dict, recipe, config_path):
-        self.cfg, self.dir = cfg, Path(cfg.run_dir)
-        self.mod, self.cls = recipe(cfg.recipe)
-        one = {"iterations": 1} if "iterations" in self.cls.model_fields else {}  # a round is one iteration
-        self.recipe_cfg = lambda r, **extra: resolve(self.cls, config_path(cfg.recipe), {
-            **one, "request_priority": 1, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
-            "data": cfg.traces, "run_dir": str(self.dir / f"round-{r}"), **extra})
-        self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
-        if not Path(cfg.traces).is_file():
-            raise UserError(f"traces={cfg.traces}: no such trace store (start `selfevolve serve` first)")
-        self.store = TraceStore(cfg.traces)
+    def __init__(self, run_dir: Path, store: TraceStore, resume: bool):
+        self.dir, self.store = run_dir, store
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self.dir / "state.json"
-        if state.exists() and not cfg.resume:
+        if state.exists() and not resume:
             raise UserError(f"run_dir={self.dir} holds an evolve run; resume=true continues it")
         self.state = json.loads(state.read_text()) if state.exists() else {"round": 0, "served": None}
         self.lineage = (nx.node_link_graph(json.loads((self.dir / "lineage.json").read_text()), edges="edges")
@@ -154,13 +152,22 @@ class Evolve:
         if not self.lineage:
             self.lineage.add_node("base", decision="served")
         self._consumed: tuple[tuple[int, ...] | None, set[str]] = (None, set())
-        self.stop = False
 
     def window_path(self, r: int) -> Path:
         return self.dir / "windows" / f"round-{r}.json"
 
     def window(self, r: int) -> dict:
         return json.loads(self.window_path(r).read_text())
+
+    def fix_window(self, r: int, limit: int | None) -> dict:
+        """Round r's window: written when the round first starts (the newest `limit` pending
+        traces), read back when it is redone."""
+        path = self.window_path(r)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            upto = self.store.last_seq()
+            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": self.pending(upto, limit)}))
+        return self.window(r)
 
     def consumed(self) -> set[str]:
         """The traces a served version trained on: the windows of promoted rounds (read once
@@ -195,6 +202,42 @@ class Evolve:
                 out.append(i)
         return out[::-1]
 
+    def record(self, version: str, parent: str, promoted: bool, **node) -> None:
+        """A decided round: its lineage node and edge, the served version if promoted, then
+        state.json (last: a round is recorded once it is there)."""
+        self.lineage.add_node(version, **{k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                                          for k, v in node.items()})
+        self.lineage.add_edge(parent, version)
+        if promoted:
+            self.state["served"] = version
+        self.state["round"] += 1
+        atomic_write(self.dir / "lineage.json", json.dumps(nx.node_link_data(self.lineage, edges="edges")))
+        nx.write_graphml(self.lineage, self.dir / "lineage.graphml")
+        atomic_write(self.dir / "state.json", json.dumps(self.state))
+
+    def served_adapter(self) -> str | None:
+        """The served version's adapter directory (None: the base model)."""
+        return self.lineage.nodes[self.state["served"]]["adapter"] if self.state["served"] else None
+
+
+class Evolve:
+    """The rounds: `recipe(name)` -> (module, config class) and `config_path(name)` -> its
+    YAML, the CLI's recipe table, passed in (evolve sits below the command that starts it).
+    What it has decided is in `self.ledger`; whether a candidate is promoted, `gate`."""
+
+    def __init__(self, cfg: EvolveConfig, recipe_keys: dict, recipe, config_path):
+        self.cfg = cfg
+        self.mod, self.cls = recipe(cfg.recipe)
+        one = {"iterations": 1} if "iterations" in self.cls.model_fields else {}  # a round is one iteration
+        self.recipe_cfg = lambda r, **extra: resolve(self.cls, config_path(cfg.recipe), {
+            **one, "request_priority": 1, **recipe_keys, "recipe": cfg.recipe, "model": cfg.model, "policy": "openai",
+            "data": cfg.traces, "run_dir": str(Path(cfg.run_dir) / f"round-{r}"), **extra})
+        self.recipe_cfg(0)  # every recipe key is checked before anything waits or trains
+        if not Path(cfg.traces).is_file():
+            raise UserError(f"traces={cfg.traces}: no such trace store (start `selfevolve serve` first)")
+        self.ledger = Ledger(Path(cfg.run_dir), TraceStore(cfg.traces), cfg.resume)
+        self.stop = False
+
     def run(self) -> None:
         from .build import served_policy
 
@@ -202,14 +245,15 @@ class Evolve:
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
             self.models()  # a server that is not there yet gets server_wait_s to come up
-            server = served_policy(self.recipe_cfg(self.state["round"]))
+            state = self.ledger.state
+            server = served_policy(self.recipe_cfg(state["round"]))
             self.resync(server, verify=True)  # a resumed run: what the record says is served, verified
-            while not self.stop and (self.cfg.rounds is None or self.state["round"] < self.cfg.rounds):
-                if self.new_scored() < self.cfg.every:
+            while not self.stop and (self.cfg.rounds is None or state["round"] < self.cfg.rounds):
+                if self.ledger.new_scored() < self.cfg.every:
                     time.sleep(self.cfg.poll_s)
                     self.resync(server)  # a restarted server forgot the promoted version
                     continue
-                self.round(self.state["round"])
+                self.round(state["round"])
                 self.resync(server)
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -224,21 +268,16 @@ class Evolve:
         redone on the same traces: its half-made directory is moved aside and its adapters
         unloaded; nothing counts as trained on until the round is in state.json."""
         from .build import served_policy
-        from .data import tasks_for
         from .run import Run
 
-        version, parent = f"round-{r}", self.state["served"] or "base"
-        path = self.window_path(r)
-        extra = {"train_traces": str(path)}
-        if "start_adapter" in self.cls.model_fields and self.state["served"]:  # sample from the served version
-            extra["start_adapter"] = self.lineage.nodes[self.state["served"]]["adapter"]
+        ledger = self.ledger
+        version, parent = f"round-{r}", ledger.state["served"] or "base"
+        extra = {"train_traces": str(ledger.window_path(r))}
+        if "start_adapter" in self.cls.model_fields and ledger.state["served"]:  # sample from the served version
+            extra["start_adapter"] = ledger.served_adapter()
         cfg = self.recipe_cfg(r, **extra)
         limit = cfg.train_limit()
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            upto = self.store.last_seq()
-            atomic_write(path, json.dumps({"upto_seq": upto, "trace_ids": self.pending(upto, limit or None)}))
-        window = self.window(r)
+        window = ledger.fix_window(r, limit or None)
         policy = served_policy(self.recipe_cfg(r))
         if Path(cfg.run_dir).exists():  # killed midway earlier
             self.unload_run_adapters(policy, Path(cfg.run_dir), version)
@@ -254,22 +293,21 @@ class Evolve:
             raise SyncError(f"round {r}: the server stopped answering ({type(e).__name__}); "
                             f"resume=true redoes the round on the same traces") from None
         else:
-            train = tasks_for(cfg, cfg.train_split, limit, unscored_train=True)  # the first `limit` it may read
-            trained = sorted({a["trace_id"] for t in train for a in t.meta["logged"]})
-            atomic_write(run.dir / "trained_on.json", json.dumps({
-                "upto_seq": window["upto_seq"], "trace_ids": trained, "task_ids": sorted({t.id for t in train})}))
+            record = run.dir / "trained_on.json"  # what the recipe says it trained on (Run.trained_on)
+            trained = json.loads(record.read_text())["trace_ids"] if record.exists() else []
+            outside = set(trained) - set(window["trace_ids"])
+            if outside:  # a recipe that read past its window: nothing of it may be served
+                raise RuntimeError(f"round {r}: {cfg.recipe} trained on {len(outside)} logged answers outside its "
+                                   f"window (e.g. {sorted(outside)[0]})")
+            atomic_write(record, json.dumps({"upto_seq": window["upto_seq"], "trace_ids": trained}))
             candidate = self.candidate(run.dir)
             verdict = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
         self.unload_run_adapters(policy, run.dir, version)
-        self.lineage.add_node(version, recipe=cfg.recipe, upto_seq=window["upto_seq"], window=len(window["trace_ids"]),
-                              config=json.dumps(cfg.model_dump(mode="json")),
-                              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in verdict.items()})
-        self.lineage.add_edge(parent, version)
-        if verdict["decision"] == "promoted":
+        promoted = verdict["decision"] == "promoted"
+        if promoted:
             self.promote(policy, Path(verdict["adapter"]))
-            self.state["served"] = version
-        self.state["round"] = r + 1
-        self.save()
+        ledger.record(version, parent, promoted, recipe=cfg.recipe, upto_seq=window["upto_seq"],
+                      window=len(window["trace_ids"]), config=cfg.model_dump(mode="json"), **verdict)
         if verdict["decision"] == "failed":
             print(f"round {r}: failed ({verdict['reason']}); nothing served", flush=True)
             return
@@ -303,9 +341,10 @@ class Evolve:
         sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
         turns = turn_policy_for(cfg, policy, verifier) if metric == "acc_t2" else None  # the second turn's
         outcome, scores = {}, {}
-        if self.state["served"]:
-            self.attach(policy, self.cfg.serve_as, self.lineage.nodes[self.state["served"]]["adapter"])
-        for who, adapter in (("current", self.cfg.serve_as if self.state["served"] else None), ("candidate", name)):
+        served = self.ledger.served_adapter()
+        if served:
+            self.attach(policy, self.cfg.serve_as, served)
+        for who, adapter in (("current", self.cfg.serve_as if served else None), ("candidate", name)):
             policy.set_adapter(adapter)
             scores[who], traces, _ = evaluate(policy, tasks, verifier, max_turns=2 if metric == "acc_t2" else 1,
                                               critic=turns, sampling=sampling,
@@ -347,13 +386,13 @@ class Evolve:
         canary of a version that is there too (once, on start)."""
         from .sync import saved_update
 
-        name, served = self.cfg.serve_as, self.state["served"]
+        name, served = self.cfg.serve_as, self.ledger.state["served"]
         there = name in self.models()
         if served is None:
             if there:
                 policy.http.post("/unload_lora_adapter", json={"lora_name": name})
             return
-        path = self.lineage.nodes[served]["adapter"]
+        path = self.ledger.served_adapter()
         if there and verify:
             update = saved_update(path)
             self.attach(policy, name, path)
@@ -381,7 +420,7 @@ class Evolve:
         from .sync import saved_update
 
         update, name = saved_update(candidate), self.cfg.serve_as
-        served = self.state["served"] and self.lineage.nodes[self.state["served"]]["adapter"]
+        served = self.ledger.served_adapter()
         back = served if served and Path(served) != candidate else None
         old = saved_update(back) if back else None  # the learner's record of the version it replaces
         previous = old.expected if old is not None and old.canary == update.canary else None
@@ -414,11 +453,6 @@ class Evolve:
         for m in self.models():
             if "@" in m and m.split("@")[0].removesuffix("-selected") in names:
                 policy.http.post("/unload_lora_adapter", json={"lora_name": m})
-
-    def save(self) -> None:
-        atomic_write(self.dir / "lineage.json", json.dumps(nx.node_link_data(self.lineage, edges="edges")))
-        nx.write_graphml(self.lineage, self.dir / "lineage.graphml")
-        atomic_write(self.dir / "state.json", json.dumps(self.state))
 
 
 def main(overrides: dict, recipe, config_path) -> None:

@@ -153,6 +153,16 @@ class Run:
                 raise WriteFailed(e.errno, e.strerror, str(self.metrics_path)) from None
         self.trackers.log(metrics)
 
+    def trained_on(self, trace_ids) -> None:
+        """Record logged answers this run trained on (their trace ids, `data.logged_tasks`):
+        `trained_on.json`, the union over the run, so a resumed iteration adds nothing twice.
+        The recipe calls it where it takes them; evolve's lineage reads it. Rank 0 writes."""
+        if not self.main:
+            return
+        path = self.dir / "trained_on.json"
+        had = set(json.loads(path.read_text())["trace_ids"]) if path.exists() else set()
+        atomic_write(path, json.dumps({"trace_ids": sorted(had | set(trace_ids))}))
+
     def warn(self, step: int, why: str) -> None:
         """A warning about the run's health: printed in yellow to stderr and logged as
         {"step": step, "warning": why}, so the report and a later reader see it too."""

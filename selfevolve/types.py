@@ -87,6 +87,24 @@ class Turn(BaseModel):
         return self.feedback.score if self.feedback else None
 
 
+class LoggedAnswer(BaseModel):
+    """An answer a server logged, as the recipes that learn from traffic take it
+    (`data.logged_tasks` attaches a task's to `task.meta["logged"]`; the conversation it was
+    sampled in is the task's, `task_messages`): the trace it is, its text and the token ids
+    the engine sampled (None where unknown), its score and whose verdict that is (`user`,
+    `verifier`), the version that answered, and every turn when it was a refinement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trace_id: str
+    response: str
+    token_ids: list[int] | None = None
+    score: float | None = None
+    source: str | None = None
+    policy_version: str | None = None
+    turns: list[Turn] | None = None
+
+
 class Trace(BaseModel):
     """One episode: a task, its turns, and where it came from (policy version = adapter
     id, recipe, round). `parent_id` links traces of a branching episode (best-of-N,

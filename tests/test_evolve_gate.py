@@ -79,15 +79,15 @@ def test_a_rejected_rounds_window_comes_back_and_a_promoted_ones_does_not(tmp_pa
     import json
 
     ev = _evolve(tmp_path, 50)
-    every = ev.store.ids()
-    assert ev.new_scored() == 50 and ev.pending(50) == every
-    window = ev.pending(50, ev.recipe_cfg(0).train_limit())  # as round() fixes it: the newest train_tasks
+    every = ev.ledger.store.ids()
+    assert ev.ledger.new_scored() == 50 and ev.ledger.pending(50) == every
+    window = ev.ledger.pending(50, ev.recipe_cfg(0).train_limit())  # as round() fixes it: the newest train_tasks
     assert window == every[20:]
-    (ev.dir / "windows").mkdir(parents=True)
-    (ev.dir / "windows" / "round-0.json").write_text(json.dumps({"upto_seq": 50, "trace_ids": window}))
-    ev.lineage.add_node("round-0", decision="rejected")
-    ev.state["round"] = 1
-    assert ev.new_scored() == 0 and ev.pending(50) == every  # nothing lost: all 50 wait for the next round
-    ev.lineage.nodes["round-0"]["decision"] = "promoted"
-    assert ev.pending(50) == every[:20]  # trained once; the 20 older ones cut off still wait
-    assert ev.pending(50, 5) == every[15:20]  # the newest of them first
+    (ev.ledger.dir / "windows").mkdir(parents=True)
+    (ev.ledger.dir / "windows" / "round-0.json").write_text(json.dumps({"upto_seq": 50, "trace_ids": window}))
+    ev.ledger.lineage.add_node("round-0", decision="rejected")
+    ev.ledger.state["round"] = 1
+    assert ev.ledger.new_scored() == 0 and ev.ledger.pending(50) == every  # nothing lost: all 50 wait
+    ev.ledger.lineage.nodes["round-0"]["decision"] = "promoted"
+    assert ev.ledger.pending(50) == every[:20]  # trained once; the 20 older ones cut off still wait
+    assert ev.ledger.pending(50, 5) == every[15:20]  # the newest of them first

@@ -45,15 +45,15 @@ def traffic(tmp_path_factory):
 
 def test_the_store_is_a_task_source_with_filters(traffic):
     tasks = logged_tasks(str(traffic))[:60]  # the plain requests; the refinements are the last 12
-    assert len(tasks) == 60 and all(len(t.meta["logged"]) == 2 and t.meta["logged"][0]["turns"] is None
+    assert len(tasks) == 60 and all(len(t.meta["logged"]) == 2 and t.meta["logged"][0].turns is None
                                     for t in tasks)
     assert sum(t.reference is not None for t in tasks) == 40
     refined = logged_tasks(str(traffic))[60:]
-    assert len(refined) == 12 and any(t.meta["logged"][0]["turns"] for t in refined)  # revised: every turn
+    assert len(refined) == 12 and any(t.meta["logged"][0].turns for t in refined)  # revised: every turn
     scored = logged_tasks(str(traffic), scored=True)
-    assert len(scored) == 62 and all(a["score"] is not None for t in scored for a in t.meta["logged"])
+    assert len(scored) == 62 and all(a.score is not None for t in scored for a in t.meta["logged"])
     users = logged_tasks(str(traffic), source="user")
-    assert len(users) == 10 and all(a["source"] == "user" for t in users for a in t.meta["logged"])
+    assert len(users) == 10 and all(a.source == "user" for t in users for a in t.meta["logged"])
     roles = {r: {t.id for t in load_tasks(str(traffic), split=r, holdout=(0.2, 0.1), unscored_train=True)}
              for r in ("train", "validation", "test")}
     assert not roles["train"] & (roles["test"] | roles["validation"]) and not roles["test"] & roles["validation"]
@@ -77,6 +77,8 @@ def test_rest_em_trains_on_logged_answers_and_eval_reads_the_store(traffic, tmp_
     assert from_logs and all(logged.get(t.turns[0].feedback.details["trace"]).turns[-1].score == 1.0
                              for t in from_logs)
     assert all("logged" not in t.task.meta for t in kept)
+    recorded = json.loads((run / "trained_on.json").read_text())["trace_ids"]  # Run.trained_on: what it took
+    assert sorted(recorded) == sorted({t.turns[0].feedback.details["trace"] for t in from_logs})
     assert json.loads((run / "summary.json").read_text())["after"]["n"] > 0
     r = cli("eval", f"data={traffic}", "limit=8", f"out={tmp_path / 'eval.json'}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -97,15 +99,20 @@ def test_star_spin_and_self_take_the_logged_answers(traffic, tmp_path):
     rationalised = {t.task.id for t in star.query(meta={"phase": "rationalize"})}
     failed = {t.task.id for t in logged if t.meta["outcome"] == "failed" and t.task.reference is not None}
     assert failed <= rationalised
+    assert sorted(json.loads((tmp_path / "star" / "trained_on.json").read_text())["trace_ids"]) == sorted(
+        t.turns[0].feedback.details["trace"] for t in logged)
 
     r = cli("run", "recipe=spin", f"data={traffic}", "iterations=1", *small, f"run_dir={tmp_path / 'spin'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    accepted = {t.id: [a["response"] for a in t.meta["logged"] if a["score"] == 1.0]
+    accepted = {t.id: [a.response for a in t.meta["logged"] if a.score == 1.0]
                 for t in logged_tasks(str(traffic))}
     opponents = TraceStore(tmp_path / "spin" / "traces.sqlite").query(meta={"phase": "opponent"})
     from_logs = [t for t in opponents if accepted.get(t.task.id)]
     assert from_logs and all(t.meta["gold"] == accepted[t.task.id][-1] for t in from_logs)
     assert all(t.meta["gold"] == t.task.reference for t in opponents if not accepted.get(t.task.id))  # auto
+    golds = {t.id: [a.trace_id for a in t.meta["logged"] if a.score == 1.0] for t in logged_tasks(str(traffic))}
+    assert set(json.loads((tmp_path / "spin" / "trained_on.json").read_text())["trace_ids"]) >= {
+        golds[t.task.id][-1] for t in from_logs}
 
     r = cli("run", "recipe=self_evolve", f"data={traffic}", "iterations=1", "meta_tasks=40", "evolve_tasks=8",
             "refine_samples=1", *small, f"run_dir={tmp_path / 'self'}")
@@ -116,6 +123,8 @@ def test_star_spin_and_self_take_the_logged_answers(traffic, tmp_path):
     assert tuples and all(source.get(t.meta["logged"]).turns[0].critique.text == t.turns[0].critique.text
                           for t in tuples)
     assert all((t.turns[0].critique.verdict == "correct") == (t.turns[0].score == 1.0) for t in tuples)
+    assert sorted(json.loads((tmp_path / "self" / "trained_on.json").read_text())["trace_ids"]) == sorted(
+        t.meta["logged"] for t in tuples)
 
 
 def test_score_resamples_the_logged_prompts_on_policy(traffic, tmp_path):
