@@ -241,7 +241,6 @@ class Evolve:
     def run(self) -> None:
         from .build import served_policy
 
-        os.nice(self.cfg.nice)
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
             self.models()  # a server that is not there yet gets server_wait_s to come up
@@ -289,6 +288,9 @@ class Evolve:
             self.mod.main(cfg, run)
         except NonFinite as e:  # the round diverged: nothing to gate, nothing served
             verdict = {"decision": "failed", "reason": str(e)}
+        except openai.APITimeoutError:
+            raise SyncError(f"round {r}: a request waited past its timeout (users' requests go first: a server "
+                            "never idle starves the round); resume=true redoes the round on the same traces") from None
         except (httpx.HTTPError, openai.APIConnectionError) as e:
             raise SyncError(f"round {r}: the server stopped answering ({type(e).__name__}); "
                             f"resume=true redoes the round on the same traces") from None
@@ -296,12 +298,13 @@ class Evolve:
             record = run.dir / "trained_on.json"  # what the recipe says it trained on (Run.trained_on)
             trained = json.loads(record.read_text())["trace_ids"] if record.exists() else []
             outside = set(trained) - set(window["trace_ids"])
-            if outside:  # a recipe that read past its window: nothing of it may be served
-                raise RuntimeError(f"round {r}: {cfg.recipe} trained on {len(outside)} logged answers outside its "
-                                   f"window (e.g. {sorted(outside)[0]})")
             atomic_write(record, json.dumps({"upto_seq": window["upto_seq"], "trace_ids": trained}))
-            candidate = self.candidate(run.dir)
-            verdict = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
+            if outside:  # a recipe that read past its window: nothing of it may be served
+                verdict = {"decision": "failed", "reason": f"{cfg.recipe} trained on {len(outside)} logged answers "
+                                                           f"outside its window (e.g. {sorted(outside)[0]})"}
+            else:
+                candidate = self.candidate(run.dir)
+                verdict = {"adapter": str(candidate), **self.judge(policy, cfg, candidate, version)}
         self.unload_run_adapters(policy, run.dir, version)
         promoted = verdict["decision"] == "promoted"
         if promoted:
@@ -459,4 +462,6 @@ def main(overrides: dict, recipe, config_path) -> None:
     own, recipe_keys = split_keys(overrides)
     if "model" not in own:
         raise UserError("evolve needs model=URL (the live server's …/v1)")
-    Evolve(build(EvolveConfig, own), recipe_keys, recipe, config_path).run()
+    evolve = Evolve(build(EvolveConfig, own), recipe_keys, recipe, config_path)
+    os.nice(evolve.cfg.nice)  # once per process (os.nice adds)
+    evolve.run()

@@ -120,7 +120,10 @@ SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, bet
 class StreamText:
     """One streamed choice's text: the tokens so far, decoded, less what may still change — an
     unfinished character, a tail that could begin a `stop` string, and, for chat (whose answer
-    is trimmed), leading and trailing whitespace. `add` returns the text newly safe to send."""
+    is trimmed), leading and trailing whitespace. `add` returns the text newly safe to send.
+    Decoded without the tokenizer's clean-up of spaces, which rewrites text already sent (the
+    completions text is decoded so too; a chat answer from a tokenizer that cleans up may then
+    end the stream with less than the whole answer's text)."""
 
     def __init__(self, tokenizer, stop, strip: bool):
         self.tokenizer, self.ids, self.sent, self.strip = tokenizer, [], "", strip
@@ -128,7 +131,7 @@ class StreamText:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = text.strip() if self.strip else text
         at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if at >= 0:
@@ -457,7 +460,9 @@ class Server:
             results = await asyncio.gather(*[self.submit("complete", key, (x, req.seed, e), request, req.n,
                                                          req.priority) for x, e in zip(ids, each)])
         versions = [v for v, _ in results]
-        results = [[cut_at_stop(t, req.stop) for t in turns] for _, turns in results]
+        exact = lambda t: t if t.token_ids is None else t.model_copy(  # noqa: E731 - the tokens' own text, untrimmed
+            update={"response": tok.decode(t.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)})
+        results = [[cut_at_stop(exact(t), req.stop) for t in turns] for _, turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
             echoed = {i: await self.submit("call", SERIAL, lambda x=x, a=adapter: self._prompt_lps(x, a, top),
@@ -466,8 +471,7 @@ class Server:
         for i, (text, turns) in enumerate(zip(texts, results)):
             for t in turns:
                 completion += len(t.token_ids or [])
-                answer = t.response if t.token_ids is None else tok.decode(t.token_ids, skip_special_tokens=True)
-                choice = {"index": len(choices), "text": (text if req.echo else "") + answer,
+                choice = {"index": len(choices), "text": (text if req.echo else "") + t.response,
                           "finish_reason": t.finish_reason or "stop", "logprobs": None}
                 if req.logprobs is not None:
                     choice["logprobs"] = self._completion_logprobs(
@@ -532,8 +536,10 @@ class Server:
             first.cancel()
             try:
                 out = task.result()
-            except HTTPError as e:  # after the first byte: an error event, as OpenAI's stream sends one
-                yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
+            except Exception as e:  # noqa: BLE001 - after the first byte: an error event, as OpenAI's stream sends one
+                status, message = ((e.status, e.message) if isinstance(e, HTTPError)
+                                   else (500, f"{type(e).__name__}: {e}"))
+                yield f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}

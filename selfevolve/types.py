@@ -257,14 +257,15 @@ class Servable(AdapterServing, Protocol):
         ...
 
     def generate(self, conversations: list[Conversation], sampling: SamplingParams,
-                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
+                 seeds: list[int | None] | None = None, on_token: list | None = None) -> list[list[Turn]]:
         """As Policy.generate; `seeds`, one per conversation, replace seed + i, so requests
-        that differ only in their seed are answered in one batch."""
+        that differ only in their seed are answered in one batch; `on_token[i]`, where given,
+        is called as (sample, token id) with each token of conversation i as it is generated."""
         ...
 
     def complete(self, prompts: list[str | list[int]], sampling: SamplingParams,
-                 seeds: list[int | None] | None = None) -> list[list[Turn]]:
-        """Continue raw texts or token ids (no chat template)."""
+                 seeds: list[int | None] | None = None, on_token: list | None = None) -> list[list[Turn]]:
+        """Continue raw texts or token ids (no chat template); `on_token` as in `generate`."""
         ...
 
     def encode_prompts(self, conversations: list[Conversation]) -> list[list[int]]: ...

@@ -38,6 +38,8 @@ def test_reasoning_gyms_own_scorer():
     assert scorer.verify(t, f"The answer is {t.reference}.").score == 1.0
     assert scorer.verify(t, f"The answer is {int(t.reference) + 1}.").score < 1.0
     assert get_verifier("numeric").verify(t, f"The answer is {t.reference}.").score == 1.0
+    revised = f"The answer is {int(t.reference) + 1}. Checking again, the answer is {t.reference}."
+    assert scorer.verify(t, revised).score == 1.0  # the last stated answer
 
 
 @pytest.mark.parametrize("spec,words", [

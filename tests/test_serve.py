@@ -64,6 +64,12 @@ def test_token_id_prompts_and_exact_text(client, tiny):
     assert answer.text == "".join(answer.logprobs.tokens)  # exactly the tokens: no space trimmed
     offsets = answer.logprobs.text_offset
     assert offsets[0] == 0 and all(answer.text[a:].startswith(t) for a, t in zip(offsets, answer.logprobs.tokens))
+    word = answer.text.split()[1]  # cut at `stop` on the exact text: what comes before is kept, spaces too
+    cut = client.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].text == answer.text[: answer.text.index(word)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=text, max_tokens=12, temperature=0, stop=[word], stream=True))
+    assert streamed == cut.choices[0].text
     with pytest.raises(openai.BadRequestError, match="token ids must be in"):
         client.completions.create(model="tiny", prompt=[len(tok) + 5], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens=0 returns nothing without echo"):

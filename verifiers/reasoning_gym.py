@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
 from selfevolve.types import Feedback, Task
-
-_STATED = re.compile(r"answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
 
 
 class ReasoningGymVerifier:
@@ -22,8 +18,8 @@ class ReasoningGymVerifier:
             return Feedback(score=0.0, text="not a reasoning-gym task (data=reasoning_gym:NAME)")
         from reasoning_gym import get_score_answer_fn
 
-        stated = _STATED.findall(response)
-        answer = stated[-1] if stated else response.strip()
+        at = response.lower().rfind("answer is")
+        answer = (response[at + len("answer is"):] if at >= 0 else response).strip().removesuffix(".").strip()
         score = float(get_score_answer_fn(entry["metadata"]["source_dataset"])(answer, entry))
         return Feedback(score=score, text=f"reasoning-gym scored {answer!r}: {score:g}", details={"answer": answer})
 
