@@ -719,7 +719,9 @@ def test_streaming_sends_tokens_as_they_are_generated(client):
             arrivals.append(time.perf_counter() - start)
             parts.append(c.choices[0].delta.content)
     assert "".join(parts) == whole and len(parts) > 10
-    assert arrivals[0] < 0.5 * arrivals[-1]  # time to first token, against the whole answer's
+    # the first token's chunk well before the last (about 0.3 of the way here, warm; a whole answer sent as
+    # chunks at its end would put the first within a millisecond of the last)
+    assert arrivals[0] < 0.75 * arrivals[-1]
     word = whole.split()[len(whole.split()) // 2]
     cut = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True,
                                                                                             stop=[word]) if c.choices)
