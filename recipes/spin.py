@@ -81,18 +81,17 @@ class SpinConfig(RecipeConfig):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
 
 
-def gold_trace(task) -> str | None:
-    """The logged answer `gold` takes (its trace id), None when it takes the reference."""
-    accepted = [a.trace_id for a in task.meta.get("logged", []) if a.score == 1.0]
-    return accepted[-1] if accepted else None
+def gold_answer(task):
+    """The logged answer `gold` takes (a `LoggedAnswer`: the latest that scored 1), or None."""
+    return next((a for a in reversed(task.meta.get("logged", [])) if a.score == 1.0), None)
 
 
 def gold(task, cfg: SpinConfig) -> str | None:
-    """The gold response: a logged answer that scored 1 (the latest), else the reference in
-    `gold_template`; None when the task has neither."""
-    accepted = [a.response for a in task.meta.get("logged", []) if a.score == 1.0]
-    if accepted:
-        return accepted[-1]  # its trace: `gold_trace`
+    """The gold response: a logged answer that scored 1 (the latest, `gold_answer`), else the
+    reference in `gold_template`; None when the task has neither."""
+    logged = gold_answer(task)
+    if logged is not None:
+        return logged.response
     if task.reference is None:
         return None
     template = cfg.gold_template
@@ -222,7 +221,7 @@ def main(cfg: SpinConfig, run: Run) -> None:
         from selfevolve.errors import UserError
 
         raise UserError(f"SPIN needs a gold response for every prompt; task {missing.id} has no {cfg.answer_field!r}")
-    run.trained_on(filter(None, map(gold_trace, tasks)))
+    run.trained_on(a.trace_id for a in map(gold_answer, tasks) if a is not None)
     learner = base.learner(cfg)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 

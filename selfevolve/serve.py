@@ -47,7 +47,7 @@ from .exposure import confined_root, exposure, foreign_request
 from .loop import refine_batch
 from .scheduling import FairQueue
 from .store import TraceStore
-from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop
+from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop, first_stop
 from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
 
 REFINE_SUFFIX = "+refine"
@@ -133,7 +133,7 @@ class StreamText:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = text.strip() if self.strip else text
-        at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        at = first_stop(text, self.stops)
         if at >= 0:
             text = text[:at]
         else:  # hold back a tail that may begin a stop string

@@ -197,12 +197,17 @@ def task_messages(task: Task, prompt: str | None = None) -> Conversation:
     return msgs
 
 
+def first_stop(text: str, stop: str | list[str] | None) -> int:
+    """Where the first of the `stop` strings begins in `text` (-1: none does)."""
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    return min((i for i in (text.find(x) for x in stops if x) if i >= 0), default=-1)
+
+
 def cut_at_stop(turn: Turn, stop: str | list[str] | None) -> Turn:
     """The answer up to the first of the request's `stop` strings (not included), as OpenAI
     and vLLM return it, finish_reason "stop". The cut answer's sampled ids and log-probs no
     longer match its text, so they are dropped: a learner re-tokenises it (`meta.tokens`)."""
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    at = min((i for i in (turn.response.find(x) for x in stops if x) if i >= 0), default=-1)
+    at = first_stop(turn.response, stop)
     if at < 0:
         return turn
     return turn.model_copy(update={"response": turn.response[:at], "token_ids": None, "logprobs": None,
