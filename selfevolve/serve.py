@@ -5,7 +5,7 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
 POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (vLLM's runtime-LoRA shapes, so
-`OpenAIPolicy` drives vLLM and this server the same way).
+`OpenAIPolicy` drives vLLM and this server the same way); `stream=true`: selfevolve/streaming.py.
 
 Self-refinement: a chat request whose `model` ends in "+refine" (e.g. "tiny+refine"), or that
 carries an extra `refine` object ({"max_turns": 3, "critic": "self", "reference": "42"}),
@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .build import critic_from_config, served_policy, verifier_for
@@ -47,7 +47,8 @@ from .exposure import confined_root, exposure, foreign_request
 from .loop import refine_batch
 from .scheduling import FairQueue
 from .store import TraceStore
-from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop, first_stop
+from .streaming import decode_exact, stream
+from .types import Feedback, SamplingParams, Servable, Task, Trace, Turn, cut_at_stop
 from .wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter, Refine
 
 REFINE_SUFFIX = "+refine"
@@ -115,35 +116,6 @@ def unseeded(sampling: SamplingParams) -> str:
 
 
 SERIAL = BatchKey()  # adapter load/unload and canary calls: run one by one, between batches
-
-
-class StreamText:
-    """One streamed choice's text: the tokens so far, decoded, less what may still change — an
-    unfinished character, a tail that could begin a `stop` string, and, for chat (whose answer
-    is trimmed), leading and trailing whitespace. `add` returns the text newly safe to send.
-    Decoded without the tokenizer's clean-up of spaces, which rewrites text already sent (the
-    completions text is decoded so too; a chat answer from a tokenizer that cleans up may then
-    end the stream with less than the whole answer's text)."""
-
-    def __init__(self, tokenizer, stop, strip: bool):
-        self.tokenizer, self.ids, self.sent, self.strip = tokenizer, [], "", strip
-        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        text = text.strip() if self.strip else text
-        at = first_stop(text, self.stops)
-        if at >= 0:
-            text = text[:at]
-        else:  # hold back a tail that may begin a stop string
-            text = text[: len(text) - max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                                          default=0)]
-        text = text.rstrip("\ufffd")
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ""
-        new, self.sent = text[len(self.sent):], text
-        return new
 
 
 class Failed(NamedTuple):
@@ -461,7 +433,7 @@ class Server:
                                                          req.priority) for x, e in zip(ids, each)])
         versions = [v for v, _ in results]
         exact = lambda t: t if t.token_ids is None else t.model_copy(  # noqa: E731 - the tokens' own text, untrimmed
-            update={"response": tok.decode(t.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)})
+            update={"response": decode_exact(tok, t.token_ids)})
         results = [[cut_at_stop(exact(t), req.stop) for t in turns] for _, turns in results]
         echoed = {}
         if req.echo and req.logprobs is not None:
@@ -493,65 +465,6 @@ class Server:
                 "total_tokens": prompt_tokens + completion,
             },
         }
-
-    async def streamed(self, handler, req, chat: bool) -> StreamingResponse:
-        """`handler(req, emit)` answered as server-sent events while it generates: each
-        choice's text is sent as its tokens arrive (`StreamText`), then what the finished
-        answer adds (a cut at `stop`), its finish_reason and, on the last chunk, the
-        `selfevolve` field. The response starts once the first token is out or the answer is
-        done, so a request refused before generating is still a plain 4xx."""
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        def emit(c: int, t: int) -> None:  # from the model thread
-            loop.call_soon_threadsafe(tokens.put_nowait, (c, t))
-
-        # an echo's prompt comes first: its answer is sent whole
-        task = asyncio.ensure_future(handler(req, None if getattr(req, "echo", False) else emit))
-        first = asyncio.ensure_future(tokens.get())
-        await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done() and task.exception() is not None:
-            first.cancel()
-            raise task.exception()
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": req.model, "object": "chat.completion.chunk" if chat else "text_completion"}
-        texts: dict[int, StreamText] = {}
-
-        def chunk(index: int, text: str | None, finish: str | None = None, **more) -> str:
-            part = ({"delta": {} if text is None else {"role": "assistant", "content": text}} if chat
-                    else {"text": text or ""})
-            choice = {"index": index, **part, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
-
-        async def events():
-            nonlocal first
-            while True:
-                await asyncio.wait({first, task}, return_when=asyncio.FIRST_COMPLETED)
-                if not first.done():
-                    break  # the answer is done; what its tokens did not send, its end sends
-                c, t = first.result()
-                new = texts.setdefault(c, StreamText(self.policy.tokenizer, req.stop, strip=chat)).add(t)
-                if new:
-                    yield chunk(c, new)
-                first = asyncio.ensure_future(tokens.get())
-            first.cancel()
-            try:
-                out = task.result()
-            except Exception as e:  # noqa: BLE001 - after the first byte: an error event, as OpenAI's stream sends one
-                status, message = ((e.status, e.message) if isinstance(e, HTTPError)
-                                   else (500, f"{type(e).__name__}: {e}"))
-                yield f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            extra = {"selfevolve": out["selfevolve"]} if "selfevolve" in out else {}
-            for k, c in enumerate(out["choices"]):
-                final = c["message"]["content"] if chat else c["text"]
-                sent = texts[c["index"]].sent if c["index"] in texts else ""
-                if final.startswith(sent) and final != sent:
-                    yield chunk(c["index"], final[len(sent):])
-                yield chunk(c["index"], None, c["finish_reason"], **(extra if k == len(out["choices"]) - 1 else {}))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def log(self, kind: str, tasks: list[Task], answers: list[list[Turn]],
                   versions: list[str | None]) -> list[str]:
@@ -747,14 +660,18 @@ def create_app(server: Server):
         if server.gateway:
             return await server.forward(await body(request, None), "chat/completions")
         req = await body(request, ChatRequest)
-        return await server.streamed(server.chat, req, chat=True) if req.stream else await server.chat(req)
+        if req.stream:
+            return await stream(server.chat, req, server.policy.tokenizer, chat=True)
+        return await server.chat(req)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         if server.gateway:
             return await server.forward(await body(request, None), "completions")
         req = await body(request, CompletionRequest)
-        return await server.streamed(server.complete, req, chat=False) if req.stream else await server.complete(req)
+        if req.stream:
+            return await stream(server.complete, req, server.policy.tokenizer, chat=False)
+        return await server.complete(req)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
