@@ -6,8 +6,10 @@ last round, whose 1,000-trace window was promoted (consumed). Timed, each the me
   `poll_s`), against listing every scored id and filtering, as evolve did before;
 - window: fixing a round's window, the newest 1,000 scored traces no served version trained
   on (`Evolve.pending`), against the same full listing;
-- the recipe's read: `data.logged_tasks` on the window (every logged task, to carve roles
-  and re-sample prompts), which still reads the whole store (10k and 100k only).
+- round setup, the recipe's read: its train tasks (the window's first, then the newest
+  prompts; `train_tasks=1000`) and its validation and test tasks (200 each), as
+  `data.tasks_for` loads them (indexed lookups, `data.logged_tasks` with a limit), against
+  reading every trace (the same call without a limit; 10k and 100k only).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from selfevolve.store import TraceStore
 
-SIZES, NEW, WINDOW = (10_000, 100_000, 1_000_000), 500, 1_000
+SIZES, NEW, WINDOW, HELD = (10_000, 100_000, 1_000_000), 500, 1_000, 200
 
 
 def synthetic(path: Path, n: int) -> list[str]:
@@ -58,7 +60,7 @@ def _median(fn, k: int = 5) -> float:
 def run() -> dict:
     from selfevolve.cli import _config_path, _recipe
     from selfevolve.config import build
-    from selfevolve.data import logged_tasks
+    from selfevolve.data import load_tasks
     from selfevolve.evolve import Evolve, EvolveConfig
 
     rows, ratios = [], []
@@ -82,19 +84,30 @@ def run() -> dict:
 
             poll, window_t, old = _median(ev.new_scored), _median(lambda: ev.pending(n, WINDOW)), _median(listing)
             assert ev.new_scored() == NEW and len(ev.pending(n, WINDOW)) == WINDOW
-            read = _median(lambda: logged_tasks(str(path), trace_ids=set(window)), 1) if n <= 100_000 else None
+            def setup(limited: bool):  # what a round's recipe loads: train (the window first), validation, test
+                traces = {"trace_ids": set(window), "scored": True}
+                return [load_tasks(str(path), split=role, holdout=(0.2, 0.1), traces=traces, unscored_train=True,
+                                   limit=limit if limited else None)
+                        for role, limit in (("train", WINDOW), ("validation", HELD), ("test", HELD))]
+
+            read = _median(lambda: setup(True), 3)
+            full = _median(lambda: setup(False), 1) if n <= 100_000 else None
+            assert [len(r) for r in setup(True)] == [WINDOW, HELD, HELD], [len(r) for r in setup(True)]
             rows += [(f"{n:,} traces: poll", f"{poll * 1e3:.2f} ms", f"full listing {old * 1e3:.0f} ms"),
                      (f"{n:,} traces: window of {WINDOW:,}", f"{window_t * 1e3:.2f} ms",
                       f"full listing {old * 1e3:.0f} ms"),
-                     (f"{n:,} traces: the recipe's read (logged_tasks)",
-                      "-" if read is None else f"{read:.2f} s", "reads every trace")]
+                     (f"{n:,} traces: round setup (the recipe's tasks)", f"{read * 1e3:.0f} ms",
+                      "every trace read: " + ("-" if full is None else f"{full * 1e3:.0f} ms"))]
             ratios.append((f"{n:,} traces: full listing / poll", old / poll))
             ev.store.close()
     rows_by = {r[0]: r for r in rows}
     ratios += [("poll, 1M / 10k traces", float(rows_by["1,000,000 traces: poll"][1].split()[0]) /
                 float(rows_by["10,000 traces: poll"][1].split()[0])),
                ("window, 1M / 10k traces", float(rows_by[f"1,000,000 traces: window of {WINDOW:,}"][1].split()[0]) /
-                float(rows_by[f"10,000 traces: window of {WINDOW:,}"][1].split()[0]))]
+                float(rows_by[f"10,000 traces: window of {WINDOW:,}"][1].split()[0])),
+               ("round setup, 1M / 10k traces", float(rows_by["1,000,000 traces: round setup (the recipe's tasks)"][1]
+                                                       .split()[0]) /
+                float(rows_by["10,000 traces: round setup (the recipe's tasks)"][1].split()[0]))]
     return {"title": "Trace store: what evolve reads as the store grows", "doc": __doc__.strip(), "rows": rows,
             "ratios": ratios}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 from . import arith, equations
 from .errors import UserError
-from .types import Feedback, LoggedAnswer, Task, Turn
+from .types import Feedback, LoggedAnswer, Task, Trace, Turn
 
 GENERATED = {"arith": arith.tasks, "equations": equations.tasks}  # seeded suites with their own splits
 BUILTIN = {*GENERATED, "humaneval"}
@@ -109,12 +110,10 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
     logged verdicts alone (`unscored_train`, ReST-EM)."""
     if data in GENERATED:
         return GENERATED[data](split=split or "test", n=limit or 500, seed=seed, difficulty=difficulty)
-    store = is_trace_store(data)
-    if data == "humaneval" or store:
-        filters = dict(traces or {})
-        if split != "train":  # a window of traces to train on; held-out roles see the whole store
-            filters.pop("trace_ids", None)
-        rows = [(t.id, t) for t in (logged_tasks(data, **filters) if store else humaneval())]
+    if is_trace_store(data):
+        return _store_tasks(data, split, limit, seed, holdout, carve, traces, unscored_train)
+    if data == "humaneval":
+        rows = [(t.id, t) for t in humaneval()]
         named: set[str] = set()
     else:
         rows, named = None, splits_of(data)
@@ -140,9 +139,7 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
         rows = [r for r in rows if _role(seed, _task_id(data, r, id_field), holdout, carved) == split]
     if rows is None:
         rows = _file_rows(data, split or "test", fields)
-    if store and not (split == "train" and unscored_train):  # only what a verifier can score
-        rows = [(i, t) for i, t in rows if t.reference is not None or t.tests]
-    if data == "humaneval" or store:
+    if data == "humaneval":
         return [t for _, t in rows][: limit or None]
     if not rows:
         if holdout is None:
@@ -173,6 +170,28 @@ def load_tasks(data: str, split: str | None = None, limit: int | None = None, se
 
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?(/\d+)?")
+
+
+def _store_tasks(data: str, split: str | None, limit: int | None, seed: int, holdout: tuple[float, float] | None,
+                 carve: tuple[str, ...], traces: dict | None, unscored_train: bool) -> list[Task]:
+    """load_tasks for a trace store: its tasks (`logged_tasks`, filtered by `traces`) in
+    `split`'s role, carved by task id; only those a verifier can score, except in `train` for
+    a recipe that learns from logged verdicts alone (`unscored_train`). A window of traces
+    (`trace_ids`) is trained on, so only `train` takes it; the held-out roles carry no logged
+    answers. The first `limit` are read by index (`logged_tasks`)."""
+    filters = dict(traces or {})
+    if split != "train":
+        filters.pop("trace_ids", None)
+    if split is not None and split not in ROLES:
+        raise UserError(f"data={data}: no split {split!r} (roles: {', '.join(ROLES)})")
+    fractions = holdout or HOLDOUT
+    any_task = split == "train" and unscored_train
+
+    def keep(task: Task) -> bool:
+        in_role = split is None or _role(seed, task.id, fractions, carve) == split
+        return in_role and (any_task or _scorable(task))
+
+    return logged_tasks(data, keep=keep, limit=limit or None, answers=split in (None, "train"), **filters)
 
 
 def default_verifier(tasks: list[Task]) -> str:
@@ -286,48 +305,100 @@ def is_trace_store(data: str) -> bool:
 
 
 def logged_tasks(path: str, since_version: str | None = None, scored: bool = False,
-                 source: str | None = None, trace_ids: set[str] | None = None) -> list[Task]:
+                 source: str | None = None, trace_ids: set[str] | None = None,
+                 keep=None, limit: int | None = None, answers: bool = True) -> list[Task]:
     """The tasks of a trace store, one per task id in the order first logged, each with the
     answers logged for it in `meta["logged"]` (`types.LoggedAnswer`s) for the recipes that
-    learn from them.
+    learn from them (none when not `answers`: a held-out role's tasks).
     Filters: traces from the first one `since_version` answered on; only those with a score
     (`scored`); only those whose verdict came from `source` (user, verifier). `trace_ids`
     (an evolve round's window, so that each logged answer is trained on once) keeps only those
     traces' answers, and puts their tasks first; every prompt a verifier can score stays, to
-    be sampled afresh."""
+    be sampled afresh. `keep(task)` selects tasks (a role of the carve).
+    Raw completions (`/v1/completions`) are left out: their prompt is text without a
+    conversation, and the recipes train, sample and evaluate in the chat template; they stay
+    in the store as they were logged.
+    With `limit`, the tasks are found the window's first, then newest first, and the read
+    stops at `limit` kept tasks: indexed lookups whose cost is that of the tasks read, not of
+    the store (evolve's round setup). Without it every trace is read."""
     from .store import TraceStore
 
     if not Path(path).expanduser().is_file():
         raise UserError(f"data={path}: no such trace store")
     store = TraceStore(Path(path).expanduser())
-    start = None
-    if since_version is not None:
-        start = store.first_seq(since_version)
-        if start is None:
-            raise UserError(f"data={path}: no trace was answered by since_version={since_version}")
+    try:
+        start = None
+        if since_version is not None:
+            start = store.first_seq(since_version)
+            if start is None:
+                raise UserError(f"data={path}: no trace was answered by since_version={since_version}")
+        filters = dict(from_seq=start, scored=scored, source=source, chat=True)
+        window = list(trace_ids) if trace_ids is not None else None
+        found = _tasks_read(store, filters, window, keep, limit, answers) if limit is not None else \
+            _tasks_scanned(store, filters, trace_ids, keep, answers)
+    finally:
+        store.close()
+    if trace_ids is not None:  # the window's tasks first: a recipe that reads the first N never cuts them off
+        found.sort(key=lambda t: not t.meta["logged"])
+    return found
+
+
+def _logged(t: Trace) -> LoggedAnswer:
+    last = t.turns[-1]
+    return LoggedAnswer(trace_id=t.id, response=last.response, token_ids=last.token_ids, score=last.score,
+                        source=last.feedback.source if last.feedback else None, policy_version=t.policy_version,
+                        turns=t.turns if len(t.turns) > 1 else None)
+
+
+def _with_reference(task: Task, t: Trace) -> Task:
+    """`task` (first logged without a reference, a verdict later) with the reference, tests
+    and entry point a later trace of it carried."""
+    return task.model_copy(update={"reference": t.task.reference, "tests": t.task.tests,
+                                   "entry_point": t.task.entry_point})
+
+
+def _scorable(task: Task) -> bool:
+    return task.reference is not None or bool(task.tests)
+
+
+def _tasks_scanned(store, filters: dict, trace_ids: set[str] | None, keep, answers: bool) -> list[Task]:
+    """logged_tasks over every trace `filters` select, in append order."""
     tasks: dict[str, Task] = {}
-    for t in store.iter(from_seq=start):
-        last = t.turns[-1] if t.turns else None
-        if last is None or (scored and last.score is None):
-            continue
-        if source is not None and (last.feedback is None or last.feedback.source != source):
+    for t in store.iter(**filters):
+        if not t.turns:
             continue
         task = tasks.setdefault(t.task.id, t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}}))
-        if task.reference is None and task.tests is None and (t.task.reference is not None or t.task.tests):
-            # the question came first without a reference (a verdict later), then with one
-            tasks[t.task.id] = task = task.model_copy(update={"reference": t.task.reference, "tests": t.task.tests,
-                                                              "entry_point": t.task.entry_point})
-        if trace_ids is not None and t.id not in trace_ids:
-            continue  # the prompt stays (a recipe may sample it afresh); its logged answer is another round's
-        task.meta["logged"].append(LoggedAnswer(
-            trace_id=t.id, response=last.response, token_ids=last.token_ids, score=last.score,
-            source=last.feedback.source if last.feedback else None, policy_version=t.policy_version,
-            turns=t.turns if len(t.turns) > 1 else None))
-    store.close()
-    kept = [t for t in tasks.values() if t.meta["logged"] or t.reference is not None or t.tests]
-    if trace_ids is not None:  # the window's tasks first: a recipe that reads the first N never cuts them off
-        kept.sort(key=lambda t: not t.meta["logged"])
-    return kept
+        if not _scorable(task) and _scorable(t.task):
+            tasks[t.task.id] = task = _with_reference(task, t)
+        if answers and (trace_ids is None or t.id in trace_ids):  # else another round's answer: the prompt stays
+            task.meta["logged"].append(_logged(t))
+    return [t for t in tasks.values() if (t.meta["logged"] or _scorable(t)) and (keep is None or keep(t))]
+
+
+def _tasks_read(store, filters: dict, window: list[str] | None, keep, limit: int, answers: bool) -> list[Task]:
+    """logged_tasks by indexed lookups: the window's traces, then task ids newest first, each
+    task from its first selected trace (and its first with a reference); stops at `limit`."""
+    found: dict[str, tuple[int, Task]] = {}
+    logged: dict[str, list[LoggedAnswer]] = {}
+    for _, t in store.by_ids(window or [], **filters):
+        if t.turns and answers:
+            logged.setdefault(t.task.id, []).append(_logged(t))
+    ids = iter(logged) if window is not None else iter(())
+    for task_id in itertools.chain(ids, store.task_ids_newest(filters["from_seq"])):  # lazily
+        if len(found) == limit:
+            break
+        if task_id in found or (first := store.first_of_task(task_id, **filters)) is None:
+            continue
+        seq, t = first
+        task = t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}})
+        if not _scorable(task) and (ref := store.first_of_task(task_id, referenced=True, **filters)):
+            task = _with_reference(task, ref[1])
+        if answers:
+            task.meta["logged"] = logged.get(task_id, []) if window is not None else \
+                [_logged(x) for x in store.iter(task_id=task_id, **filters) if x.turns]
+        if (task.meta["logged"] or _scorable(task)) and (keep is None or keep(task)):
+            found[task_id] = (seq, task)
+    return [task for _, task in sorted(found.values(), key=lambda p: p[0])]
 
 
 def request_task(conv: list[dict] | str, req, reference: str | None = None) -> Task:

@@ -142,8 +142,22 @@ class TraceStore:
         meta: dict[str, Any] | None = None,
         from_seq=None,
         policy_version=None,
+        scored: bool = False,
+        source: str | None = None,
+        referenced: bool = False,
+        chat: bool = False,
     ) -> tuple[str, list]:
         clauses, args = [], []
+        if chat:  # not a raw completion's (`selfevolve serve` logs its kind)
+            clauses.append("json_extract(data, '$.meta.kind') IS NOT 'completion'")
+        if scored:
+            clauses.append("score_last IS NOT NULL")
+        if source is not None:  # whose verdict the last turn carries
+            clauses.append("json_extract(data, '$.turns[#-1].feedback.source') = ?")
+            args.append(source)
+        if referenced:  # a task a verifier can score: a reference or tests
+            clauses.append("(json_extract(data, '$.task.reference') IS NOT NULL"
+                           " OR json_extract(data, '$.task.tests') IS NOT NULL)")
         if from_seq is not None:
             clauses.append("seq >= ?")
             args.append(from_seq)
@@ -173,8 +187,39 @@ class TraceStore:
 
     def query(self, limit: int | None = None, **filters) -> list[Trace]:
         """Traces matching all filters (run, recipe, round, task_id, min_score, max_score on
-        the last turn, meta={key: value}, from_seq), in append order."""
+        the last turn, meta={key: value}, from_seq; `scored`: the last turn has a score;
+        `source`: whose verdict it is; `referenced`: the task carries a reference or tests;
+        `chat`: not a raw completion's), in append order."""
         return list(self.iter(limit=limit, **filters))
+
+    def first_of_task(self, task_id: str, **filters) -> tuple[int, Trace] | None:
+        """(append position, trace) of the first trace of `task_id` that `filters` select: an
+        indexed lookup, its cost that of the task's traces, not of the store."""
+        where, args = self._where(task_id=task_id, **filters)
+        row = self.db.execute(f"SELECT seq, data FROM traces{where} ORDER BY seq LIMIT 1", args).fetchone()
+        return (row[0], Trace.model_validate_json(row[1])) if row else None
+
+    def by_ids(self, ids: list[str], **filters) -> Iterator[tuple[int, Trace]]:
+        """(append position, trace) of the traces with these exact ids that `filters` select,
+        in append order (unknown ids skipped): indexed lookups."""
+        rows = []
+        for k in range(0, len(ids), 500):
+            part = ids[k:k + 500]
+            where, args = self._where(**filters)
+            where = (where + " AND" if where else " WHERE") + f" id IN ({','.join('?' * len(part))})"
+            rows += self.db.execute(f"SELECT seq, data FROM traces{where}", args + part).fetchall()
+        for seq, data in sorted(rows):
+            yield seq, Trace.model_validate_json(data)
+
+    def task_ids_newest(self, from_seq: int | None = None) -> Iterator[str]:
+        """Task ids, each once, in the order of their newest trace (from `from_seq` on), newest
+        first: read lazily, so the first k cost the traces above them, not the store."""
+        seen: set[str] = set()
+        for (task_id,) in self.db.execute("SELECT task_id FROM traces WHERE seq >= ? ORDER BY seq DESC",
+                                          (from_seq or 0,)):
+            if task_id not in seen:
+                seen.add(task_id)
+                yield task_id
 
     def first_seq(self, policy_version: str) -> int | None:
         """The append position of the first trace `policy_version` answered (None: none): a

@@ -200,3 +200,66 @@ def test_math_answers_need_a_named_verifier(tmp_path):
     assert "Traceback" not in r.stderr
     r = cli("check", f"data={f}", "verifier=math")
     assert r.returncode == 0 and "2/2 references pass verifier=math" in r.stdout, r.stderr
+
+
+def _traffic_store(tmp_path, n_tasks: int, repeats: int):
+    """A real store: `n_tasks` questions asked `repeats` times each (the first time without a
+    reference, a verdict later; then with one), every trace scored."""
+    from selfevolve.store import TraceStore
+    from selfevolve.types import Feedback, Task, Trace, Turn
+
+    store = TraceStore(tmp_path / "traces.sqlite")
+    for r in range(repeats):
+        verdict = Feedback(score=float(r % 2), source="user" if r == 0 else "verifier")
+        store.append([Trace(task=Task(id=f"q{i}", prompt=f"What is {i} + 1?", reference=None if r == 0 else str(i + 1)),
+                            turns=[Turn(response=f"The answer is {i + r % 2}.", feedback=verdict)])
+                      for i in range(n_tasks)])
+    ids = store.ids()
+    store.close()
+    return str(tmp_path / "traces.sqlite"), ids
+
+
+def test_a_limited_read_of_a_store_is_the_full_read_where_the_limit_does_not_bind(tmp_path):
+    path, ids = _traffic_store(tmp_path, 60, 3)
+    window = {"trace_ids": set(ids[-50:]), "scored": True, "source": None, "since_version": None}
+    for split in ("train", "validation", "test", None):
+        full = load_tasks(path, split=split, holdout=(0.2, 0.1), traces=window)
+        read = load_tasks(path, split=split, holdout=(0.2, 0.1), traces=window, limit=1000)
+        assert [t.model_dump() for t in read] == [t.model_dump() for t in full] and full
+        assert all(t.reference is not None for t in read)  # merged from a later trace
+        if split in ("validation", "test"):
+            assert all(t.meta["logged"] == [] for t in read)  # held out: no answers to train on
+    train = load_tasks(path, split="train", holdout=(0.2, 0.1), traces=window, limit=1000)
+    assert {a.trace_id for t in train for a in t.meta["logged"]} <= set(ids[-50:])
+    users = load_tasks(path, split="train", holdout=(0.2, 0.1), traces={"source": "user"}, limit=1000,
+                       unscored_train=True)
+    assert users and {a.source for t in users for a in t.meta["logged"]} == {"user"}
+
+
+def test_the_window_comes_first_and_then_the_newest_tasks_when_the_limit_binds(tmp_path):
+    path, ids = _traffic_store(tmp_path, 300, 2)
+    window = ids[100:130]  # older traffic of the second pass, never the newest
+    train = load_tasks(path, split="train", holdout=(0.2, 0.1), traces={"trace_ids": set(window)}, limit=40)
+    in_role = {t.id for t in load_tasks(path, split="train", holdout=(0.2, 0.1))}
+    window_tasks = [f"q{int(i)}" for i in range(100, 130) if f"q{i}" in in_role]
+    assert [t.id for t in train[:len(window_tasks)]] == window_tasks  # all of the window, in order, first
+    assert all(t.meta["logged"] for t in train[:len(window_tasks)])
+    rest = [t.id for t in train[len(window_tasks):]]
+    assert len(rest) == 40 - len(window_tasks) and not any(t.meta["logged"] for t in train[len(window_tasks):])
+    assert min(int(i[1:]) for i in rest) > 200  # the newest prompts, to sample afresh
+
+
+def test_raw_completions_are_not_trained_in_a_chat_template(tmp_path):
+    from selfevolve.data import logged_tasks
+    from selfevolve.store import TraceStore
+    from selfevolve.types import Feedback, Task, Trace, Turn
+
+    store = TraceStore(tmp_path / "traces.sqlite")
+    scored = [Turn(response="4", feedback=Feedback(score=1.0))]
+    store.append([Trace(task=Task(id="chat", prompt="What is 2 + 2?", reference="4"), turns=scored,
+                        meta={"source": "serve", "kind": "chat"}),
+                  Trace(task=Task(id="raw", prompt="Q: What is 2 + 2?\nA:", reference="4"), turns=scored,
+                        meta={"source": "serve", "kind": "completion"})])
+    store.close()
+    for limit in (None, 10):
+        assert [t.id for t in logged_tasks(str(tmp_path / "traces.sqlite"), limit=limit)] == ["chat"]
