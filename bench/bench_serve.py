@@ -11,7 +11,9 @@ chat waits for a batch, not for the large request.
 
 Streaming: 30 chats asking for a worked sum (about 25 tokens of answer; sampled, seeded),
 stream=true, one after another: the time to the first token's chunk against the time to
-the last chunk.
+the last chunk. Then 30 refinements of the same (two attempts: a verifier critic told a
+wrong reference, so the first is always revised), streamed: the first draft token's chunk
+(`reasoning_content`), the first answer token's, and the last chunk.
 """
 
 from __future__ import annotations
@@ -39,14 +41,19 @@ def _ask(client, prompt):
         return time.perf_counter() - t0, repr(e)
 
 
-def _stream(client, prompt, seed):
-    """(time to the first content chunk, time to the last chunk) of one streamed chat."""
-    t0, first = time.perf_counter(), None
+def _stream(client, prompt, seed, refine=None):
+    """(time to the first chunk with text, to the first content chunk, to the last chunk) of
+    one streamed chat (`refine`: a refinement, whose drafts stream as reasoning_content)."""
+    t0, first, answer = time.perf_counter(), None, None
     for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                            temperature=1.0, seed=seed, max_tokens=MAX_TOKENS, stream=True):
-        if first is None and c.choices and c.choices[0].delta.content:
+                                            temperature=1.0, seed=seed, max_tokens=MAX_TOKENS, stream=True,
+                                            extra_body={"refine": refine} if refine else None):
+        delta = c.choices[0].delta if c.choices else None
+        if first is None and delta and (delta.content or (delta.model_extra or {}).get("reasoning_content")):
             first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0
+        if answer is None and delta and delta.content:
+            answer = time.perf_counter() - t0
+    return first, answer, time.perf_counter() - t0
 
 
 def run() -> dict:
@@ -80,10 +87,13 @@ def run() -> dict:
             chains = [f"What is {t.prompt.removeprefix('What is ').rstrip('?')} + 7 - 3 + 5?" for t in
                       arith.tasks("test", n=SMALL_N, seed=9)]
             streamed = [_stream(client, p, i) for i, p in enumerate(chains)]
+            refined = [_stream(client, p, i, {"critic": "verifier", "reference": "-1000", "max_turns": 2})
+                       for i, p in enumerate(chains)]
         finally:
             server.stop()
     errors = [e for _, e in seq + conc if e]
-    ttft, full = [a for a, _ in streamed], [b for _, b in streamed]
+    ttft, full = [a for _, a, _ in streamed], [b for _, _, b in streamed]
+    r_first, r_answer, r_full = ([x[k] for x in refined] for k in range(3))
     q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
     lat = sorted(t for t, _ in conc)
     seq_rps, conc_rps = SEQUENTIAL_N / seq_time, N / conc_time
@@ -101,10 +111,17 @@ def run() -> dict:
                      (f"{SMALL_N} streamed chats: first token", f"p50 {q(ttft, .5) * 1000:.0f} ms",
                       f"p99 {q(ttft, .99) * 1000:.0f} ms"),
                      (f"{SMALL_N} streamed chats: last chunk", f"p50 {q(full, .5) * 1000:.0f} ms",
-                      f"p99 {q(full, .99) * 1000:.0f} ms")],
+                      f"p99 {q(full, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} streamed refinements: first draft token", f"p50 {q(r_first, .5) * 1000:.0f} ms",
+                      f"p99 {q(r_first, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} streamed refinements: first answer token", f"p50 {q(r_answer, .5) * 1000:.0f} ms",
+                      f"p99 {q(r_answer, .99) * 1000:.0f} ms"),
+                     (f"{SMALL_N} streamed refinements: last chunk", f"p50 {q(r_full, .5) * 1000:.0f} ms",
+                      f"p99 {q(r_full, .99) * 1000:.0f} ms")],
             "ratios": [("concurrent / sequential throughput (target >= 3)", conc_rps / seq_rps),
                        ("short-chat p99 beside a large request / alone", q(beside, .99) / q(alone, .99)),
-                       ("streaming: first token / whole answer, p50", q(ttft, .5) / q(full, .5))],
+                       ("streaming: first token / whole answer, p50", q(ttft, .5) / q(full, .5)),
+                       ("streamed refinement: first token / whole, p50", q(r_first, .5) / q(r_full, .5))],
             "errors": errors}
 
 

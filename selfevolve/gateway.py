@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from .data import request_task
 from .policies.openai import OpenAIPolicy, client_key, turn_from
 from .serve import REFINE_SUFFIX, HTTPError, ServeConfig, Server, adapter_version
+from .streaming import stream
 from .types import Turn
 from .wire import ChatRequest, LoadAdapter
 
@@ -71,7 +72,8 @@ class Gateway(Server):
         """One chat ("chat/completions") or completions request through the engine, logged."""
         chat = route == "chat/completions"
         if chat and (data.get("refine") or str(data.get("model", "")).endswith(REFINE_SUFFIX)):
-            return await self.chat(self.validated(ChatRequest, data))
+            req = self.validated(ChatRequest, data)
+            return await (stream(self.chat, req, None, chat=True) if req.stream else self.chat(req))
         if not isinstance(data.get("model"), str):
             raise HTTPError(400, "model: a string is required")
         self.check_limits(data)

@@ -48,11 +48,12 @@ def conversation(trace: Trace, messages: list[str], system: str | None = None,
 
 def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | None = None,
                  turns: TurnPolicy | Critic | None = None, max_turns: int = 2, sampling: SamplingParams | None = None,
-                 system: str | None = None, **trace_fields) -> list[Trace]:
+                 system: str | None = None, on_token: list | None = None, **trace_fields) -> list[Trace]:
     """Run the loop on many tasks, batching generation (and critique) across tasks per turn.
     `turns` is a TurnPolicy, or a Critic (its critique), or None (SCoRe's instruction).
     Returns one Trace per task, in order. `trace_fields` (recipe, run, round, meta) go on
-    every Trace."""
+    every Trace. `on_token[i]`, where given (a policy whose `generate` streams: HFPolicy), is
+    called as `(turn, token_id)` with each token of task i's attempts as it is generated."""
     sampling = sampling or SamplingParams()
     verifier = as_verifier(verifier) if verifier is not None else None
     turns = as_turn_policy(turns)
@@ -65,7 +66,10 @@ def refine_batch(tasks: list[Task | str], policy: Policy, verifier: Verifier | N
         if not active:
             break
         s = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + turn})
-        outs = policy.generate([conversation(traces[i], said[i], system, turns.window) for i in active], s)
+        convs = [conversation(traces[i], said[i], system, turns.window) for i in active]
+        streams = {} if not on_token else {"on_token": [
+            None if on_token[i] is None else (lambda _, tok, f=on_token[i], k=turn: f(k, tok)) for i in active]}
+        outs = policy.generate(convs, s, **streams)
         for i, out in zip(active, outs):
             traces[i].turns.append(out[0])
         if verifier is not None:

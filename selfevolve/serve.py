@@ -281,8 +281,10 @@ class Server:
             answers = call([x for x, _, _ in payloads], sampling, seeds=None if seeds == [None] * len(seeds) else seeds,
                            on_token=emits if any(emits) else None)
             return [(version, turns) for turns in answers]
-        traces = refine_batch(payloads, self.policy, self.verifier, self.critic(key.critic), key.max_turns,
-                              sampling=sampling, system=key.system, recipe="serve",
+        emits = [e for _, e in payloads]  # payloads: (task, its stream)
+        traces = refine_batch([t for t, _ in payloads], self.policy, self.verifier, self.critic(key.critic),
+                              key.max_turns, sampling=sampling, system=key.system, recipe="serve",
+                              on_token=emits if any(emits) else None,
                               run="serve", meta={"source": "serve", "kind": "refine"})
         for t in traces:
             t.policy_version = version
@@ -316,7 +318,8 @@ class Server:
 
     async def chat(self, req: ChatRequest, emit=None) -> dict:
         """The response to a chat request. `emit(choice, token_id)`, where given, receives each
-        token as it is generated (a plain request's; a refinement's answer comes whole)."""
+        token as it is generated; a refinement's attempts before its last allowed one, which
+        may or may not be its answer, come as `emit(("draft", turn), token_id)`."""
         if req.tools or req.tool_choice not in (None, "none"):
             raise HTTPError(400, "tools / tool_choice are not supported by selfevolve serve (the model has no "
                             "tool-calling format)")
@@ -363,8 +366,10 @@ class Server:
             raise HTTPError(400, "critic=verifier needs refine.reference (the expected answer)")
         task = request_task(conv, req, refine.reference)
         system = conv[0]["content"] if conv[0]["role"] == "system" else None  # reaches every attempt
+        last = max_turns - 1  # the attempt that is the answer whatever it says: streamed as the answer
+        drafts = None if emit is None else (lambda turn, token: emit(0 if turn == last else ("draft", turn), token))
         trace = await self.submit("refine", BatchKey(adapter, sampling.model_dump_json(), max_turns, critic, system),
-                                  task, priority=req.priority)
+                                  (task, drafts), priority=req.priority)
         choice = self._chat_choice(0, trace.turns[-1], max_tokens, False)
         out = self._chat_response(req.model, created, [choice], prompt_tokens, trace.turns)
         out["selfevolve"] = {"trace_id": trace.id, "turns": len(trace.turns), "scores": [t.score for t in trace.turns],

@@ -53,8 +53,14 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
     """`handler(req, emit)` answered as server-sent events while it generates: each
     choice's text is sent as its tokens arrive (`StreamText`), then what the finished
     answer adds (a cut at `stop`), its finish_reason and, on the last chunk, the
-    `selfevolve` field. The response starts once the first token is out or the answer is
-    done, so a request refused before generating is still a plain 4xx."""
+    `selfevolve` field; the choice's log-probs, when asked for, come whole on its last
+    chunk (clients join the chunks' lists). A refinement's drafts (`emit(("draft", turn), token)`: attempts that
+    may not be its answer) stream as `delta.reasoning_content`, as vLLM streams a reasoning
+    model's thinking; its answer then comes as `content` (streamed live when it is the last
+    allowed attempt). The response starts once the first token is out or the answer is
+    done, so a request refused before generating is still a plain 4xx. Without a
+    `tokenizer` (a gateway's refinement, whose engine does not stream to it) the answer
+    comes whole."""
     loop = asyncio.get_running_loop()
     tokens: asyncio.Queue = asyncio.Queue()
 
@@ -62,7 +68,7 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
         loop.call_soon_threadsafe(tokens.put_nowait, (c, t))
 
     # an echo's prompt comes first: its answer is sent whole
-    task = asyncio.ensure_future(handler(req, None if getattr(req, "echo", False) else emit))
+    task = asyncio.ensure_future(handler(req, None if getattr(req, "echo", False) or tokenizer is None else emit))
     first = asyncio.ensure_future(tokens.get())
     await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
     if task.done() and task.exception() is not None:
@@ -71,11 +77,13 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": req.model, "object": "chat.completion.chunk" if chat else "text_completion"}
     texts: dict[int, StreamText] = {}
+    drafts: dict[int, StreamText] = {}  # a refinement's attempts that may not be its answer, by turn
 
-    def chunk(index: int, text: str | None, finish: str | None = None, **more) -> str:
-        part = ({"delta": {} if text is None else {"role": "assistant", "content": text}} if chat
+    def chunk(index: int, text: str | None, finish: str | None = None, field: str = "content", logprobs=None,
+              **more) -> str:
+        part = ({"delta": {} if text is None else {"role": "assistant", field: text}} if chat
                 else {"text": text or ""})
-        choice = {"index": index, **part, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}
         return f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
 
     async def events():
@@ -85,8 +93,13 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
             if not first.done():
                 break  # the answer is done; what its tokens did not send, its end sends
             c, t = first.result()
-            new = texts.setdefault(c, StreamText(tokenizer, req.stop, strip=chat)).add(t)
-            if new:
+            if isinstance(c, tuple):  # a refinement's draft: reasoning, each attempt after a blank line
+                draft = drafts.setdefault(c[1], StreamText(tokenizer, None, strip=True))
+                new = draft.add(t)
+                if new:
+                    yield chunk(0, ("\n\n" if len(drafts) > 1 and draft.sent == new else "") + new,
+                                field="reasoning_content")
+            elif new := texts.setdefault(c, StreamText(tokenizer, req.stop, strip=chat)).add(t):
                 yield chunk(c, new)
             first = asyncio.ensure_future(tokens.get())
         first.cancel()
@@ -103,7 +116,8 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
             sent = texts[c["index"]].sent if c["index"] in texts else ""
             if final.startswith(sent) and final != sent:
                 yield chunk(c["index"], final[len(sent):])
-            yield chunk(c["index"], None, c["finish_reason"], **(extra if k == len(out["choices"]) - 1 else {}))
+            yield chunk(c["index"], None, c["finish_reason"], logprobs=c.get("logprobs"),
+                        **(extra if k == len(out["choices"]) - 1 else {}))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

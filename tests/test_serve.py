@@ -647,7 +647,7 @@ def test_streaming_and_stop_as_real_clients_send_them(client, server):
     assert chunks[-1].model_extra["selfevolve"]["trace_id"]
     refined = list(client.chat.completions.create(model="tiny+refine", messages=Q, temperature=0, max_tokens=24,
                                                   stream=True))
-    assert refined[-1].model_extra["selfevolve"]["turns"] >= 1 and refined[0].choices[0].delta.content is not None
+    assert refined[-1].model_extra["selfevolve"]["turns"] >= 1 and any(c.choices[0].delta.content for c in refined)
     parts = list(client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0,
                                            stream=True))
     plain = client.completions.create(model="tiny", prompt="What is 2 + 3?", max_tokens=8, temperature=0)
@@ -726,6 +726,11 @@ def test_streaming_sends_tokens_as_they_are_generated(client):
     cut = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True,
                                                                                             stop=[word]) if c.choices)
     assert cut == whole[: whole.index(word)]
+    scored = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    joined = [x for c in client.chat.completions.create(**ask, stream=True, logprobs=True, top_logprobs=2)
+              if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]  # as clients join them
+    assert [x.token for x in joined] == [x.token for x in scored] and len(joined[0].top_logprobs) == 2
+    assert [x.logprob for x in joined] == pytest.approx([x.logprob for x in scored], abs=1e-4)
     parts = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="Once upon a time",
                                                                    max_tokens=40, temperature=1.0, seed=2,
                                                                    stream=True)]
@@ -813,3 +818,25 @@ def test_langchain_chat_openai_against_the_server(server):
                       max_retries=0)
     whole = chat.invoke("What is 7 + 8 - 3 + 4?").content
     assert whole and "".join(c.content for c in chat.stream("What is 7 + 8 - 3 + 4?")) == whole
+
+
+def test_a_refinement_streams_its_drafts_as_reasoning_and_its_answer_as_content(client, server):
+    """A refinement's attempts stream as they are generated: the drafts (attempts that may
+    not be the answer) as `delta.reasoning_content`, as vLLM streams a reasoning model's
+    thinking, then the last allowed attempt live as `content`; together they are what the
+    same request gets whole and what the trace logs."""
+    ask = dict(model="tiny", messages=Q, temperature=0, max_tokens=40,
+               extra_body={"refine": {"critic": "verifier", "reference": "-1000", "max_turns": 3}})
+    whole = client.chat.completions.create(**ask)
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    reasoning = [c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks]
+    content = [c.choices[0].delta.content or "" for c in chunks]
+    assert "".join(content) == whole.choices[0].message.content
+    info = chunks[-1].model_extra["selfevolve"]
+    assert info["turns"] == 3 and info["scores"] == whole.model_extra["selfevolve"]["scores"]
+    logged = TraceStore(server.traces).get(info["trace_id"])
+    assert "".join(reasoning) == "\n\n".join(t.response for t in logged.turns[:-1])
+    assert "".join(content) == logged.final
+    first_answer = next(i for i, c in enumerate(content) if c)
+    assert sum(map(bool, reasoning[:first_answer])) > 5 and not any(reasoning[first_answer:])  # drafts, then answer
+    assert sum(map(bool, content)) > 3  # the last attempt streamed token by token, not sent whole
