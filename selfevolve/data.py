@@ -186,12 +186,9 @@ def _store_tasks(data: str, split: str | None, limit: int | None, seed: int, hol
         raise UserError(f"data={data}: no split {split!r} (roles: {', '.join(ROLES)})")
     fractions = holdout or HOLDOUT
     any_task = split == "train" and unscored_train
-
-    def keep(task: Task) -> bool:
-        in_role = split is None or _role(seed, task.id, fractions, carve) == split
-        return in_role and (any_task or _scorable(task))
-
-    return logged_tasks(data, keep=keep, limit=limit or None, answers=split in (None, "train"), **filters)
+    return logged_tasks(data, in_role=None if split is None else lambda i: _role(seed, i, fractions, carve) == split,
+                        keep=lambda task: any_task or _scorable(task), limit=limit or None,
+                        answers=split in (None, "train"), **filters)
 
 
 def default_verifier(tasks: list[Task]) -> str:
@@ -306,7 +303,7 @@ def is_trace_store(data: str) -> bool:
 
 def logged_tasks(path: str, since_version: str | None = None, scored: bool = False,
                  source: str | None = None, trace_ids: set[str] | None = None,
-                 keep=None, limit: int | None = None, answers: bool = True) -> list[Task]:
+                 in_role=None, keep=None, limit: int | None = None, answers: bool = True) -> list[Task]:
     """The tasks of a trace store, one per task id in the order first logged, each with the
     answers logged for it in `meta["logged"]` (`types.LoggedAnswer`s) for the recipes that
     learn from them (none when not `answers`: a held-out role's tasks).
@@ -314,13 +311,16 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
     (`scored`); only those whose verdict came from `source` (user, verifier). `trace_ids`
     (an evolve round's window, so that each logged answer is trained on once) keeps only those
     traces' answers, and puts their tasks first; every prompt a verifier can score stays, to
-    be sampled afresh. `keep(task)` selects tasks (a role of the carve).
+    be sampled afresh. `in_role(task_id)` and `keep(task)` select tasks (a role of the carve;
+    what a verifier can score).
     Raw completions (`/v1/completions`) are left out: their prompt is text without a
     conversation, and the recipes train, sample and evaluate in the chat template; they stay
     in the store as they were logged.
-    With `limit`, the tasks are found the window's first, then newest first, and the read
-    stops at `limit` kept tasks: indexed lookups whose cost is that of the tasks read, not of
-    the store (evolve's round setup). Without it every trace is read."""
+    With `limit`, the tasks are found the window's first, then newest first (a held-out role
+    is then its newest `limit` tasks), and the read stops at `limit` kept tasks: indexed
+    lookups whose cost is that of the tasks read, not of the store (evolve's round setup).
+    Without it every trace is read; both give the same tasks in the same order where the
+    limit does not bind."""
     from .store import TraceStore
 
     if not Path(path).expanduser().is_file():
@@ -334,8 +334,9 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
                 raise UserError(f"data={path}: no trace was answered by since_version={since_version}")
         filters = dict(from_seq=start, scored=scored, source=source, chat=True)
         window = list(trace_ids) if trace_ids is not None else None
-        found = _tasks_read(store, filters, window, keep, limit, answers) if limit is not None else \
-            _tasks_scanned(store, filters, trace_ids, keep, answers)
+        select = (in_role or (lambda _: True), keep or (lambda _: True))
+        found = _tasks_read(store, filters, window, select, limit, answers) if limit is not None else \
+            _tasks_scanned(store, filters, trace_ids, select, answers)
     finally:
         store.close()
     if trace_ids is not None:  # the window's tasks first: a recipe that reads the first N never cuts them off
@@ -361,33 +362,38 @@ def _scorable(task: Task) -> bool:
     return task.reference is not None or bool(task.tests)
 
 
-def _tasks_scanned(store, filters: dict, trace_ids: set[str] | None, keep, answers: bool) -> list[Task]:
+def _tasks_scanned(store, filters: dict, trace_ids: set[str] | None, select, answers: bool) -> list[Task]:
     """logged_tasks over every trace `filters` select, in append order."""
+    in_role, keep = select
     tasks: dict[str, Task] = {}
     for t in store.iter(**filters):
-        if not t.turns:
+        if not in_role(t.task.id):
             continue
         task = tasks.setdefault(t.task.id, t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}}))
         if not _scorable(task) and _scorable(t.task):
             tasks[t.task.id] = task = _with_reference(task, t)
         if answers and (trace_ids is None or t.id in trace_ids):  # else another round's answer: the prompt stays
             task.meta["logged"].append(_logged(t))
-    return [t for t in tasks.values() if (t.meta["logged"] or _scorable(t)) and (keep is None or keep(t))]
+    return [t for t in tasks.values() if (t.meta["logged"] or _scorable(t)) and keep(t)]
 
 
-def _tasks_read(store, filters: dict, window: list[str] | None, keep, limit: int, answers: bool) -> list[Task]:
+def _tasks_read(store, filters: dict, window: list[str] | None, select, limit: int, answers: bool) -> list[Task]:
     """logged_tasks by indexed lookups: the window's traces, then task ids newest first, each
     task from its first selected trace (and its first with a reference); stops at `limit`."""
+    in_role, keep = select
     found: dict[str, tuple[int, Task]] = {}
     logged: dict[str, list[LoggedAnswer]] = {}
     for _, t in store.by_ids(window or [], **filters):
-        if t.turns and answers:
+        if answers:
             logged.setdefault(t.task.id, []).append(_logged(t))
-    ids = iter(logged) if window is not None else iter(())
-    for task_id in itertools.chain(ids, store.task_ids_newest(filters["from_seq"])):  # lazily
+    tried: set[str] = set()
+    for task_id in itertools.chain(list(logged), store.task_ids_newest(filters["from_seq"])):  # lazily
         if len(found) == limit:
             break
-        if task_id in found or (first := store.first_of_task(task_id, **filters)) is None:
+        if task_id in tried or not in_role(task_id):
+            continue
+        tried.add(task_id)
+        if (first := store.first_of_task(task_id, **filters)) is None:
             continue
         seq, t = first
         task = t.task.model_copy(update={"meta": {**t.task.meta, "logged": []}})
@@ -395,8 +401,8 @@ def _tasks_read(store, filters: dict, window: list[str] | None, keep, limit: int
             task = _with_reference(task, ref[1])
         if answers:
             task.meta["logged"] = logged.get(task_id, []) if window is not None else \
-                [_logged(x) for x in store.iter(task_id=task_id, **filters) if x.turns]
-        if (task.meta["logged"] or _scorable(task)) and (keep is None or keep(task)):
+                [_logged(x) for x in store.iter(task_id=task_id, **filters)]
+        if (task.meta["logged"] or _scorable(task)) and keep(task):
             found[task_id] = (seq, task)
     return [task for _, task in sorted(found.values(), key=lambda p: p[0])]
 

@@ -353,6 +353,8 @@ class Server:
             return out
         if req.n != 1:
             raise HTTPError(400, "refinement returns one answer; use n=1")
+        if req.stop:
+            raise HTTPError(400, "stop does not apply to a refinement (each attempt is a whole answer); leave it out")
         if [m["role"] for m in conv] not in (["user"], ["system", "user"]):  # nothing accepted and then dropped
             raise HTTPError(400, "a refinement request is one user message (optionally after a system message)")
         max_turns = refine.max_turns or self.cfg.max_turns

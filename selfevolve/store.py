@@ -24,6 +24,7 @@ from .errors import UserError, disk_full
 from .types import Feedback, Trace
 
 SCHEMA_VERSION = 1
+CHAT = "json_extract(data, '$.meta.kind') IS NOT 'completion'"  # a trace the recipes can learn from
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS traces (
@@ -148,16 +149,16 @@ class TraceStore:
         chat: bool = False,
     ) -> tuple[str, list]:
         clauses, args = [], []
-        if chat:  # not a raw completion's (`selfevolve serve` logs its kind)
-            clauses.append("json_extract(data, '$.meta.kind') IS NOT 'completion'")
+        if chat:  # answered, and not a raw completion (`selfevolve serve` logs its kind)
+            clauses.append(f"n_turns > 0 AND {CHAT}")
         if scored:
             clauses.append("score_last IS NOT NULL")
         if source is not None:  # whose verdict the last turn carries
-            clauses.append("json_extract(data, '$.turns[#-1].feedback.source') = ?")
+            clauses.append("json_extract(data, '$.turns[' || (n_turns - 1) || '].feedback.source') = ?")
             args.append(source)
-        if referenced:  # a task a verifier can score: a reference or tests
+        if referenced:  # a task a verifier can score: a reference, or tests that are not empty
             clauses.append("(json_extract(data, '$.task.reference') IS NOT NULL"
-                           " OR json_extract(data, '$.task.tests') IS NOT NULL)")
+                           " OR COALESCE(json_extract(data, '$.task.tests'), '') NOT IN ('', '[]'))")
         if from_seq is not None:
             clauses.append("seq >= ?")
             args.append(from_seq)
@@ -189,7 +190,7 @@ class TraceStore:
         """Traces matching all filters (run, recipe, round, task_id, min_score, max_score on
         the last turn, meta={key: value}, from_seq; `scored`: the last turn has a score;
         `source`: whose verdict it is; `referenced`: the task carries a reference or tests;
-        `chat`: not a raw completion's), in append order."""
+        `chat`: answered, and not a raw completion), in append order."""
         return list(self.iter(limit=limit, **filters))
 
     def first_of_task(self, task_id: str, **filters) -> tuple[int, Trace] | None:
@@ -238,17 +239,18 @@ class TraceStore:
         return [r[0] for r in self.db.execute(f"SELECT id FROM traces{where} ORDER BY seq", args)]
 
     def count_scored(self, after: int = 0) -> int:
-        """How many traces appended after position `after` have a score: a range scan of the
-        newest rows, its cost that of the rows counted, not of the store."""
-        return self.db.execute("SELECT COUNT(*) FROM traces WHERE seq > ? AND score_last IS NOT NULL",
+        """How many traces the recipes can learn from (not raw completions) appended after
+        position `after` have a score: a range scan of the newest rows, its cost that of the
+        rows counted, not of the store."""
+        return self.db.execute(f"SELECT COUNT(*) FROM traces WHERE seq > ? AND score_last IS NOT NULL AND {CHAT}",
                                (after,)).fetchone()[0]
 
     def newest_scored(self, upto: int | None = None) -> Iterator[tuple[str, int]]:
-        """(id, append position) of the traces with a score, newest first, from position
-        `upto` down: read lazily, so taking the newest k costs k rows (and the unscored ones
-        between), not the store."""
+        """(id, append position) of the traces with a score that the recipes can learn from,
+        newest first, from position `upto` down: read lazily, so taking the newest k costs k
+        rows (and the others between), not the store."""
         upto = self.last_seq() if upto is None else upto
-        yield from self.db.execute("SELECT id, seq FROM traces WHERE seq <= ? AND score_last IS NOT NULL "
+        yield from self.db.execute(f"SELECT id, seq FROM traces WHERE seq <= ? AND score_last IS NOT NULL AND {CHAT} "
                                    "ORDER BY seq DESC", (upto,))
 
     def get(self, trace_id: str) -> Trace | None:

@@ -209,10 +209,14 @@ def _traffic_store(tmp_path, n_tasks: int, repeats: int):
     from selfevolve.types import Feedback, Task, Trace, Turn
 
     store = TraceStore(tmp_path / "traces.sqlite")
+    store.append([Trace(task=Task(id="q0", prompt="What is 0 + 1?", tests=[]), turns=[]),  # unanswered, no tests
+                  Trace(task=Task(id="q1", prompt="What is 1 + 1?"), turns=[Turn(response="2")],
+                        meta={"kind": "completion"})])  # a raw completion first
     for r in range(repeats):
         verdict = Feedback(score=float(r % 2), source="user" if r == 0 else "verifier")
         store.append([Trace(task=Task(id=f"q{i}", prompt=f"What is {i} + 1?", reference=None if r == 0 else str(i + 1)),
-                            turns=[Turn(response=f"The answer is {i + r % 2}.", feedback=verdict)])
+                            turns=[Turn(response=f"The answer is {i + r % 2}.", feedback=verdict)],
+                            policy_version=f"v{r}")
                       for i in range(n_tasks)])
     ids = store.ids()
     store.close()
@@ -221,6 +225,7 @@ def _traffic_store(tmp_path, n_tasks: int, repeats: int):
 
 def test_a_limited_read_of_a_store_is_the_full_read_where_the_limit_does_not_bind(tmp_path):
     path, ids = _traffic_store(tmp_path, 60, 3)
+    ids = ids[2:]  # the unanswered trace and the completion are no one's logged answers
     window = {"trace_ids": set(ids[-50:]), "scored": True, "source": None, "since_version": None}
     for split in ("train", "validation", "test", None):
         full = load_tasks(path, split=split, holdout=(0.2, 0.1), traces=window)
@@ -231,6 +236,9 @@ def test_a_limited_read_of_a_store_is_the_full_read_where_the_limit_does_not_bin
             assert all(t.meta["logged"] == [] for t in read)  # held out: no answers to train on
     train = load_tasks(path, split="train", holdout=(0.2, 0.1), traces=window, limit=1000)
     assert {a.trace_id for t in train for a in t.meta["logged"]} <= set(ids[-50:])
+    since = {"since_version": "v2", "scored": False, "source": None, "trace_ids": None}
+    assert [t.model_dump() for t in load_tasks(path, split="train", holdout=(0.2, 0.1), traces=since, limit=999)] \
+        == [t.model_dump() for t in load_tasks(path, split="train", holdout=(0.2, 0.1), traces=since)]
     users = load_tasks(path, split="train", holdout=(0.2, 0.1), traces={"source": "user"}, limit=1000,
                        unscored_train=True)
     assert users and {a.source for t in users for a in t.meta["logged"]} == {"user"}
@@ -238,6 +246,7 @@ def test_a_limited_read_of_a_store_is_the_full_read_where_the_limit_does_not_bin
 
 def test_the_window_comes_first_and_then_the_newest_tasks_when_the_limit_binds(tmp_path):
     path, ids = _traffic_store(tmp_path, 300, 2)
+    ids = ids[2:]
     window = ids[100:130]  # older traffic of the second pass, never the newest
     train = load_tasks(path, split="train", holdout=(0.2, 0.1), traces={"trace_ids": set(window)}, limit=40)
     in_role = {t.id for t in load_tasks(path, split="train", holdout=(0.2, 0.1))}

@@ -840,3 +840,9 @@ def test_a_refinement_streams_its_drafts_as_reasoning_and_its_answer_as_content(
     first_answer = next(i for i, c in enumerate(content) if c)
     assert sum(map(bool, reasoning[:first_answer])) > 5 and not any(reasoning[first_answer:])  # drafts, then answer
     assert sum(map(bool, content)) > 3  # the last attempt streamed token by token, not sent whole
+    one = [c for c in client.chat.completions.create(**{**ask, "extra_body": {"refine": {"max_turns": 1}}}, stream=True)
+           if c.choices]  # one attempt: it is the answer, streamed as such
+    assert not any(c.choices[0].delta.model_extra.get("reasoning_content") for c in one)
+    assert sum(bool(c.choices[0].delta.content) for c in one) > 3
+    with pytest.raises(openai.BadRequestError, match="stop does not apply to a refinement"):
+        client.chat.completions.create(**ask, stop=["."])

@@ -45,6 +45,22 @@ def test_queries(store):
     assert store.get(store.query(limit=1)[0].id).task.id == "t0"
 
 
+def test_indexed_reads_for_a_rounds_setup(store):
+    """What a round's setup reads by index: a task's first selected trace, traces by exact
+    id, task ids newest first (each once), and the scored traces evolve counts, raw
+    completions left out."""
+    store.append([trace(3, 1.0, kind="completion"), trace(11, 1.0, kind="completion")])
+    ids = store.ids()
+    seq, first = store.first_of_task("t3")
+    assert first.id == ids[3] and seq == 4 and store.first_of_task("t3", scored=True, from_seq=5)[1].id == ids[10]
+    assert store.first_of_task("t11", chat=True) is None and store.first_of_task("t4", source="user") is None
+    assert [t.id for _, t in store.by_ids([ids[7], "nope", ids[1]])] == [ids[1], ids[7]]
+    assert [t.id for _, t in store.by_ids(ids, chat=True)] == ids[:10]
+    assert list(store.task_ids_newest()) == ["t11", "t3", "t9", "t8", "t7", "t6", "t5", "t4", "t2", "t1", "t0"]
+    assert list(store.task_ids_newest(from_seq=9))[:2] == ["t11", "t3"]
+    assert store.count_scored() == 10 and [i for i, _ in store.newest_scored()] == ids[9::-1]
+
+
 def test_append_is_atomic(store):
     dup = store.query(limit=1)[0]
     with pytest.raises(sqlite3.IntegrityError):
