@@ -78,11 +78,15 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
             "model": req.model, "object": "chat.completion.chunk" if chat else "text_completion"}
     texts: dict[int, StreamText] = {}
     drafts: dict[int, StreamText] = {}  # a refinement's attempts that may not be its answer, by turn
+    roled: set[int] = set()  # choices whose role has been sent
 
     def chunk(index: int, text: str | None, finish: str | None = None, field: str = "content", logprobs=None,
               **more) -> str:
-        part = ({"delta": {} if text is None else {"role": "assistant", field: text}} if chat
-                else {"text": text or ""})
+        delta = {} if text is None else {field: text}
+        if chat and text is not None and index not in roled:  # the role once, on a choice's first delta, as OpenAI
+            roled.add(index)
+            delta = {"role": "assistant", **delta}
+        part = {"delta": delta} if chat else {"text": text or ""}
         choice = {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}
         return f"data: {json.dumps(head | more | {'choices': [choice]})}\n\n"
 

@@ -75,6 +75,12 @@ def test_streaming_is_relayed_and_the_trace_id_comes_last(pair):
     assert text and chunks[-1].model_extra["selfevolve"]["trace_id"]
     store = TraceStore(gateway.traces)
     assert store.get(chunks[-1].model_extra["selfevolve"]["trace_id"]).final == text.strip()
+    ask = dict(model="tiny+refine", messages=Q, temperature=0, max_tokens=16, extra_body={"refine": {"max_turns": 2}})
+    whole = _client(gateway).chat.completions.create(**ask)
+    refined = [c for c in _client(gateway).chat.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in refined) == whole.choices[0].message.content
+    logged = store.get(refined[-1].model_extra["selfevolve"]["trace_id"])  # a refinement through the engine, as SSE
+    assert logged.final == whole.choices[0].message.content and len(logged.turns) >= 1
     store.close()
 
 

@@ -644,6 +644,8 @@ def test_streaming_and_stop_as_real_clients_send_them(client, server):
                                                  stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == whole.choices[0].message.content and chunks[-1].choices[0].finish_reason == "stop"
+    assert [c.choices[0].delta.role for c in chunks if c.choices[0].delta.role] == ["assistant"]  # once, first
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].model_extra["selfevolve"]["trace_id"]
     refined = list(client.chat.completions.create(model="tiny+refine", messages=Q, temperature=0, max_tokens=24,
                                                   stream=True))
