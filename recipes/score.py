@@ -11,10 +11,14 @@ verifier's score; π_ref is the base model (the adapter switched off).
     Stage II (stage2_steps, Eq. 4):   max  E[ r(y1) + r̂(y2) ] − β1·(KL₁ + KL₂),
                                       r̂(y2) = r(y2) + α·(r(y2) − r(y1))
 
-Credit (`losses.attempt_credit`): Eq. 4's gradient credits y1 with its return-to-go
-(1 − α)·r(y1) + (1 + α)·r(y2), y2 with r̂(y2) (`credit=trajectory`); `credit=per_attempt` is
-potential-based shaping, where α changes only the variance (tests/test_losses.py, an exact
-bandit). On-policy REINFORCE (`losses.score_objective`), one step per batch of fresh
+Credit (`losses.attempt_credit`), as the paper states it (Appendix A.4): "In all of our
+experiments, we used only the instantaneous reward in our policy gradient objective, which
+is equivalent to returns with discount factor γ = 0." y1 is credited with r(y1), y2 with
+r̂(y2) (`credit=instantaneous`, the default): α scales the second attempt's step, never y1's
+direction. `credit=trajectory` (γ = 1, the return-to-go of Eq. 4's sum) credits y1 with
+(1 − α)·r(y1) + (1 + α)·r(y2), which pushes y1 toward answers the second attempt fixes
+(tests/test_losses.py, an exact bandit; on the GPT-2 `tiny` it made the first attempt worse:
+docs/experiments.md). On-policy REINFORCE (`losses.score_objective`), one step per batch of fresh
 episodes, leave-one-out baselines, the paper's reward scale (β1 = 0.01, β2 = 0.1 weigh as
 there), the per-token k2 KL loss (gradient ∇KL(π ‖ π_ref)). Every step: two attempts through
 the loop (`refine_batch`, the `Instruction` turn policy, T = 1), both scored, every episode
@@ -86,8 +90,9 @@ class ScoreConfig(RecipeConfig):
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    credit: str = Field("trajectory", pattern=f"^({'|'.join(CREDITS)})$",
-                        description="Stage II credit: trajectory (the gradient of Eq. 4) | per_attempt (shaping)")
+    credit: str = Field("instantaneous", pattern=f"^({'|'.join(CREDITS)})$",
+                        description="Stage II credit: instantaneous (the paper's, γ = 0: y1 gets r(y1)) | "
+                        "trajectory (γ = 1: y1 gets r(y1) + r̂(y2))")
     scale_advantages: bool = Field(False, description="divide advantages by the batch std (false: the paper's scale)")
     eval_every: int = Field(40, ge=1, description="validation evaluation every this many steps (and at stage ends)")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")

@@ -46,33 +46,35 @@ def shaped_reward(r1: torch.Tensor, r2: torch.Tensor, alpha: float) -> torch.Ten
     return r2 + alpha * (r2 - r1)
 
 
-CREDITS = ("trajectory", "per_attempt")
+CREDITS = ("instantaneous", "trajectory")
 
 
 def attempt_credit(r1: torch.Tensor, r2: torch.Tensor, alpha: float,
-                   credit: str = "trajectory") -> tuple[torch.Tensor, torch.Tensor]:
+                   credit: str = "instantaneous") -> tuple[torch.Tensor, torch.Tensor]:
     """The return each attempt's tokens are credited with in Stage II.
 
-    `trajectory` (the gradient of the paper's Eq. 4, E[r(y1) + r̂(y2)]): y1 gets the
-    return-to-go r(y1) + r̂(y2) = (1 − α)·r(y1) + (1 + α)·r(y2), y2 gets r̂(y2). α changes
-    the direction of learning: y1 is pushed toward first answers that the second attempt
-    then fixes (with α = 10, a right y1 is credited −9 unless y2 stays right), a pressure
-    the β1 KL on y1 holds back.
+    `instantaneous` (the paper's: "we used only the instantaneous reward in our policy
+    gradient objective, which is equivalent to returns with discount factor γ = 0", SCoRe
+    Appendix A.4): y1 gets r(y1), y2 gets r̂(y2). Given x and y1, −α·r(y1) in r̂(y2) is a
+    constant, so y1 follows ∇E[r(y1)] whatever α, and y2 follows (1 + α)·∇E[r(y2) | y1]: the
+    bonus scales the second attempt's step, and its variance, not its direction.
 
-    `per_attempt` (y1 gets r(y1), y2 gets r̂(y2)/(1 + α)): given x and y1, −α·r(y1) is a
-    constant, so the bonus is a baseline in disguise and the expected gradient is that of
-    α = 0; dividing by (1 + α) keeps its scale too, so α changes only the variance.
+    `trajectory` (γ = 1, the gradient of Eq. 4's sum E[r(y1) + r̂(y2)]): y1 gets the
+    return-to-go r(y1) + r̂(y2) = (1 − α)·r(y1) + (1 + α)·r(y2), y2 gets r̂(y2). α then
+    changes the direction of learning: y1 is pushed toward first answers that the second
+    attempt fixes (with α = 10, a right y1 is credited −9 unless y2 stays right), a pressure
+    the β1 KL on y1 holds back. The paper reports that γ > 0 collapses (its Figure 10).
 
     >>> r1, r2 = torch.tensor([1., 1., 0., 0.]), torch.tensor([1., 0., 1., 0.])
     >>> [c.tolist() for c in attempt_credit(r1, r2, 10.0)]
+    [[1.0, 1.0, 0.0, 0.0], [1.0, -10.0, 11.0, 0.0]]
+    >>> [c.tolist() for c in attempt_credit(r1, r2, 10.0, "trajectory")]
     [[2.0, -9.0, 11.0, 0.0], [1.0, -10.0, 11.0, 0.0]]
     """
     if credit not in CREDITS:
         raise ValueError(f"credit must be one of {CREDITS}, not {credit!r}")
     shaped = shaped_reward(r1, r2, alpha)
-    if credit == "trajectory":
-        return r1 + shaped, shaped
-    return r1, shaped / (1 + alpha)
+    return (r1 + shaped if credit == "trajectory" else r1), shaped
 
 
 def baseline_advantage(rewards: torch.Tensor, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:

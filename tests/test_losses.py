@@ -103,14 +103,17 @@ def test_trajectory_credit_is_the_gradient_of_eq_4_and_alpha_changes_its_directi
     assert torch.nn.functional.cosine_similarity(g0, g10, dim=0) < 0.9
 
 
-def test_per_attempt_credit_leaves_the_expected_gradient_of_alpha_zero():
-    g0, g10 = _bandit_gradient(0.0, "per_attempt"), _bandit_gradient(10.0, "per_attempt")
-    assert torch.allclose(g0, g10, atol=1e-6)  # same direction and, with the 1/(1+α), the same scale
+def test_instantaneous_credit_keeps_each_attempts_direction_whatever_alpha():
+    """The paper's credit (γ = 0): y1 follows ∇E[r(y1)] alone, and y2 ∇E[r(y2) | y1] scaled by
+    (1 + α): the bonus changes the second attempt's step size, never y1's learning."""
+    g0, g10 = _bandit_gradient(0.0, "instantaneous"), _bandit_gradient(10.0, "instantaneous")
     theta = torch.tensor([0.3, 1.0, -0.5], requires_grad=True)
     p1, pr, pw = torch.sigmoid(theta)
-    (d_r1,) = torch.autograd.grad(p1, theta, retain_graph=True)  # y1 follows ∇E[r1] alone ...
-    (d_r2,) = torch.autograd.grad(p1 * pr + (1 - p1) * pw, theta)  # ... and y2 ∇E[r2] with y1 held
+    (d_r1,) = torch.autograd.grad(p1, theta, retain_graph=True)  # y1: ∇E[r1] alone ...
+    (d_r2,) = torch.autograd.grad(p1 * pr + (1 - p1) * pw, theta)  # ... y2: ∇E[r2] with y1 held
     assert torch.allclose(g0, torch.stack([d_r1[0], d_r2[1], d_r2[2]]), atol=1e-6)
+    assert torch.allclose(g10[0], g0[0], atol=1e-6) and g10[0] > 0  # a right y1 is still learned
+    assert torch.allclose(g10[1:], 11 * g0[1:], atol=1e-5)
 
 
 def test_shaped_reward_table():

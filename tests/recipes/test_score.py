@@ -58,14 +58,14 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     assert s1["kl_t1"] > 0 and s1["kl_t2"] > 0 and s1["penalty_t1"] > 0
     assert s1["penalty_t2"] == 0.0  # Eq. 3: no KL on the second attempt in Stage I
     assert loss1.item() == pytest.approx(s1["pg_t2"] + s1["penalty_t1"], abs=1e-4)
-    # trajectory credit (Eq. 4): the bonus reaches y1's credit too
+    # the paper's instantaneous credit (the default): y1 keeps r(y1) whatever α
     _, a = score_loss(learner, batches, r1, r2, 2, _cfg(tmp_path, alpha=0.0))
     _, b = score_loss(learner, batches, r1, r2, 2, cfg)
-    assert a["pg_t1"] != pytest.approx(b["pg_t1"]) and a["pg_t2"] != pytest.approx(b["pg_t2"])
-    # per-attempt credit: y1 keeps r(y1) whatever α
-    _, a = score_loss(learner, batches, r1, r2, 2, _cfg(tmp_path, alpha=0.0, credit="per_attempt"))
-    _, b = score_loss(learner, batches, r1, r2, 2, _cfg(tmp_path, credit="per_attempt"))
     assert a["pg_t1"] == pytest.approx(b["pg_t1"]) and a["pg_t2"] != pytest.approx(b["pg_t2"])
+    # trajectory credit (γ = 1): the bonus reaches y1's credit too
+    _, a = score_loss(learner, batches, r1, r2, 2, _cfg(tmp_path, alpha=0.0, credit="trajectory"))
+    _, b = score_loss(learner, batches, r1, r2, 2, _cfg(tmp_path, credit="trajectory"))
+    assert a["pg_t1"] != pytest.approx(b["pg_t1"]) and a["pg_t2"] != pytest.approx(b["pg_t2"])
 
 
 def test_collapse_warning():
