@@ -1,6 +1,7 @@
 """SCoRe on the tiny world: (1) where a step's time goes, from the recipe's own metrics
 (a real `selfevolve run recipe=score` of 20 steps, batch 64, checkpoint every 10 steps;
-evaluations excluded), and (2) the policy-gradient update's throughput (labelled tokens/s,
+evaluations excluded), the same run with `y2_samples=4` (four second attempts after each
+first: 256 episodes a step) beside it, and (2) the policy-gradient update's throughput (labelled tokens/s,
 forward + backward + AdamW step) against a plain PyTorch loop computing the same loss on
 the same 64 episodes: separate forward passes for each attempt and a separate frozen copy
 of the base model as the reference, the loss written out inline. 5 interleaved repeats
@@ -22,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 
-def time_split() -> dict:
+def time_split(*extra: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["selfevolve", "run", "recipe=score", "stage1_steps=5", "stage2_steps=15", "eval_limit=50",
-                        "val_limit=50", "eval_every=100", "checkpoint_every=10", f"run_dir={tmp}/r"], check=True,
-                       capture_output=True)
+                        "val_limit=50", "eval_every=100", "checkpoint_every=10", f"run_dir={tmp}/r", *extra],
+                       check=True, capture_output=True)
         lines = [json.loads(x) for x in Path(f"{tmp}/r/metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "time_generate" in m]
     keys = ["time_generate", "time_verify", "time_train", "time_sync", "time_checkpoint"]
@@ -113,10 +114,10 @@ def update_throughput() -> tuple[float, float, int]:
 
 
 def run() -> dict:
-    split = time_split()
+    split, grouped = time_split(), time_split("y2_samples=4")
     ours, plain, tokens = update_throughput()
     share = lambda k: split[k] / split["total"]  # noqa: E731
-    per_step = split["total"] / split["steps"]
+    per_step, grouped_step = split["total"] / split["steps"], grouped["total"] / grouped["steps"]
     return {
         "title": "SCoRe: step time split, and the policy-gradient update vs a plain PyTorch loop",
         "doc": __doc__.strip(),
@@ -128,6 +129,12 @@ def run() -> dict:
                     f"{k[5:]} {share(k) * 100:.1f}%"
                     for k in ("time_generate", "time_verify", "time_train", "time_sync", "time_checkpoint")
                 ),
+            ),
+            (
+                "step time, y2_samples=4 (20 steps)",
+                f"{grouped_step:.2f} s/step",
+                ", ".join(f"{k[5:]} {grouped[k] / grouped['total'] * 100:.1f}%"
+                          for k in ("time_generate", "time_train")),
             ),
             (
                 "selfevolve update (score_loss, one forward per model)",
@@ -143,6 +150,7 @@ def run() -> dict:
         "ratios": [
             ("(sync + checkpoint) share of step time (target <= 0.05)", share("time_sync") + share("time_checkpoint")),
             ("update tokens/s, selfevolve / plain (target >= 0.9)", ours / plain),
+            ("step time, y2_samples=4 / 1", grouped_step / per_step),
         ],
     }
 

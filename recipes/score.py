@@ -37,7 +37,10 @@ the sampled tokens in the context each attempt was sampled in (`training.episode
 re-tokenized text only where the policy reports none (`meta.tokens` says which); a response
 cut at `max_new_tokens` is trained without an end of turn. From logged traffic
 (`data=traces.sqlite`) only the prompts and references are used: both attempts are
-re-sampled on-policy. Ablations: `stage1_steps=0`, `alpha=0`.
+re-sampled on-policy. Ablations: `stage1_steps=0`, `alpha=0`. Beyond the paper: `y2_samples=K`
+draws K second attempts after each first and baselines each within its group (PAG, arXiv
+2506.10406: a fix and a copy compared on the same y1), y1 over the batch's first attempts
+(`losses.attempt_advantages`).
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
 from selfevolve.data import tasks_for
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
-from selfevolve.loop import refine_batch
-from selfevolve.losses import CREDITS, attempt_credit, baseline_advantage, score_objective
+from selfevolve.loop import conversation, refine_batch
+from selfevolve.losses import CREDITS, attempt_advantages, attempt_credit, score_objective
 from selfevolve.protocol import collapse
 from selfevolve.run import Run
 from selfevolve.steps import on_policy_steps
@@ -94,6 +97,8 @@ class ScoreConfig(RecipeConfig):
                         description="Stage II credit: instantaneous (the paper's, γ = 0: y1 gets r(y1)) | "
                         "trajectory (γ = 1: y1 gets r(y1) + r̂(y2))")
     scale_advantages: bool = Field(False, description="divide advantages by the batch std (false: the paper's scale)")
+    y2_samples: int = Field(1, ge=1, description="second attempts per first attempt, each baselined within its group "
+                            "(turn-independent, as PAG; 1: one, baselined over the batch as the paper)")
     eval_every: int = Field(40, ge=1, description="validation evaluation every this many steps (and at stage ends)")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints")
     collapse_edit_ratio: float = Field(0.002, ge=0, description="warn when the validation edit ratio falls below this")
@@ -130,13 +135,21 @@ def rollout_seed(cfg: ScoreConfig, step: int) -> int:
 
 def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> tuple[list[Trace], dict]:
     """Two attempts per task from the served policy, then both scored; the traces and the
-    seconds spent generating and verifying. Under torchrun each rank runs its shard of the
-    step's tasks, with its own seeds (`distributed.rank_seed`)."""
+    seconds spent generating and verifying. With `y2_samples=K`, K second attempts after each
+    first: K episodes sharing y1, `meta["group"]` the first attempt's trace id. Under torchrun
+    each rank runs its shard of the step's tasks, with its own seeds (`distributed.rank_seed`)."""
     t0 = time.perf_counter()
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                               seed=distributed.rank_seed(rollout_seed(cfg, step)), logprobs=cfg.logprob_check > 0)
-    traces = refine_batch(tasks, policy, None, Instruction(cfg.instruction), 2, sampling, recipe=cfg.recipe,
-                          run=run.name, round=step, meta={"stage": stage_of(step, cfg)})
+    k, meta = cfg.y2_samples, {"stage": stage_of(step, cfg)}
+    traces = refine_batch(tasks, policy, None, Instruction(cfg.instruction), 2 if k == 1 else 1, sampling,
+                          recipe=cfg.recipe, run=run.name, round=step, meta=meta)
+    if k > 1:  # the second turn as the loop would sample it (its seed + 1), K times
+        seconds = policy.generate([conversation(t, [cfg.instruction]) for t in traces],
+                                  sampling.model_copy(update={"n": k, "seed": sampling.seed + 1}))
+        traces = [Trace(task=t.task, turns=[t.turns[0].model_copy(deep=True), y2], policy_version=t.policy_version,
+                        recipe=cfg.recipe, run=run.name, round=step, meta={**meta, "group": t.id})
+                  for t, outs in zip(traces, seconds) for y2 in outs]
     t1 = time.perf_counter()
     flat = [(t.task, turn) for t in traces for turn in t.turns]
     for (_, turn), fb in zip(flat, verifier.verify_batch([x for x, _ in flat], [turn.response for _, turn in flat])):
@@ -148,10 +161,11 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
 
 def score_loss(learner, episode: EpisodeBatch, r1: torch.Tensor, r2: torch.Tensor, stage: int, cfg: ScoreConfig,
                backward: bool = False, served: list[tuple] | None = None,
-               stale: bool = False, decode=None) -> tuple[torch.Tensor, dict]:
+               stale: bool = False, decode=None, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The stage's objective as a loss (to minimise), and its parts for the log.
 
-    Advantages use the whole batch's rewards `r1`, `r2` (every rank's; `episode` is this
+    Advantages (`losses.attempt_advantages`; `groups`: each episode's y1 where several
+    share one) use the whole batch's rewards `r1`, `r2` (every rank's; `episode` is this
     rank's shard, `distributed.shard`). The policy and reference forwards run per micro-batch,
     each term weighted by its share of the batch; with `backward=True` each micro-batch is
     back-propagated at once (memory is one micro-batch's) and the parts are summed over ranks.
@@ -163,7 +177,7 @@ def score_loss(learner, episode: EpisodeBatch, r1: torch.Tensor, r2: torch.Tenso
         credit, betas = attempt_credit(r1, r2, cfg.alpha, cfg.credit), (cfg.beta1, cfg.beta1)
     batch, m1, m2, row_episode = episode
     first = distributed.bounds(len(r1))[0]  # this rank's first episode: each row gets its episode's advantages
-    adv = tuple(baseline_advantage(c, cfg.scale_advantages)[first + row_episode] for c in credit)
+    adv = tuple(a[first + row_episode] for a in attempt_advantages(credit, groups, cfg.scale_advantages))
     device, n = next(learner.parameters()).device, len(r1)  # terms are normalised by episodes
     check = SampledCheck(served, decode, cfg.is_cap if stale else None)
     loss, sums = 0.0, Counter()
@@ -197,12 +211,15 @@ def train_step(learner, opt, traces: list[Trace], tokenizer, pad_id: int, stage:
     params = [p for p in learner.parameters() if p.requires_grad]
     r1 = torch.tensor([t.turns[0].score or 0.0 for t in traces])
     r2 = torch.tensor([t.turns[1].score or 0.0 for t in traces])
+    index: dict[str, int] = {}  # each episode's first attempt, numbered
+    groups = torch.tensor([index.setdefault(t.meta["group"], len(index)) for t in traces]) \
+        if cfg.y2_samples > 1 else None
     mine = distributed.shard(traces)
     served = [tuple((turn.token_ids or turn.tokens, turn.logprobs) for turn in t.turns[:2])
               for t in mine] if cfg.logprob_check else None
     opt.zero_grad(set_to_none=True)
     loss, parts = score_loss(learner, episode_batch(mine, tokenizer, pad_id, cfg.instruction), r1, r2, stage, cfg,
-                             backward=True, served=served, stale=stale, decode=tokenizer.decode)
+                             backward=True, served=served, stale=stale, decode=tokenizer.decode, groups=groups)
     distributed.sum_grads(params)
     optimizer_step(opt, params, cfg.max_grad_norm, float(loss), f"step {step + 1}")
     return {"reward_t1": round(r1.mean().item(), 4), "reward_t2": round(r2.mean().item(), 4), **parts}

@@ -97,6 +97,37 @@ def baseline_advantage(rewards: torch.Tensor, scale: bool = False, eps: float = 
     return adv
 
 
+def attempt_advantages(credit: tuple[torch.Tensor, torch.Tensor], groups: torch.Tensor | None = None,
+                       scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each episode's advantages for y1 and y2 from their credit (`attempt_credit`).
+
+    Without `groups`: each attempt's credit with the leave-one-out baseline of the batch.
+    With `groups` (episode i's y1; several second attempts share one, `y2_samples=K`): y2's
+    baseline is the leave-one-out mean of its own group, so a fix and a copy are compared on
+    the same y1 and r̂(y2)'s −α·r(y1) cancels (turn-independent, as PAG does); y1's is the
+    leave-one-out mean over the other groups' y1, each group counted once. A group's episodes
+    share its y1 advantage: the loss's mean over episodes then weighs every y1 equally.
+    Both are unbiased (tests/test_losses.py, an exact bandit); a batch baseline over episodes
+    that share a y1 is not, for y1.
+
+    >>> c1, c2 = torch.tensor([1., 1., 0., 0.]), torch.tensor([1., -10., 11., 0.])
+    >>> [a.tolist() for a in attempt_advantages((c1, c2), torch.tensor([0, 0, 1, 1]))]
+    [[1.0, 1.0, -1.0, -1.0], [11.0, -11.0, 11.0, -11.0]]
+    """
+    c1, c2 = credit
+    if groups is None:
+        return baseline_advantage(c1, scale), baseline_advantage(c2, scale)
+    ids, index = torch.unique(groups, return_inverse=True)
+    counts = torch.zeros(len(ids)).index_add_(0, index, torch.ones(len(groups)))
+    a1 = baseline_advantage(torch.zeros(len(ids)).index_add_(0, index, c1) / counts, scale)[index]  # y1 once a group
+    size, total = counts[index], torch.zeros(len(ids)).index_add_(0, index, c2)[index]
+    a2 = torch.where(size > 1, c2 - (total - c2) / (size - 1).clamp(min=1), torch.zeros_like(c2))
+    if scale:
+        std = c2.std() if len(c2) > 1 else torch.tensor(0.0)
+        a2 = torch.zeros_like(a2) if std < 1e-6 else a2 / (std + 1e-6)
+    return a1, a2
+
+
 def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """−mean_i A_i · Σ_t w_t log π(y_i,t): the REINFORCE surrogate (its gradient is the policy

@@ -114,6 +114,21 @@ def test_ablation_without_stage_one(tmp_path):
     assert store.count(meta={"stage": 1}) == 0 and store.count(meta={"stage": 2}) == 16
 
 
+def test_second_attempts_grouped_under_each_first(tmp_path):
+    """`y2_samples=2`: each first attempt gets two second attempts, stored as two episodes
+    that share it (`meta.group`), and the update trains on them."""
+    d = tmp_path / "run"
+    r = cli("run", *SMALL, "stage1_steps=0", "stage2_steps=1", "y2_samples=2", f"run_dir={d}")
+    assert r.returncode == 0, r.stderr
+    groups: dict[str, list] = {}
+    for t in TraceStore(d / "traces.sqlite").query(round=0, meta={"stage": 2}):
+        groups.setdefault(t.meta["group"], []).append(t)
+    assert len(groups) == 8 and all(len(g) == 2 for g in groups.values())
+    assert all(len({t.turns[0].response for t in g}) == 1 and len({t.id for t in g}) == 2 for g in groups.values())
+    train = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if "reward_t2" in x]
+    assert len(train) == 1 and train[0]["pg_t2"] != 0.0
+
+
 @pytest.mark.slow  # the deterministic kill and the Ctrl-C tests below resume SCoRe in the default run
 def test_killed_and_resumed_run_ends_the_same(tmp_path):
     check_kill_and_resume(SMALL, tmp_path)
