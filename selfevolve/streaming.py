@@ -54,10 +54,10 @@ async def stream(handler, req, tokenizer, chat: bool) -> StreamingResponse:
     choice's text is sent as its tokens arrive (`StreamText`), then what the finished
     answer adds (a cut at `stop`), its finish_reason and, on the last chunk, the
     `selfevolve` field; the choice's log-probs, when asked for, come whole on its last
-    chunk (clients join the chunks' lists). A refinement's drafts (`emit(("draft", turn), token)`: attempts that
-    may not be its answer) stream as `delta.reasoning_content`, as vLLM streams a reasoning
-    model's thinking; its answer then comes as `content` (streamed live when it is the last
-    allowed attempt). The response starts once the first token is out or the answer is
+    chunk (clients join the chunks' lists). A refinement's drafts (`emit(("draft", turn),
+    token)`: attempts that may not be its answer) stream as `delta.reasoning_content`, as
+    vLLM streams a reasoning model's thinking; its answer then comes as `content` (streamed
+    live when it is the last allowed attempt). The response starts once the first token is out or the answer is
     done, so a request refused before generating is still a plain 4xx. Without a
     `tokenizer` (a gateway's refinement, whose engine does not stream to it) the answer
     comes whole."""
