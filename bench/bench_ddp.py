@@ -1,4 +1,4 @@
-"""The data-parallel learner against one process: one SFT epoch (`training.sft`, 2048 arith
+"""The data-parallel learner against one process: one SFT epoch (`learner.sft`, 2048 arith
 conversations, batch 64, LoRA r=16 on tiny) in one process with 2 threads, and under
 `torchrun --nproc-per-node=2` with 1 thread each — the same CPU budget. Each rank runs half
 of every batch and the gradients are summed in one all-reduce per step (gloo). Timed from
@@ -23,9 +23,10 @@ def worker(out: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from selfevolve import arith, distributed
+    from selfevolve.data import arith
     from selfevolve.models import resolve_model_path
-    from selfevolve.training import sft, trainable_model
+    from selfevolve.training import distributed
+    from selfevolve.training.learner import sft, trainable_model
 
     distributed.init()
     torch.manual_seed(0)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import openai
 
-from selfevolve import arith
-from selfevolve.server_process import ServerProcess
+from selfevolve.data import arith
+from selfevolve.serving.process import ServerProcess
 
 CLIENTS, PAUSE_S, IDLE_S, MAX_TOKENS = 32, 0.2, 30.0, 32
 TRAFFIC = str(Path(__file__).parent.parent / "examples" / "traffic.py")

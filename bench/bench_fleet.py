@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from selfevolve import SamplingParams, arith
+from selfevolve import SamplingParams
+from selfevolve.data import arith
 from selfevolve.policies import load_policy, resolve_model_path
-from selfevolve.server_process import ServerProcess
-from selfevolve.sync import publish
-from selfevolve.training import trainable_model
+from selfevolve.serving.process import ServerProcess
+from selfevolve.training.learner import trainable_model
+from selfevolve.training.publish import publish
 
 N, MAX_TOKENS, SYNCS = 160, 48, 5
 

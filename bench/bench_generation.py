@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from selfevolve import arith
+from selfevolve.data import arith
 from selfevolve.loop import refine_batch
 from selfevolve.policies import HFPolicy
 from selfevolve.types import SamplingParams

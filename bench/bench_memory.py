@@ -36,8 +36,8 @@ N, NEW_TOKENS, SIZES, LIMIT = 64, 64, (16, 64), 20 * 2**30
 
 def episodes(model: str, out: Path) -> None:
     """Sample the 64 episodes once (the variants all train on these)."""
-    from selfevolve import arith
     from selfevolve.config import build
+    from selfevolve.data import arith
     from selfevolve.policies import HFPolicy
     from selfevolve.recipes.score import ScoreConfig, rollouts
     from selfevolve.run import Run
@@ -45,13 +45,13 @@ def episodes(model: str, out: Path) -> None:
     policy = HFPolicy(model, device="cpu")
     cfg = build(ScoreConfig, {"recipe": "score", "model": model, "run_dir": str(out.parent / "r"),
                               "max_new_tokens": NEW_TOKENS})
-    traces, _, _ = rollouts(policy, arith.tasks("train", n=N, seed=3), Run(cfg).verifier, cfg, 0, Run(
+    traces, _ = rollouts(policy, arith.tasks("train", n=N, seed=3), Run(cfg).verifier, cfg, 0, Run(
         cfg.model_copy(update={"run_dir": str(out.parent / "r2")})))
     out.write_text(json.dumps([t.model_dump(mode="json") for t in traces]))
 
 
 def old_token_logprobs(model, batch):
-    """selfevolve.training.token_logprobs as of 3c5f1bd: a B×T×V fp32 log-softmax."""
+    """selfevolve.training.learner.token_logprobs as of 3c5f1bd: a B×T×V fp32 log-softmax."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
     target = batch["labels"][:, 1:]
@@ -67,7 +67,7 @@ def one_update(model: str, traces_path: str, variant: str, n: str) -> dict:
     from selfevolve.config import build
     from selfevolve.policies import HFPolicy
     from selfevolve.recipes import score
-    from selfevolve.training import episode_batch, trainable_model
+    from selfevolve.training.learner import episode_batch, trainable_model
     from selfevolve.types import Trace
 
     torch.set_num_threads(2)

@@ -37,7 +37,7 @@ def time_split(*extra: str) -> dict:
 
 def plain_update(model, ref_model, opt, traces, tokenizer, pad_id, instruction, r1, r2, cfg):
     """What one writes by hand: per attempt, encode, forward, reference forward, loss."""
-    from selfevolve.training import encode_chat, pad_batch
+    from selfevolve.training.learner import encode_chat, pad_batch
     loss = 0.0
     for k in (1, 2):
         rows = []
@@ -69,19 +69,19 @@ def plain_update(model, ref_model, opt, traces, tokenizer, pad_id, instruction, 
 def update_throughput() -> tuple[float, float, int]:
     from transformers import AutoModelForCausalLM
 
-    from selfevolve import arith
     from selfevolve.config import build
+    from selfevolve.data import arith
     from selfevolve.policies import HFPolicy
     from selfevolve.recipes.score import ScoreConfig, rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import episode_batch, trainable_model
+    from selfevolve.training.learner import episode_batch, trainable_model
 
     torch.set_num_threads(2)
     policy = HFPolicy("tiny", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build(ScoreConfig, {"recipe": "score", "run_dir": f"{tmp}/r", "max_new_tokens": 64})
         run = Run(cfg)
-        traces, _, _ = rollouts(policy, arith.tasks("train", n=64, seed=3), run.verifier, cfg, 0, run)
+        traces, _ = rollouts(policy, arith.tasks("train", n=64, seed=3), run.verifier, cfg, 0, run)
     r1 = torch.tensor([t.turns[0].score for t in traces])
     r2 = torch.tensor([t.turns[1].score for t in traces])
     ours = trainable_model(policy.path)

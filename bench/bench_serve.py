@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from selfevolve import arith
-from selfevolve.server_process import ServerProcess
+from selfevolve.data import arith
+from selfevolve.serving.process import ServerProcess
 
 N, SEQUENTIAL_N, MAX_TOKENS, SMALL_N = 200, 40, 48, 30
 

@@ -1,4 +1,4 @@
-"""SFT throughput: the selfevolve M-step (`selfevolve.training.sft`) versus TRL's
+"""SFT throughput: the selfevolve M-step (`selfevolve.training.learner.sft`) versus TRL's
 `SFTTrainer`, side by side in one process, on the same tiny model, data (1,000 arith
 conversations, loss on the answer only), batch size 32, one epoch, and LoRA settings
 (r=16, alpha=32, peft's default target modules for GPT-2). Target >= 1.0x.
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from selfevolve import arith
+from selfevolve.data import arith
 from selfevolve.policies import resolve_model_path
-from selfevolve.training import encode_chat, lora_model, sft
+from selfevolve.training.learner import encode_chat, lora_model, sft
 
 N, BATCH, R, ALPHA, LR = 1000, 32, 16, 32, 1e-3
 

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from selfevolve.server_process import ServerProcess
+from selfevolve.serving.process import ServerProcess
 
 STEPS = ["stage1_steps=5", "stage2_steps=15", "eval_limit=50", "val_limit=50", "eval_every=100",
          "checkpoint_every=10"]

@@ -3,7 +3,7 @@ about a 7B model with a 152k vocabulary on one GPU at the default settings.
 
 Measured: SmolLM2-135M-Instruct (fp32, CPU, LoRA r=16 on every linear layer, gradient
 checkpointing on: the defaults), one process per shape, the log-probabilities of two rows of
-W tokens and their backward (`training.token_logprobs`, what every recipe's step runs; the
+W tokens and their backward (`learner.token_logprobs`, what every recipe's step runs; the
 output layer in chunks), peak RSS above the process's level with the model loaded, for
 W = 256, 1,024 and 2,048, and 1,024 without checkpointing (the baseline). A line through the
 three gives a per-token cost (the checkpointed layer inputs and one layer's recomputation)
@@ -28,12 +28,12 @@ import sys
 
 from selfevolve.fixtures import smollm2
 from selfevolve.models import resolve_model_path
-from selfevolve.training import ACTIVATION_BUDGET
+from selfevolve.training.learner import ACTIVATION_BUDGET
 
 WIDTHS = (256, 1024, 2048)
 CHILD = r"""
 import json, sys, threading, time, torch
-from selfevolve.training import trainable_model, token_logprobs
+from selfevolve.training.learner import trainable_model, token_logprobs
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
 model = trainable_model(sys.argv[1], gradient_checkpointing=sys.argv[3] == "1"); model.train()
 ids = torch.randint(0, 1000, (2, int(sys.argv[2])))

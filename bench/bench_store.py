@@ -8,7 +8,7 @@ last round, whose 1,000-trace window was promoted (consumed). Timed, each the me
   on (`Evolve.pending`), against the same full listing;
 - round setup, the recipe's read: its train tasks (the window's first, then the newest
   prompts; `train_tasks=1000`) and its validation and test tasks (200 each), as
-  `data.tasks_for` loads them (indexed lookups, `data.logged_tasks` with a limit), against
+  `sources.tasks_for` loads them (indexed lookups, `sources.logged_tasks` with a limit), against
   reading every trace (the same call without a limit; 10k and 100k only).
 """
 
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 
 SIZES, NEW, WINDOW, HELD = (10_000, 100_000, 1_000_000), 500, 1_000, 200
 
@@ -60,7 +60,7 @@ def _median(fn, k: int = 5) -> float:
 def run() -> dict:
     from selfevolve.cli import _config_path, _recipe
     from selfevolve.config import build
-    from selfevolve.data import load_tasks
+    from selfevolve.data.sources import load_tasks
     from selfevolve.evolve import Evolve, EvolveConfig
 
     rows, ratios = [], []

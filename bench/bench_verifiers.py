@@ -27,7 +27,7 @@ import random
 import statistics
 import time
 
-from selfevolve.data import load_tasks
+from selfevolve.data.sources import load_tasks
 from selfevolve.types import Task
 from selfevolve.verifiers import CodeVerifier, MathVerifier, VerifierPool
 

@@ -39,7 +39,7 @@ def tree_rss(pid: int) -> float:
 
 
 def rollouts(policy, label: str) -> dict:
-    from selfevolve import arith
+    from selfevolve.data import arith
     from selfevolve.types import SamplingParams
 
     convs = [[{"role": "user", "content": t.prompt}] for t in arith.tasks("validation", BATCH, seed=1)]
@@ -76,7 +76,7 @@ def main() -> None:
     from selfevolve.models import resolve_model_path
     from selfevolve.policies import HFPolicy, OpenAIPolicy
     from selfevolve.policies.vllm import VLLMPolicy
-    from selfevolve.server_process import VLLMServerProcess
+    from selfevolve.serving.process import VLLMServerProcess
 
     torch.set_num_threads(2)
     tiny = str(resolve_model_path("tiny"))

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from selfevolve import arith, equations
+from selfevolve.data import arith, equations
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.policies import HFPolicy
 from selfevolve.types import SamplingParams

@@ -30,7 +30,7 @@ from collections import defaultdict
 
 import torch
 
-from selfevolve import arith
+from selfevolve.data import arith
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.policies import HFPolicy
 from selfevolve.types import SamplingParams

@@ -13,7 +13,7 @@ verdict after the fact, once every answer of the wave is in (`selfevolve.feedbac
 `score`: the held-out traffic — the `test` role of the store's task ids, carved by hash as
 every recipe carves it (eval_fraction=0.2, seed 0), never trained on and never used by the
 gate — answered greedily by the base model and by `evolved`, with the protocol's paired
-bootstrap interval on acc_t1 (selfevolve.protocol).
+bootstrap interval on acc_t1 (selfevolve.evaluation.protocol).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 
 import selfevolve
-from selfevolve import arith
-from selfevolve.data import HOLDOUT, load_tasks
-from selfevolve.evaluate import evaluate
+from selfevolve.data import arith
+from selfevolve.data.sources import HOLDOUT, load_tasks
+from selfevolve.evaluation.evaluate import evaluate
+from selfevolve.evaluation.protocol import paired_difference
 from selfevolve.policies.openai import OpenAIPolicy
-from selfevolve.protocol import paired_difference
 from selfevolve.types import SamplingParams
 from selfevolve.verifiers import get_verifier
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-from ..types import Feedback, SamplingParams, Task, Turn, Verifier
-from . import prompts
+from selfevolve.feedback import prompts
+from selfevolve.types import Feedback, SamplingParams, Task, Turn, Verifier
 
 _VERDICT_LINE = re.compile(r"^\W*verdict\W*[:=\-]\W*(correct|right|wrong|incorrect)\b", re.I | re.M)
 _QUALIFIED = re.compile(r"\b(not|n't|but|however|except|although|unless)\b|n't\b", re.I)
@@ -147,7 +147,7 @@ CRITICS = ("none", "self", "verifier", "judge")
 def get_critic(name: str, policy=None, verifier: Verifier | None = None, judge=None, template: str | None = None,
                reveal_reference: bool = False, memory: int = 3, max_new_tokens: int = 128):
     """The critic `critic=NAME` selects: none | self | verifier | judge."""
-    from ..errors import UserError
+    from selfevolve.errors import UserError
 
     sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     kw = {"template": template} if template else {}

@@ -57,8 +57,8 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from selfevolve import arith, equations
 from selfevolve.config import RecipeConfig
+from selfevolve.data import arith, equations
 from selfevolve.feedback.prompts import (
     CRITIQUE,
     REVISE_WITH_CRITIQUE,
@@ -68,7 +68,7 @@ from selfevolve.feedback.prompts import (
 )
 from selfevolve.policies import HFPolicy
 from selfevolve.run import Run
-from selfevolve.training import encode_chat, optimizer_step, pad_batch, sft_loss
+from selfevolve.training.learner import encode_chat, optimizer_step, pad_batch, sft_loss
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (

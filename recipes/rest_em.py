@@ -21,7 +21,7 @@ task (paper: 32 on MATH), `max_per_task=2` (paper: 10), `train_tasks=1000` promp
 iteration, LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed
 number of SFT epochs rather than the paper's step budget.
 
-From logged traffic (`data=runs/serve/traces.sqlite`, `data.logged_tasks`): answers the
+From logged traffic (`data=runs/serve/traces.sqlite`, `sources.logged_tasks`): answers the
 server logged that scored 1 — by the verifier or by a user's `/v1/feedback` — join the
 E-step's kept set before fresh samples (same `max_per_task`, distinct responses), trained on
 their sampled token ids; fresh samples are drawn only for tasks with a reference or tests
@@ -36,16 +36,16 @@ import time
 
 from pydantic import Field
 
-from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import logged_answers, tasks_for, without_logs
+from selfevolve.data.sources import logged_answers, tasks_for, without_logs
 from selfevolve.run import Run
-from selfevolve.sync import publish, saved_update
-from selfevolve.training import answer_message, sft, trained_tokens
+from selfevolve.training import distributed
+from selfevolve.training.learner import answer_message, sft, trained_tokens
+from selfevolve.training.publish import publish, saved_update
 from selfevolve.types import SamplingParams, Trace, task_messages
 
-DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/training/distributed.py)
 
 
 class RestEMConfig(RecipeConfig):

@@ -17,15 +17,15 @@ is equivalent to returns with discount factor γ = 0." y1 is credited with r(y1)
 r̂(y2) (`credit=instantaneous`, the default): α scales the second attempt's step, never y1's
 direction. `credit=trajectory` (γ = 1, the return-to-go of Eq. 4's sum) credits y1 with
 (1 − α)·r(y1) + (1 + α)·r(y2), which pushes y1 toward answers the second attempt fixes
-(tests/test_losses.py, an exact bandit; on the GPT-2 `tiny` it made the first attempt worse:
-docs/experiments.md). On-policy REINFORCE (`losses.score_objective`), one step per batch of fresh
-episodes, leave-one-out baselines, the paper's reward scale (β1 = 0.01, β2 = 0.1 weigh as
-there), the per-token k2 KL loss (gradient ∇KL(π ‖ π_ref)). Every step: two attempts through
-the loop (`refine_batch`, the `Instruction` turn policy, T = 1), both scored, every episode
-stored, the update saved and loaded into the served policy through verified sync, validation
-every `eval_every` steps and at each stage's end (warning on the paper's two collapses,
-`protocol.collapse`), checkpoints and resume: `steps.on_policy_steps` runs those around this
-file's rollouts and update. The final model is evaluated once on the test split.
+(tests/training/test_losses.py, an exact bandit; its measured effect: docs/recipes.md).
+On-policy REINFORCE (`losses.score_objective`), one step per batch of fresh episodes,
+leave-one-out baselines, the paper's reward scale (β1 = 0.01, β2 = 0.1 weigh as there), the
+per-token k2 KL loss (gradient ∇KL(π ‖ π_ref)). Every step: two attempts through the loop
+(`refine_batch`, the `Instruction` turn policy, T = 1), both scored, every episode stored,
+the update saved and loaded into the served policy through verified sync, validation every
+`eval_every` steps and at each stage's end (warning on the paper's two collapses,
+`protocol.collapse`), checkpoints and resume: `on_policy.on_policy_steps` runs those around
+this file's rollouts and update. The final model is evaluated once on the test split.
 docs/recipes.md has the results; docs/scaling.md `max_staleness=K` (step j sampled by update
 j − K while the learner trains, importance-weighted by min(π/μ, is_cap); K = 0 is the
 synchronous run, exactly).
@@ -33,7 +33,7 @@ synchronous run, exactly).
 Deviations from the paper: Stage I credits y1 with nothing (Eq. 3's exact gradient would
 also push y1 toward first attempts after which r(y2) is high; β2's KL holds y1 instead); the
 tiny world's step counts; LoRA; plain REINFORCE; the per-token KL. Log-probabilities are of
-the sampled tokens in the context each attempt was sampled in (`training.episode_batch`),
+the sampled tokens in the context each attempt was sampled in (`learner.episode_batch`),
 re-tokenized text only where the policy reports none (`meta.tokens` says which); a response
 cut at `max_new_tokens` is trained without an end of turn. From logged traffic
 (`data=traces.sqlite`) only the prompts and references are used: both attempts are
@@ -52,18 +52,16 @@ from collections import Counter
 import torch
 from pydantic import Field, model_validator
 
-from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for
+from selfevolve.data.sources import tasks_for
+from selfevolve.evaluation.protocol import collapse
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import conversation, refine_batch
-from selfevolve.losses import CREDITS, attempt_advantages, attempt_credit, score_objective
-from selfevolve.protocol import collapse
+from selfevolve.on_policy import on_policy_steps
 from selfevolve.run import Run
-from selfevolve.steps import on_policy_steps
-from selfevolve.sync import SampledCheck, server_mismatch
-from selfevolve.training import (
+from selfevolve.training import distributed
+from selfevolve.training.learner import (
     EpisodeBatch,
     episode_batch,
     micro_batches,
@@ -71,10 +69,12 @@ from selfevolve.training import (
     token_logprobs,
     trained_tokens,
 )
+from selfevolve.training.losses import CREDITS, attempt_advantages, attempt_credit, score_objective
+from selfevolve.training.publish import SampledCheck, server_mismatch
 from selfevolve.turns import Instruction
 from selfevolve.types import SamplingParams, Trace
 
-DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/training/distributed.py)
 
 
 class ScoreConfig(RecipeConfig):
@@ -170,7 +170,7 @@ def score_loss(learner, episode: EpisodeBatch, r1: torch.Tensor, r2: torch.Tenso
     each term weighted by its share of the batch; with `backward=True` each micro-batch is
     back-propagated at once (memory is one micro-batch's) and the parts are summed over ranks.
     `served`: each episode's (y1, y2) as the sampler reported them (tokens, log-probs), for
-    the learner/server check and, when `stale`, the importance weights (`sync.SampledCheck`)."""
+    the learner/server check and, when `stale`, the importance weights (`losses.SampledCheck`)."""
     if stage == 1:  # Eq. 3: only r(y2) is maximised; β2 holds y1, no KL on y2
         credit, betas = (torch.zeros_like(r1), r2), (cfg.beta2, 0.0)
     else:  # Eq. 4

@@ -36,7 +36,7 @@ words, and at `token_lr` it would retrain the rows of common words (vLLM cannot 
 adapter yet either). The critic learns the format and the verdicts' base rate, not to find
 errors: docs/recipes.md, "SELF", has the numbers.
 
-From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): a logged refinement trace
+From logged traffic (`data=traces.sqlite`, `sources.logged_tasks`): a logged refinement trace
 (y, the critique f the server's critic wrote, ŷ) joins the meta-skill tuples (`logged_tuples`)
 when f's verdict agrees with y's score (a critique that called a wrong answer right would
 teach the critic to miss errors), with ŷ only when ŷ scored 1 — by the verifier or a user's
@@ -53,14 +53,14 @@ from pydantic import Field
 
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import tasks_for, without_logs
+from selfevolve.data.sources import tasks_for, without_logs
 from selfevolve.feedback.critics import JudgeCritic, SelfCritic, VerifierCritic
 from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
-from selfevolve.sync import publish, saved_update
-from selfevolve.training import answer_message, sft, trained_tokens
+from selfevolve.training.learner import answer_message, sft, trained_tokens
+from selfevolve.training.publish import publish, saved_update
 from selfevolve.types import SamplingParams, Trace, task_messages
 
 

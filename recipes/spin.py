@@ -32,7 +32,7 @@ the step size at an iteration's start. It is part of the checkpoint, so resume i
 A y' cut at `max_new_tokens` is scored as it was sampled, without an end of turn (it never
 ended; training it as finished would teach the model to stop there): docs/architecture.md.
 
-From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): a logged answer that scored
+From logged traffic (`data=traces.sqlite`, `sources.logged_tasks`): a logged answer that scored
 1 — by the verifier or a user's `/v1/feedback` — is the prompt's gold y (the latest such),
 else the reference in `gold_template`; prompts with neither are left out. y' is always fresh
 from pθt, so the opponent side is on-policy however old the log; a logged gold from an older
@@ -49,17 +49,24 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
 
-from selfevolve import distributed
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import GENERATED, is_trace_store, tasks_for
-from selfevolve.losses import spin_loss
+from selfevolve.data.sources import GENERATED, is_trace_store, tasks_for
 from selfevolve.run import Run
-from selfevolve.sync import publish, saved_update
-from selfevolve.training import encode_chat, micro_batch_rows, micro_slices, optimizer_step, pad_batch, token_logprobs
+from selfevolve.training import distributed
+from selfevolve.training.learner import (
+    encode_chat,
+    micro_batch_rows,
+    micro_slices,
+    optimizer_step,
+    pad_batch,
+    token_logprobs,
+)
+from selfevolve.training.losses import spin_loss
+from selfevolve.training.publish import publish, saved_update
 from selfevolve.types import SamplingParams, Trace, task_messages
 
-DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/distributed.py)
+DATA_PARALLEL = True  # nproc=N shards rollouts and batches over torchrun ranks (selfevolve/training/distributed.py)
 
 
 class SpinConfig(RecipeConfig):

@@ -29,7 +29,7 @@ LoRA instead of full fine-tuning (`lora=false` trains all weights), a fixed numb
 epochs instead of the paper's growing step budget, and the hint is one sentence after the
 question (`feedback/prompts.py: STAR_HINT`) rather than few-shot exemplars with hints.
 
-From logged traffic (`data=traces.sqlite`, `data.logged_tasks`): every scored logged answer
+From logged traffic (`data=traces.sqlite`, `sources.logged_tasks`): every scored logged answer
 enters the generate step as a sample of its own (`phase: logged`): one that scored 1 — by the
 verifier or a user's `/v1/feedback` — is kept, one that failed is rationalised like a fresh
 failure when its task has a reference (the hint needs y); the prompts a verifier can score
@@ -49,11 +49,11 @@ from pydantic import Field
 
 from selfevolve.build import learner_base, served_policy
 from selfevolve.config import RecipeConfig
-from selfevolve.data import logged_answers, tasks_for
+from selfevolve.data.sources import logged_answers, tasks_for
 from selfevolve.feedback.prompts import STAR_HINT
 from selfevolve.run import Run
-from selfevolve.sync import publish, saved_update
-from selfevolve.training import answer_message, sft, trained_tokens
+from selfevolve.training.learner import answer_message, sft, trained_tokens
+from selfevolve.training.publish import publish, saved_update
 from selfevolve.types import SamplingParams, Task, Trace, task_messages
 
 

@@ -3,7 +3,7 @@
 
 The loop, the critics and the policies take objects; the CLI, the server, the recipes and
 `refine()` come here for them, so every command builds a served policy the same way and
-the lower layers never import upwards (docs/architecture.md, "Layers").
+the lower layers never import upwards (docs/architecture.md, "Rooms and layers").
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from typing import Any, NamedTuple
 import torch
 from transformers import AutoTokenizer
 
-from .data import default_verifier
-from .errors import UserError
-from .feedback.critics import get_critic
-from .loop import refine_batch
-from .models import resolve_device, resolve_dtype, resolve_model_path
-from .policies import HFPolicy, load_policy
-from .training import trainable_model
-from .turns import StopWhenCorrect, as_turn_policy
-from .types import Critic, Policy, Task, Trace, TurnPolicy, Verifier
-from .verifiers import get_verifier
+from selfevolve.data.sources import default_verifier
+from selfevolve.errors import UserError
+from selfevolve.feedback.critics import get_critic
+from selfevolve.loop import refine_batch
+from selfevolve.models import resolve_device, resolve_dtype, resolve_model_path
+from selfevolve.policies import HFPolicy, load_policy
+from selfevolve.training.learner import trainable_model
+from selfevolve.turns import StopWhenCorrect, as_turn_policy
+from selfevolve.types import Critic, Policy, Task, Trace, TurnPolicy, Verifier
+from selfevolve.verifiers import get_verifier
 
 
 def served_policy(cfg, adapter: str | None = None) -> Policy:
@@ -45,7 +45,7 @@ def served_policy(cfg, adapter: str | None = None) -> Policy:
         policy.load_adapter(adapter, "adapter")
     start = getattr(cfg, "start_adapter", None)
     if start:  # what the run samples from first (an evolve round's served version), verified
-        from .sync import saved_update
+        from selfevolve.training.publish import saved_update
 
         policy = saved_update(start).serve(policy, "start")
     return policy
@@ -58,14 +58,14 @@ class LearnerBase(NamedTuple):
     dtype: torch.dtype
 
     def learner(self, cfg, **kw):
-        """A trainable model here (`training.trainable_model`) with the config's LoRA rank and
+        """A trainable model here (`learner.trainable_model`) with the config's LoRA rank and
         alpha and gradient checkpointing; `kw`: lora, init_from, trainable_tokens."""
         return trainable_model(self.path, r=cfg.lora_r, alpha=cfg.lora_alpha, device=self.device, dtype=self.dtype,
                                gradient_checkpointing=cfg.gradient_checkpointing, **kw)
 
 
 def verifier_for(name: str, tasks: list[Task] | None, workers: int = 1) -> Verifier:
-    """The verifier `verifier=` names; `auto` is chosen from the tasks (`data.default_verifier`),
+    """The verifier `verifier=` names; `auto` is chosen from the tasks (`sources.default_verifier`),
     and is `math` (math-verify: numbers and expressions) where no tasks are known up front
     (a server's refinement requests)."""
     if name == "auto":
@@ -105,7 +105,7 @@ def turn_policy_for(cfg, policy, verifier):
     instruction (SCoRe's `instruction=`), else SCoRe's default instruction (None)."""
     critic = critic_from_config(cfg, policy, verifier)
     if critic is None and getattr(cfg, "instruction", None):
-        from .turns import Instruction
+        from selfevolve.turns import Instruction
 
         return Instruction(cfg.instruction)
     return critic

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import (
+from selfevolve.config import (
     DataKeys,
     FeedbackKeys,
     ModelKeys,
@@ -43,8 +43,8 @@ from .config import (
     parse_overrides,
     resolve,
 )
-from .errors import NonFinite, SyncError, UserError, disk_full
-from .types import SamplingParams
+from selfevolve.errors import NonFinite, SyncError, UserError, disk_full
+from selfevolve.types import SamplingParams
 
 # recipe name -> (module, config class). One dict of short names (docs/architecture.md).
 RECIPES = {
@@ -94,7 +94,7 @@ def _config_path(name: str) -> Path:
 def cmd_run(overrides: dict, want_help: bool) -> int:
     import torch
 
-    from .run import Run, Stopped
+    from selfevolve.run import Run, Stopped
 
     name = overrides.pop("recipe", None)
     if name is None:
@@ -105,7 +105,7 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
               f"  seeds=null          run once per seed into RUN_DIR/seed-S and write mean ± std (seeds=0,1,2)")
         return 0
     if "seeds" in overrides:
-        from .seeds import parse_seeds, run_seeds
+        from selfevolve.evaluation.seeds import parse_seeds, run_seeds
 
         seeds = parse_seeds(overrides.pop("seeds"))
         resolve(cls, _config_path(str(name)), {**overrides, "recipe": name})  # every key checked before seed 0 runs
@@ -115,12 +115,12 @@ def cmd_run(overrides: dict, want_help: bool) -> int:
         data_parallel = ", ".join(n for n in RECIPES if getattr(_recipe(n)[0], "DATA_PARALLEL", False))
         raise UserError(f"nproc={cfg.nproc}: recipe={name} runs in one process (data-parallel: {data_parallel})")
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # every key is checked; now start the ranks
-        from .run import check_run_dir
+        from selfevolve.run import check_run_dir
 
         if cfg.run_dir:
             check_run_dir(cfg, Path(cfg.run_dir))  # a bad run_dir is exit 2 here, not a failed rank
         return _torchrun(cfg.nproc, {**overrides, "recipe": name})
-    from . import distributed
+    from selfevolve.training import distributed
 
     distributed.init()
     if distributed.world() != cfg.nproc:
@@ -153,12 +153,12 @@ def _torchrun(nproc: int, overrides: dict) -> int:
 
 
 def cmd_eval(overrides: dict, want_help: bool) -> int:
-    from .build import critic_from_config, served_policy, verifier_for
-    from .data import GENERATED, splits_of, tasks_for
-    from .evaluate import evaluate
-    from .files import atomic_write
-    from .protocol import feedback_kind
-    from .run import print_summary
+    from selfevolve.build import critic_from_config, served_policy, verifier_for
+    from selfevolve.data.sources import GENERATED, splits_of, tasks_for
+    from selfevolve.evaluation.evaluate import evaluate
+    from selfevolve.evaluation.protocol import feedback_kind
+    from selfevolve.files import atomic_write
+    from selfevolve.run import print_summary
 
     if want_help:
         print(f"selfevolve eval key=value ...\n\nGreedy evaluation with the protocol: SCoRe's metrics with 95% "
@@ -186,9 +186,9 @@ def cmd_eval(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_refine(overrides: dict, want_help: bool) -> int:
-    from .build import critic_from_config, refine, served_policy, verifier_for
-    from .turns import Critique, Instruction
-    from .types import Task
+    from selfevolve.build import critic_from_config, refine, served_policy, verifier_for
+    from selfevolve.turns import Critique, Instruction
+    from selfevolve.types import Task
 
     if want_help:
         print(
@@ -224,10 +224,10 @@ class CheckConfig(DataKeys, VerifierKeys):
 def cmd_check(overrides: dict, want_help: bool) -> int:
     """The sanity check before spending GPU hours on a new dataset: does the verifier
     accept every task's own reference answer?"""
-    from .build import verifier_for
-    from .data import tasks_for
-    from .files import atomic_write
-    from .verifiers import VerifierPool
+    from selfevolve.build import verifier_for
+    from selfevolve.data.sources import tasks_for
+    from selfevolve.files import atomic_write
+    from selfevolve.verifiers import VerifierPool
 
     if want_help:
         print(f"selfevolve check data=... verifier=...\n\n{cmd_check.__doc__}\n\nkeys:\n{help_text(CheckConfig)}")
@@ -275,17 +275,17 @@ def _check_writable(path: str) -> None:
 
 
 def cmd_serve(overrides: dict, want_help: bool) -> int:
-    from .serve import ServeConfig, serve
+    from selfevolve.serving.app import ServeConfig, serve
 
     if want_help:
-        from . import serve as mod
+        from selfevolve.serving import app as mod
 
         print(f"selfevolve serve key=value ...\n\n{mod.__doc__.strip()}\n\nkeys:\n{help_text(ServeConfig)}")
         return 0
     cfg = build(ServeConfig, overrides)
     _threads(cfg)
     if cfg.model.startswith(("http://", "https://")):  # the gateway in front of an engine (vllm serve, ...)
-        from .gateway import Gateway
+        from selfevolve.serving.gateway import Gateway
 
         serve(cfg, Gateway(cfg))
     else:
@@ -294,7 +294,7 @@ def cmd_serve(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_evolve(overrides: dict, want_help: bool) -> int:
-    from . import evolve
+    from selfevolve import evolve
 
     if want_help:
         print(f"selfevolve evolve key=value ...\n\n{evolve.__doc__.strip()}\n\nkeys (others go to the recipe):\n"
@@ -305,7 +305,7 @@ def cmd_evolve(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_traces(overrides: dict, want_help: bool) -> int:
-    from . import traces
+    from selfevolve.data import traces
 
     if want_help:
         print(f"{traces.__doc__.strip()}\n\nkeys:\n{help_text(traces.TracesConfig)}")
@@ -315,7 +315,7 @@ def cmd_traces(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_compare(overrides: dict, want_help: bool) -> int:
-    from . import compare
+    from selfevolve.evaluation import compare
 
     if want_help:
         print(f"{compare.__doc__.strip()}\n\nkeys:\n{help_text(compare.CompareConfig)}")
@@ -330,7 +330,7 @@ def cmd_compare(overrides: dict, want_help: bool) -> int:
 
 
 def cmd_report(overrides: dict, want_help: bool) -> int:
-    from . import report
+    from selfevolve.evaluation import report
 
     if want_help:
         print(f"{report.__doc__.strip()}\n\nkeys:\n{help_text(report.ReportConfig)}")
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     want_help = any(a in ("-h", "--help") for a in rest)
     rest = [a for a in rest if a not in ("-h", "--help")]
     debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
-    from .progress import enabled
+    from selfevolve.progress import enabled
 
     if not enabled():  # quiet where nobody watches: transformers' loading bars too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
+from selfevolve.errors import UserError
 
 
 class Keys(BaseModel):
@@ -103,7 +103,7 @@ class FeedbackKeys(VerifierKeys):
 
 
 class ProtocolKeys(Keys):
-    """How an evaluation is reported (selfevolve/protocol.py): intervals and the equal-budget baselines."""
+    """How an evaluation is reported (selfevolve/evaluation/protocol.py): intervals and the equal-budget baselines."""
 
     baseline_temperature: float = Field(1.0, gt=0, description="temperature of the k independent first-turn samples "
                                         "behind maj@k / pass@k (k = max_turns; 1 = the model's own distribution)")
@@ -152,7 +152,7 @@ class RecipeConfig(ModelKeys, DataKeys, FeedbackKeys, ProtocolKeys):
     @field_validator("logger")
     @classmethod
     def _known_loggers(cls, v: str) -> str:
-        from .trackers import TRACKERS
+        from selfevolve.trackers import TRACKERS
 
         bad = [n for n in v.split(",") if n.strip() not in TRACKERS]
         if bad:

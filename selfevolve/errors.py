@@ -1,7 +1,7 @@
 """The errors a user sees as one line (the CLI prints the message and exits 2).
 
 They live in their own module, below everything else, so any layer can raise them without
-importing the config or the run machinery (see docs/architecture.md, "Layers").
+importing the config or the run machinery (see docs/architecture.md, "Rooms and layers").
 """
 
 from __future__ import annotations

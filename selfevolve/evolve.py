@@ -6,7 +6,7 @@
 A client of a running server (policy=openai: `selfevolve serve`, or `vllm serve` with LoRA
 updates on), built from the existing seams. Whenever `every` scored traces (a verifier's
 score, or a user's `/v1/feedback`) have been logged since the last round started, one round
-runs `recipe=` on the trace store (`data=` the store: `data.logged_tasks`; keys the recipe
+runs `recipe=` on the trace store (`data=` the store: `sources.logged_tasks`; keys the recipe
 takes pass through, e.g. `iterations=1 lr=...`). The round's window — fixed when it starts
 (`windows/round-N.json`): the new traces first, then older ones no served version trained on,
 at most the recipe's `train_tasks` (the newest) — is the only logged answers it trains on
@@ -67,11 +67,11 @@ import networkx as nx
 import openai
 from pydantic import Field
 
-from .config import Keys, build, resolve
-from .errors import NonFinite, SyncError, UserError
-from .files import atomic_write
-from .policies.openai import client_key
-from .store import TraceStore
+from selfevolve.config import Keys, build, resolve
+from selfevolve.data.store import TraceStore
+from selfevolve.errors import NonFinite, SyncError, UserError
+from selfevolve.files import atomic_write
+from selfevolve.policies.openai import client_key
 
 TARGET = {"score": "acc_t2", "self_evolve": "acc_t2"}  # else acc_t1
 
@@ -239,7 +239,7 @@ class Evolve:
         self.stop = False
 
     def run(self) -> None:
-        from .build import served_policy
+        from selfevolve.build import served_policy
 
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
@@ -266,8 +266,8 @@ class Evolve:
         traces logged during it go to the next) is written first, so a round killed midway is
         redone on the same traces: its half-made directory is moved aside and its adapters
         unloaded; nothing counts as trained on until the round is in state.json."""
-        from .build import served_policy
-        from .run import Run
+        from selfevolve.build import served_policy
+        from selfevolve.run import Run
 
         ledger = self.ledger
         version, parent = f"round-{r}", ledger.state["served"] or "base"
@@ -330,12 +330,12 @@ class Evolve:
     def judge(self, policy, cfg, candidate: Path, name: str) -> dict:
         """Candidate vs the served version on the held-out validation tasks (greedy, the
         recipe's own turn policy), decided by `gate`."""
-        from .build import turn_policy_for, verifier_for
-        from .data import tasks_for
-        from .evaluate import evaluate
-        from .protocol import columns
-        from .sync import saved_update
-        from .types import SamplingParams
+        from selfevolve.build import turn_policy_for, verifier_for
+        from selfevolve.data.sources import tasks_for
+        from selfevolve.evaluation.evaluate import evaluate
+        from selfevolve.evaluation.protocol import columns
+        from selfevolve.training.publish import saved_update
+        from selfevolve.types import SamplingParams
 
         metric = TARGET.get(cfg.recipe, "acc_t1")
         tasks = tasks_for(cfg, "validation", cfg.val_limit)
@@ -387,7 +387,7 @@ class Evolve:
         loaded and verified again; a version under that name the record does not hold (evolve
         killed between a promotion's load and its record) is unloaded. `verify`: check the
         canary of a version that is there too (once, on start)."""
-        from .sync import saved_update
+        from selfevolve.training.publish import saved_update
 
         name, served = self.cfg.serve_as, self.ledger.state["served"]
         there = name in self.models()
@@ -420,7 +420,7 @@ class Evolve:
         version brings its own config and tensors), verified by its canary. A load that fails
         verification (or that the server cannot score) is undone — the served version loaded
         back, or the name unloaded — and evolve stops on a SyncError."""
-        from .sync import saved_update
+        from selfevolve.training.publish import saved_update
 
         update, name = saved_update(candidate), self.cfg.serve_as
         served = self.ledger.served_adapter()

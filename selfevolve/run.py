@@ -14,7 +14,7 @@ Stopping: Ctrl-C (SIGINT) asks the run to stop at its next checkpoint: the recip
 `checkpoint_every`), `checkpoint` raises `Stopped`, and the CLI exits 130 with the resume
 command. A second Ctrl-C stops at once (the last checkpoint still holds).
 
-Under torchrun (`nproc=N`, selfevolve/distributed.py) rank 0 alone writes: the other ranks
+Under torchrun (`nproc=N`, selfevolve/training/distributed.py) rank 0 alone writes: the other ranks
 keep their trace store in memory (the recipe appends the gathered batch on every rank, so
 queries agree), log nothing, checkpoint nothing, receive rank 0's evaluations and write no
 summary; every rank restores from the checkpoint rank 0 wrote.
@@ -44,19 +44,19 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from . import distributed
-from .build import turn_policy_for, verifier_for
-from .config import RecipeConfig
-from .data import tasks_for
-from .errors import UserError, WriteFailed
-from .evaluate import evaluate
-from .files import atomic_write, read_metrics
-from .metrics import CRITIC_KEYS, KEYS
-from .progress import progress
-from .protocol import PROTOCOL_KEYS, feedback_kind, with_interval
-from .store import TraceStore
-from .trackers import Trackers, selected
-from .types import SamplingParams, Trace
+from selfevolve.build import turn_policy_for, verifier_for
+from selfevolve.config import RecipeConfig
+from selfevolve.data.sources import tasks_for
+from selfevolve.data.store import TraceStore
+from selfevolve.errors import UserError, WriteFailed
+from selfevolve.evaluation.evaluate import evaluate
+from selfevolve.evaluation.metrics import CRITIC_KEYS, KEYS
+from selfevolve.evaluation.protocol import PROTOCOL_KEYS, feedback_kind, with_interval
+from selfevolve.files import atomic_write, read_metrics
+from selfevolve.progress import progress
+from selfevolve.trackers import Trackers, selected
+from selfevolve.training import distributed
+from selfevolve.types import SamplingParams, Trace
 
 # Keys that may change between a run and its resume without changing its result (the memory
 # knobs change only fp32 rounding: resume an out-of-memory run with smaller micro-batches).
@@ -154,7 +154,7 @@ class Run:
         self.trackers.log(metrics)
 
     def trained_on(self, trace_ids) -> None:
-        """Record logged answers this run trained on (their trace ids, `data.logged_tasks`):
+        """Record logged answers this run trained on (their trace ids, `sources.logged_tasks`):
         `trained_on.json`, the union over the run, so a resumed iteration adds nothing twice.
         The recipe calls it where it takes them; evolve's lineage reads it. Rank 0 writes."""
         if not self.main:
@@ -261,7 +261,7 @@ class Run:
         """Evaluate `policy` (greedy, `max_turns` attempts) on the validation tasks, or with
         `test=True` on the test tasks, which also draws the equal-budget baseline samples;
         store the traces (meta.eval=`which`, meta.split; one trace per baseline sample with
-        meta.baseline=`which`), log and return the protocol metrics (selfevolve/protocol.py).
+        meta.baseline=`which`), log and return the protocol metrics (selfevolve/evaluation/protocol.py).
         Under torchrun rank 0 evaluates (its policy serves what every rank's does) and sends
         the metrics to the others."""
         return distributed.from_main(lambda: self._evaluate(policy, which, round, test))
@@ -298,7 +298,9 @@ class Run:
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(self.dir, before, after)
         try:  # the results are on disk already; a plotting problem must not fail the run
-            from .report import write_report  # matplotlib: imported at the end, only if a run gets there
+            from selfevolve.evaluation.report import (
+                write_report,  # matplotlib: imported at the end, only if a run gets there
+            )
 
             print(f"report: {write_report([self.dir])}")
         except Exception as e:  # noqa: BLE001

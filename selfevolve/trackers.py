@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from selfevolve.errors import UserError
 
 # `logger=` names; each but jsonl is also the package (and the extra) that provides it.
 TRACKERS = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")

@@ -21,8 +21,8 @@ each attempt and the message that followed it (`loop.conversation`).
 
 from __future__ import annotations
 
-from .feedback.prompts import REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION
-from .types import Critic, Trace, Turn, TurnPolicy, as_critic
+from selfevolve.feedback.prompts import REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION
+from selfevolve.types import Critic, Trace, Turn, TurnPolicy, as_critic
 
 
 class Instruction:

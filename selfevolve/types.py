@@ -89,7 +89,7 @@ class Turn(BaseModel):
 
 class LoggedAnswer(BaseModel):
     """An answer a server logged, as the recipes that learn from traffic take it
-    (`data.logged_tasks` attaches a task's to `task.meta["logged"]`; the conversation it was
+    (`sources.logged_tasks` attaches a task's to `task.meta["logged"]`; the conversation it was
     sampled in is the task's, `task_messages`): the trace it is, its text and the token ids
     the engine sampled (None where unknown), its score and whose verdict that is (`user`,
     `verifier`), the version that answered, and every turn when it was a refinement."""
@@ -233,7 +233,7 @@ class Policy(Protocol):
 
 @runtime_checkable
 class AdapterServing(Policy, Protocol):
-    """A policy that serves trained adapters: what verified sync (`sync.publish`) and
+    """A policy that serves trained adapters: what verified sync (`publish.publish`) and
     `selfevolve serve` need. HFPolicy, VLLMPolicy and OpenAIPolicy are; LangChainPolicy is not."""
 
     def unload_adapter(self, name: str) -> None: ...
@@ -250,7 +250,7 @@ class AdapterServing(Policy, Protocol):
 class Servable(AdapterServing, Protocol):
     """Everything `selfevolve serve` calls on its policy (checked once, at start): the engine
     side of an OpenAI-compatible server. HFPolicy is one; vLLM has its own server
-    (`vllm serve`), which `selfevolve serve model=URL` fronts (selfevolve/gateway.py)."""
+    (`vllm serve`), which `selfevolve serve model=URL` fronts (selfevolve/serving/gateway.py)."""
 
     path: Any             # where the weights were loaded from (the served model's name and root)
     tokenizer: Any        # prompt lengths and completions' tokens

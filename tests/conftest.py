@@ -61,7 +61,7 @@ def tiny_path() -> str:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """One real `vllm serve` of tiny (fp32, runtime LoRA) for the whole session, stopped at the end."""
-    from selfevolve.server_process import VLLMServerProcess
+    from selfevolve.serving.process import VLLMServerProcess
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with VLLMServerProcess(VLLM_PYTHON, tiny_path(), str(log)) as server:
@@ -71,7 +71,7 @@ def vllm_server(tmp_path_factory):
 @pytest.fixture
 def vllm_bf16_server(tmp_path_factory):
     """The same in bfloat16 (this CPU's AVX512-BF16 kernels), for one test: stopped after it."""
-    from selfevolve.server_process import VLLMServerProcess
+    from selfevolve.serving.process import VLLMServerProcess
 
     log = tmp_path_factory.mktemp("vllm-bf16") / "server.log"
     with VLLMServerProcess(VLLM_PYTHON, tiny_path(), str(log), dtype="bfloat16") as server:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from selfevolve.cli import main
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 from tests.recipes.test_score import SMALL
 from tests.test_cli import EXE, cli
 

@@ -5,9 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["selfevolve.arith", "selfevolve.equations", "selfevolve.metrics", "selfevolve.store",
-           "selfevolve.verifiers.numeric", "selfevolve.types", "selfevolve.policies.hf", "selfevolve.distributed",
-           "selfevolve.losses", "selfevolve.sync", "selfevolve.recipes.score", "selfevolve.exposure", "selfevolve"]
+MODULES = ["selfevolve.data.arith", "selfevolve.data.equations", "selfevolve.data.store",
+           "selfevolve.evaluation.metrics", "selfevolve.verifiers.numeric", "selfevolve.types",
+           "selfevolve.policies.hf", "selfevolve.training.distributed", "selfevolve.training.losses",
+           "selfevolve.training.publish", "selfevolve.recipes.score", "selfevolve.serving.access", "selfevolve"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -21,7 +22,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from selfevolve.server_process import ServerProcess
+    from selfevolve.serving.process import ServerProcess
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)

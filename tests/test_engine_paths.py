@@ -13,8 +13,8 @@ from selfevolve.policies import HFPolicy
 from selfevolve.policies.vllm import turns_from_output
 from selfevolve.recipes.score import ScoreConfig, score_loss
 from selfevolve.recipes.spin import pair_rows
-from selfevolve.sync import CANARY_FILE, save_update, saved_update
-from selfevolve.training import IGNORE, answer_message, encode_turns, episode_batch, trainable_model
+from selfevolve.training.learner import IGNORE, answer_message, encode_turns, episode_batch, trainable_model
+from selfevolve.training.publish import CANARY_FILE, save_update, saved_update
 from selfevolve.types import SamplingParams, Task, Trace, Turn
 
 Q = "What is 2 + 3?"

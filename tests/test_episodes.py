@@ -5,7 +5,7 @@ rewrites history, as Qwen3's drops <think> from earlier turns — each attempt's
 import pytest
 
 from selfevolve.policies import HFPolicy
-from selfevolve.training import IGNORE, encode_chat, encode_turns, episode_batch
+from selfevolve.training.learner import IGNORE, encode_chat, encode_turns, episode_batch
 from selfevolve.types import SamplingParams, Task, Trace
 
 # ChatML that, like Qwen3's template, renders an assistant turn before the last user turn
@@ -86,7 +86,7 @@ def test_an_empty_response_is_taught_as_its_end_of_turn(tiny):
 
 
 def test_truncation_is_recorded_and_counted(tiny):
-    from selfevolve.metrics import self_correction_metrics
+    from selfevolve.evaluation.metrics import self_correction_metrics
 
     ask = [[{"role": "user", "content": "What is 12 + 30 - 7 + 4?"}]]
     (short,) = tiny.generate(ask, SamplingParams(max_new_tokens=2))[0]

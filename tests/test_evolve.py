@@ -9,8 +9,8 @@ import json
 
 import openai
 
-from selfevolve import arith
-from selfevolve.server_process import ServerProcess
+from selfevolve.data import arith
+from selfevolve.serving.process import ServerProcess
 from tests.test_cli import cli
 
 ROUND = ["recipe=rest_em", "iterations=1", "num_samples=2", "epochs=1", "max_new_tokens=32", "eval_limit=16",

@@ -13,9 +13,9 @@ import time
 
 import openai
 
-from selfevolve import arith
-from selfevolve.server_process import ServerProcess, free_port
-from selfevolve.store import TraceStore
+from selfevolve.data import arith
+from selfevolve.data.store import TraceStore
+from selfevolve.serving.process import ServerProcess, free_port
 from tests.test_cli import EXE, cli
 
 ROUND = ["recipe=rest_em", "iterations=1", "num_samples=2", "epochs=1", "max_new_tokens=32", "eval_limit=8",

@@ -59,11 +59,11 @@ def test_an_identical_candidate_is_promoted_in_at_most_alpha_of_rounds(n, differ
 
 def _evolve(tmp_path, n: int):
     """An Evolve over a real store of `n` scored traces (no server needed until run())."""
-    from selfevolve import arith
     from selfevolve.cli import _config_path, _recipe
     from selfevolve.config import build
+    from selfevolve.data import arith
+    from selfevolve.data.store import TraceStore
     from selfevolve.evolve import Evolve, EvolveConfig
-    from selfevolve.store import TraceStore
     from selfevolve.types import Feedback, Trace, Turn
 
     store = TraceStore(tmp_path / "traces.sqlite")

@@ -16,9 +16,9 @@ import torch
 from selfevolve import SamplingParams
 from selfevolve.errors import SyncError
 from selfevolve.policies import load_policy
-from selfevolve.server_process import ServerProcess
-from selfevolve.sync import CANARY, publish, text_logprob
-from selfevolve.training import trainable_model
+from selfevolve.serving.process import ServerProcess
+from selfevolve.training.learner import trainable_model
+from selfevolve.training.publish import CANARY, publish, text_logprob
 
 Q = [[{"role": "user", "content": f"What is {i} + 3?"}] for i in range(12)]
 
@@ -72,7 +72,7 @@ def test_an_adapter_reaches_every_replica_or_none(pair, tmp_path, tiny):
     # the second replica's check fails: the first is rolled back to v1, and the error names the second
     second = learner(2)
     second.save_pretrained(tmp_path / "v2")
-    from selfevolve.sync import load_everywhere
+    from selfevolve.training.publish import load_everywhere
 
     def check(replica):
         if replica.url.startswith(b.url):

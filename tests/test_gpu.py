@@ -11,8 +11,8 @@ import torch
 from selfevolve.build import learner_base
 from selfevolve.config import RecipeConfig
 from selfevolve.policies import HFPolicy
-from selfevolve.sync import publish
-from selfevolve.training import trainable_model
+from selfevolve.training.learner import trainable_model
+from selfevolve.training.publish import publish
 from selfevolve.types import SamplingParams
 from tests.test_cli import cli
 

@@ -7,10 +7,10 @@ import pytest
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
+from selfevolve.data.store import TraceStore
 from selfevolve.feedback import JudgeCritic
 from selfevolve.langchain import LangChainPolicy, SelfRefiner, to_task
-from selfevolve.server_process import ServerProcess
-from selfevolve.store import TraceStore
+from selfevolve.serving.process import ServerProcess
 from selfevolve.types import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=40)

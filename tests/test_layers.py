@@ -1,6 +1,7 @@
-"""The package's layers: no module imports a module that imports it back, directly or
-through others. Function-local imports count too: deferring an import hides a cycle from
-Python, not from a reader (docs/architecture.md, "Layers")."""
+"""The package's layers: its rooms and top modules in order, each importing only from its
+own layer or those below, and no module importing a module that imports it back. Function-local
+imports count too: deferring an import hides a cycle from Python, not from a reader
+(docs/architecture.md, "Rooms and layers")."""
 
 import ast
 import importlib
@@ -9,6 +10,27 @@ import pkgutil
 from pathlib import Path
 
 import networkx as nx
+
+# Low to high. A name is a room (a subpackage: data, training, evaluation, serving; the side
+# folders policies, feedback, verifiers, recipes) or a module at the package's top; "" is the
+# package's own __init__ (the public API, which re-exports from everywhere).
+LAYERS = [
+    ("core", {"errors", "types", "files", "config", "trackers", "progress", "models", "fixtures", "tiny"}),
+    ("data", {"data"}),
+    ("training", {"training"}),
+    ("agent", {"policies", "feedback", "verifiers", "turns", "loop"}),
+    ("evaluation", {"evaluation"}),
+    ("assembly", {"build", "run", "on_policy"}),
+    ("serving", {"serving"}),
+    ("commands", {"evolve", "langchain", "recipes", "cli", ""}),
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.removeprefix("selfevolve").lstrip(".").split(".")[0]
+    found = [i for i, (_, names) in enumerate(LAYERS) if top in names]
+    assert found, f"{module} is in no layer: add it to LAYERS (and docs/architecture.md)"
+    return found[0]
 
 
 def modules() -> dict[str, Path]:
@@ -60,10 +82,23 @@ def test_the_graph_sees_the_package():
     assert {"selfevolve.loop", "selfevolve.recipes.score", "selfevolve.verifiers.code",
             "selfevolve.feedback.critics"} <= set(g)
     assert g.has_edge("selfevolve.recipes.score", "selfevolve.run")
-    assert g.has_edge("selfevolve.policies.hf", "selfevolve.training")  # a relative import resolved
-    assert g.has_edge("selfevolve.sync", "selfevolve.policies")  # a submodule's package runs its __init__
+    assert g.has_edge("selfevolve.policies.hf", "selfevolve.training.learner")
+    assert g.has_edge("selfevolve.evolve", "selfevolve.policies")  # a submodule's package runs its __init__
 
 
 def test_no_import_cycles():
     cycles = list(nx.simple_cycles(import_graph()))
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in sorted(cycles, key=len)[:5])
+
+
+def test_no_layer_imports_a_higher_one():
+    up = sorted((a, b) for a, b in import_graph().edges if layer_of(b) > layer_of(a))
+    assert not up, "imports upward: " + "; ".join(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+                                                   for a, b in up)
+
+
+def test_the_layers_place_the_rooms():
+    g = import_graph()
+    assert g.has_edge("selfevolve.serving.app", "selfevolve.build")  # serving over assembly: allowed
+    assert layer_of("selfevolve.training.publish") < layer_of("selfevolve.policies.fleet")
+    assert layer_of("selfevolve.serving.app") > layer_of("selfevolve.data.store")

@@ -1,6 +1,6 @@
-from selfevolve import arith
 from selfevolve.build import refine
-from selfevolve.evaluate import evaluate
+from selfevolve.data import arith
+from selfevolve.evaluation.evaluate import evaluate
 from selfevolve.feedback.prompts import SCORE_INSTRUCTION
 from selfevolve.loop import conversation, refine_batch
 from selfevolve.turns import Instruction, StopWhenCorrect

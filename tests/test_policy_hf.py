@@ -6,7 +6,7 @@ import torch
 
 from selfevolve.errors import UserError
 from selfevolve.policies import HFPolicy, resolve_model_path
-from selfevolve.training import encode_chat
+from selfevolve.training.learner import encode_chat
 from selfevolve.types import SamplingParams
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -149,7 +149,7 @@ def test_runs_on_cuda():
 
 def test_stop_strings_end_the_answer(tiny):
     """`stop` cuts each answer before the first stop string, as OpenAI and vLLM do."""
-    from selfevolve import arith
+    from selfevolve.data import arith
     from selfevolve.types import SamplingParams
 
     convs = [[{"role": "user", "content": t.prompt}] for t in arith.tasks("validation", 8, seed=0)]

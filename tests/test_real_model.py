@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from selfevolve.fixtures import smollm2
-from selfevolve.server_process import ServerProcess
+from selfevolve.serving.process import ServerProcess
 from tests.test_cli import cli
 
 SHORT = ["eval_limit=2", "val_limit=2", "max_new_tokens=12", "batch_size=8", "threads=2"]

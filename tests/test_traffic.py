@@ -9,11 +9,11 @@ import httpx
 import openai
 import pytest
 
-from selfevolve import arith
-from selfevolve.data import load_tasks, logged_tasks
+from selfevolve.data import arith
+from selfevolve.data.sources import load_tasks, logged_tasks
+from selfevolve.data.store import TraceStore
 from selfevolve.errors import UserError
-from selfevolve.server_process import ServerProcess
-from selfevolve.store import TraceStore
+from selfevolve.serving.process import ServerProcess
 from tests.test_cli import cli
 
 

@@ -1,7 +1,7 @@
 """The turn-policy seam (selfevolve/turns.py) on the real tiny model: what each policy puts
 between attempts reaches the model, and each stops where it says."""
 
-from selfevolve import arith
+from selfevolve.data import arith
 from selfevolve.feedback import VerifierCritic
 from selfevolve.feedback.prompts import REVISE_WITH_CRITIQUE, SCORE_INSTRUCTION
 from selfevolve.loop import refine_batch

@@ -62,10 +62,10 @@ def test_a_logged_conversation_is_the_context_it_is_trained_and_resampled_in(tmp
     trace store, into what the recipes sample and train on (not its last user message alone)."""
     from types import SimpleNamespace
 
-    from selfevolve.data import logged_answers, logged_tasks, request_task
+    from selfevolve.data.sources import logged_answers, logged_tasks, request_task
+    from selfevolve.data.store import TraceStore
     from selfevolve.loop import conversation
-    from selfevolve.store import TraceStore
-    from selfevolve.training import answer_message
+    from selfevolve.training.learner import answer_message
     from selfevolve.types import Feedback, Trace, Turn, task_messages
 
     conv = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is 2 + 2?"},

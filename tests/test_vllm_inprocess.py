@@ -17,7 +17,7 @@ SHAPES = r'''
 import json
 from selfevolve.policies.vllm import VLLMPolicy, prompt_token_logprobs, turns_from_output
 from selfevolve.policies import HFPolicy
-from selfevolve.sync import CANARY
+from selfevolve.training.publish import CANARY
 
 def main():
     p = VLLMPolicy("tiny", dtype="float32", max_lora_rank=16)

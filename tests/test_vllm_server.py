@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfevolve import arith
+from selfevolve.data import arith
 from selfevolve.errors import SyncError
 from selfevolve.policies import OpenAIPolicy
 from selfevolve.policies.fleet import FleetPolicy
-from selfevolve.server_process import VLLMServerProcess
-from selfevolve.sync import CANARY_TOL, canary_gap, publish, save_update
-from selfevolve.training import sft, trainable_model
+from selfevolve.serving.process import VLLMServerProcess
+from selfevolve.training.learner import sft, trainable_model
+from selfevolve.training.publish import CANARY_TOL, canary_gap, publish, save_update
 from selfevolve.types import SamplingParams
 from tests.conftest import VLLM_PYTHON, tiny_path
 
@@ -225,9 +225,9 @@ def test_the_gateway_in_front_of_vllm_and_evolve_promoting_into_it(vllm_server, 
 
     import openai
 
-    from selfevolve.serve import adapter_version
-    from selfevolve.server_process import ServerProcess
-    from selfevolve.store import TraceStore
+    from selfevolve.data.store import TraceStore
+    from selfevolve.serving.app import adapter_version
+    from selfevolve.serving.process import ServerProcess
     from tests.test_cli import cli
 
     traces = tmp_path / "traces.sqlite"

@@ -14,14 +14,13 @@ import inspect
 
 from selfevolve.errors import UserError
 from selfevolve.types import as_verifier
-
-from .code import CodeVerifier
-from .math import MathVerifier
-from .numeric import NumericVerifier
-from .pool import VerifierPool
-from .reasoning_gym import ReasoningGymVerifier
-from .rewards import RewardFunctionVerifier, reward_function
-from .text import ChoiceVerifier, ExactVerifier, RegexVerifier
+from selfevolve.verifiers.code import CodeVerifier
+from selfevolve.verifiers.math import MathVerifier
+from selfevolve.verifiers.numeric import NumericVerifier
+from selfevolve.verifiers.pool import VerifierPool
+from selfevolve.verifiers.reasoning_gym import ReasoningGymVerifier
+from selfevolve.verifiers.rewards import RewardFunctionVerifier, reward_function
+from selfevolve.verifiers.text import ChoiceVerifier, ExactVerifier, RegexVerifier
 
 VERIFIERS = {"numeric": NumericVerifier, "math": MathVerifier, "code": CodeVerifier, "exact": ExactVerifier,
              "regex": RegexVerifier, "choice": ChoiceVerifier, "reasoning_gym": ReasoningGymVerifier}

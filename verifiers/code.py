@@ -23,8 +23,7 @@ import re
 import secrets
 
 from selfevolve.types import Feedback, Task
-
-from .sandbox import Sandbox, namespaces_available, user_processes
+from selfevolve.verifiers.sandbox import Sandbox, namespaces_available, user_processes
 
 
 def extract_code(response: str) -> str:

@@ -20,8 +20,7 @@ import re
 import threading
 
 from selfevolve.types import Feedback, Task
-
-from .pool import VerifierPool
+from selfevolve.verifiers.pool import VerifierPool
 
 ANCHORS = [
     ("boxed", None),

@@ -1,4 +1,4 @@
-"""reasoning-gym's own scorers, for tasks from `data=reasoning_gym:NAME` (selfevolve/data.py)."""
+"""reasoning-gym's own scorers, for tasks from `data=reasoning_gym:NAME` (selfevolve/data/sources.py)."""
 
 from __future__ import annotations
 

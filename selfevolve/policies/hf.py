@@ -32,11 +32,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from ..errors import UserError
-from ..models import release_freed_memory, resolve_device, resolve_dtype, resolve_model_path
-from ..progress import progress
-from ..training import encode_chat, pad_batch, text_token_logprobs, token_logprobs
-from ..types import Conversation, SamplingParams, Turn, cut_at_stop
+from selfevolve.errors import UserError
+from selfevolve.models import release_freed_memory, resolve_device, resolve_dtype, resolve_model_path
+from selfevolve.progress import progress
+from selfevolve.training.learner import encode_chat, pad_batch, text_token_logprobs, token_logprobs
+from selfevolve.types import Conversation, SamplingParams, Turn, cut_at_stop
 
 
 class _MaskedAlready(logging.Filter):
@@ -203,7 +203,7 @@ class HFPolicy:
 
         All or nothing: an adapter that does not load (unreadable weights, another base model)
         leaves the model exactly as it was — the served model, its loaded adapters and its
-        modules — because a half-applied update is the silent sync failure `sync` exists to
+        modules — because a half-applied update is the silent sync failure `publish` exists to
         catch, and a server keeps serving others after a bad request."""
         p = Path(path)
         if not (p / "adapter_config.json").is_file():

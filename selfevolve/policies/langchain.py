@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from ..errors import UserError
-from ..types import Conversation, SamplingParams, Turn
+from selfevolve.errors import UserError
+from selfevolve.types import Conversation, SamplingParams, Turn
 
 
 def to_langchain(conversation: Conversation) -> list[BaseMessage]:

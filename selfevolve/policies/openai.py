@@ -21,8 +21,8 @@ import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import UserError
-from ..types import Conversation, SamplingParams, Turn
+from selfevolve.errors import UserError
+from selfevolve.types import Conversation, SamplingParams, Turn
 
 
 def sampled_turn(choice) -> Turn:

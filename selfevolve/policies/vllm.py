@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import UserError
-from ..types import Conversation, SamplingParams, Turn
+from selfevolve.errors import UserError
+from selfevolve.types import Conversation, SamplingParams, Turn
 
 MISSING = ("policy=vllm needs vLLM in this virtualenv: `bash bench/vllm-env.sh` makes one with it and selfevolve "
            "(vLLM pins its own transformers; on a GPU machine pip install 'selfevolve[vllm]' also works)")
@@ -72,7 +72,7 @@ class VLLMPolicy:
             from vllm import LLM
         except ImportError:
             raise UserError(MISSING) from None
-        from ..models import resolve_model_path
+        from selfevolve.models import resolve_model_path
 
         self.path = resolve_model_path(model)
         self.llm = LLM(model=str(self.path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
@@ -87,7 +87,7 @@ class VLLMPolicy:
 
     @property
     def adapters(self) -> dict[str, str]:
-        """name -> path of every loaded adapter (what `sync.load_everywhere` rolls back to)."""
+        """name -> path of every loaded adapter (what `publish.load_everywhere` rolls back to)."""
         return {n: r.lora_path for n, r in self.requests.items()}
 
     def _lora(self):

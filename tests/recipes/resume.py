@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 from tests.test_cli import EXE, cli
 
 

@@ -5,7 +5,7 @@ for the chosen model. Old code picked the best iteration on the test tasks: this
 import json
 from pathlib import Path
 
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 
 
 def check_selected_on_validation(run_dir: Path) -> dict:

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli
 
@@ -50,7 +50,7 @@ def test_corpus_teaches_the_critique_format_but_not_the_verdict():
     coin flips, so judging answers is left for SELF's meta-skill learning to teach."""
     import random
 
-    from selfevolve import arith
+    from selfevolve.data import arith
     from selfevolve.feedback.prompts import VERIFIER_RIGHT
     from selfevolve.recipes.pretrain import PretrainConfig, corpus_example
 

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from selfevolve.server_process import ServerProcess
+from selfevolve.serving.process import ServerProcess
 from tests.test_cli import cli
 
 SMALL = ["eval_limit=4", "val_limit=4", "max_new_tokens=16", "threads=2"]

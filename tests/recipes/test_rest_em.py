@@ -2,8 +2,8 @@
 
 import json
 
-from selfevolve import arith
-from selfevolve.store import TraceStore
+from selfevolve.data import arith
+from selfevolve.data.store import TraceStore
 from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume
 from tests.recipes.selection import check_selected_on_validation

@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import torch
 
-from selfevolve import arith
-from selfevolve.store import TraceStore
+from selfevolve.data import arith
+from selfevolve.data.store import TraceStore
 from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume, check_kill_at_and_resume, check_sigint_and_resume
 from tests.test_cli import cli
@@ -26,7 +26,7 @@ def _cfg(tmp_path, **kw):
 def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
     from selfevolve.recipes.score import rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import episode_batch, trainable_model
+    from selfevolve.training.learner import episode_batch, trainable_model
 
     cfg = _cfg(tmp_path)
     run = Run(cfg)
@@ -69,7 +69,7 @@ def test_stage_objectives_on_real_rollouts(tiny, tmp_path):
 
 
 def test_collapse_warning():
-    from selfevolve.protocol import collapse
+    from selfevolve.evaluation.protocol import collapse
 
     ok = {"stage": 2, "edit_ratio": 0.05, "delta": 0.01}
     assert collapse([ok], 0.002, 2) is None
@@ -156,7 +156,7 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(tiny, tmp_path):
     (to fp32 rounding) as one pass over the whole batch, in both stages."""
     from selfevolve.recipes.score import rollouts, score_loss
     from selfevolve.run import Run
-    from selfevolve.training import episode_batch, trainable_model
+    from selfevolve.training.learner import episode_batch, trainable_model
 
     cfg = _cfg(tmp_path)
     traces, _ = rollouts(tiny, arith.tasks("train", n=10), Run(cfg).verifier, cfg, 0, Run(_cfg(tmp_path / "b")))

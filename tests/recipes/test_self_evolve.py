@@ -2,9 +2,9 @@
 
 import json
 
+from selfevolve.data.store import TraceStore
 from selfevolve.feedback.prompts import CRITIQUE
 from selfevolve.recipes.self_evolve import feedback_token_ids, keep, meta_examples
-from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume

@@ -3,7 +3,7 @@ per-step margins logged, resume."""
 
 import json
 
-from selfevolve.store import TraceStore
+from selfevolve.data.store import TraceStore
 from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume
 from tests.test_cli import cli

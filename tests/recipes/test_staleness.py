@@ -12,8 +12,8 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from selfevolve.data.store import TraceStore
 from selfevolve.errors import UserError
-from selfevolve.store import TraceStore
 from tests.recipes.resume import _observe
 from tests.test_cli import EXE, cli
 
@@ -43,10 +43,10 @@ def _synchronous(cfg):
     """The synchronous algorithm written out with no serving thread: rollouts, update, publish,
     one after the other. Returns each step's responses and the final adapter."""
     from selfevolve.build import learner_base, served_policy
-    from selfevolve.data import tasks_for
+    from selfevolve.data.sources import tasks_for
     from selfevolve.recipes.score import rollouts, stage_of, train_step
     from selfevolve.run import Run
-    from selfevolve.sync import publish
+    from selfevolve.training.publish import publish
 
     torch.manual_seed(cfg.seed)
     run = Run(cfg)
@@ -122,7 +122,7 @@ def test_a_stopped_run_with_max_staleness_resumes(tmp_path):
 
 
 def test_the_serving_thread_keeps_order_and_stops_at_a_failure(tiny, tmp_path):
-    from selfevolve.serving_thread import ServingThread
+    from selfevolve.training.rollout_thread import ServingThread
 
     ran = []
     with ServingThread(tiny) as serving:

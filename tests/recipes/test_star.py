@@ -3,9 +3,9 @@ recipe end to end through the CLI (short run, a user's JSONL with renamed fields
 
 import json
 
-from selfevolve import arith
+from selfevolve.data import arith
+from selfevolve.data.store import TraceStore
 from selfevolve.recipes.star import StarConfig, collect, hinted, reproduces_hint, training_example
-from selfevolve.store import TraceStore
 from selfevolve.types import Feedback, Task, Trace, Turn
 from tests.recipes.pins import assert_pinned
 from tests.recipes.resume import check_kill_and_resume
