@@ -69,8 +69,8 @@ from selfevolve.training.learner import (
     token_logprobs,
     trained_tokens,
 )
-from selfevolve.training.losses import CREDITS, attempt_advantages, attempt_credit, score_objective
-from selfevolve.training.publish import SampledCheck, server_mismatch
+from selfevolve.training.losses import CREDITS, SampledCheck, attempt_advantages, attempt_credit, score_objective
+from selfevolve.training.publish import server_mismatch
 from selfevolve.turns import Instruction
 from selfevolve.types import SamplingParams, Trace
 

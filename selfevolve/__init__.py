@@ -12,8 +12,9 @@ from importlib import import_module
 
 _EXPORTS = {"Task": "types", "Feedback": "types", "Turn": "types", "Trace": "types", "SamplingParams": "types",
             "Policy": "types", "Verifier": "types", "Critic": "types", "HFPolicy": "policies", "refine": "build",
-            "refine_batch": "loop", "evaluate": "evaluate", "TraceStore": "store", "load_tasks": "data",
-            "self_correction_metrics": "metrics", "feedback_for": "client"}
+            "refine_batch": "loop", "evaluate": "evaluation.evaluate", "TraceStore": "data.store",
+            "load_tasks": "data.sources", "self_correction_metrics": "evaluation.metrics",
+            "feedback_for": "serving.client"}
 
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -5,9 +5,9 @@ the learner does with the sampler's log-probs is in `losses`.
 A recipe trains a model (the learner), then `publish`es it: the adapter is saved to
 `run_dir/adapters/NAME`, loaded into the policy that serves rollouts (HFPolicy in process,
 vLLM as a new LoRARequest, an OpenAI-compatible server via /v1/load_lora_adapter; on every
-replica of a fleet, all or nothing: `load_everywhere`), and verified. Verification is two checks, because a silent sync failure (the old adapter still
-active, a half-written file, a server that ignored the request) makes every later round
-train on the wrong model's samples:
+replica of a fleet, all or nothing: `load_everywhere`), and verified. Verification is two
+checks, because a silent sync failure (the old adapter still active, a half-written file, a
+server that ignored the request) makes every later round train on the wrong model's samples:
 
   1. the policy reports the new adapter id as active;
   2. a canary: the per-token log-probabilities of a fixed text (every token after the first,
