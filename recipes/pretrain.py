@@ -19,8 +19,12 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
   model can take a second turn as an instruct model can. First answers are drafts with
   realistic slips (`p_draft_wrong`); second answers after a wrong draft are a step-by-step
   correction (`p_fix`), the same wrong answer again, or another wrong guess; after a right
-  draft mostly the same answer (a few needless changes, `p_break`). This gives SCoRe both
-  failure modes of the paper (no change, harmful change) to learn away.
+  draft mostly the same answer (a few needless changes, `p_break`), or, `p_recheck` of the
+  time (0 for the bundled `tiny`), the same answer re-derived step by step. This gives SCoRe
+  both failure modes of the paper (no change, harmful change) to learn away. With
+  `p_direct=1` the first answer is always direct and steps appear only in second turns: a
+  fast answer first, the careful derivation only as a second look (docs/experiments.md, "A
+  second look that re-derives").
 - optionally (`p_critique`, 0 for the bundled `tiny`), critique transcripts in the format
   SELF and `critic=self` use: the critique prompt with a draft and a critique in the
   verifier's words ("The answer has no errors." / "Your answer is wrong: wrong answer
@@ -87,6 +91,7 @@ class PretrainConfig(RecipeConfig):
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
     p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
     p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
+    p_recheck: float = Field(0.0, ge=0, le=1, description="after a right draft: share of step-by-step re-derivations")
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")
     vocab_size: int = Field(384, ge=300)
@@ -166,6 +171,8 @@ def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, st
                 if r < (1 + cfg.p_fix) / 2
                 else wrong_solution()
             )
+        if cfg.p_recheck and rng.random() < cfg.p_recheck:  # no draw at 0: the bundled corpus stays as it was
+            return arith.step_solution(nums, ops)
         return wrong_solution() if rng.random() < cfg.p_break else first
 
     r = rng.random()
