@@ -16,8 +16,8 @@ virtualenv that shares this one's packages: generation kept B×T×V logits for i
 A flat column is the target: memory set by the model and the longest row, not by
 batch × length × vocabulary. What does it: generation holds one step's B×V log-softmax
 (`policies.hf.ChosenLogprobs`); training applies the output layer in checkpointed chunks
-(training.LOGITS_BUDGET), checkpoints activations (gradient_checkpointing, on by default) and
-sizes micro-batches by their saved activations (training.ACTIVATION_BUDGET); on CPU, glibc's
+(learner.LOGITS_BUDGET), checkpoints activations (gradient_checkpointing, on by default) and
+sizes micro-batches by their saved activations (learner.ACTIVATION_BUDGET); on CPU, glibc's
 mmap threshold is fixed so freed tensors go back to the OS (models.release_freed_memory).
 """
 

@@ -71,7 +71,7 @@ def run() -> dict:
     tokens = sum(len(encode_chat(tokenizer, c, train_on="last")[0]) for c in convs)
     ours(path, tokenizer, convs[:64])  # warm-up
     ours_s = ours(path, tokenizer, convs)
-    rows = [("selfevolve M-step (training.sft)", f"{tokens / ours_s:,.0f} tokens/s",
+    rows = [("selfevolve M-step (learner.sft)", f"{tokens / ours_s:,.0f} tokens/s",
              f"{N} conversations in {ours_s:.2f} s")]
     ratios = []
     try:

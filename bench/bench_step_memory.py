@@ -8,7 +8,7 @@ output layer in chunks), peak RSS above the process's level with the model loade
 W = 256, 1,024 and 2,048, and 1,024 without checkpointing (the baseline). A line through the
 three gives a per-token cost (the checkpointed layer inputs and one layer's recomputation)
 and a fixed part (the output layer's chunk of
-logits, training.LOGITS_BUDGET, and its softmax).
+logits, learner.LOGITS_BUDGET, and its softmax).
 
 Estimated, from those two numbers: Qwen2.5-7B-Instruct's shape (28 layers, hidden 3,584,
 MLP 18,944, 4 key-value heads of 128, 152,064-token vocabulary, 7.6B parameters) in bf16 with

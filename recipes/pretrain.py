@@ -90,7 +90,8 @@ class PretrainConfig(RecipeConfig):
     p_two_turn: float = Field(0.2, ge=0, le=1, description="share of two-turn correction transcripts")
     p_draft_wrong: float = Field(0.5, ge=0, le=1, description="share of transcript drafts with a slip")
     p_fix: float = Field(0.5, ge=0, le=1, description="after a wrong draft: share of step-by-step corrections")
-    p_break: float = Field(0.1, ge=0, le=1, description="after a right draft: share of needless wrong changes")
+    p_break: float = Field(0.1, ge=0, le=1,
+                           description="after a right draft not re-derived: share of needless wrong changes")
     p_recheck: float = Field(0.0, ge=0, le=1, description="after a right draft: share of step-by-step re-derivations")
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")

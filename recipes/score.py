@@ -86,7 +86,7 @@ class ScoreConfig(RecipeConfig):
     instruction: str = Field(SCORE_INSTRUCTION, description="the second-turn instruction")
     stage1_steps: int = Field(40, ge=0, description="Stage I updates (0: the 'without Stage I' ablation)")
     stage2_steps: int = Field(120, ge=0, description="Stage II updates")
-    batch_tasks: int = Field(64, ge=2, description="episodes (prompts) per update")
+    batch_tasks: int = Field(64, ge=2, description="prompts per update (each K episodes with y2_samples=K)")
     train_split: str = Field("train", description="split the rollouts' prompts come from")
     train_tasks: int = Field(5000, ge=2, description="pool of training prompts")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate for the LoRA adapter")
@@ -136,7 +136,8 @@ def rollout_seed(cfg: ScoreConfig, step: int) -> int:
 def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> tuple[list[Trace], dict]:
     """Two attempts per task from the served policy, then both scored; the traces and the
     seconds spent generating and verifying. With `y2_samples=K`, K second attempts after each
-    first: K episodes sharing y1, `meta["group"]` the first attempt's trace id. Under torchrun
+    first: K episodes sharing y1 (scored once), `meta["group"]` the id of the one-turn episode
+that sampled it (not stored itself). Under torchrun
     each rank runs its shard of the step's tasks, with its own seeds (`distributed.rank_seed`)."""
     t0 = time.perf_counter()
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -144,16 +145,19 @@ def rollouts(policy, tasks, verifier, cfg: ScoreConfig, step: int, run: Run) -> 
     k, meta = cfg.y2_samples, {"stage": stage_of(step, cfg)}
     traces = refine_batch(tasks, policy, None, Instruction(cfg.instruction), 2 if k == 1 else 1, sampling,
                           recipe=cfg.recipe, run=run.name, round=step, meta=meta)
-    if k > 1:  # the second turn as the loop would sample it (its seed + 1), K times
-        seconds = policy.generate([conversation(t, [cfg.instruction]) for t in traces],
-                                  sampling.model_copy(update={"n": k, "seed": sampling.seed + 1}))
-        traces = [Trace(task=t.task, turns=[t.turns[0].model_copy(deep=True), y2], policy_version=t.policy_version,
-                        recipe=cfg.recipe, run=run.name, round=step, meta={**meta, "group": t.id})
-                  for t, outs in zip(traces, seconds) for y2 in outs]
+    # with K > 1, the second turn as the loop would sample it (its seed + 1), K times
+    seconds = [] if k == 1 else policy.generate([conversation(t, [cfg.instruction]) for t in traces],
+                                                sampling.model_copy(update={"n": k, "seed": sampling.seed + 1}))
     t1 = time.perf_counter()
-    flat = [(t.task, turn) for t in traces for turn in t.turns]
+    flat = [(t.task, turn) for t in traces for turn in t.turns] + [
+        (t.task, y2) for t, outs in zip(traces, seconds) for y2 in outs]  # each attempt scored once
     for (_, turn), fb in zip(flat, verifier.verify_batch([x for x, _ in flat], [turn.response for _, turn in flat])):
         turn.feedback = fb
+    if k > 1:
+        now = time.time()
+        traces = [Trace(task=t.task, turns=[t.turns[0].model_copy(deep=True), y2], policy_version=t.policy_version,
+                        recipe=cfg.recipe, run=run.name, round=step, meta={**meta, "group": t.id}, finished=now)
+                  for t, outs in zip(traces, seconds) for y2 in outs]
     for t in traces:  # what the update will train on (HF and vLLM report their samples; an endpoint does not)
         t.meta["tokens"] = trained_tokens(t.turns)
     return traces, {"generate": t1 - t0, "verify": time.perf_counter() - t1}

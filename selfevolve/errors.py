@@ -22,7 +22,7 @@ class WriteFailed(OSError):
 
 
 class SyncError(RuntimeError):
-    """The served policy is not serving the update it was given (sync.verify_sync)."""
+    """The served policy is not serving the update it was given (publish.verify_sync)."""
 
 
 class NonFinite(RuntimeError):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from selfevolve.data import arith, equations
+from selfevolve.data.store import TraceStore
 from selfevolve.errors import UserError
 from selfevolve.types import Feedback, LoggedAnswer, Task, Trace, Turn
 
@@ -321,8 +322,6 @@ def logged_tasks(path: str, since_version: str | None = None, scored: bool = Fal
     lookups whose cost is that of the tasks read, not of the store (evolve's round setup).
     Without it every trace is read; both give the same tasks in the same order where the
     limit does not bind."""
-    from selfevolve.data.store import TraceStore
-
     if not Path(path).expanduser().is_file():
         raise UserError(f"data={path}: no such trace store")
     store = TraceStore(Path(path).expanduser())

@@ -96,11 +96,15 @@ def baseline_advantage(rewards: torch.Tensor, scale: bool = False, eps: float = 
     n = rewards.numel()
     if n < 2:
         return torch.zeros_like(rewards)
-    adv = rewards - (rewards.sum() - rewards) / (n - 1)
-    if scale:
-        std = rewards.std()
-        return torch.zeros_like(rewards) if std < eps else adv / (std + eps)
-    return adv
+    return _scaled(rewards - (rewards.sum() - rewards) / (n - 1), rewards, scale, eps)
+
+
+def _scaled(adv: torch.Tensor, rewards: torch.Tensor, scale: bool, eps: float = 1e-6) -> torch.Tensor:
+    """`adv` ÷ (std(rewards) + eps) with `scale` (zeros where the rewards are all equal)."""
+    if not scale:
+        return adv
+    std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+    return torch.zeros_like(adv) if std < eps else adv / (std + eps)
 
 
 def attempt_advantages(credit: tuple[torch.Tensor, torch.Tensor], groups: torch.Tensor | None = None,
@@ -110,11 +114,13 @@ def attempt_advantages(credit: tuple[torch.Tensor, torch.Tensor], groups: torch.
     Without `groups`: each attempt's credit with the leave-one-out baseline of the batch.
     With `groups` (episode i's y1; several second attempts share one, `y2_samples=K`): y2's
     baseline is the leave-one-out mean of its own group, so a fix and a copy are compared on
-    the same y1 and r̂(y2)'s −α·r(y1) cancels (turn-independent, as PAG does); y1's is the
-    leave-one-out mean over the other groups' y1, each group counted once. A group's episodes
+    the same y1 and r̂(y2)'s −α·r(y1) cancels (turn-independent, as PAG does); a group of one
+    gets no y2 advantage. y1's credit is its group's mean (r(y1) itself under the default
+    credit; the mean of the K returns-to-go under `credit=trajectory`), baselined by the
+    leave-one-out mean over the other groups, each group counted once. A group's episodes
     share its y1 advantage: the loss's mean over episodes then weighs every y1 equally.
-    Both are unbiased (tests/training/test_losses.py, an exact bandit); a batch baseline over episodes
-    that share a y1 is not, for y1.
+    Both are unbiased (tests/training/test_losses.py, an exact bandit); a batch baseline over
+    episodes that share a y1 is not, for y1.
 
     >>> c1, c2 = torch.tensor([1., 1., 0., 0.]), torch.tensor([1., -10., 11., 0.])
     >>> [a.tolist() for a in attempt_advantages((c1, c2), torch.tensor([0, 0, 1, 1]))]
@@ -124,14 +130,15 @@ def attempt_advantages(credit: tuple[torch.Tensor, torch.Tensor], groups: torch.
     if groups is None:
         return baseline_advantage(c1, scale), baseline_advantage(c2, scale)
     ids, index = torch.unique(groups, return_inverse=True)
-    counts = torch.zeros(len(ids)).index_add_(0, index, torch.ones(len(groups)))
-    a1 = baseline_advantage(torch.zeros(len(ids)).index_add_(0, index, c1) / counts, scale)[index]  # y1 once a group
-    size, total = counts[index], torch.zeros(len(ids)).index_add_(0, index, c2)[index]
-    a2 = torch.where(size > 1, c2 - (total - c2) / (size - 1).clamp(min=1), torch.zeros_like(c2))
-    if scale:
-        std = c2.std() if len(c2) > 1 else torch.tensor(0.0)
-        a2 = torch.zeros_like(a2) if std < 1e-6 else a2 / (std + 1e-6)
-    return a1, a2
+
+    def per_group(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(len(ids)).index_add_(0, index.to(x.device), x)
+
+    counts = per_group(torch.ones_like(c2))
+    a1 = baseline_advantage(per_group(c1) / counts.to(c1), scale)[index]  # each group's y1 once
+    size = counts[index]
+    a2 = torch.where(size > 1, c2 - (per_group(c2)[index] - c2) / (size - 1).clamp(min=1), torch.zeros_like(c2))
+    return a1, _scaled(a2, c2, scale)
 
 
 def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,

@@ -94,6 +94,8 @@ def test_two_step_run_through_the_cli(tmp_path):
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if "reward_t1" in m]
     assert_pinned(d, loss=-0.36498, kl_t1=0.0, kl_t2=0.0, reward_t1=0.625, reward_t2=0.25)
+    # Stage II's first step: y1's policy gradient under the paper's instantaneous credit
+    assert_pinned(d, step=2, loss=-2.56311, pg_t1=-0.32227, pg_t2=-2.24112, kl_t1=0.016, reward_t2=0.5)
     assert [m["step"] for m in train] == [1, 2, 3] and [m["stage"] for m in train] == [1, 2, 2]
     for k in ("reward_t2", "kl_t1", "kl_t2", "loss", "time_generate", "time_verify", "time_train", "time_sync"):
         assert all(k in m for m in train)
