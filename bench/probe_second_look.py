@@ -14,7 +14,8 @@ On N validation `arith` tasks, SCoRe's two attempts (its instruction between):
   often it is right.
 
 The precondition: at T = 1 a second attempt after an own wrong first is right clearly more
-often than a first attempt is, and the greedy delta is not already positive.
+often than a first attempt is (and than a fresh first attempt on the same tasks, what
+resampling gives), and the greedy delta is not already positive.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def main(model: str, n: int = 300, difficulty: int = 3) -> None:
             print(f"  after an own {'right' if was else 'wrong'} first: re-derives {rate(steps[i] for i in idx)}, "
                   f"right {rate(r2[i] for i in idx)}, right when re-deriving "
                   f"{rate(r2[i] for i in idx if steps[i])}")
-        if sampling.temperature:
+        if sampling.temperature:  # against a first attempt, and against resampling the same tasks
             wrong = [i for i in range(n) if not r1[i]]
-            print(f"precondition: second after an own wrong first {rate(r2[i] for i in wrong)} "
-                  f"vs first attempt {sum(r1) / n:.3f} (T = 1)")
+            fresh = policy.generate([convs[i] for i in wrong], sampling.model_copy(update={"seed": 3}))
+            print(f"precondition: second after an own wrong first {rate(r2[i] for i in wrong)} vs a first "
+                  f"attempt {sum(r1) / n:.3f} and vs a fresh first attempt on those tasks "
+                  f"{rate(right(tasks[i], o[0].response) for i, o in zip(wrong, fresh))} (T = 1)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ The corpus (all built from `arith` *train* expressions; validation and test are 
   both failure modes of the paper (no change, harmful change) to learn away. With
   `p_direct=1` the first answer is always direct and steps appear only in second turns: a
   fast answer first, the careful derivation only as a second look (docs/experiments.md, "A
-  second look that re-derives").
+  second look that re-derives"); `p_steps_prompt` (0 for the bundled `tiny`) adds questions
+  asked step by step ("Work it out step by step: 7 + 8 - 3."), answered in steps, so the
+  skill a second look uses is learned on more than the second turns.
 - optionally (`p_critique`, 0 for the bundled `tiny`), critique transcripts in the format
   SELF and `critic=self` use: the critique prompt with a draft and a critique in the
   verifier's words ("The answer has no errors." / "Your answer is wrong: wrong answer
@@ -75,6 +77,7 @@ from selfevolve.run import Run
 from selfevolve.training.learner import encode_chat, optimizer_step, pad_batch, sft_loss
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+STEPS_QUESTION = "Work it out step by step: {expression}."
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -93,6 +96,8 @@ class PretrainConfig(RecipeConfig):
     p_break: float = Field(0.1, ge=0, le=1,
                            description="after a right draft not re-derived: share of needless wrong changes")
     p_recheck: float = Field(0.0, ge=0, le=1, description="after a right draft: share of step-by-step re-derivations")
+    p_steps_prompt: float = Field(0.0, ge=0, le=1, description="share of questions asked step by step "
+                                  f"({STEPS_QUESTION.format(expression='7 + 8 - 3')!r}), answered in steps")
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")
     vocab_size: int = Field(384, ge=300)
@@ -150,6 +155,10 @@ def equation_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, 
 def corpus_example(rng: random.Random, cfg: PretrainConfig) -> list[dict[str, str]]:
     if cfg.p_equation and rng.random() < cfg.p_equation:
         return equation_example(rng, cfg)
+    if cfg.p_steps_prompt and rng.random() < cfg.p_steps_prompt:  # no draw at 0: the bundled corpus stays
+        nums, ops = train_expression(rng, cfg)
+        return [{"role": "user", "content": STEPS_QUESTION.format(expression=arith.render(nums, ops))},
+                {"role": "assistant", "content": arith.step_solution(nums, ops)}]
     nums, ops = train_expression(rng, cfg)
     q = arith.question(arith.render(nums, ops))
     ans = arith.evaluate(nums, ops)

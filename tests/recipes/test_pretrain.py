@@ -97,3 +97,7 @@ def test_a_second_look_corpus_answers_direct_first_and_re_derives_only_in_second
             assert answer["content"].endswith(f"The answer is {value}.")  # a derivation is always right
     assert 0.15 < sum(rederived[True]) / len(rederived[True]) < 0.25  # p_recheck
     assert 0.75 < sum(rederived[False]) / len(rederived[False]) < 0.85  # p_fix
+    rng, cfg = random.Random(0), cfg.model_copy(update={"p_steps_prompt": 0.3})
+    asked = [ex for ex in (corpus_example(rng, cfg) for _ in range(2000)) if ex[0]["content"].startswith("Work it")]
+    assert 0.25 < len(asked) / 2000 < 0.35 and all(len(ex) == 2 and not direct.fullmatch(ex[1]["content"])
+                                                    for ex in asked)
