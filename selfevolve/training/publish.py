@@ -75,14 +75,14 @@ def canary_for(model, tokenizer) -> str:
 # and summation-order noise between two implementations of the same weights in that dtype,
 # about half the tolerance (transformers vs vLLM's CPU kernels, BENCHMARKS.md "Verified sync";
 # fp16 is set between the two, not measured).
-CANARY_TOL = {torch.float32: (2e-3, 5e-4), torch.float16: (0.1, 0.02), torch.bfloat16: (0.3, 0.04)}
+CANARY_TOL = {torch.float32: (2e-3, 5e-4), torch.float16: (0.1, 0.02), torch.bfloat16: (0.6, 0.04)}
 
 
 def canary_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """The (maximum, mean) absolute per-token canary tolerance for weights in `dtype`.
 
     >>> canary_tolerance(torch.float32), canary_tolerance(torch.bfloat16)
-    ((0.002, 0.0005), (0.3, 0.04))
+    ((0.002, 0.0005), (0.6, 0.04))
     """
     return CANARY_TOL.get(dtype, CANARY_TOL[torch.float32])
 
