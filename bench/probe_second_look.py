@@ -58,7 +58,8 @@ def main(model: str, n: int = 300, difficulty: int = 3) -> None:
                   f"{rate(r2[i] for i in idx if steps[i])}")
         if sampling.temperature:  # against a first attempt, and against resampling the same tasks
             wrong = [i for i in range(n) if not r1[i]]
-            fresh = policy.generate([convs[i] for i in wrong], sampling.model_copy(update={"seed": 3}))
+            fresh = policy.generate([convs[i] for i in wrong], sampling,  # seeds no attempt above used
+                                    seeds=[sampling.seed + 2 * n + i for i in wrong])
             print(f"precondition: second after an own wrong first {rate(r2[i] for i in wrong)} vs a first "
                   f"attempt {sum(r1) / n:.3f} and vs a fresh first attempt on those tasks "
                   f"{rate(right(tasks[i], o[0].response) for i, o in zip(wrong, fresh))} (T = 1)")

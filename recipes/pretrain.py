@@ -96,7 +96,7 @@ class PretrainConfig(RecipeConfig):
     p_break: float = Field(0.1, ge=0, le=1,
                            description="after a right draft not re-derived: share of needless wrong changes")
     p_recheck: float = Field(0.0, ge=0, le=1, description="after a right draft: share of step-by-step re-derivations")
-    p_steps_prompt: float = Field(0.0, ge=0, le=1, description="share of questions asked step by step "
+    p_steps_prompt: float = Field(0.0, ge=0, le=1, description="share of the non-equation examples asked step by step "
                                   f"({STEPS_QUESTION.format(expression='7 + 8 - 3')!r}), answered in steps")
     p_critique: float = Field(0.0, ge=0, le=1, description="share of critique transcripts (coin-flip verdicts)")
     p_equation: float = Field(0.0, ge=0, le=1, description="share of `equations` conversations (checked second turns)")

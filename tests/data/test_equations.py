@@ -98,7 +98,7 @@ def test_pretraining_corpus_checks_drafts_and_leaves_the_bundled_corpus_alone():
         rng = random.Random(0)
         return hashlib.sha256(json.dumps([corpus_example(rng, cfg) for _ in range(3000)]).encode()).hexdigest()
 
-    # the corpus the bundled tiny was trained on (computed before p_equation and p_recheck existed)
+    # the corpus the bundled tiny was trained on (computed before p_equation, p_recheck and p_steps_prompt existed)
     assert digest(PretrainConfig()) == "503588ea6b4d2194ffade0d5443633e47c2da35efdb6cd9d429e6c4194906513"
     rng, cfg = random.Random(0), PretrainConfig(p_equation=0.5)
     corpus = [corpus_example(rng, cfg) for _ in range(4000)]

@@ -73,31 +73,37 @@ def test_corpus_teaches_the_critique_format_but_not_the_verdict():
         assert 0.35 < said_right[right] / drafts[right] < 0.65
 
 
-def test_a_second_look_corpus_answers_direct_first_and_re_derives_only_in_second_turns():
-    """p_direct=1 with p_recheck: first answers are direct; a step-by-step derivation appears only
-    as a second answer, after wrong drafts (p_fix, fixing them) and after right ones (p_recheck)."""
+def test_a_second_look_corpus_answers_direct_first_and_re_derives_as_a_second_turn():
+    """p_direct=1 with p_recheck: first answers are direct; a step-by-step derivation comes as a
+    second answer, after wrong drafts (p_fix, fixing them) and after right ones (p_recheck).
+    p_steps_prompt adds questions asked step by step, answered with the derivation."""
     import random
     import re
 
     from selfevolve.data import arith
     from selfevolve.recipes.pretrain import PretrainConfig, corpus_example
 
+    def value_of(question: str) -> int:
+        expression = question.removeprefix("What is ").removeprefix("Work it out step by step: ")[:-1].split()
+        return arith.evaluate([int(x) for x in expression[::2]], expression[1::2])
+
     rng, cfg = random.Random(0), PretrainConfig(p_direct=1.0, p_two_turn=0.5, p_fix=0.8, p_recheck=0.2)
     corpus = [corpus_example(rng, cfg) for _ in range(4000)]
     direct = re.compile(r"The answer is -?\d+\.")
     assert all(direct.fullmatch(ex[1]["content"]) for ex in corpus)  # every first answer
-    second = [ex for ex in corpus if len(ex) == 4]
     rederived = {True: [], False: []}  # draft right? -> second answers
-    for q, draft, _, answer in second:
-        nums_ops = q["content"].removeprefix("What is ").removesuffix("?").split()
-        value = arith.evaluate([int(x) for x in nums_ops[::2]], nums_ops[1::2])
-        right = draft["content"] == f"The answer is {value}."
-        rederived[right].append(not direct.fullmatch(answer["content"]))
+    for q, draft, _, answer in (ex for ex in corpus if len(ex) == 4):
+        value = value_of(q["content"])
+        rederived[draft["content"] == f"The answer is {value}."].append(not direct.fullmatch(answer["content"]))
         if not direct.fullmatch(answer["content"]):
             assert answer["content"].endswith(f"The answer is {value}.")  # a derivation is always right
     assert 0.15 < sum(rederived[True]) / len(rederived[True]) < 0.25  # p_recheck
     assert 0.75 < sum(rederived[False]) / len(rederived[False]) < 0.85  # p_fix
     rng, cfg = random.Random(0), cfg.model_copy(update={"p_steps_prompt": 0.3})
-    asked = [ex for ex in (corpus_example(rng, cfg) for _ in range(2000)) if ex[0]["content"].startswith("Work it")]
-    assert 0.25 < len(asked) / 2000 < 0.35 and all(len(ex) == 2 and not direct.fullmatch(ex[1]["content"])
-                                                    for ex in asked)
+    corpus = [corpus_example(rng, cfg) for _ in range(2000)]
+    asked = [ex for ex in corpus if ex[0]["content"].startswith("Work it out step by step: ")]
+    assert 0.25 < len(asked) / 2000 < 0.35
+    for q, answer in asked:
+        nums_ops = q["content"].removeprefix("Work it out step by step: ")[:-1].split()
+        assert answer["content"] == arith.step_solution([int(x) for x in nums_ops[::2]], nums_ops[1::2])
+    assert all(direct.fullmatch(ex[1]["content"]) for ex in corpus if ex not in asked)  # the rest stay direct
