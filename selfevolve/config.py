@@ -34,8 +34,8 @@ class Keys(BaseModel):
 class ModelKeys(Keys):
     """The served model: what answers, where, and how much per call."""
 
-    model: str = Field("tiny", description="`tiny` (bundled), a local HF model directory, or an http(s):// endpoint "
-                       "(several, comma-separated: a fleet of replicas)")
+    model: str = Field("tiny", description="`tiny` or `tiny-look` (bundled), a local HF model directory, or an "
+                       "http(s):// endpoint (several, comma-separated: a fleet of replicas)")
     policy: str = Field("hf", pattern="^(hf|vllm|openai)$",
                         description="serving engine: hf (transformers) | vllm | openai (model= is a URL)")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto|cpu|cuda (the learner's too)")

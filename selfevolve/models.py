@@ -1,4 +1,4 @@
-"""Where a model comes from: `tiny` (the bundled model), a local Hugging Face directory or a
+"""Where a model comes from: `tiny` or `tiny-look` (the bundled models), a local Hugging Face directory or a
 `.gguf` file, and the device it runs on. Below policies and training, which both need it.
 
 A `.gguf` file (llama.cpp's format, how many users keep local models) is converted once by
@@ -21,15 +21,20 @@ import torch
 
 from selfevolve.errors import UserError
 
+# The bundled models by name: `tiny` copies its first answer on a second turn; `tiny-look`
+# re-derives (README, "Two commands").
+BUNDLED = {"tiny": "selfevolve.tiny", "tiny-look": "selfevolve.tiny_look"}
+
 
 def resolve_model_path(model: str) -> Path:
-    """`tiny` -> the bundled model's directory; `x.gguf` -> its converted directory; anything
-    else must be a local HF model directory."""
-    path = Path(str(files("selfevolve.tiny"))) if model == "tiny" else Path(model).expanduser()
+    """A name in `BUNDLED` -> that model's directory; `x.gguf` -> its converted directory;
+    anything else must be a local HF model directory."""
+    path = Path(str(files(BUNDLED[model]))) if model in BUNDLED else Path(model).expanduser()
     if path.suffix == ".gguf":
         return gguf_directory(path)
     if not path.is_dir():
-        raise UserError(f"model={model}: no such directory (use `tiny` or a local Hugging Face model directory)")
+        raise UserError(f"model={model}: no such directory (use `tiny`, `tiny-look` or a local Hugging Face model "
+                        "directory)")
     if not (path / "config.json").is_file():
         raise UserError(f"model={model}: not a model directory (no config.json in {path})")
     return path

@@ -15,7 +15,7 @@ import networkx as nx
 # the side folders feedback, verifiers, recipes) or a module at the package's top; "" is the
 # package's own __init__ (the public API, which re-exports from everywhere).
 LAYERS = [
-    ("core", {"errors", "types", "files", "config", "trackers", "progress", "models", "fixtures", "tiny"}),
+    ("core", {"errors", "types", "files", "config", "trackers", "progress", "models", "fixtures", "tiny", "tiny_look"}),
     ("data", {"data"}),
     ("training", {"training"}),
     ("agent", {"policies", "feedback", "verifiers", "turns", "loop"}),

@@ -45,6 +45,7 @@ from selfevolve.data.sources import default_verifier, request_task
 from selfevolve.data.store import TraceStore
 from selfevolve.errors import UserError
 from selfevolve.loop import refine_batch
+from selfevolve.models import BUNDLED
 from selfevolve.serving.access import confined_root, exposure, foreign_request
 from selfevolve.serving.fair_queue import FairQueue
 from selfevolve.serving.streaming import decode_exact, stream
@@ -175,7 +176,7 @@ class Server:
     def identity(self) -> tuple[str, str]:
         """The base model's id in /v1/models and where it was loaded from (vLLM's `root`)."""
         path = str(self.policy.path)
-        return self.cfg.name or Path(path).name, "tiny" if self.cfg.model == "tiny" else path
+        return self.cfg.name or Path(path).name, self.cfg.model if self.cfg.model in BUNDLED else path
 
     def count_prompt(self, conv) -> int:
         """The prompt's length in tokens, checked against the context (a 400 when too long)."""
