@@ -107,3 +107,30 @@ def test_a_second_look_corpus_answers_direct_first_and_re_derives_as_a_second_tu
         nums_ops = q["content"].removeprefix("Work it out step by step: ")[:-1].split()
         assert answer["content"] == arith.step_solution([int(x) for x in nums_ops[::2]], nums_ops[1::2])
     assert all(direct.fullmatch(ex[1]["content"]) for ex in corpus if ex not in asked)  # the rest stay direct
+
+
+def test_the_bundled_tiny_look_answers_direct_and_derives_when_asked_step_by_step():
+    """`model=tiny-look` is the second-look corpus's model: greedy, a question gets a direct
+    answer and the same question asked step by step gets a derivation, mostly right."""
+    import re
+
+    import torch
+
+    from selfevolve.data import arith
+    from selfevolve.policies import HFPolicy
+    from selfevolve.recipes.pretrain import STEPS_QUESTION
+    from selfevolve.types import SamplingParams
+
+    torch.set_num_threads(2)
+    policy = HFPolicy("tiny-look", device="cpu")
+    problems = arith.sample_problems(0, "validation", 32, difficulty=2)
+    greedy = SamplingParams(temperature=0, max_new_tokens=64)
+    expressions = [arith.render(n, o) for n, o in problems]
+    first = [out[0].response for out in policy.generate(
+        [[{"role": "user", "content": arith.question(e)}] for e in expressions], greedy)]
+    steps = [out[0].response for out in policy.generate(
+        [[{"role": "user", "content": STEPS_QUESTION.format(expression=e)}] for e in expressions], greedy)]
+    assert all(re.fullmatch(r"The answer is -?\d+\.", f) for f in first)
+    assert all(s.count(" = ") == 2 for s in steps)  # one sentence per operation
+    right = sum(s.endswith(arith.final_line(arith.evaluate(n, o))) for s, (n, o) in zip(steps, problems))
+    assert right >= 24, steps
