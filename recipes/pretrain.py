@@ -49,7 +49,8 @@ with digits split one per token, plus chat special tokens. The model is a Llama
 (`LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU, tied embeddings, 4 heads of 32), the architecture
 vLLM serves with runtime LoRA.
 Everything is seeded: the same seed and thread count give the same weights. After the run,
-copy `run_dir/model/*` to `selfevolve/tiny/` to replace the bundled model.
+copy `run_dir/model/*` to `selfevolve/tiny/` (or `selfevolve/tiny_look/`, README's "The tiny
+world") to replace a bundled model.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ verifier (no GPT-4); 1,000 prompts per phase; LoRA instead of full fine-tuning; 
 The adapter also trains the embedding rows of the words only feedback uses
 (`feedback_tokens`, peft trainable tokens, at `token_lr`): the bundled `tiny` never saw
 the critique's words, their embeddings are random, and LoRA alone cannot teach it to write
-or read a critique. It is on for `tiny` only (`feedback_tokens=null`): a real model knows the
+or read a critique. It is on for the bundled models only (`feedback_tokens=null`): a real model knows the
 words, and at `token_lr` it would retrain the rows of common words (vLLM cannot load such an
 adapter yet either). The critic learns the format and the verdicts' base rate, not to find
 errors: docs/recipes.md, "SELF", has the numbers.
@@ -57,6 +57,7 @@ from selfevolve.data.sources import tasks_for, without_logs
 from selfevolve.feedback.critics import JudgeCritic, SelfCritic, VerifierCritic
 from selfevolve.feedback.prompts import CRITIQUE, REVISE_WITH_CRITIQUE
 from selfevolve.loop import refine_batch
+from selfevolve.models import BUNDLED
 from selfevolve.policies import load_policy
 from selfevolve.run import Run
 from selfevolve.training.learner import answer_message, sft, trained_tokens
@@ -264,7 +265,7 @@ def main(cfg: SelfConfig, run: Run) -> None:
             run.trained_on(t.meta["logged"] for t in meta)
             run.store.append(meta)
             meta += meta_skill_tuples(policy, meta_pool, verifier, critic, cfg, run)
-            train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model == "tiny"
+            train_rows = cfg.feedback_tokens if cfg.feedback_tokens is not None else cfg.model in BUNDLED
             state["tokens"] = feedback_token_ids(tokenizer, meta) if train_rows else []
             convs = [c for t in meta for c in meta_examples(t)]
             extra = {"tuples": len(meta), "feedback_by": critic.source, "feedback_tokens": len(state["tokens"])}

@@ -21,8 +21,8 @@ import torch
 
 from selfevolve.errors import UserError
 
-# The bundled models by name: `tiny` copies its first answer on a second turn; `tiny-look`
-# re-derives (README, "Two commands").
+# The bundled models by name (README, "The tiny world"): `tiny`, and `tiny-look`, whose sampled
+# second attempts sometimes re-derive step by step what the first answered directly.
 BUNDLED = {"tiny": "selfevolve.tiny", "tiny-look": "selfevolve.tiny_look"}
 
 

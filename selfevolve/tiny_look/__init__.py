@@ -1,6 +1,7 @@
 """`tiny-look`: the bundled sibling of `tiny`, pretrained to take a second look (weights only).
 
-The same architecture and tokenizer as `tiny`; its corpus answers first turns directly and
+The same architecture and size as `tiny`, with its own byte-level tokenizer trained on its
+corpus (361 tokens, `tiny`'s 353). The corpus answers first turns directly and
 teaches second turns to re-derive step by step (docs/experiments.md, "A second look that
 re-derives"). Made by:
 

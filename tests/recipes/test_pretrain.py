@@ -130,7 +130,8 @@ def test_the_bundled_tiny_look_answers_direct_and_derives_when_asked_step_by_ste
         [[{"role": "user", "content": arith.question(e)}] for e in expressions], greedy)]
     steps = [out[0].response for out in policy.generate(
         [[{"role": "user", "content": STEPS_QUESTION.format(expression=e)}] for e in expressions], greedy)]
-    assert all(re.fullmatch(r"The answer is -?\d+\.", f) for f in first)
-    assert all(s.count(" = ") == 2 for s in steps)  # one sentence per operation
+    # measured 2026-12-06: 32 direct, 32 derivations of two steps, 31 of them right
+    assert sum(bool(re.fullmatch(r"The answer is -?\d+\.", f)) for f in first) >= 30, first
+    assert sum(s.count(" = ") == 2 for s in steps) >= 30, steps  # one sentence per operation
     right = sum(s.endswith(arith.final_line(arith.evaluate(n, o))) for s, (n, o) in zip(steps, problems))
     assert right >= 24, steps
