@@ -275,7 +275,8 @@ def _check_writable(path: str) -> None:
 
 
 def cmd_serve(overrides: dict, want_help: bool) -> int:
-    from selfevolve.serving.app import ServeConfig, serve
+    from selfevolve.serving.app import serve
+    from selfevolve.serving.server import ServeConfig
 
     if want_help:
         from selfevolve.serving import app as mod

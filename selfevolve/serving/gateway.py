@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from selfevolve.data.sources import request_task
 from selfevolve.policies.openai import OpenAIPolicy, client_key, turn_from
-from selfevolve.serving.app import REFINE_SUFFIX, HTTPError, ServeConfig, Server, adapter_version
+from selfevolve.serving.server import REFINE_SUFFIX, HTTPError, ServeConfig, Server, adapter_version
 from selfevolve.serving.streaming import stream
 from selfevolve.serving.wire import ChatRequest, LoadAdapter
 from selfevolve.types import Turn

@@ -93,7 +93,7 @@ def test_engine_errors_come_back_as_the_engine_said_them(pair):
 
 
 def test_adapters_are_forwarded_and_traces_name_their_version(pair, tmp_path):
-    from selfevolve.serving.app import adapter_version
+    from selfevolve.serving.server import adapter_version
 
     engine, gateway = pair
     _moved_learner(0, 0.3).save_pretrained(tmp_path / "v1")

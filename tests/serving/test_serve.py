@@ -178,7 +178,7 @@ def test_concurrent_clients_all_answered(client):
 def test_requests_that_differ_only_in_seed_share_a_batch_and_keep_their_answers(client):
     """Issue 42: the seed is not part of the batch key; each request is sampled from its own
     seed, so its answer is the same alone as batched with 15 others."""
-    from selfevolve.serving.app import BatchKey, unseeded
+    from selfevolve.serving.server import BatchKey, unseeded
     from selfevolve.types import SamplingParams
 
     a, b = SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=2)
@@ -558,7 +558,7 @@ def test_in_place_swaps_under_32_concurrent_clients(server, client, tmp_path):
     assert set(seen) <= set(answers.values())
     assert greedy() == answers[paths[1]]  # the last version loaded, with its own rank and alpha
     # every trace names the version that answered it, not the name both versions were served under
-    from selfevolve.serving.app import adapter_version
+    from selfevolve.serving.server import adapter_version
 
     store = TraceStore(server.traces)
     logged = [t for t in store.iter() if (t.policy_version or "").startswith("live@")]
@@ -675,7 +675,7 @@ def test_the_server_checks_its_policy_once_at_start(tmp_path, tiny):
 
     from selfevolve.errors import UserError
     from selfevolve.policies import LangChainPolicy
-    from selfevolve.serving.app import ServeConfig, Server
+    from selfevolve.serving.server import ServeConfig, Server
     from selfevolve.types import Servable
 
     assert isinstance(tiny, Servable)
