@@ -226,8 +226,8 @@ def test_the_gateway_in_front_of_vllm_and_evolve_promoting_into_it(vllm_server, 
     import openai
 
     from selfevolve.data.store import TraceStore
-    from selfevolve.serving.server import adapter_version
     from selfevolve.serving.process import ServerProcess
+    from selfevolve.serving.server import adapter_version
     from tests.test_cli import cli
 
     traces = tmp_path / "traces.sqlite"
