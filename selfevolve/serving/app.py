@@ -12,16 +12,14 @@ carries an extra `refine` object ({"max_turns": 3, "critic": "self", "reference"
 runs the selfevolve loop; the final answer is the message, and the response's `selfevolve`
 field holds the trace id, the turns' scores and critiques. Every refinement trace is stored.
 
-Batching: requests from concurrent clients queue up; one worker thread owns the model and
-takes up to `max_batch` sequences at a time, round-robin over the waiting requests, and
-answers each group with the same adapter and sampling settings with one batched generate
-call (selfevolve/serving/server.py). Bad requests get a 4xx with an OpenAI-style error
-body; the server keeps serving.
+Concurrent requests are batched on one model-owning thread (selfevolve/serving/server.py).
+This module is the HTTP layer: `create_app` (routes, auth, body size, Origin and Content-Type
+checks, OpenAI-style error bodies: a bad request gets a 4xx and the server keeps serving) and
+`serve` (binds the socket, prints the banner).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from contextlib import asynccontextmanager
 
@@ -32,7 +30,6 @@ from pydantic import BaseModel
 
 from selfevolve.errors import UserError
 from selfevolve.serving.access import foreign_request
-from selfevolve.serving.fair_queue import FairQueue
 from selfevolve.serving.server import REFINE_SUFFIX, HTTPError, ServeConfig, Server
 from selfevolve.serving.streaming import stream
 from selfevolve.serving.wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter
@@ -43,8 +40,7 @@ def create_app(server: Server):
 
     @asynccontextmanager
     async def lifespan(app):
-        server.queue = FairQueue()
-        task = asyncio.create_task(server.worker())
+        task = server.start()
         yield
         task.cancel()
 

@@ -41,8 +41,8 @@ OURS = ("reference", "tests", "entry_point", "refine")  # selfevolve's request f
 
 
 class Gateway(Server):
-    """`Server`'s routes, auth, trace store, feedback and refinement, over an engine reached by
-    HTTP instead of a model in this process."""
+    """`Server`'s auth, limits, trace store, feedback and refinement, over an engine reached by
+    HTTP instead of a model in this process (the routes are app.py's, as for `Server`)."""
 
     gateway = True
 

@@ -6,7 +6,7 @@ Batching: requests from concurrent clients queue up; the worker takes up to `max
 sequences at a time (waiting at most `batch_wait_ms` for more), round-robin over the waiting
 requests so a large one cannot hold the others (`fair_queue.FairQueue`), groups those with the
 same adapter and sampling settings, and answers each group with one batched generate call.
-A bad request raises `HTTPError`, which the app answers with a 4xx and an OpenAI-style body.
+A bad request raises `HTTPError`; app.py turns it into the HTTP response.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ServeConfig(ModelKeys, FeedbackKeys):
     name: str | None = Field(None,
                              description="the base model's id in /v1/models (default: the model directory's name)")
     max_batch: int = Field(64, ge=1, description="sequences generated together at most (a request of n samples "
-                           "counts n); waiting requests share batches round-robin (scheduling.FairQueue)")
+                           "counts n); waiting requests share batches round-robin (fair_queue.FairQueue)")
     background_batch: int = Field(16, ge=1, description="sequences a batch of background work (priority > 0) holds "
                                   "at most: a user's request waits for no more than that in flight")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits to fill a batch")
@@ -224,6 +224,11 @@ class Server:
         job = Job(kind, key, payload, asyncio.get_running_loop().create_future())
         self.queue.put(request if request is not None else object(), job, size, priority)
         return await job.future
+
+    def start(self) -> asyncio.Task:
+        """A fresh queue and the worker task on the running event loop (the app's lifespan)."""
+        self.queue = FairQueue()
+        return asyncio.create_task(self.worker())
 
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
