@@ -4,6 +4,7 @@ forge (docs/serving.md states the model)."""
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 from pathlib import Path
@@ -12,6 +13,12 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 
 from selfevolve.errors import UserError
+
+
+def authorized(api_key: str | None, header: str | None) -> bool:
+    """Whether an `Authorization` header carries the key (always, when there is none). Constant
+    time: the time a wrong key takes says nothing about the right one."""
+    return not api_key or hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
 
 
 def exposure(cfg) -> tuple[str | None, bool]:

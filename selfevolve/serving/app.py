@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from selfevolve.errors import UserError
-from selfevolve.serving.access import foreign_request
+from selfevolve.serving.access import authorized, foreign_request
 from selfevolve.serving.server import REFINE_SUFFIX, HTTPError, ServeConfig, Server
 from selfevolve.serving.streaming import stream
 from selfevolve.serving.wire import ChatRequest, CompletionRequest, FeedbackRequest, LoadAdapter
@@ -61,11 +61,8 @@ def create_app(server: Server):
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path != "/health":
-            try:
-                server.check_auth(request.headers.get("authorization"))
-            except HTTPError as e:
-                return error(e.status, e.message, e.kind)
+        if request.url.path != "/health" and not authorized(server.api_key, request.headers.get("authorization")):
+            return error(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", "authentication_error")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > server.cfg.max_request_bytes:
             return error(413, f"request body of {size} bytes exceeds the limit of {server.cfg.max_request_bytes}")

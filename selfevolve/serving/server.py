@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -282,11 +281,6 @@ class Server:
         return traces
 
     # --- request handling ---------------------------------------------------------------------
-
-    def check_auth(self, header: str | None) -> None:
-        """Constant-time comparison: the time a wrong key takes says nothing about the right one."""
-        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
-            raise HTTPError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", "authentication_error")
 
     def sampling(self, temperature, top_p, max_tokens, n, seed, logprobs=False, top: int = 0) -> SamplingParams:
         if max_tokens > self.cfg.max_tokens_limit:
