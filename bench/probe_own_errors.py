@@ -74,8 +74,9 @@ def main(model: str, n: int = 300, difficulty: int = 3) -> None:
     policy = HFPolicy(model, device="cpu", batch_size=64)
     problems = arith.sample_problems(0, "validation", n, difficulty)
     convs = [[{"role": "user", "content": STEPS_QUESTION.format(expression=arith.render(*p))}] for p in problems]
-    for name, sampling in (("greedy", SamplingParams(temperature=0.0, max_new_tokens=96)),
-                           ("T = 1", SamplingParams(temperature=1.0, max_new_tokens=96, seed=1))):
+    length = max(96, 20 * difficulty)  # a derivation's tokens, with room
+    for name, sampling in (("greedy", SamplingParams(temperature=0.0, max_new_tokens=length)),
+                           ("T = 1", SamplingParams(temperature=1.0, max_new_tokens=length, seed=1))):
         drafts = [o[0].response for o in policy.generate(convs, sampling)]
         errors = [first_error(nums, ops, d) for (nums, ops), d in zip(problems, drafts)]
         kinds = Counter(e[0] for e in errors if e)
