@@ -7,16 +7,19 @@ SCoRe from its ablations", has its results.
 On N validation `arith` tasks asked step by step ("Work it out step by step: ..."), greedy
 and at T = 1:
 
-- accuracy, and each wrong derivation's first error: `arith` (the step's operands are the
-  question's and the running value, its result is wrong), `carry` (a step starts from
-  another value), `lookup` (an operator or operand not the question's), `length`, or
-  `final` (the chain is right, the final line is not);
+- accuracy (the whole derivation right: steps and final line, stricter than acc_t1), and
+  each wrong derivation's first error: `arith` (the step's operands are the question's and
+  the running value, its result is wrong), `carry` (a step starts from another value),
+  `lookup` (an operator or operand not the question's), `length` (too many or too few
+  steps, a direct answer included), or `final` (the chain is right, the final line is not);
+  text that does not parse as a step is skipped;
 - of the first arithmetic slips, the share whose running value is negative (against the
   share among all steps written);
-- after each such draft, SCoRe's instruction, and the right chain teacher-forced up to the
-  slipped step: whether the greedy value the second turn writes there is right, the
-  draft's slip again, or another value. This is the most a second look can do at that
-  step, whatever the corpus writes before it (a verdict line computes the same value).
+- after each such draft (shown as the answer to the plain question, as SCoRe's episodes
+  are), SCoRe's instruction, and the right chain teacher-forced up to the slipped step:
+  whether the greedy value the second turn writes there is right, the draft's slip again,
+  or another value. That is what the pretrained weights compute at that step in the
+  corpus's re-derivation format.
 """
 
 from __future__ import annotations
