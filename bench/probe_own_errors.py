@@ -32,9 +32,8 @@ from probe_steps import STEP, rate, two_turn
 
 from selfevolve.data import arith
 from selfevolve.policies import HFPolicy
+from selfevolve.recipes.pretrain import STEPS_QUESTION
 from selfevolve.types import SamplingParams, Task
-
-STEPS_QUESTION = "Work it out step by step: {expression}."  # recipes/pretrain.py's
 
 
 def first_error(nums: list[int], ops: list[str], text: str) -> tuple[str, int] | None:
