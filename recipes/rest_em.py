@@ -141,13 +141,4 @@ def main(cfg: RestEMConfig, run: Run) -> None:
         state.update(iteration=it + 1, adapter=str(path))
         run.checkpoint(state)
 
-    best = max(state["history"], key=lambda h: h["acc_t1"])  # validation
-    if run.main:
-        print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); "
-              f"adapter {run.dir / 'adapters' / ('iter-%d' % best['iteration'])}")
-    if best["iteration"] != cfg.iterations - 1:
-        selected = saved_update(run.dir / "adapters" / f"iter-{best['iteration']}", cfg.lora)
-        policy = selected.serve(policy, f"iter-{best['iteration']}-selected")  # verified, as every load
-    after = run.evaluate(policy, "after", round=best["iteration"], test=True)
-    run.finish(before=state["before"], after=after, selected_on="validation", best_iteration=best["iteration"],
-               best_adapter=f"adapters/iter-{best['iteration']}", iterations=state["history"])
+    run.finish_selected(policy, state["before"], state["history"], lora=cfg.lora)

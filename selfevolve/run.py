@@ -56,6 +56,7 @@ from selfevolve.files import atomic_write, read_metrics
 from selfevolve.progress import progress
 from selfevolve.trackers import Trackers, selected
 from selfevolve.training import distributed
+from selfevolve.training.publish import saved_update
 from selfevolve.types import SamplingParams, Trace
 
 # Keys that may change between a run and its resume without changing its result (the memory
@@ -307,6 +308,22 @@ class Run:
             print(f"warning: report not written ({type(e).__name__}: {e}); try `selfevolve report {self.dir}`",
                   file=sys.stderr)
         return summary
+
+    def finish_selected(self, policy, before: dict, history: list[dict], lora: bool = True,
+                        **extra: Any) -> dict[str, Any]:
+        """Report the iteration validation ranks first. `history` holds each iteration's
+        validation metrics (with "iteration"; its update saved at `adapters/iter-N`), the last
+        entry the one `policy` serves. The selected update is served (verified, as every load)
+        unless it is that one, evaluated once on the test tasks, and written by `finish`."""
+        best = max(history, key=lambda h: h["acc_t1"])
+        adapter = self.dir / "adapters" / f"iter-{best['iteration']}"
+        if self.main:
+            print(f"best iteration on validation: {best['iteration']} (acc_t1 {best['acc_t1']}); adapter {adapter}")
+        if best["iteration"] != history[-1]["iteration"]:
+            policy = saved_update(adapter, lora).serve(policy, f"iter-{best['iteration']}-selected")
+        after = self.evaluate(policy, "after", round=best["iteration"], test=True)
+        return self.finish(before=before, after=after, selected_on="validation", best_iteration=best["iteration"],
+                           best_adapter=f"adapters/iter-{best['iteration']}", iterations=history, **extra)
 
     def progress(self, description: str, total: int | None, completed: int = 0):
         return progress(description, total if self.main else None, completed)
