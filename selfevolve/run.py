@@ -314,7 +314,8 @@ class Run:
         """Report the iteration validation ranks first. `history` holds each iteration's
         validation metrics (with "iteration"; its update saved at `adapters/iter-N`), the last
         entry the one `policy` serves. The selected update is served (verified, as every load)
-        unless it is that one, evaluated once on the test tasks, and written by `finish`."""
+        unless it is that one, evaluated once on the test tasks, and written by `finish`. Every
+        rank calls it; the summary is returned on rank 0, {} on the others."""
         best = max(history, key=lambda h: h["acc_t1"])
         adapter = self.dir / "adapters" / f"iter-{best['iteration']}"
         if self.main:
