@@ -309,8 +309,7 @@ class Run:
                   file=sys.stderr)
         return summary
 
-    def finish_selected(self, policy, before: dict, history: list[dict], lora: bool = True,
-                        **extra: Any) -> dict[str, Any]:
+    def finish_selected(self, policy, before: dict, history: list[dict], lora: bool = True) -> dict[str, Any]:
         """Report the iteration validation ranks first. `history` holds each iteration's
         validation metrics (with "iteration"; its update saved at `adapters/iter-N`), the last
         entry the one `policy` serves. The selected update is served (verified, as every load)
@@ -324,7 +323,7 @@ class Run:
             policy = saved_update(adapter, lora).serve(policy, f"iter-{best['iteration']}-selected")
         after = self.evaluate(policy, "after", round=best["iteration"], test=True)
         return self.finish(before=before, after=after, selected_on="validation", best_iteration=best["iteration"],
-                           best_adapter=f"adapters/iter-{best['iteration']}", iterations=history, **extra)
+                           best_adapter=f"adapters/iter-{best['iteration']}", iterations=history)
 
     def progress(self, description: str, total: int | None, completed: int = 0):
         return progress(description, total if self.main else None, completed)
